@@ -1,0 +1,287 @@
+"""The ``napari-vlsm`` command line: the core library's jobs, without a GUI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(help="Text-prompted segmentation of 2D medical images with vision-language models.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+models_app = typer.Typer(help="List and fetch models.", invoke_without_command=True)
+app.add_typer(models_app, name="models")
+console = Console(stderr=True)
+
+MODEL_HELP = "Model: 'default' (embedded offline polyp model), a local folder, or a Hugging Face id."
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
+
+
+def _fail(message: str, code: int = 2):
+    console.print(f"[red]Error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def _load(spec: str, device: str, dtype: str = "auto"):
+    from .core.errors import VLSMError
+    from .core.loading import load_model
+
+    try:
+        return load_model(spec, device=device, dtype=dtype)
+    except VLSMError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def segment(
+    paths: List[Path] = typer.Argument(..., help="Image files or folders (PNG, JPEG, TIFF)."),
+    prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Text prompt; repeat for several (label 1, 2, ...)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the masks and labels.json."),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    threshold: float = typer.Option(0.5, min=0.0, max=1.0),
+    resume: bool = typer.Option(False, help="Skip images whose mask already exists."),
+    fmt: str = typer.Option("png", "--format", help="Mask format: png or tif."),
+    batch_size: int = typer.Option(0, help="Images per model call (0: 8 on GPU, 1 on CPU)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
+):
+    """Segment images with text prompts; one label mask per image."""
+    from .core.batch import segment_files, write_sidecar
+    from .core.imageio import list_images
+    from .core.predictor import Predictor, clean_prompts
+
+    if fmt not in ("png", "tif", "tiff"):
+        _fail(f"--format must be png or tif, not {fmt!r}.")
+    try:
+        prompts = clean_prompts(prompt)
+    except ValueError as exc:
+        _fail(str(exc))
+    files = list_images(paths)
+    if not files:
+        _fail("No images found in " + ", ".join(map(str, paths)) + ".")
+    backend = _load(model, device)
+    predictor = Predictor(backend, threshold)
+    write_sidecar(out, prompts, backend.source, threshold)
+    bs = batch_size or (8 if backend.device.type == "cuda" else 1)
+    counts = {"ok": 0, "skipped": 0, "failed": 0}
+    report = []
+    with _progress() as bar:
+        task = bar.add_task("Segmenting", total=len(files), info="")
+        for res in segment_files(predictor, files, prompts, out, threshold, resume, fmt, bs):
+            counts[res.status] += 1
+            report.append(res)
+            if res.status == "failed":
+                console.print(f"[yellow]Skipped[/yellow] {res.path}: {res.message}")
+            bar.update(task, advance=1, info=res.path.name)
+    _write_report(out / "segment_report.csv", report, prompts)
+    console.print(f"{counts['ok']} segmented, {counts['skipped']} skipped (mask existed), {counts['failed']} failed. "
+                  f"Masks and labels.json in {out}")
+    if counts["failed"]:
+        raise typer.Exit(1)
+
+
+def _write_report(path: Path, results, prompts) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "status", "mask", "message"] + [f"area_{i + 1}" for i in range(len(prompts))])
+        for r in results:
+            w.writerow([r.path, r.status, r.out or "", r.message] + list(r.areas))
+
+
+@app.command()
+def evaluate(
+    data_dir: Path = typer.Argument(..., help="Folder in the benchmark's format (images/, masks/, anns/)."),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    prompt_type: str = typer.Option("p1", help="Benchmark prompt type, p1 to p9."),
+    split: str = typer.Option("val"),
+    threshold: float = typer.Option(0.5, min=0.0, max=1.0),
+    csv_out: Optional[Path] = typer.Option(None, "--csv", help="Per-image CSV (default: evaluation_<split>_<type>.csv)."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N images."),
+    device: str = typer.Option("auto"),
+):
+    """Mean Dice and IoU against the ground-truth masks."""
+    from .core.evaluate import evaluate as run_eval
+    from .core.evaluate import summarize
+    from .core.predictor import Predictor
+
+    if not (data_dir / "anns" / f"{split}.json").exists():
+        _fail(f"{data_dir} has no anns/{split}.json: expected the benchmark's layout (images/, masks/, anns/).")
+    predictor = Predictor(_load(model, device), threshold)
+    rows = []
+    from .core.prompts import load_annotations
+
+    n = len(load_annotations(data_dir / "anns" / f"{split}.json"))
+    with _progress() as bar:
+        task = bar.add_task("Evaluating", total=min(n, limit or n), info="")
+        try:
+            for row in run_eval(predictor, data_dir, prompt_type, split, threshold, limit=limit):
+                rows.append(row)
+                bar.update(task, advance=1, info=f"Dice {summarize(rows)['dice']:.3f}")
+        except (ValueError, OSError) as exc:
+            _fail(str(exc))
+    summary = summarize(rows)
+    csv_out = csv_out or Path(f"evaluation_{data_dir.name}_{split}_{prompt_type}.csv")
+    with open(csv_out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    table = Table(title=f"{data_dir.name} / {split} / {prompt_type}")
+    for col in ("images", "mean Dice", "mean IoU"):
+        table.add_column(col, justify="right")
+    table.add_row(str(summary["n"]), f"{summary['dice']:.4f}", f"{summary['iou']:.4f}")
+    Console().print(table)
+    console.print(f"Per-image scores in {csv_out}")
+
+
+@models_app.callback()
+def models(ctx: typer.Context, folders: List[Path] = typer.Option([], "--folder", help="Also check these folders.")):
+    """List the models found: the embedded default, the HF cache, and folders given."""
+    if ctx.invoked_subcommand:
+        return
+    from .core.registry import find_models
+
+    table = Table(title="Models")
+    for col in ("spec", "kind", "where"):
+        table.add_column(col)
+    for m in find_models(folders):
+        table.add_row(m.spec, m.kind, m.where)
+    Console().print(table)
+
+
+@models_app.command("pull")
+def models_pull(model_id: str = typer.Argument(..., help="Hugging Face id, e.g. CIDAS/clipseg-rd64-refined")):
+    """Download a model into the Hugging Face cache (needs internet)."""
+    from .core.registry import pull
+
+    try:
+        path = pull(model_id)
+    except Exception as exc:
+        _fail(f"Could not download {model_id}: {exc}")
+    console.print(f"{model_id} is in {path}")
+
+
+@app.command()
+def finetune(
+    data: List[Path] = typer.Argument(..., help="Training folders: benchmark layout, or images/ + masks/ with --prompt."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder (best/ and last/ inside)."),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP + " 'new:film-unet' starts from scratch."),
+    train_mode: str = typer.Option("decoder", "--train", help="decoder (fast), full, or lora."),
+    epochs: int = typer.Option(20, min=1),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default by --train: 1e-3, 1e-4, 3e-4)."),
+    batch_size: int = typer.Option(8, min=1),
+    val_split: str = typer.Option("val", help="Use anns/<this>.json as validation where it exists."),
+    val_fraction: float = typer.Option(0.2, min=0.0, max=0.9, help="Otherwise hold out this share."),
+    prompt: Optional[str] = typer.Option(None, help="Prompt for plain image/mask folders."),
+    negative_prompt: List[str] = typer.Option([], help="Prompt of something absent: trained to give an empty mask."),
+    negatives_file: Optional[Path] = typer.Option(None, help="File of such prompts, one per line (# comments)."),
+    crop: Optional[int] = typer.Option(None, help="Train on random crops of this side (FiLM-UNet)."),
+    schedule: str = typer.Option("plateau", help="plateau or onecycle."),
+    patience: int = typer.Option(5),
+    seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
+    resume: bool = typer.Option(False, help="Continue from OUT/last."),
+    device: str = typer.Option("auto"),
+):
+    """Finetune a model on image/mask pairs; resumable; runs under torchrun for several GPUs."""
+    from .core.errors import TrainingError, VLSMError
+    from .core.train import TrainSettings, init_distributed, train
+
+    distributed = init_distributed()
+    train_set, val_set = _training_data(data, val_split, val_fraction, prompt, seed)
+    spec = str(out / "last") if resume and (out / "last" / "config.json").exists() else model
+    backend = _new_or_load(spec, device)
+    negatives = list(negative_prompt) + (_read_lines(negatives_file) if negatives_file else [])
+    settings = TrainSettings(mode=train_mode, epochs=epochs, lr=lr, batch_size=batch_size, val_fraction=val_fraction,
+                             negative_prompts=negatives, crop=crop, schedule=schedule,
+                             patience=patience, seed=seed, threads=threads)
+    meta = {"data": [str(d) for d in data], "command": " ".join(sys.argv)}
+    rank0 = not distributed or __import__("torch").distributed.get_rank() == 0
+    try:
+        with _progress() as bar:
+            task = bar.add_task("Training", total=None, info="", visible=rank0)
+            for ev in train(backend, train_set, val_set, out, settings, resume=resume, metadata=meta):
+                bar.update(task, total=ev.steps, completed=ev.step,
+                           info=f"epoch {ev.epoch}/{ev.epochs} loss {ev.loss:.3f}"
+                                + (f" best Dice {ev.best_dice:.3f}" if ev.best_dice is not None else ""))
+                if ev.kind == "epoch" and rank0:
+                    val = f"{ev.val_dice:.4f}" if ev.val_dice is not None else "-"
+                    console.print(f"epoch {ev.epoch}: loss {ev.loss:.4f}  val Dice {val}  "
+                                  f"{ev.images_per_s:.1f} img/s" + ("  (saved best)" if ev.checkpoint else ""))
+                if ev.kind == "done" and rank0:
+                    console.print(f"{ev.message} Best model: {ev.checkpoint}")
+    except (TrainingError, VLSMError, OSError, ValueError) as exc:
+        _fail(str(exc))
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        _fail(f"Cannot read {path}: {exc}")
+    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+
+
+def _training_data(data, val_split, val_fraction, prompt, seed):
+    from .core.data import benchmark_examples, load_examples, split_examples
+
+    train_set, val_set = [], []
+    for d in data:
+        try:
+            examples = load_examples(d, "train", prompt)
+        except (FileNotFoundError, ValueError) as exc:
+            _fail(str(exc))
+        if (d / "anns" / f"{val_split}.json").exists():
+            train_set += examples
+            val_set += benchmark_examples(d, val_split)
+        else:
+            tr, va = split_examples(examples, val_fraction, seed)
+            train_set += tr
+            val_set += va
+    return train_set, val_set
+
+
+def _new_or_load(spec: str, device: str):
+    if spec == "new:film-unet":
+        from .core.registry import new_film_unet
+
+        return new_film_unet(device)
+    return _load(spec, device, "fp32")
+
+
+@app.command("export-onnx")
+def export_onnx(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out_dir: Path = typer.Argument(..., help="Folder for image_encoder.onnx and prompt_decoder.onnx."),
+    opset: int = typer.Option(18),
+):
+    """Export a model to two ONNX graphs (image encoder, prompt decoder) for onnxruntime."""
+    from .core.onnx_export import export
+
+    backend = _load(model, "cpu", "fp32")
+    try:
+        paths = export(backend, out_dir, opset=opset)
+    except (ValueError, RuntimeError) as exc:
+        _fail(str(exc))
+    console.print("Wrote " + ", ".join(str(p) for p in paths))
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

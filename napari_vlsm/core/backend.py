@@ -1,0 +1,74 @@
+"""The interface the predictor, trainer and exporter talk to.
+
+A backend splits a vision-language segmentation model the way Segment Anything splits
+SAM: an expensive image encoder, run once per image, and a cheap prompt decoder, run
+once per prompt. CLIPSeg, the project's offline FiLM-UNet and the ONNX runtime backend
+all implement it; other VLSM families (BiomedCLIP encoders, CRIS) plug in the same way.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+import torch
+
+TRAIN_MODES = ("decoder", "full", "lora")
+
+
+class Backend(ABC):
+    """One loaded model on one device. ``features`` are opaque to callers."""
+
+    name: str = ""
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    source: str = ""  # the spec or folder it was loaded from
+
+    @abstractmethod
+    def preprocess(self, images: list[np.ndarray]) -> Any:
+        """(H, W, 3) uint8 RGB images -> the model's batched input."""
+
+    @abstractmethod
+    def encode_image(self, pixel_values: Any) -> Any:
+        """Run the image encoder once; return what the decoder needs for each image."""
+
+    @abstractmethod
+    def encode_text(self, prompts: list[str]) -> Any:
+        """Prompt strings -> one conditioning vector each."""
+
+    @abstractmethod
+    def decode(self, features: Any, text: Any) -> torch.Tensor:
+        """Logits (P, h, w). ``features`` of batch 1 are broadcast over the P prompts;
+        otherwise image i goes with prompt i."""
+
+    def select(self, features: Any, index: int) -> Any:
+        """The features of image ``index`` of a batch, as a batch of one."""
+        return [f[index : index + 1] for f in features]
+
+
+class TorchBackend(Backend):
+    """A backend around a trainable ``torch.nn.Module`` saved as a Hugging Face folder."""
+
+    module: torch.nn.Module
+    tokenizer: Any
+
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+    @abstractmethod
+    def forward(self, pixel_values: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Differentiable logits (B, h, w) for training: image i with prompt i."""
+
+    @abstractmethod
+    def trainable_parameters(self, mode: str) -> list[torch.nn.Parameter]:
+        """Freeze what ``mode`` (one of TRAIN_MODES) leaves fixed; return what it trains."""
+
+    @abstractmethod
+    def save(self, folder) -> None:
+        """Write config, safetensors weights and tokenizer/processor files to ``folder``."""
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        raise NotImplementedError

@@ -1,0 +1,110 @@
+"""CLIPSeg (``transformers.CLIPSegForImageSegmentation``) behind the backend interface.
+
+For text prompts the decoder reads only the vision activations at ``extract_layers`` and
+the text embedding, so the image encoder stops after the last extracted layer (a quarter
+of the vision FLOPs in rd64) and its activations are what the predictor caches.
+Unlike the stock forward, nothing here runs under ``no_grad``: the trainer decides what
+learns by ``requires_grad``, so "full" and "lora" really train the encoders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import CLIPSegForImageSegmentation
+
+from .backend import TRAIN_MODES, TorchBackend
+
+LORA_TARGETS = ["q_proj", "v_proj"]
+
+
+class ClipSegBackend(TorchBackend):
+    name = "CLIPSeg"
+
+    def __init__(self, module: CLIPSegForImageSegmentation, tokenizer, image_processor,
+                 device: torch.device, dtype: torch.dtype, source: str = ""):
+        self.module = module.to(device=device, dtype=dtype).eval()
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.device, self.dtype, self.source = device, dtype, source
+        self.extract_layers = list(module.config.extract_layers)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        size = self.image_processor.size
+        if "height" in size:
+            return size["height"], size["width"]
+        return size["shortest_edge"], size["shortest_edge"]
+
+    def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
+        pixels = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return pixels.to(self.device, self.dtype)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        vision = self.module.clip.vision_model
+        hidden = vision.embeddings(pixel_values.to(self.dtype), interpolate_pos_encoding=True)
+        hidden = vision.pre_layrnorm(hidden)
+        wanted = set(self.extract_layers)
+        activations = []
+        for i, layer in enumerate(vision.encoder.layers[: max(wanted) + 1]):
+            hidden = layer(hidden, None)
+            if i in wanted:
+                activations.append(hidden)
+        return activations
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.tokenize(prompts)
+        return self.module.clip.get_text_features(**tokens).pooler_output
+
+    def decode(self, features: list[torch.Tensor], text: torch.Tensor) -> torch.Tensor:
+        n = text.shape[0]
+        if features[0].shape[0] == 1 and n > 1:
+            features = [f.expand(n, -1, -1) for f in features]
+        logits = self.module.decoder(features, text.to(features[0].dtype)).logits
+        return logits.reshape(n, logits.shape[-2], logits.shape[-1])
+
+    def forward(self, pixel_values: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.decode(self.encode_image(pixel_values), self.encode_text(prompts))
+
+    def trainable_parameters(self, mode: str) -> list[torch.nn.Parameter]:
+        if mode not in TRAIN_MODES:
+            raise ValueError(f"Unknown training mode {mode!r}; choose one of {', '.join(TRAIN_MODES)}.")
+        module = self.module
+        module.requires_grad_(mode == "full")
+        if mode == "lora":
+            from peft import LoraConfig, inject_adapter_in_model
+
+            if not any("lora_A" in n for n, _ in module.named_parameters()):
+                inject_adapter_in_model(LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS), module.clip)
+            for name, p in module.named_parameters():
+                p.requires_grad_("lora_" in name)
+        module.decoder.requires_grad_(True)
+        return [p for p in module.parameters() if p.requires_grad]
+
+    def save(self, folder) -> None:
+        folder = Path(folder)
+        self.module.save_pretrained(folder, state_dict=merged_state_dict(self.module))
+        self.tokenizer.save_pretrained(folder)
+        self.image_processor.save_pretrained(folder)
+
+
+def merged_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's weights with any LoRA adapters merged in, under the stock key names,
+    so a LoRA-finetuned CLIPSeg is saved as a plain CLIPSeg checkpoint."""
+    lora_layers = [m for m in module.modules() if hasattr(m, "merge") and hasattr(m, "lora_A")]
+    if not lora_layers:
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    for layer in lora_layers:
+        layer.merge()
+    try:
+        state = {}
+        for key, value in module.state_dict().items():
+            if "lora_" in key:
+                continue
+            state[key.replace(".base_layer.", ".")] = value.detach().clone()
+        return state
+    finally:
+        for layer in lora_layers:
+            layer.unmerge()

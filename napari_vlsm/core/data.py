@@ -1,0 +1,212 @@
+"""Training examples: (image, mask, prompt) from the benchmark's folders, from plain
+image/mask folders, or from arrays (napari layers).
+
+The on-disk training-set format is the benchmark's own (``images/``, ``masks/``,
+``anns/<split>.json``), so an example set collected in napari is also an evaluation set.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .imageio import IMAGE_SUFFIXES, MASK_SUFFIXES, read_image
+from .preprocess import to_rgb8
+from .prompts import load_annotations, pick_prompt
+
+TRAIN_PROMPT_TYPES = tuple(f"p{i}" for i in range(1, 10))
+
+
+@dataclass
+class Example:
+    """One training pair. ``image``/``mask`` are arrays or paths (read when needed).
+    ``prompts`` maps prompt type -> text (or list of texts); ``label`` picks the mask value
+    that is foreground (None: every non-zero value)."""
+
+    image: object
+    mask: object
+    prompts: dict = field(default_factory=dict)
+    label: int | None = None
+    name: str = ""
+
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        image = read_image(self.image) if isinstance(self.image, (str, Path)) else np.asarray(self.image)
+        mask = read_image(self.mask) if isinstance(self.mask, (str, Path)) else np.asarray(self.mask)
+        if mask.ndim == 3:
+            mask = mask[..., 0]
+        if image.shape[:2] != mask.shape:
+            raise ValueError(f"{self.name or 'example'}: mask shape {mask.shape} differs from image "
+                             f"shape {image.shape[:2]}; masks must cover the image pixel for pixel.")
+        fg = mask != 0 if self.label is None else mask == self.label
+        return to_rgb8(image), fg
+
+    def prompt(self, types, rng: random.Random) -> str:
+        usable = [t for t in types if self.prompts.get(t)] or [t for t, v in self.prompts.items() if v]
+        if not usable:
+            raise ValueError(f"{self.name or 'example'} has no prompt.")
+        return pick_prompt({"prompts": self.prompts}, rng.choice(usable), rng)
+
+
+def benchmark_examples(data_dir, split: str = "train") -> list[Example]:
+    """Examples of a folder in the benchmark's format (images/, masks/, anns/<split>.json)."""
+    data_dir = Path(data_dir)
+    ann = data_dir / "anns" / f"{split}.json"
+    if not ann.exists():
+        raise FileNotFoundError(f"{data_dir} has no anns/{split}.json; expected the benchmark's layout "
+                                "(images/, masks/, anns/<split>.json).")
+    return [Example(data_dir / "images" / e["img_name"], data_dir / "masks" / e["mask_name"],
+                    dict(e.get("prompts", {})), e.get("label"), e["img_name"])
+            for e in load_annotations(ann)]
+
+
+def folder_examples(data_dir, prompt: str) -> list[Example]:
+    """Examples from ``images/`` and ``masks/`` sub-folders paired by file stem, all with ``prompt``."""
+    data_dir = Path(data_dir)
+    masks = {p.stem: p for p in (data_dir / "masks").glob("*") if p.suffix.lower() in MASK_SUFFIXES}
+    images = sorted(p for p in (data_dir / "images").glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return [Example(p, masks[p.stem], {"p1": prompt}, None, p.name) for p in images if p.stem in masks]
+
+
+def load_examples(data_dir, split: str = "train", prompt: str | None = None) -> list[Example]:
+    """Benchmark layout if ``anns/<split>.json`` exists, else image/mask folders with ``prompt``."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"No data folder at {data_dir}.")
+    if (data_dir / "anns" / f"{split}.json").exists():
+        return benchmark_examples(data_dir, split)
+    if prompt is None:
+        raise ValueError(f"{data_dir} has no anns/{split}.json; give the prompt for its masks (--prompt).")
+    return folder_examples(data_dir, prompt)
+
+
+def split_examples(examples: list[Example], val_fraction: float, seed: int = 0):
+    """Shuffle with ``seed`` and split into (train, val); at least one of each when possible."""
+    items = list(examples)
+    random.Random(seed).shuffle(items)
+    n_val = int(round(len(items) * val_fraction))
+    if val_fraction > 0 and len(items) > 1:
+        n_val = min(max(n_val, 1), len(items) - 1)
+    return items[n_val:], items[:n_val]
+
+
+def resize_pair(image: np.ndarray, mask: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Image bilinear, mask nearest, to ``size`` (H, W)."""
+    if image.shape[:2] == tuple(size):
+        return image, mask
+    hw = (size[1], size[0])
+    im = np.asarray(Image.fromarray(image).resize(hw, Image.BILINEAR))
+    mk = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(hw, Image.NEAREST)) > 127
+    return im, mk
+
+
+def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
+    """Flips, 90-degree turns, a small random scale/shift (a crop of 85-100% resized back),
+    brightness/contrast jitter."""
+    h, w = mask.shape
+    if rng.random() < 0.5:
+        s = rng.uniform(0.85, 1.0)
+        ch, cw = int(h * s), int(w * s)
+        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        image, mask = resize_pair(image[y:y + ch, x:x + cw], mask[y:y + ch, x:x + cw], (h, w))
+    if rng.random() < 0.5:
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    if rng.random() < 0.5:
+        image, mask = image[::-1], mask[::-1]
+    k = int(rng.integers(0, 4))
+    if k and h == w:
+        image, mask = np.rot90(image, k), np.rot90(mask, k)
+    if rng.random() < 0.8:
+        gain, bias = rng.uniform(0.8, 1.2), rng.uniform(-20, 20)
+        image = np.clip(image.astype(np.float32) * gain + bias, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(image), np.ascontiguousarray(mask)
+
+
+class PairCache:
+    """Images and masks loaded once and resized to the model's input size."""
+
+    def __init__(self, examples: list[Example], size: tuple[int, int]):
+        self.examples = examples
+        self.size = size
+        self._items: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if i not in self._items:
+            self._items[i] = resize_pair(*self.examples[i].load(), self.size)
+        return self._items[i]
+
+
+def write_benchmark_example(folder, name: str, image: np.ndarray, mask: np.ndarray, prompt: str,
+                            split: str = "train") -> dict:
+    """Append one (image, mask, prompt) to a training-set folder in the benchmark's format.
+    The image is stored losslessly (PNG, or TIFF for non-8-bit data); the index is
+    rewritten atomically so an interrupted write loses nothing already stored."""
+    from .imageio import write_mask
+
+    folder = Path(folder)
+    image = np.asarray(image)
+    img_suffix = ".png" if image.dtype == np.uint8 and image.ndim in (2, 3) and \
+        (image.ndim == 2 or image.shape[-1] in (3, 4)) else ".tif"
+    img_path = folder / "images" / f"{name}{img_suffix}"
+    mask_path = folder / "masks" / f"{name}.png"
+    write_mask(mask_path, np.asarray(mask).astype(bool).astype(np.uint8) * 255)
+    _write_image(img_path, image)
+    entries = read_index(folder, split)
+    entry = {"img_name": img_path.name, "mask_name": mask_path.name, "cat": 0, "prompts": {"p1": prompt}}
+    entries.append(entry)
+    write_index(folder, entries, split)
+    return entry
+
+
+def _write_image(path: Path, image: np.ndarray) -> None:
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent, prefix=".tmp-")
+    os.close(fd)
+    try:
+        if path.suffix == ".png":
+            Image.fromarray(image).save(tmp, format="PNG")
+        else:
+            import tifffile
+
+            tifffile.imwrite(tmp, image, compression="zlib")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_index(folder, split: str = "train") -> list[dict]:
+    path = Path(folder) / "anns" / f"{split}.json"
+    return load_annotations(path) if path.exists() else []
+
+
+def write_index(folder, entries: list[dict], split: str = "train") -> None:
+    import os
+
+    path = Path(folder) / "anns" / f"{split}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(entries, indent=1))
+    os.replace(tmp, path)
+
+
+def remove_example(folder, img_name: str, split: str = "train") -> None:
+    """Drop one example from the index and delete its files."""
+    folder = Path(folder)
+    entries = read_index(folder, split)
+    keep = [e for e in entries if e["img_name"] != img_name]
+    write_index(folder, keep, split)
+    for e in entries:
+        if e["img_name"] == img_name:
+            (folder / "images" / e["img_name"]).unlink(missing_ok=True)
+            (folder / "masks" / e["mask_name"]).unlink(missing_ok=True)

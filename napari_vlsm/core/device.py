@@ -1,0 +1,39 @@
+"""Device and precision choice: CUDA, then Apple MPS, then CPU."""
+
+from __future__ import annotations
+
+import torch
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """Return ``device`` if given (other than "auto"), else the best one available."""
+    if device is not None and str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """Inference precision: bf16 (or fp16 where bf16 is unsupported) on GPU, fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in (None, "auto"):
+        return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[str(dtype)]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def describe(device: torch.device, dtype: torch.dtype) -> str:
+    """Short human label such as 'cuda:0 (NVIDIA H200), bfloat16'."""
+    name = str(device)
+    if device.type == "cuda":
+        name += f" ({torch.cuda.get_device_name(device)})"
+    return f"{name}, {str(dtype).replace('torch.', '')}"

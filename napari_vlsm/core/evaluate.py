@@ -1,0 +1,32 @@
+"""Evaluation against ground truth on a folder in the benchmark's format."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Iterator
+
+from .data import benchmark_examples
+from .metrics import dice, iou
+from .predictor import Predictor
+
+
+def evaluate(predictor: Predictor, data_dir, prompt_type: str = "p1", split: str = "val",
+             threshold: float = 0.5, seed: int = 0, limit: int | None = None) -> Iterator[dict]:
+    """Yield one row per image: name, prompt, dice, iou (at the image's own size)."""
+    rng = random.Random(seed)
+    examples = benchmark_examples(Path(data_dir), split)[:limit]
+    for ex in examples:
+        image, truth = ex.load()
+        prompt = ex.prompt((prompt_type,), rng)
+        predictor.set_image(image)
+        mask = predictor.predict(prompt, threshold).masks[0]
+        yield {"image": ex.name, "prompt": prompt, "dice": dice(mask, truth), "iou": iou(mask, truth),
+               "area": int(mask.sum()), "true_area": int(truth.sum())}
+
+
+def summarize(rows: list[dict]) -> dict:
+    n = len(rows)
+    if not n:
+        return {"n": 0, "dice": float("nan"), "iou": float("nan")}
+    return {"n": n, "dice": sum(r["dice"] for r in rows) / n, "iou": sum(r["iou"] for r in rows) / n}

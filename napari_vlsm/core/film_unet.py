@@ -1,0 +1,189 @@
+"""FiLM-UNet: the project's small offline vision-language segmentation model.
+
+A convolutional UNet image encoder (which learns from a few hundred images, unlike a ViT
+trained from scratch) and a small text transformer over the CLIP tokenizer, joined the
+way CLIPSeg joins them: the pooled text embedding scales and shifts (FiLM) the decoder's
+features at every level. The encoder output is what the predictor caches; a new prompt
+runs only the text encoder and the decoder. It is a ``transformers.PreTrainedModel``,
+saved and loaded with ``save_pretrained`` / ``from_pretrained`` as config + safetensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+
+from .backend import TRAIN_MODES, TorchBackend
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class FilmUNetConfig(PretrainedConfig):
+    model_type = "vlsm_film_unet"
+
+    def __init__(self, widths=(8, 16, 32, 64, 128), image_size=256, text_dim=64, text_layers=2,
+                 text_heads=4, vocab_size=49408, max_position_embeddings=77, eos_token_id=49407,
+                 image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, **kwargs):
+        self.widths = list(widths)
+        self.image_size = image_size
+        self.text_dim = text_dim
+        self.text_layers = text_layers
+        self.text_heads = text_heads
+        self.vocab_size = vocab_size
+        self.max_position_embeddings = max_position_embeddings
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        super().__init__(eos_token_id=eos_token_id, **kwargs)
+
+
+def conv_block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+    )
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, cfg: FilmUNetConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_dim)
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.text_dim)
+        layer = nn.TransformerEncoderLayer(cfg.text_dim, cfg.text_heads, 4 * cfg.text_dim, dropout=0.0,
+                                           batch_first=True, norm_first=True)
+        self.layers = nn.ModuleList([layer] + [_clone(layer) for _ in range(cfg.text_layers - 1)])
+        self.norm = nn.LayerNorm(cfg.text_dim)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.token_embedding(input_ids) + self.position_embedding(positions)[None]
+        pad = attention_mask == 0
+        for layer in self.layers:
+            x = layer(x, src_key_padding_mask=pad)
+        x = self.norm(x)
+        weights = attention_mask.to(x.dtype)[..., None]
+        return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def _clone(module: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(module)
+
+
+class FilmUNetForSegmentation(PreTrainedModel):
+    config_class = FilmUNetConfig
+    base_model_prefix = "film_unet"
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: FilmUNetConfig):
+        super().__init__(config)
+        w = config.widths
+        self.encoder = nn.ModuleList([conv_block(3, w[0])] + [conv_block(a, b) for a, b in zip(w, w[1:])])
+        self.text_encoder = TextEncoder(config)
+        # one FiLM (scale, shift) per decoder level, bottleneck included
+        self.films = nn.ModuleList([nn.Linear(config.text_dim, 2 * c) for c in reversed(w)])
+        self.ups = nn.ModuleList([nn.ConvTranspose2d(b, a, 2, stride=2) for a, b in zip(w[:-1], w[1:])][::-1])
+        self.decoder = nn.ModuleList([conv_block(2 * a, a) for a in w[:-1]][::-1])
+        self.head = nn.Conv2d(w[0], 1, 1)
+        self.post_init()
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear) and module in getattr(self, "films", []):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        feats, x = [], pixel_values
+        for i, block in enumerate(self.encoder):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            feats.append(x)
+        return feats
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids, attention_mask)
+
+    @staticmethod
+    def _film(x: torch.Tensor, film: nn.Linear, text: torch.Tensor) -> torch.Tensor:
+        scale, shift = film(text).chunk(2, dim=-1)
+        return x * (1 + scale[..., None, None]) + shift[..., None, None]
+
+    def decode(self, feats: list[torch.Tensor], text: torch.Tensor) -> torch.Tensor:
+        n = text.shape[0]
+        if feats[0].shape[0] == 1 and n > 1:
+            feats = [f.expand(n, -1, -1, -1) for f in feats]
+        x = self._film(feats[-1], self.films[0], text)
+        for up, block, film, skip in zip(self.ups, self.decoder, self.films[1:], reversed(feats[:-1])):
+            x = block(torch.cat([up(x), skip], dim=1))
+            x = self._film(x, film, text)
+        return self.head(x)[:, 0]
+
+    def forward(self, pixel_values, input_ids, attention_mask=None):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.decode(self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask))
+
+
+AutoConfig.register(FilmUNetConfig.model_type, FilmUNetConfig)
+AutoModel.register(FilmUNetConfig, FilmUNetForSegmentation)
+
+
+class FilmUNetBackend(TorchBackend):
+    name = "FiLM-UNet"
+
+    def __init__(self, module: FilmUNetForSegmentation, tokenizer, device, dtype, source: str = ""):
+        # channels-last convolutions run about 1.5x faster on the CPU
+        self.module = module.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
+        self.tokenizer = tokenizer
+        self.device, self.dtype, self.source = device, dtype, source
+        cfg = module.config
+        self._mean = torch.tensor(cfg.image_mean).view(1, 3, 1, 1)
+        self._std = torch.tensor(cfg.image_std).view(1, 3, 1, 1)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        s = self.module.config.image_size
+        return s, s
+
+    def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Bilinear (antialiased) resize to the model's size, ImageNet mean/std."""
+        return torch.cat([self._prep_one(im) for im in images]).contiguous(memory_format=torch.channels_last)
+
+    def _prep_one(self, image: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None].float() / 255.0
+        if tuple(x.shape[-2:]) != self.input_size:
+            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
+        return ((x - self._mean.to(x.device)) / self._std.to(x.device)).to(self.dtype)
+
+    def encode_image(self, pixel_values):
+        return self.module.encode_image(pixel_values.to(self.dtype))
+
+    def encode_text(self, prompts):
+        return self.module.encode_text(**self.tokenize(prompts))
+
+    def decode(self, features, text):
+        return self.module.decode(features, text.to(features[0].dtype))
+
+    def forward(self, pixel_values, prompts):
+        return self.decode(self.encode_image(pixel_values), self.encode_text(prompts))
+
+    def trainable_parameters(self, mode: str):
+        if mode not in TRAIN_MODES:
+            raise ValueError(f"Unknown training mode {mode!r}; choose one of {', '.join(TRAIN_MODES)}.")
+        if mode == "lora":
+            raise ValueError("LoRA adapters are for the transformer encoders of CLIPSeg; "
+                             "train the FiLM-UNet with 'decoder' or 'full'.")
+        m = self.module
+        m.requires_grad_(mode == "full")
+        for part in (m.films, m.ups, m.decoder, m.head):
+            part.requires_grad_(True)
+        return [p for p in m.parameters() if p.requires_grad]
+
+    def save(self, folder) -> None:
+        self.module.save_pretrained(Path(folder))
+        self.tokenizer.save_pretrained(Path(folder))

@@ -1,0 +1,71 @@
+"""Reading images and writing label masks (PNG/JPEG through Pillow, TIFF through tifffile)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+MASK_SUFFIXES = (".png", ".tif", ".tiff")
+
+
+def read_image(path) -> np.ndarray:
+    """Read a 2D image as an ndarray: (H, W) or (H, W, C), in the file's own dtype."""
+    path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        return np.asarray(tifffile.imread(path))
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+            im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
+        elif im.mode == "LA":
+            im = im.convert("L")
+        return np.asarray(im)
+
+
+def list_images(paths) -> list[Path]:
+    """Expand files and folders (not recursive) into a sorted list of image files."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+        else:
+            found.append(p)
+    return found
+
+
+def write_mask(path, labels: np.ndarray) -> Path:
+    """Write a label image atomically (temporary file, then rename): PNG or TIFF."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in MASK_SUFFIXES:
+        raise ValueError(f"Masks are written as PNG or TIFF, not {suffix or 'no suffix'}.")
+    labels = np.asarray(labels)
+    if labels.dtype == bool:
+        labels = labels.astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=path.parent, prefix=".tmp-")
+    os.close(fd)
+    try:
+        if suffix == ".png":
+            from PIL import Image
+
+            if labels.max(initial=0) > 65535:
+                raise ValueError("PNG masks hold at most 65535 labels; write TIFF instead.")
+            arr = labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16)
+            Image.fromarray(arr).save(tmp, format="PNG")
+        else:
+            import tifffile
+
+            tifffile.imwrite(tmp, labels, compression="zlib")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

@@ -1,0 +1,167 @@
+"""Resolve a model spec to a ready backend.
+
+A spec is one of:
+
+* ``"default"`` (or ``None``): the small offline polyp model shipped in the package;
+* a local folder holding ``config.json`` + safetensors weights (+ tokenizer files), such as
+  one written by ``save_pretrained`` or by this project's finetune command;
+* a folder written by ``napari-vlsm export-onnx`` (``image_encoder.onnx`` + ``prompt_decoder.onnx``);
+* a Hugging Face model id such as ``CIDAS/clipseg-rd64-refined``, read from the HF cache
+  (downloaded first if the machine is online and ``HF_HUB_OFFLINE`` is not set).
+
+Weights are read from safetensors only: a folder with only pickled ``.bin``/``.pt``
+weights is refused, because unpickling can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+
+from .backend import Backend
+from .device import pick_device, pick_dtype
+from .errors import ModelNotFoundError, UnsafeWeightsError
+
+DEFAULT_SPEC = "default"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+FETCH_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+
+
+def default_model_dir() -> Path:
+    return Path(str(files("napari_vlsm") / "assets" / "polyp_film_unet"))
+
+
+def clip_tokenizer_dir() -> Path:
+    return Path(str(files("napari_vlsm") / "assets" / "clip_tokenizer"))
+
+
+def hf_cache_dir() -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return str(HF_HUB_CACHE)
+
+
+def resolve_folder(spec: str | os.PathLike | None) -> Path:
+    """The local folder a spec points at, fetching a hub id into the cache if allowed."""
+    if spec is None or str(spec) == DEFAULT_SPEC:
+        folder = default_model_dir()
+        if not (folder / "config.json").exists():
+            raise ModelNotFoundError(
+                f"The embedded default model is missing from {folder}; reinstall napari-vlsm."
+            )
+        return folder
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix in PICKLE_SUFFIXES:
+                raise UnsafeWeightsError(_pickle_message(path))
+            raise ModelNotFoundError(
+                f"{path} is a file; give the model's folder (config.json + model.safetensors)."
+            )
+        return path
+    if str(spec).count("/") == 1 and not str(spec).startswith((".", "/", "~")):
+        return _from_hub(str(spec))
+    raise ModelNotFoundError(f"No model folder at {path} and {spec!r} is not a Hugging Face model id.")
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=FETCH_PATTERNS, local_files_only=True))
+    except Exception:
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    hint = (f"Model {repo_id!r} is not in the Hugging Face cache ({hf_cache_dir()}). "
+            f"On a machine with internet access run: napari-vlsm models pull {repo_id}")
+    if offline:
+        raise ModelNotFoundError(hint + " (HF_HUB_OFFLINE is set, so nothing is downloaded here).")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=FETCH_PATTERNS))
+    except Exception as exc:  # network errors, unknown repo, gated repo
+        raise ModelNotFoundError(f"{hint}. Download failed: {exc}") from exc
+
+
+def _pickle_message(path: Path) -> str:
+    return (f"{path} holds pickled weights ({path.suffix}), which napari-vlsm does not load: unpickling "
+            "an untrusted file can run arbitrary code. Convert it to safetensors on a trusted machine "
+            "(load it and call save_pretrained), then point napari-vlsm at that folder.")
+
+
+def check_safetensors(folder: Path) -> None:
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickled:
+        raise UnsafeWeightsError(_pickle_message(pickled[0]))
+    raise ModelNotFoundError(f"{folder} holds no model weights (*.safetensors).")
+
+
+def read_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"{folder} is not a model folder: it has no config.json.") from None
+
+
+def load_tokenizer(folder: Path | None = None):
+    """The folder's own tokenizer, else the CLIP BPE tokenizer shipped with the package."""
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    if folder is not None and ((folder / "vocab.json").exists() or (folder / "tokenizer.json").exists()):
+        return AutoTokenizer.from_pretrained(folder)
+    tok = clip_tokenizer_dir()
+    return CLIPTokenizer(str(tok / "vocab.json"), str(tok / "merges.txt"))
+
+
+def load_image_processor(folder: Path, image_size: int):
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    if (folder / "preprocessor_config.json").exists():
+        return ViTImageProcessorPil.from_pretrained(folder)
+    return clipseg_image_processor(image_size)
+
+
+def clipseg_image_processor(image_size: int):
+    """CLIPSeg's preprocessing: bilinear resize to a square, ImageNet mean/std."""
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    return ViTImageProcessorPil(size={"height": image_size, "width": image_size}, resample=2,
+                                image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+
+
+def load_model(spec: str | os.PathLike | None = None, device=None, dtype=None) -> Backend:
+    """Load the model named by ``spec`` on ``device`` (auto: CUDA, MPS, CPU) in ``dtype``
+    (auto: bf16/fp16 on GPU, fp32 on CPU) and return its backend."""
+    folder = resolve_folder(spec)
+    dev = pick_device(device)
+    if (folder / "image_encoder.onnx").exists():
+        from .onnx_backend import OnnxBackend
+
+        return OnnxBackend(folder, device=dev, source=str(spec or DEFAULT_SPEC))
+    config = read_config(folder)
+    check_safetensors(folder)
+    dt = pick_dtype(dev, dtype)
+    kind = config.get("model_type")
+    source = str(spec or DEFAULT_SPEC)
+    if kind == "clipseg":
+        from transformers import CLIPSegForImageSegmentation
+
+        from .clipseg import ClipSegBackend
+
+        module = CLIPSegForImageSegmentation.from_pretrained(folder, use_safetensors=True, dtype=torch.float32)
+        processor = load_image_processor(folder, module.config.vision_config.image_size)
+        return ClipSegBackend(module, load_tokenizer(folder), processor, dev, dt, source)
+    if kind == "vlsm_film_unet":
+        from .film_unet import FilmUNetBackend, FilmUNetForSegmentation
+
+        module = FilmUNetForSegmentation.from_pretrained(folder, use_safetensors=True, dtype=torch.float32)
+        return FilmUNetBackend(module, load_tokenizer(folder), dev, dt, source)
+    raise ModelNotFoundError(
+        f"{folder} holds a {kind!r} model; napari-vlsm supports CLIPSeg ('clipseg') and its own "
+        "FiLM-UNet ('vlsm_film_unet')."
+    )

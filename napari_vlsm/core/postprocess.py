@@ -1,0 +1,33 @@
+"""Model logits to probability maps at the image's own size, masks and label images."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def logits_to_probs(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(P, h, w) logits -> (P, H, W) float32 probabilities, bilinearly resized to ``size``."""
+    probs = torch.sigmoid(logits.float())
+    if tuple(probs.shape[-2:]) != tuple(size):
+        probs = F.interpolate(probs[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    return probs.cpu().numpy()
+
+
+def threshold(probs: np.ndarray, value: float = 0.5) -> np.ndarray:
+    """Boolean masks where the probability reaches ``value``."""
+    return probs >= value
+
+
+def combine_labels(probs: np.ndarray, value: float = 0.5) -> np.ndarray:
+    """One label image from P probability maps: label i+1 where prompt i is the most likely
+    of those at or above the threshold, 0 where none is."""
+    probs = np.asarray(probs)
+    if probs.ndim == 2:
+        probs = probs[None]
+    best = probs.argmax(axis=0)
+    dtype = np.uint8 if probs.shape[0] < 255 else np.uint16
+    labels = (best + 1).astype(dtype)
+    labels[probs.max(axis=0) < value] = 0
+    return labels

@@ -1,0 +1,100 @@
+"""A Segment-Anything-style predictor: encode an image once, prompt it many times."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .backend import Backend
+from .postprocess import combine_labels, logits_to_probs
+from .preprocess import to_rgb8
+
+
+@dataclass
+class Prediction:
+    """Per-prompt probabilities (P, H, W) at the image's size, and their masks."""
+
+    prompts: list[str]
+    probs: np.ndarray
+    threshold: float
+
+    @property
+    def masks(self) -> np.ndarray:
+        return self.probs >= self.threshold
+
+    @property
+    def labels(self) -> np.ndarray:
+        """One label image: value i+1 for prompt i (the most likely where they overlap)."""
+        return combine_labels(self.probs, self.threshold)
+
+
+def clean_prompts(prompts: str | list[str]) -> list[str]:
+    """Strip prompts and refuse empty ones with a clear message."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    cleaned = [str(p).strip() for p in prompts]
+    if not cleaned or any(not p for p in cleaned):
+        raise ValueError("The prompt is empty; type what to segment, for example 'polyp'.")
+    return cleaned
+
+
+class Predictor:
+    """``set_image`` runs the image encoder once; ``predict`` runs only text + decoder.
+
+    Text embeddings are cached per prompt string too, so switching back and forth
+    between prompts on a new image costs one decoder pass each.
+    """
+
+    def __init__(self, backend: Backend, threshold: float = 0.5):
+        self.backend = backend
+        self.threshold = threshold
+        self._features = None
+        self._size: tuple[int, int] | None = None
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def has_image(self) -> bool:
+        return self._features is not None
+
+    @torch.inference_mode()
+    def set_image(self, image) -> None:
+        rgb = to_rgb8(image)
+        self._features = None
+        self._features = self.backend.encode_image(self.backend.preprocess([rgb]))
+        self._size = rgb.shape[:2]
+
+    def reset_image(self) -> None:
+        self._features, self._size = None, None
+
+    @torch.inference_mode()
+    def text_embeddings(self, prompts: list[str]):
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            for p, emb in zip(missing, self.backend.encode_text(missing)):
+                self._text_cache[p] = emb
+        return torch.stack([torch.as_tensor(self._text_cache[p]) for p in prompts])
+
+    @torch.inference_mode()
+    def predict(self, prompts: str | list[str], threshold: float | None = None) -> Prediction:
+        if self._features is None:
+            raise RuntimeError("No image is set; call set_image(image) first.")
+        prompts = clean_prompts(prompts)
+        logits = self.backend.decode(self._features, self.text_embeddings(prompts))
+        probs = logits_to_probs(logits, self._size)
+        return Prediction(prompts, probs, self.threshold if threshold is None else threshold)
+
+    @torch.inference_mode()
+    def predict_batch(self, images: list, prompts: str | list[str], threshold: float | None = None) -> list[Prediction]:
+        """Several images at once, every prompt on each: one encoder pass for the batch."""
+        prompts = clean_prompts(prompts)
+        rgbs = [to_rgb8(im) for im in images]
+        feats = self.backend.encode_image(self.backend.preprocess(rgbs))
+        text = self.text_embeddings(prompts)
+        out = []
+        for i, rgb in enumerate(rgbs):
+            logits = self.backend.decode(self.backend.select(feats, i), text)
+            out.append(Prediction(prompts, logits_to_probs(logits, rgb.shape[:2]),
+                                  self.threshold if threshold is None else threshold))
+        return out

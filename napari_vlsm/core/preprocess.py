@@ -1,0 +1,82 @@
+"""Turn any supported 2D image array into the 8-bit RGB the models expect.
+
+Intensity normalisation (documented in docs/usage.md):
+
+* ``uint8``: used as is.
+* ``bool``: False -> 0, True -> 255.
+* ``float`` with every value inside [0, 1]: multiplied by 255.
+* any other ``float``, ``uint16``, ``int16`` or other integer type: a percentile window,
+  the 0.5th to 99.5th percentile of all channels together, is stretched to 0-255 and
+  values outside it are clipped. One window for all channels keeps the colour balance.
+  A constant image becomes black.
+
+Layouts: (H, W) grayscale and (H, W, 1) are repeated to three channels; (H, W, 3) is RGB;
+(H, W, 4) is RGBA and the alpha channel is dropped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MIN_SIDE = 16
+WINDOW_PERCENTILES = (0.5, 99.5)
+
+
+def validate_image(image) -> np.ndarray:
+    """Return ``image`` as an ndarray or raise ``ValueError`` naming what is wrong."""
+    arr = np.asarray(image)
+    if arr.size == 0:
+        raise ValueError(f"The image is empty (shape {arr.shape}); give a 2D image with pixels in it.")
+    if arr.ndim == 1:
+        raise ValueError(f"The image is 1-D (shape {arr.shape}); give a 2D image of shape (H, W) or (H, W, C).")
+    if arr.ndim > 3:
+        raise ValueError(
+            f"The image has shape {arr.shape}; give one 2D slice, (H, W) or (H, W, C). "
+            "For a stack, segment one slice at a time."
+        )
+    if arr.ndim == 3 and arr.shape[-1] > 4:
+        raise ValueError(
+            f"The image has {arr.shape[-1]} channels (shape {arr.shape}); at most 4 (RGBA) are supported. "
+            "If this is a stack, pick one slice; if channels come first, move them last."
+        )
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"Images of dtype {arr.dtype} are not supported; use an integer or float array.")
+    h, w = arr.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        raise ValueError(f"The image is {h}x{w} pixels; the smallest supported is {MIN_SIDE}x{MIN_SIDE}.")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise ValueError(
+            "The image contains NaN or infinite values; replace them first (for example numpy.nan_to_num)."
+        )
+    return arr
+
+
+def to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Map intensities to uint8 as described in the module docstring."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
+    data = arr.astype(np.float32, copy=False)
+    if arr.dtype.kind == "f" and data.min() >= 0.0 and data.max() <= 1.0:
+        return np.round(data * 255.0).astype(np.uint8)
+    lo, hi = np.percentile(data, WINDOW_PERCENTILES)
+    if hi <= lo:
+        return np.zeros(arr.shape, np.uint8)
+    scaled = (np.clip(data, lo, hi) - lo) * (255.0 / (hi - lo))
+    return np.round(scaled).astype(np.uint8)
+
+
+def to_rgb8(image) -> np.ndarray:
+    """Validate and convert one 2D image to a contiguous (H, W, 3) uint8 array."""
+    arr = validate_image(image)
+    if arr.ndim == 3 and arr.shape[-1] == 4:
+        arr = arr[..., :3]
+    elif arr.ndim == 3 and arr.shape[-1] == 2:
+        arr = arr[..., :1]  # grayscale + alpha
+    arr = to_uint8(arr)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    return np.ascontiguousarray(arr)

@@ -1,0 +1,75 @@
+"""The benchmark's attribute prompts (Poudel et al.) and its annotation files.
+
+Prompt types, for a polyp (see ../shared/data/README.md):
+
+    p0 ""                                    p1 "polyp"
+    p2 "circle polyp"                        p3 "pink circle polyp"
+    p4 "small pink circle polyp"             p5 "one small pink circle polyp"
+    p6 "one small pink circle polyp, located in right of the image"
+    p7 "polyp which is <description>"        p8 "one small pink circle polyp which is <description>"
+    p9 "one small pink circle polyp which is <description> located in right of the image"
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+PROMPT_TYPES = tuple(f"p{i}" for i in range(10))
+ATTRIBUTES = ("number", "size", "colour", "shape", "class", "location", "description")
+# choices offered by the widget's prompt builder; the benchmark's own values among them
+CHOICES = {
+    "number": ["", "one", "two", "three", "many"],
+    "size": ["", "small", "medium", "large"],
+    "colour": ["", "pink", "red", "white", "yellow", "brown", "dark", "bright"],
+    "shape": ["", "circle", "oval", "round", "irregular"],
+    "location": ["", "center", "left", "right", "top", "bottom", "top left", "top right",
+                 "bottom left", "bottom right"],
+}
+
+
+def build_prompt(cls: str, shape: str = "", colour: str = "", size: str = "", number: str = "",
+                 location: str = "", description: str = "") -> str:
+    """Compose a prompt the way the benchmark's templates do (p1-p9)."""
+    head = " ".join(w for w in (number, size, colour, shape, cls.strip()) if w)
+    if description:
+        text = f"{head} which is {description}"
+        return f"{text} located in {location} of the image" if location else text
+    return f"{head}, located in {location} of the image" if location else head
+
+
+def prompt_type_of(number="", size="", colour="", shape="", location="", description="") -> str:
+    """The benchmark type (p1-p9) that a set of attributes corresponds to, where one does."""
+    if description:
+        if location:
+            return "p9"
+        return "p8" if number or size or colour or shape else "p7"
+    for ptype, used in (("p6", location), ("p5", number), ("p4", size), ("p3", colour), ("p2", shape)):
+        if used:
+            return ptype
+    return "p1"
+
+
+def load_annotations(path) -> list[dict]:
+    """Read a benchmark annotation file: a list of {img_name, mask_name, cat, prompts}."""
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"No annotation file at {path}.") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "img_name" in e for e in entries):
+        raise ValueError(f"{path} is not in the benchmark's format (a list of {{'img_name', 'mask_name', 'prompts'}}).")
+    return entries
+
+
+def pick_prompt(entry: dict, prompt_type: str, rng: random.Random | None = None) -> str:
+    """The entry's prompt of ``prompt_type``; one drawn with ``rng`` where the type holds a list."""
+    if prompt_type not in PROMPT_TYPES:
+        raise ValueError(f"Unknown prompt type {prompt_type!r}; use one of p0-p9.")
+    value = entry["prompts"][prompt_type]
+    if isinstance(value, list):
+        return (rng or random.Random(0)).choice(value)
+    return value
