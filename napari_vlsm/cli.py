@@ -193,22 +193,20 @@ def finetune(
 ):
     """Finetune a model on image/mask pairs; resumable; runs under torchrun for several GPUs."""
     from .core.errors import TrainingError, VLSMError
-    from .core.train import TrainSettings, init_distributed, train
+    from .core.train import TrainSettings, finetune as run_finetune, init_distributed
 
     distributed = init_distributed()
-    train_set, val_set = _training_data(data, val_split, val_fraction, prompt, seed)
-    spec = str(out / "last") if resume and (out / "last" / "config.json").exists() else model
-    backend = _new_or_load(spec, device)
     negatives = list(negative_prompt) + (_read_lines(negatives_file) if negatives_file else [])
     settings = TrainSettings(mode=train_mode, epochs=epochs, lr=lr, batch_size=batch_size, val_fraction=val_fraction,
                              negative_prompts=negatives, crop=crop, schedule=schedule,
                              patience=patience, seed=seed, threads=threads)
-    meta = {"data": [str(d) for d in data], "command": " ".join(sys.argv)}
+    meta = {"command": "napari-vlsm " + " ".join(sys.argv[1:])}
     rank0 = not distributed or __import__("torch").distributed.get_rank() == 0
     try:
         with _progress() as bar:
             task = bar.add_task("Training", total=None, info="", visible=rank0)
-            for ev in train(backend, train_set, val_set, out, settings, resume=resume, metadata=meta):
+            for ev in run_finetune(model, data, out, settings, resume=resume, prompt=prompt, val_split=val_split,
+                                   device=device, metadata=meta):
                 bar.update(task, total=ev.steps, completed=ev.step,
                            info=f"epoch {ev.epoch}/{ev.epochs} loss {ev.loss:.3f}"
                                 + (f" best Dice {ev.best_dice:.3f}" if ev.best_dice is not None else ""))
@@ -233,33 +231,6 @@ def _read_lines(path: Path) -> list[str]:
     except OSError as exc:
         _fail(f"Cannot read {path}: {exc}")
     return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
-
-
-def _training_data(data, val_split, val_fraction, prompt, seed):
-    from .core.data import benchmark_examples, load_examples, split_examples
-
-    train_set, val_set = [], []
-    for d in data:
-        try:
-            examples = load_examples(d, "train", prompt)
-        except (FileNotFoundError, ValueError) as exc:
-            _fail(str(exc))
-        if (d / "anns" / f"{val_split}.json").exists():
-            train_set += examples
-            val_set += benchmark_examples(d, val_split)
-        else:
-            tr, va = split_examples(examples, val_fraction, seed)
-            train_set += tr
-            val_set += va
-    return train_set, val_set
-
-
-def _new_or_load(spec: str, device: str):
-    if spec == "new:film-unet":
-        from .core.registry import new_film_unet
-
-        return new_film_unet(device)
-    return _load(spec, device, "fp32")
 
 
 @app.command("export-onnx")

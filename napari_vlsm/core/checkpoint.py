@@ -31,6 +31,9 @@ def check_writable(out_dir) -> Path:
 
 def save_checkpoint(backend, target, metadata: dict) -> Path:
     """Write ``backend``'s model and ``metadata`` to ``target`` atomically."""
+    from .loading import quiet_transformers
+
+    quiet_transformers()
     target = Path(target)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-tmp-"))
     try:

@@ -155,7 +155,7 @@ class FilmUNetBackend(TorchBackend):
         return torch.cat([self._prep_one(im) for im in images]).contiguous(memory_format=torch.channels_last)
 
     def _prep_one(self, image: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None].float() / 255.0
+        x = torch.from_numpy(np.array(image, dtype=np.uint8)).to(self.device).permute(2, 0, 1)[None].float() / 255.0
         if tuple(x.shape[-2:]) != self.input_size:
             x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
         return ((x - self._mean.to(x.device)) / self._std.to(x.device)).to(self.dtype)

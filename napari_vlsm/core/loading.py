@@ -31,6 +31,13 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 FETCH_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
 
 
+def quiet_transformers() -> None:
+    """No per-file progress bars from transformers while loading or saving."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def default_model_dir() -> Path:
     return Path(str(files("napari_vlsm") / "assets" / "polyp_film_unet"))
 
@@ -137,6 +144,7 @@ def clipseg_image_processor(image_size: int):
 def load_model(spec: str | os.PathLike | None = None, device=None, dtype=None) -> Backend:
     """Load the model named by ``spec`` on ``device`` (auto: CUDA, MPS, CPU) in ``dtype``
     (auto: bf16/fp16 on GPU, fp32 on CPU) and return its backend."""
+    quiet_transformers()
     folder = resolve_folder(spec)
     dev = pick_device(device)
     if (folder / "image_encoder.onnx").exists():

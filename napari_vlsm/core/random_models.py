@@ -35,8 +35,9 @@ def build_random_clipseg(folder, shape: str = "tiny", seed: int = 0) -> Path:
     """Write a random CLIPSeg of ``shape`` with a real CLIP tokenizer and processor to ``folder``."""
     from transformers import CLIPSegForImageSegmentation
 
-    from .loading import clipseg_image_processor, load_tokenizer
+    from .loading import clipseg_image_processor, load_tokenizer, quiet_transformers
 
+    quiet_transformers()
     torch.manual_seed(seed)
     config = clipseg_config(shape)
     model = CLIPSegForImageSegmentation(config).eval()

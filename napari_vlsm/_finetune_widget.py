@@ -1,0 +1,287 @@
+"""The "Finetune" dock widget: collect corrected masks, train in the background, use the
+new model at once. Layout and wiring only; the work is ``core.train.finetune``."""
+
+from __future__ import annotations
+
+import time
+import weakref
+from pathlib import Path
+
+import napari
+import numpy as np
+from napari.qt.threading import thread_worker
+from napari.utils import progress
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
+                            QListWidget, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+
+from . import layers as L
+from ._plot import CurvePlot
+from .core.data import read_index, remove_example, write_benchmark_example
+from .core.errors import VLSMError
+from .core.train import TrainSettings, finetune
+
+SEGMENT_WIDGETS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def default_training_folder() -> Path:
+    return Path.home() / ".napari-vlsm" / "training_set"
+
+
+class FinetuneWidget(QWidget):
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__()
+        self.viewer = viewer
+        self.worker = None
+        self.pbar = None
+        self.last_model: str | None = None
+        self._build()
+        self._wire()
+        self._refresh_layers()
+        self._refresh_examples()
+
+    def _build(self):
+        form = QFormLayout()
+        self.folder_edit = QLineEdit(str(default_training_folder()))
+        self.folder_btn = QPushButton("…")
+        row = QHBoxLayout()
+        row.addWidget(self.folder_edit, 1)
+        row.addWidget(self.folder_btn)
+        form.addRow("Training set", row)
+        self.image_combo = QComboBox()
+        self.labels_combo = QComboBox()
+        self.label_value = QSpinBox()
+        self.label_value.setRange(1, 65535)
+        self.prompt_edit = QLineEdit()
+        self.prompt_edit.setPlaceholderText("prompt for this label, e.g. polyp")
+        form.addRow("Image", self.image_combo)
+        form.addRow("Labels", self.labels_combo)
+        form.addRow("Label value", self.label_value)
+        form.addRow("Prompt", self.prompt_edit)
+        self.add_btn = QPushButton("Add current image + labels")
+        self.examples = QListWidget()
+        self.examples.setMaximumHeight(110)
+        self.remove_btn = QPushButton("Remove selected")
+
+        self.mode_combo = QComboBox()
+        self.mode_combo.addItems(["decoder", "full", "lora"])
+        self.epochs = QSpinBox()
+        self.epochs.setRange(1, 1000)
+        self.epochs.setValue(10)
+        self.lr = QLineEdit("")
+        self.lr.setPlaceholderText("default for the mode (1e-3 / 1e-4 / 3e-4)")
+        self.batch = QSpinBox()
+        self.batch.setRange(1, 256)
+        self.batch.setValue(4)
+        self.val_share = QDoubleSpinBox()
+        self.val_share.setRange(0.0, 0.9)
+        self.val_share.setSingleStep(0.05)
+        self.val_share.setValue(0.2)
+        settings = QFormLayout()
+        settings.addRow("Train", self.mode_combo)
+        settings.addRow("Epochs", self.epochs)
+        settings.addRow("Learning rate", self.lr)
+        settings.addRow("Batch size", self.batch)
+        settings.addRow("Validation share", self.val_share)
+
+        self.train_btn = QPushButton("Train")
+        self.stop_btn = QPushButton("Stop")
+        self.stop_btn.setEnabled(False)
+        self.back_btn = QPushButton("Back to previous model")
+        self.back_btn.setEnabled(False)
+        brow = QHBoxLayout()
+        for b in (self.train_btn, self.stop_btn):
+            brow.addWidget(b)
+        self.plot = CurvePlot()
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.add_btn)
+        layout.addWidget(QLabel("Collected examples"))
+        layout.addWidget(self.examples)
+        layout.addWidget(self.remove_btn)
+        layout.addLayout(settings)
+        layout.addLayout(brow)
+        layout.addWidget(self.plot)
+        layout.addWidget(self.back_btn)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+    def _wire(self):
+        ev = self.viewer.layers.events
+        for e in (ev.inserted, ev.removed, ev.reordered):
+            e.connect(self._refresh_layers)
+        self.labels_combo.currentTextChanged.connect(self._suggest_prompt)
+        self.label_value.valueChanged.connect(self._suggest_prompt)
+        self.folder_btn.clicked.connect(self._browse)
+        self.folder_edit.editingFinished.connect(self._refresh_examples)
+        self.add_btn.clicked.connect(self.add_current)
+        self.remove_btn.clicked.connect(self.remove_selected)
+        self.train_btn.clicked.connect(self.start)
+        self.stop_btn.clicked.connect(self.stop)
+        self.back_btn.clicked.connect(self.use_previous_model)
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.folder_edit.text()).expanduser()
+
+    def _refresh_layers(self, *_):
+        for combo, kind in ((self.image_combo, napari.layers.Image), (self.labels_combo, napari.layers.Labels)):
+            current = combo.currentText()
+            combo.clear()
+            combo.addItems([ly.name for ly in self.viewer.layers if isinstance(ly, kind)])
+            if current:
+                combo.setCurrentText(current)
+
+    def _suggest_prompt(self, *_):
+        name = self.labels_combo.currentText()
+        if name in self.viewer.layers:
+            names = self.viewer.layers[name].metadata.get("vlsm_labels", {})
+            if self.label_value.value() in names:
+                self.prompt_edit.setText(names[self.label_value.value()])
+
+    def _browse(self):
+        folder = QFileDialog.getExistingDirectory(self, "Training-set folder")
+        if folder:
+            self.folder_edit.setText(folder)
+            self._refresh_examples()
+
+    def _refresh_examples(self):
+        self.examples.clear()
+        try:
+            entries = read_index(self.folder)
+        except ValueError as exc:
+            show_error(str(exc))
+            return
+        for e in entries:
+            self.examples.addItem(f"{e['img_name']}  —  {e['prompts'].get('p1', '')}")
+
+    def add_current(self):
+        """Store a copy of the current image plane and its label mask in the training set."""
+        img_name, lab_name = self.image_combo.currentText(), self.labels_combo.currentText()
+        if img_name not in self.viewer.layers or lab_name not in self.viewer.layers:
+            return show_error("Choose an image layer and the Labels layer with its corrected mask.")
+        prompt = self.prompt_edit.text().strip()
+        if not prompt:
+            return show_error("Type the prompt this label stands for, for example 'polyp'.")
+        image_layer, labels_layer = self.viewer.layers[img_name], self.viewer.layers[lab_name]
+        try:
+            L.check_target(labels_layer, image_layer)
+        except ValueError as exc:
+            return show_error(str(exc))
+        index = L.current_index(image_layer, self.viewer.dims.point)
+        mask = L.plane(labels_layer, index) == self.label_value.value()
+        if not mask.any():
+            show_warning(f"Label {self.label_value.value()} is absent here: stored as an empty (negative) example.")
+        name = f"{img_name}-{'-'.join(map(str, index)) or '0'}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        try:
+            write_benchmark_example(self.folder, name, L.plane(image_layer, index), mask, prompt)
+        except OSError as exc:
+            return show_error(f"Could not store the example in {self.folder}: {exc}")
+        self._refresh_examples()
+        self.status.setText(f"Stored example {name} ({self.examples.count()} in the training set).")
+
+    def remove_selected(self):
+        for item in self.examples.selectedItems():
+            remove_example(self.folder, item.text().split("  —  ")[0])
+        self._refresh_examples()
+
+    # ---------- training ----------
+    def segment_widget(self):
+        return next((w for w in SEGMENT_WIDGETS if w.viewer is self.viewer), None)
+
+    def settings(self) -> TrainSettings:
+        text = self.lr.text().strip()
+        return TrainSettings(mode=self.mode_combo.currentText(), epochs=self.epochs.value(),
+                             lr=float(text) if text else None, batch_size=self.batch.value(),
+                             val_fraction=self.val_share.value())
+
+    def start(self):
+        if self.worker is not None:
+            return show_warning("Training is already running.")
+        try:
+            settings = self.settings()
+        except ValueError:
+            return show_error(f"The learning rate {self.lr.text()!r} is not a number (e.g. 1e-4).")
+        seg = self.segment_widget()
+        spec = seg.model_spec if seg else "default"
+        out = self.folder.parent / "models" / time.strftime("finetune-%Y%m%d-%H%M%S")
+        self.plot.clear()
+        job = thread_worker(finetune)(spec, [self.folder], out, settings, val_split="none",
+                                      metadata={"source": "napari widget"})
+        job.yielded.connect(self._on_progress)
+        job.returned.connect(lambda _: self._finished(out))
+        job.errored.connect(self._failed)
+        job.finished.connect(self._cleanup)
+        job.aborted.connect(lambda: self._stopped(out))
+        self.worker = job
+        self.train_btn.setEnabled(False)
+        self.stop_btn.setEnabled(True)
+        self.status.setText(f"Training {settings.mode} of {spec} on {self.examples.count()} example(s)…")
+        job.start()
+        return job
+
+    def stop(self):
+        if self.worker is not None:
+            self.worker.quit()
+
+    def _on_progress(self, ev):
+        if self.pbar is None:
+            self.pbar = progress(total=ev.steps, desc="Finetuning")
+        self.pbar.n = ev.step
+        self.pbar.set_description(f"Finetuning, epoch {ev.epoch}/{ev.epochs}")
+        self.pbar.refresh()
+        if ev.kind == "step":
+            self.plot.add("loss", ev.loss)
+        elif ev.kind == "epoch":
+            self.plot.add("val Dice", ev.val_dice)
+            eta = f", about {ev.eta:.0f} s left" if ev.eta is not None else ""
+            self.status.setText(f"Epoch {ev.epoch}/{ev.epochs}: loss {ev.loss:.3f}"
+                                + (f", val Dice {ev.val_dice:.3f}" if ev.val_dice is not None else "") + eta)
+        elif ev.kind == "done":
+            self.status.setText(ev.message)
+
+    def _finished(self, out: Path):
+        best = out / "best"
+        if not (best / "config.json").exists():
+            return show_warning("Training ended before any checkpoint was written.")
+        self._activate(str(best))
+        show_info(f"Finetuned model saved to {best} and now in use.")
+
+    def _stopped(self, out: Path):
+        best = out / "best"
+        if (best / "config.json").exists():
+            self._activate(str(best))
+            self.status.setText(f"Stopped. The last good checkpoint {best} is in use.")
+        else:
+            self.status.setText("Stopped before the first checkpoint; the model in use is unchanged.")
+
+    def _activate(self, spec: str):
+        seg = self.segment_widget()
+        if seg is not None:
+            self.previous_model = seg.model_spec
+            seg.add_model(spec, select=True)
+            self.back_btn.setEnabled(True)
+        self.last_model = spec
+
+    def use_previous_model(self):
+        seg = self.segment_widget()
+        if seg is not None and getattr(self, "previous_model", None):
+            seg.add_model(self.previous_model, select=True)
+            self.back_btn.setEnabled(False)
+
+    def _failed(self, exc):
+        msg = str(exc) if isinstance(exc, (VLSMError, ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
+        show_error(f"Training failed: {msg}")
+        self.status.setText(f"Training failed: {msg}")
+
+    def _cleanup(self):
+        self.worker = None
+        if self.pbar is not None:
+            self.pbar.close()
+            self.pbar = None
+        self.train_btn.setEnabled(True)
+        self.stop_btn.setEnabled(False)

@@ -1,0 +1,65 @@
+"""Sample data: real colonoscopy frames shipped with the package, and medical images
+that installed packages carry offline (scikit-image's retina, pydicom's CT and MR)."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+
+from .core.imageio import read_image
+
+
+def _sample_dir() -> Path:
+    return Path(str(files("napari_vlsm.sample_data")))
+
+
+def colonoscopy_frames() -> list[Path]:
+    return sorted(_sample_dir().glob("*.jpg"))
+
+
+def _frame(prefix: str):
+    path = next(p for p in colonoscopy_frames() if p.name.startswith(prefix))
+    layers = [(read_image(path), {"name": path.stem, "rgb": True}, "image")]
+    mask = _sample_dir() / "masks" / f"{path.stem}.png"
+    if mask.exists():
+        truth = (read_image(mask) > 127).astype(np.uint8)
+        layers.append((truth, {"name": f"{path.stem} ground truth", "visible": False}, "labels"))
+    return layers
+
+
+def kvasir_polyp():
+    return _frame("kvasir_seg")
+
+
+def clinicdb_polyp():
+    return _frame("clinicdb")
+
+
+def colonoscopy_stack():
+    """All sample frames as one (N, 256, 256, 3) stack, to try segmenting every slice."""
+    frames = [read_image(p) for p in colonoscopy_frames()]
+    return [(np.stack(frames), {"name": "colonoscopy frames", "rgb": True}, "image")]
+
+
+def retina_fundus():
+    from skimage import data
+
+    return [(data.retina(), {"name": "retina fundus (scikit-image)", "rgb": True}, "image")]
+
+
+def _dicom(name: str, label: str):
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file(name))
+    return [(ds.pixel_array, {"name": label, "colormap": "gray"}, "image")]
+
+
+def ct_slice():
+    return _dicom("CT_small.dcm", "CT slice (pydicom test file)")
+
+
+def mr_slice():
+    return _dicom("MR_small.dcm", "MR slice (pydicom test file)")

@@ -1,0 +1,324 @@
+"""The "Text-prompt segmentation" dock widget: layout and wiring only.
+
+Work happens in ``SegmentSession.segment`` (core predictor underneath) inside a napari
+``thread_worker``; results go into Labels layers through ``napari_vlsm.layers``.
+"""
+
+from __future__ import annotations
+
+import napari
+import numpy as np
+from napari.qt.threading import thread_worker
+from napari.utils.notifications import show_error, show_warning
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
+                            QLineEdit, QPlainTextEdit, QPushButton, QSlider, QVBoxLayout, QWidget)
+
+from . import layers as L
+from .core.errors import VLSMError
+from .core.postprocess import combine_labels
+from .core.prompts import CHOICES, build_prompt
+from .session import SegmentSession
+
+DEFAULT_NOTE = ("Default: a small offline polyp model for colonoscopy images, trained by this project. "
+                "For a general model run 'napari-vlsm models pull CIDAS/clipseg-rd64-refined' on a machine "
+                "that is online, then pick it here.")
+HISTORY_SIZE = 20
+
+
+class SegmentWidget(QWidget):
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__()
+        self.viewer = viewer
+        self.session = SegmentSession()
+        self.worker = None
+        self._build()
+        self._wire()
+        self._refresh_layers()
+        self._refresh_models()
+        from ._finetune_widget import SEGMENT_WIDGETS
+
+        SEGMENT_WIDGETS.add(self)
+
+    # ---------- layout ----------
+    def _build(self):
+        form = QFormLayout()
+        self.image_combo = QComboBox()
+        form.addRow("Image", self.image_combo)
+
+        self.prompt_edit = QPlainTextEdit()
+        self.prompt_edit.setPlaceholderText("polyp\n(one prompt per line: one label each)")
+        self.prompt_edit.setMaximumHeight(70)
+        form.addRow("Prompts", self.prompt_edit)
+        self.history_combo = QComboBox()
+        self.history_combo.setPlaceholderText("Recent prompts")
+        form.addRow("History", self.history_combo)
+
+        self.builder = QGroupBox("Prompt builder (benchmark attributes)")
+        self.builder.setCheckable(True)
+        self.builder.setChecked(False)
+        bform = QFormLayout(self.builder)
+        self.class_edit = QLineEdit("polyp")
+        bform.addRow("Class", self.class_edit)
+        self.attr_combos = {}
+        for attr in ("number", "size", "colour", "shape", "location"):
+            combo = QComboBox()
+            combo.setEditable(True)
+            combo.addItems(CHOICES[attr])
+            self.attr_combos[attr] = combo
+            bform.addRow(attr.capitalize(), combo)
+        self.description_edit = QLineEdit()
+        self.description_edit.setPlaceholderText("e.g. a projecting growth of tissue")
+        bform.addRow("Description", self.description_edit)
+        self.add_prompt_btn = QPushButton("Add to prompts")
+        bform.addRow(self.add_prompt_btn)
+
+        self.model_combo = QComboBox()
+        self.browse_btn = QPushButton("Folder…")
+        row = QHBoxLayout()
+        row.addWidget(self.model_combo, 1)
+        row.addWidget(self.browse_btn)
+        form.addRow("Model", row)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
+        form.addRow("Device", self.device_combo)
+        self.model_info = QLabel(DEFAULT_NOTE)
+        self.model_info.setWordWrap(True)
+
+        self.threshold = QSlider(Qt.Horizontal)
+        self.threshold.setRange(1, 99)
+        self.threshold.setValue(50)
+        self.threshold_label = QLabel("0.50")
+        trow = QHBoxLayout()
+        trow.addWidget(self.threshold, 1)
+        trow.addWidget(self.threshold_label)
+        form.addRow("Threshold", trow)
+
+        self.mode_combo = QComboBox()
+        for mode in L.MODES:
+            self.mode_combo.addItem(L.MODE_LABELS[mode], mode)
+        form.addRow("Write to", self.mode_combo)
+        self.target_combo = QComboBox()
+        form.addRow("Labels layer", self.target_combo)
+        self.all_slices = QCheckBox("All slices of a stack")
+        self.show_probs = QCheckBox("Also add the probability map")
+        form.addRow(self.all_slices)
+        form.addRow(self.show_probs)
+
+        self.segment_btn = QPushButton("Segment  (Ctrl+Enter)")
+        self.segment_btn.setShortcut("Ctrl+Return")
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setEnabled(False)
+        brow = QHBoxLayout()
+        brow.addWidget(self.segment_btn, 1)
+        brow.addWidget(self.cancel_btn)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.builder)
+        layout.addWidget(self.model_info)
+        layout.addLayout(brow)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+    # ---------- wiring ----------
+    def _wire(self):
+        ev = self.viewer.layers.events
+        for e in (ev.inserted, ev.removed, ev.reordered):
+            e.connect(self._refresh_layers)
+        self.viewer.layers.selection.events.active.connect(self._follow_selection)
+        self.history_combo.textActivated.connect(self.prompt_edit.setPlainText)
+        self.add_prompt_btn.clicked.connect(self._add_built_prompt)
+        self.browse_btn.clicked.connect(self._browse_model)
+        self.model_combo.currentIndexChanged.connect(self._model_changed)
+        self.threshold.valueChanged.connect(self._rethreshold)
+        self.mode_combo.currentIndexChanged.connect(self._refresh_layers)
+        self.segment_btn.clicked.connect(self.run)
+        self.cancel_btn.clicked.connect(self.cancel)
+
+    def _refresh_layers(self, *_):
+        for combo, kind in ((self.image_combo, napari.layers.Image), (self.target_combo, napari.layers.Labels)):
+            current = combo.currentText()
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems([ly.name for ly in self.viewer.layers if isinstance(ly, kind)])
+            if current:
+                combo.setCurrentText(current)
+            combo.blockSignals(False)
+        self.target_combo.setEnabled(self.mode != "new")
+
+    def _follow_selection(self, event=None):
+        layer = self.viewer.layers.selection.active
+        if isinstance(layer, napari.layers.Image):
+            self.image_combo.setCurrentText(layer.name)
+
+    def _refresh_models(self):
+        from .core.registry import find_models
+
+        self.model_combo.blockSignals(True)
+        self.model_combo.clear()
+        for m in find_models():
+            self.model_combo.addItem(f"{m.spec}  [{m.kind}]", m.spec)
+        self.model_combo.blockSignals(False)
+
+    def add_model(self, spec: str, select: bool = True):
+        """Add a model (folder or id) to the chooser, optionally making it the active one."""
+        i = self.model_combo.findData(spec)
+        if i < 0:
+            self.model_combo.addItem(str(spec), str(spec))
+            i = self.model_combo.count() - 1
+        if select:
+            self.model_combo.setCurrentIndex(i)
+
+    def _browse_model(self):
+        folder = QFileDialog.getExistingDirectory(self, "Model folder (config.json + safetensors, or ONNX export)")
+        if folder:
+            self.add_model(folder)
+
+    def _model_changed(self, *_):
+        spec = self.model_spec
+        self.model_info.setText(DEFAULT_NOTE if spec == "default" else f"Model: {spec}")
+
+    def _add_built_prompt(self):
+        attrs = {k: c.currentText().strip() for k, c in self.attr_combos.items()}
+        text = build_prompt(self.class_edit.text().strip() or "polyp", description=self.description_edit.text().strip(),
+                            **attrs)
+        existing = self.prompt_edit.toPlainText().rstrip()
+        self.prompt_edit.setPlainText(f"{existing}\n{text}" if existing else text)
+
+    # ---------- state ----------
+    @property
+    def model_spec(self) -> str:
+        return self.model_combo.currentData() or "default"
+
+    @property
+    def mode(self) -> str:
+        return self.mode_combo.currentData()
+
+    @property
+    def threshold_value(self) -> float:
+        return self.threshold.value() / 100.0
+
+    @property
+    def prompts(self) -> list[str]:
+        return [ln.strip() for ln in self.prompt_edit.toPlainText().splitlines() if ln.strip()]
+
+    def image_layer(self):
+        name = self.image_combo.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    # ---------- running ----------
+    def run(self):
+        """Check the inputs, then segment in a background worker."""
+        layer = self.image_layer()
+        if layer is None:
+            return show_error("No image layer: open an image (File > Open, or a sample) and choose it above.")
+        if not self.prompts:
+            return show_error("The prompt is empty: type what to segment, for example 'polyp'.")
+        if self.mode != "new":
+            target = self._target_layer()
+            if target is None:
+                return show_error("Choose the Labels layer to write into, or write to a new Labels layer.")
+            try:
+                L.check_target(target, layer)
+            except ValueError as exc:
+                return show_error(str(exc))
+        if self.worker is not None:
+            return show_warning("A segmentation is already running; wait for it or press Cancel.")
+        indices = L.all_indices(layer) if self.all_slices.isChecked() else \
+            [L.current_index(layer, self.viewer.dims.point)]
+        self._remember(self.prompt_edit.toPlainText().strip())
+        worker = thread_worker(self.session.segment, progress={"total": len(indices), "desc": "Segmenting"})(
+            self.model_spec, self.device_combo.currentText(), layer, indices, self.prompts)
+        worker.returned.connect(lambda result: self._write(result, layer))
+        worker.errored.connect(self._failed)
+        worker.finished.connect(self._done)
+        self.worker = worker
+        self.segment_btn.setEnabled(False)
+        self.cancel_btn.setEnabled(True)
+        self.status.setText(f"Segmenting {len(indices)} plane(s) of '{layer.name}'…")
+        worker.start()
+        return worker
+
+    def cancel(self):
+        if self.worker is not None:
+            self.worker.quit()
+            self.status.setText("Cancelled; nothing was written.")
+
+    def _done(self):
+        self.worker = None
+        self.segment_btn.setEnabled(True)
+        self.cancel_btn.setEnabled(False)
+
+    def _failed(self, exc: Exception):
+        if isinstance(exc, (VLSMError, ValueError, OSError)):
+            show_error(str(exc))
+        else:
+            show_error(f"Segmentation failed: {type(exc).__name__}: {exc}")
+        self.status.setText("Failed; your layers were not changed.")
+
+    def _remember(self, text: str):
+        if self.history_combo.findText(text) < 0:
+            self.history_combo.insertItem(0, text)
+            while self.history_combo.count() > HISTORY_SIZE:
+                self.history_combo.removeItem(HISTORY_SIZE)
+
+    def _target_layer(self):
+        name = self.target_combo.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def _write(self, result, image_layer):
+        for msg in result.messages:
+            show_warning(msg)
+        if not result.probs:
+            return
+        created = self.mode == "new"
+        target = L.new_labels_layer(self.viewer, image_layer, L.layer_name(image_layer, result.prompts)) \
+            if created else self._target_layer()
+        names = {i + 1: p for i, p in enumerate(result.prompts)}
+        write = None
+        for index, probs in result.probs.items():
+            labels = combine_labels(probs, self.threshold_value)
+            written = L.write_plane(target, index, labels, "replace" if created else self.mode)
+            write = L.LabelWrite(target, index, self.mode, written, created, names)
+        L.set_label_names(target, names)
+        target.metadata["vlsm_model"] = self.session.spec
+        self.session.last_write = write if len(result.probs) == 1 else None
+        if self.show_probs.isChecked():
+            self._add_probability_layer(image_layer, result)
+        backend = self.session.backend
+        from .core.device import describe
+
+        self.status.setText(f"Wrote {len(result.probs)} plane(s) to '{target.name}' with {backend.name} "
+                            f"on {describe(backend.device, backend.dtype)}.")
+
+    def _add_probability_layer(self, image_layer, result):
+        index, probs = next(iter(result.probs.items()))
+        name = f"{image_layer.name} · probability"
+        data = probs.max(axis=0)
+        if name in self.viewer.layers:
+            self.viewer.layers[name].data = data
+        else:
+            self.viewer.add_image(data, name=name, colormap="magma", opacity=0.5, contrast_limits=(0, 1),
+                                  scale=image_layer.scale[-2:], translate=image_layer.translate[-2:])
+
+    def _rethreshold(self, value: int):
+        """Apply a new threshold to the last probabilities, without running the model."""
+        self.threshold_label.setText(f"{value / 100:.2f}")
+        last, write = self.session.last, self.session.last_write
+        if last is None or write is None or write.layer not in self.viewer.layers:
+            return
+        probs = last.probs.get(write.index)
+        current = np.asarray(write.layer.data[write.index] if write.index else write.layer.data)
+        if probs is None or not np.array_equal(current, write.written):
+            self.status.setText("The layer was edited since; press Segment to apply the new threshold.")
+            return
+        labels = combine_labels(probs, self.threshold_value)
+        if write.mode == "fill" and not write.created:
+            write.layer.undo()  # take back only our own last fill, then fill again
+            mode = "fill"
+        else:
+            mode = "replace"
+        write.written = L.write_plane(write.layer, write.index, labels, mode)

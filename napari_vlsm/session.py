@@ -1,0 +1,83 @@
+"""State behind the segmentation widget, without Qt: the loaded model, the cached image
+features, the last probabilities. Its ``segment`` generator is what a thread_worker runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import layers as L
+from .core.predictor import Predictor, clean_prompts
+
+
+@dataclass
+class Result:
+    """Probabilities per plane index for one run."""
+
+    prompts: list[str]
+    probs: dict = field(default_factory=dict)  # index -> (P, H, W)
+    messages: list[str] = field(default_factory=list)
+
+
+class SegmentSession:
+    def __init__(self):
+        self.spec: str | None = None
+        self.device: str = "auto"
+        self.predictor: Predictor | None = None
+        self.previous_spec: str | None = None
+        self._key = None
+        self.last: Result | None = None
+        self.last_write: L.LabelWrite | None = None
+
+    @property
+    def backend(self):
+        return self.predictor.backend if self.predictor else None
+
+    def ensure_model(self, spec: str, device: str = "auto"):
+        """Load ``spec`` unless it is the model already loaded."""
+        from .core.loading import load_model
+
+        if self.predictor is None or spec != self.spec or device != self.device:
+            backend = load_model(spec, device=device)
+            if self.spec is not None and spec != self.spec:
+                self.previous_spec = self.spec
+            self.predictor, self.spec, self.device, self._key = Predictor(backend), spec, device, None
+        return self.predictor.backend
+
+    def segment(self, spec: str, device: str, layer, indices: list[tuple], prompts: list[str]):
+        """Generator: yields (done, total) per plane; returns a Result. Cancelling the worker
+        stops it between planes."""
+        prompts = clean_prompts(prompts)
+        result = Result(prompts)
+        try:
+            self.ensure_model(spec, device)
+            for n, index in enumerate(indices):
+                result.probs[index] = self._predict_plane(layer, index, prompts)
+                yield n + 1, len(indices)
+        except RuntimeError as exc:
+            if not _is_cuda_oom(exc):
+                raise
+            result.messages.append("The GPU ran out of memory; running on the CPU instead (slower).")
+            self.predictor, self._key = None, None
+            self.ensure_model(spec, "cpu")
+            for n, index in enumerate(i for i in indices if i not in result.probs):
+                result.probs[index] = self._predict_plane(layer, index, prompts)
+                yield n + 1, len(indices)
+        self.last = result
+        return result
+
+    def _predict_plane(self, layer, index, prompts) -> np.ndarray:
+        image = L.plane(layer, index)
+        key = L.plane_key(layer, index, image)
+        if key != self._key or not self.predictor.has_image:
+            self._key = None
+            self.predictor.set_image(image)
+            self._key = key
+        return self.predictor.predict(prompts).probs
+
+
+def _is_cuda_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(exc)

@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
+
+from napari_vlsm.core.loading import load_model
+from napari_vlsm.core.postprocess import logits_to_probs
+from napari_vlsm.core.predictor import Predictor
+
+
+@pytest.fixture(scope="module")
+def clipseg(tiny_clipseg):
+    return load_model(tiny_clipseg, device="cpu")
+
+
+def count_encoder_calls(backend) -> list:
+    calls = []
+    backend.module.clip.vision_model.embeddings.register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+def test_matches_stock_pipeline(tiny_clipseg, clipseg, polyp_image):
+    prompts = ["polyp", "one small pink circle polyp, located in right of the image"]
+    pred = Predictor(clipseg)
+    pred.set_image(polyp_image)
+    ours = pred.predict(prompts).probs
+
+    stock = CLIPSegForImageSegmentation.from_pretrained(tiny_clipseg).eval()
+    proc = CLIPSegProcessor(image_processor=clipseg.image_processor, tokenizer=clipseg.tokenizer)
+    inputs = proc(text=prompts, images=[polyp_image] * 2, padding="max_length", max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        ref = logits_to_probs(stock(**inputs).logits, polyp_image.shape[:2])
+    assert ours.shape == (2, *polyp_image.shape[:2])
+    np.testing.assert_allclose(ours, ref, atol=5e-5)  # fp32 reordering (shorter padding)
+    assert ref.std() > 1e-3  # a random model still gives a non-trivial map
+
+
+def test_second_prompt_reuses_image_features(clipseg, polyp_image):
+    calls = count_encoder_calls(clipseg)
+    pred = Predictor(clipseg)
+    pred.set_image(polyp_image)
+    first = pred.predict("polyp")
+    pred.predict("red tissue")
+    pred.predict(["polyp", "mucosa"])
+    assert len(calls) == 1
+    pred.set_image(polyp_image[::-1])
+    assert len(calls) == 2
+    assert first.probs.shape == (1, 256, 256)
+
+
+@pytest.mark.parametrize("shape, dtype", [
+    ((16, 16), np.uint8), ((300, 120), np.uint16), ((97, 203, 3), np.float32), ((64, 80, 4), np.uint8),
+    ((50, 60), np.int16), ((4096, 4096), np.uint16),
+])
+def test_any_size_and_dtype(clipseg, shape, dtype):
+    rng = np.random.default_rng(0)
+    image = (rng.random(shape) * (1 if dtype == np.float32 else 1000)).astype(dtype)
+    pred = Predictor(clipseg)
+    pred.set_image(image)
+    out = pred.predict(["polyp", "vessel"])
+    assert out.probs.shape == (2, *shape[:2]) and out.probs.dtype == np.float32
+    assert out.masks.dtype == bool and out.labels.shape == shape[:2]
+    assert set(np.unique(out.labels)) <= {0, 1, 2}
+
+
+def test_labels_pick_the_most_likely_prompt_above_threshold(clipseg, polyp_image):
+    pred = Predictor(clipseg, threshold=0.5)
+    pred.set_image(polyp_image)
+    out = pred.predict(["polyp", "a red thing"])
+    best = out.probs.argmax(0) + 1
+    expected = np.where(out.probs.max(0) >= 0.5, best, 0)
+    np.testing.assert_array_equal(out.labels, expected)
+    assert out.labels.max() > 0
+
+
+@pytest.mark.parametrize("prompts", ["", "   ", [], ["polyp", ""]])
+def test_empty_prompts_are_refused(clipseg, polyp_image, prompts):
+    pred = Predictor(clipseg)
+    pred.set_image(polyp_image)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        pred.predict(prompts)
+
+
+def test_predict_before_set_image():
+    with pytest.raises(RuntimeError, match="set_image"):
+        Predictor(None).predict("polyp")
+
+
+@pytest.mark.parametrize("which", ["tiny_clipseg", "tiny_unet"])
+def test_batch_equals_one_by_one(request, which, polyp_image):
+    backend = load_model(request.getfixturevalue(which), device="cpu")
+    pred = Predictor(backend)
+    images = [polyp_image, polyp_image[:200, :180], np.ascontiguousarray(polyp_image[..., 0])]
+    batch = pred.predict_batch(images, ["polyp", "vessel"])
+    for image, got in zip(images, batch):
+        pred.set_image(image)
+        np.testing.assert_allclose(got.probs, pred.predict(["polyp", "vessel"]).probs, atol=1e-5)
