@@ -95,9 +95,12 @@ def check_examples(train_set: list[Example], val_set: list[Example]) -> None:
             raise TrainingError(f"Cannot use the training data: {exc}") from exc
 
 
-def _batches(n: int, batch_size: int, rng: random.Random, world: int = 1, rank: int = 0):
+def _batches(n: int, batch_size: int, seed: int, world: int = 1, rank: int = 0):
+    """This rank's batches of one epoch. Every rank shuffles alike and gets as many batches."""
     order = list(range(n))
-    rng.shuffle(order)
+    random.Random(seed).shuffle(order)
+    if world > 1:
+        order = order[: len(order) - len(order) % world] or order[:1] * world
     order = order[rank::world]
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
@@ -164,6 +167,14 @@ def _distributed() -> tuple[int, int]:
     return 1, 0
 
 
+def _from_rank0(*values):
+    import torch.distributed as dist
+
+    t = torch.tensor([float("nan") if v is None else v for v in values], dtype=torch.float64)
+    dist.broadcast(t, 0)
+    return tuple(None if math.isnan(v) else v for v in t.tolist())
+
+
 def _all_reduce_grads(params, world: int) -> None:
     import torch.distributed as dist
 
@@ -202,7 +213,7 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
     opt = torch.optim.AdamW(params, lr=s.learning_rate(), weight_decay=s.weight_decay)
     size = backend.input_size
     train_cache, val_cache = PairCache(train_set, size), PairCache(val_set, size)
-    steps_per_epoch = len(_batches(len(train_set), s.batch_size, rng, world, rank))
+    steps_per_epoch = len(_batches(len(train_set), s.batch_size, s.seed, world, rank))
     total = steps_per_epoch * s.epochs
     if s.schedule == "onecycle":
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.learning_rate(), total_steps=max(total, 1))
@@ -217,12 +228,12 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
     best_loss = min((h["loss"] for h in history), default=math.inf)
     stale, step, t0, seen = 0, start_epoch * steps_per_epoch, time.time(), 0
     meta = {"base_model": backend.source, "settings": asdict(s), "train_examples": len(train_set),
-            "val_examples": len(val_set), "history": history, **(metadata or {})}
+            "val_examples": len(val_set), "world_size": world, "history": history, **(metadata or {})}
 
     for epoch in range(start_epoch, s.epochs):
         backend.module.train()
         losses = []
-        for idx in _batches(len(train_set), s.batch_size, rng, world, rank):
+        for idx in _batches(len(train_set), s.batch_size, s.seed * 7919 + epoch, world, rank):
             if stop is not None and stop.is_set():
                 yield Progress("stopped", epoch, s.epochs, step, total, float("nan"), best_dice=best,
                                elapsed=time.time() - t0, message=_stopped_message(out))
@@ -252,6 +263,8 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
                            eta=rate * (total - step), images_per_s=seen * world / max(elapsed, 1e-9))
         epoch_loss = float(np.mean(losses)) if losses else float("nan")
         val = validate(backend, val_cache, val_set, s.val_prompt_type, s.batch_size) if val_set else None
+        if world > 1:  # decisions (best, schedule, early stop) follow rank 0
+            val, epoch_loss = _from_rank0(val, epoch_loss)
         history.append({"epoch": epoch + 1, "loss": epoch_loss, "val_dice": val,
                         "lr": opt.param_groups[0]["lr"], "elapsed": time.time() - t0})
         improved = (val is not None and val > best) or (val is None and epoch_loss < best_loss)

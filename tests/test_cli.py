@@ -1,0 +1,72 @@
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from napari_vlsm.cli import app
+from napari_vlsm.core.imageio import read_image
+
+from .conftest import SAMPLE_DATA
+
+runner = CliRunner()
+
+
+def test_segment_folder_with_two_prompts_and_a_broken_file(tmp_path, tiny_clipseg, kvasir):
+    images = tmp_path / "in"
+    images.mkdir()
+    for p in sorted(SAMPLE_DATA.glob("*.jpg"))[:2]:
+        shutil.copy(p, images / p.name)
+    import tifffile
+
+    tifffile.imwrite(images / "ct16.tif", (np.random.default_rng(0).random((70, 90)) * 4000).astype(np.uint16))
+    (images / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["segment", str(images), str(kvasir / "images" / "cju0qkwl35piu0993l0dewei2.jpg"),
+                              "-p", "polyp", "-p", "mucosa", "--model", str(tiny_clipseg), "--out", str(out)])
+    assert res.exit_code == 1, res.output  # one file failed, the rest were written
+    assert "broken.png" in res.output
+    masks = sorted(p.name for p in out.glob("*.png"))
+    assert len(masks) == 4 and "broken.png" not in masks
+    m = read_image(out / "ct16.png")
+    assert m.shape == (70, 90) and m.dtype == np.uint8 and set(np.unique(m)) <= {0, 1, 2}
+    sidecar = json.loads((out / "labels.json").read_text())
+    assert sidecar["labels"] == {"1": "polyp", "2": "mucosa"}
+    rows = list(csv.DictReader(open(out / "segment_report.csv")))
+    assert {r["status"] for r in rows} == {"ok", "failed"}
+
+    # --resume skips what exists; TIFF output on request
+    res = runner.invoke(app, ["segment", str(images), "-p", "polyp", "--model", str(tiny_clipseg),
+                              "--out", str(out), "--resume"])
+    assert "3 skipped" in res.output
+    res = runner.invoke(app, ["segment", str(images / "ct16.tif"), "-p", "polyp", "--model", str(tiny_clipseg),
+                              "--out", str(tmp_path / "tif"), "--format", "tif"])
+    assert res.exit_code == 0, res.output
+    assert read_image(tmp_path / "tif" / "ct16.tif").shape == (70, 90)
+
+
+def test_segment_errors_are_messages_not_tracebacks(tmp_path, tiny_clipseg):
+    res = runner.invoke(app, ["segment", str(SAMPLE_DATA), "-p", " ", "--model", str(tiny_clipseg), "-o", str(tmp_path)])
+    assert res.exit_code == 2 and "prompt is empty" in res.output
+    res = runner.invoke(app, ["segment", str(SAMPLE_DATA), "-p", "polyp", "--model", "CIDAS/nope", "-o", str(tmp_path)])
+    assert res.exit_code == 2 and "models pull CIDAS/nope" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_evaluate_real_validation_images(tmp_path, tiny_unet, kvasir):
+    csv_path = tmp_path / "scores.csv"
+    res = runner.invoke(app, ["evaluate", str(kvasir), "--model", str(tiny_unet), "--prompt-type", "p6",
+                              "--limit", "3", "--csv", str(csv_path)])
+    assert res.exit_code == 0, res.output
+    assert "mean Dice" in res.output
+    rows = list(csv.DictReader(open(csv_path)))
+    assert len(rows) == 3 and all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+    assert all("located in" in r["prompt"] for r in rows)
+
+
+def test_models_lists_default_and_given_folders(tiny_clipseg):
+    res = runner.invoke(app, ["models", "--folder", str(tiny_clipseg.parent)])
+    assert res.exit_code == 0, res.output
+    assert "default" in res.output and "CLIPSeg" in res.output

@@ -1,0 +1,171 @@
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from napari_vlsm.core import train as T
+from napari_vlsm.core.data import Example, benchmark_examples
+from napari_vlsm.core.errors import TrainingError
+from napari_vlsm.core.loading import load_model
+from napari_vlsm.core.metrics import dice
+from napari_vlsm.core.predictor import Predictor
+
+
+def run(gen):
+    return list(gen)
+
+
+def train_dice(backend, examples) -> float:
+    pred = Predictor(backend)
+    scores = []
+    for ex in examples:
+        image, truth = ex.load()
+        pred.set_image(image)
+        scores.append(dice(pred.predict("polyp").masks[0], truth))
+    return float(np.mean(scores))
+
+
+def test_finetune_learns_on_16_real_kvasir_pairs(tiny_unet, small_benchmark, tmp_path):
+    examples = benchmark_examples(small_benchmark, "train")
+    before = train_dice(load_model(tiny_unet, device="cpu"), examples)
+    settings = T.TrainSettings(mode="full", epochs=25, lr=1e-2, batch_size=8, augment=False,
+                               prompt_types=("p1",), schedule="onecycle", seed=0, patience=100)
+    events = run(T.finetune(str(tiny_unet), [small_benchmark], tmp_path / "run", settings, device="cpu"))
+    epochs = [e for e in events if e.kind == "epoch"]
+    assert events[-1].kind == "done" and len(epochs) == 25
+    assert np.mean([e.loss for e in epochs[-3:]]) < 0.7 * np.mean([e.loss for e in epochs[:3]])
+    after = train_dice(load_model(tmp_path / "run" / "last", device="cpu"), examples)
+    assert after > before + 0.2 and after > 0.5, (before, after)
+    meta = json.loads((tmp_path / "run" / "best" / "training.json").read_text())
+    assert meta["settings"]["mode"] == "full" and len(meta["history"]) >= 1 and meta["data"]
+
+
+@pytest.mark.parametrize("mode, vision_changes", [("decoder", False), ("full", True), ("lora", True)])
+def test_training_modes_really_train_what_they_say(tiny_clipseg, small_benchmark, tmp_path, mode, vision_changes):
+    settings = T.TrainSettings(mode=mode, epochs=1, batch_size=8, lr=1e-2, seed=0)
+    events = run(T.finetune(str(tiny_clipseg), [small_benchmark], tmp_path, settings, device="cpu"))
+    assert events[-1].kind == "done"
+    old, new = load_file(tiny_clipseg / "model.safetensors"), load_file(tmp_path / "last" / "model.safetensors")
+    assert set(old) == set(new)  # LoRA is merged back: a plain CLIPSeg checkpoint
+    key = "clip.vision_model.encoder.layers.0.self_attn.q_proj.weight"
+    assert (not torch.equal(old[key], new[key])) == vision_changes
+    dec = "decoder.film_mul.weight"
+    assert not torch.equal(old[dec], new[dec])
+    Predictor(load_model(tmp_path / "last")).set_image(np.zeros((32, 32), np.uint8))
+
+
+def test_stop_keeps_last_good_checkpoint(tiny_unet, small_benchmark, tmp_path):
+    stop = threading.Event()
+    settings = T.TrainSettings(mode="decoder", epochs=5, batch_size=8)
+    seen = []
+    for ev in T.finetune(str(tiny_unet), [small_benchmark], tmp_path, settings, stop=stop):
+        seen.append(ev)
+        if ev.kind == "epoch":
+            before = (tmp_path / "best" / "model.safetensors").read_bytes()
+            stop.set()
+    assert seen[-1].kind == "stopped" and "intact" in seen[-1].message
+    assert (tmp_path / "best" / "model.safetensors").read_bytes() == before
+    load_model(tmp_path / "best")
+
+
+def test_closing_the_generator_midway_leaves_checkpoints_loadable(tiny_unet, small_benchmark, tmp_path):
+    gen = T.finetune(str(tiny_unet), [small_benchmark], tmp_path, T.TrainSettings(epochs=3, batch_size=4))
+    for ev in gen:
+        if ev.kind == "epoch":
+            break
+    next(gen)  # one step into epoch 2
+    gen.close()  # what napari's worker.quit() does
+    assert not [p for p in tmp_path.iterdir() if "-tmp-" in p.name]
+    load_model(tmp_path / "best")
+
+
+def test_nan_loss_stops_with_message_and_keeps_checkpoint(tiny_unet, small_benchmark, tmp_path, monkeypatch):
+    real = T.dice_bce_loss
+    calls = {"n": 0}
+
+    def flaky(logits, target):
+        calls["n"] += 1
+        loss = real(logits, target)
+        return loss * float("nan") if calls["n"] > 4 else loss
+
+    monkeypatch.setattr(T, "dice_bce_loss", flaky)
+    gen = T.finetune(str(tiny_unet), [small_benchmark], tmp_path, T.TrainSettings(epochs=5, batch_size=8))
+    with pytest.raises(TrainingError, match="nan.*lower learning rate"):
+        run(gen)
+    assert (tmp_path / "best" / "config.json").exists()
+    load_model(tmp_path / "best")
+
+
+def test_failed_checkpoint_write_keeps_previous(tiny_unet, tmp_path):
+    from napari_vlsm.core.checkpoint import save_checkpoint
+
+    backend = load_model(tiny_unet)
+    save_checkpoint(backend, tmp_path / "best", {"epoch": 1})
+    before = (tmp_path / "best" / "model.safetensors").read_bytes()
+
+    def broken(folder):
+        (folder / "config.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    backend.save = broken
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(backend, tmp_path / "best", {"epoch": 2})
+    assert (tmp_path / "best" / "model.safetensors").read_bytes() == before
+    assert json.loads((tmp_path / "best" / "training.json").read_text()) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]
+
+
+def test_bad_training_input_gets_clear_messages(tiny_unet, small_benchmark, tmp_path, polyp_image):
+    backend = load_model(tiny_unet)
+    with pytest.raises(TrainingError, match="empty"):
+        run(T.train(backend, [], [], tmp_path))
+    bad = Example(polyp_image, np.zeros((10, 10), np.uint8), {"p1": "polyp"}, name="bad")
+    with pytest.raises(TrainingError, match="mask shape"):
+        run(T.train(backend, [bad], [], tmp_path))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    ok = Example(polyp_image, np.zeros(polyp_image.shape[:2], np.uint8), {"p1": "polyp"})
+    with pytest.raises(OSError, match="Cannot write checkpoints"):
+        run(T.train(backend, [ok], [], blocker / "out"))
+    with pytest.raises(TrainingError, match="No data folder"):
+        run(T.finetune(str(tiny_unet), [tmp_path / "missing"], tmp_path / "o"))
+
+
+def test_single_example_with_several_label_values(tiny_unet, polyp_image, tmp_path):
+    labels = np.zeros(polyp_image.shape[:2], np.uint8)
+    labels[50:100, 50:100] = 1
+    labels[150:200, 150:200] = 2
+    ex = Example(polyp_image, labels, {"p1": "polyp"}, label=2)
+    _, fg = ex.load()
+    assert fg.sum() == 2500 and fg[160, 160] and not fg[60, 60]
+    events = run(T.train(load_model(tiny_unet), [ex], [], tmp_path, T.TrainSettings(epochs=2, batch_size=4)))
+    assert events[-1].kind == "done" and (tmp_path / "best" / "config.json").exists()
+
+
+def test_resume_continues_from_last(tiny_unet, small_benchmark, tmp_path):
+    s = T.TrainSettings(epochs=2, batch_size=8)
+    run(T.finetune(str(tiny_unet), [small_benchmark], tmp_path, s))
+    s.epochs = 3
+    events = run(T.finetune(str(tiny_unet), [small_benchmark], tmp_path, s, resume=True))
+    assert [e.epoch for e in events if e.kind == "epoch"] == [3]
+    assert json.loads((tmp_path / "last" / "training.json").read_text())["epochs_done"] == 3
+
+
+def test_distributed_two_processes_on_gloo(tiny_unet, small_benchmark, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "napari_vlsm.cli", "finetune", str(small_benchmark), "--model", str(tiny_unet),
+           "--out", str(out), "--epochs", "2", "--batch-size", "4", "--device", "cpu", "--train", "full"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["best", "last"]
+    meta = json.loads((out / "last" / "training.json").read_text())
+    assert meta["epochs_done"] == 2 and meta["world_size"] == 2
+    load_model(out / "best")
