@@ -210,7 +210,7 @@ class FinetuneWidget(QWidget):
         spec = seg.model_spec if seg else "default"
         out = self.folder.parent / "models" / time.strftime("finetune-%Y%m%d-%H%M%S")
         self.plot.clear()
-        job = thread_worker(finetune)(spec, [self.folder], out, settings, val_split="none",
+        job = thread_worker(finetune, ignore_errors=True)(spec, [self.folder], out, settings, val_split="none",
                                       metadata={"source": "napari widget"})
         job.yielded.connect(self._on_progress)
         job.returned.connect(lambda _: self._finished(out))

@@ -230,7 +230,8 @@ class SegmentWidget(QWidget):
         indices = L.all_indices(layer) if self.all_slices.isChecked() else \
             [L.current_index(layer, self.viewer.dims.point)]
         self._remember(self.prompt_edit.toPlainText().strip())
-        worker = thread_worker(self.session.segment, progress={"total": len(indices), "desc": "Segmenting"})(
+        worker = thread_worker(self.session.segment, progress={"total": len(indices), "desc": "Segmenting"},
+                               ignore_errors=True)(
             self.model_spec, self.device_combo.currentText(), layer, indices, self.prompts)
         worker.returned.connect(lambda result: self._write(result, layer))
         worker.errored.connect(self._failed)

@@ -1,0 +1,213 @@
+"""The segmentation widget in a real napari viewer (under Xvfb through pytest-xvfb)."""
+
+import numpy as np
+import pytest
+from qtpy.QtCore import QTimer
+
+from napari_vlsm._widget import SegmentWidget
+
+
+@pytest.fixture
+def widget(make_napari_viewer, tiny_clipseg):
+    viewer = make_napari_viewer()
+    w = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(w, name="Text-prompt segmentation")
+    w.add_model(str(tiny_clipseg))
+    return w
+
+
+def segment(qtbot, w, prompts="polyp", timeout=60000):
+    w.prompt_edit.setPlainText(prompts)
+    assert w.run() is not None
+    wait_done(qtbot, w, timeout)
+
+
+def wait_done(qtbot, w, timeout=60000):
+    # the widget's own finished handler clears .worker (connected before the worker starts)
+    qtbot.waitUntil(lambda: w.worker is None, timeout=timeout)
+
+
+def labels_layers(viewer):
+    return [ly for ly in viewer.layers if ly._type_string == "labels"]
+
+
+def test_segment_rgb_into_new_editable_labels_layer(qtbot, widget, polyp_image):
+    viewer = widget.viewer
+    image = viewer.add_image(polyp_image, name="frame", scale=(0.5, 0.5), translate=(10, 20))
+    assert image.rgb
+    segment(qtbot, widget, "polyp\nmucosa")
+    (labels,) = labels_layers(viewer)
+    assert labels.data.shape == (256, 256)
+    assert tuple(labels.scale) == (0.5, 0.5) and tuple(labels.translate) == (10, 20)
+    assert set(np.unique(labels.data)) <= {0, 1, 2} and labels.data.any()
+    assert labels.metadata["vlsm_labels"] == {1: "polyp", 2: "mucosa"}
+    assert list(labels.features["prompt"]) == ["background", "polyp", "mucosa"]
+    assert labels.editable
+    assert widget.history_combo.itemText(0) == "polyp\nmucosa"
+    assert "CLIPSeg" in widget.status.text() and "cpu" in widget.status.text()
+
+
+def test_layer_chooser_follows_selection(widget, polyp_image):
+    viewer = widget.viewer
+    viewer.add_image(polyp_image, name="a")
+    b = viewer.add_image(polyp_image[..., 0], name="b")
+    viewer.layers.selection.active = viewer.layers["a"]
+    assert widget.image_combo.currentText() == "a"
+    viewer.layers.selection.active = b
+    assert widget.image_combo.currentText() == "b"
+
+
+def test_threshold_slider_rethresholds_without_running_the_model(qtbot, widget, polyp_image):
+    viewer = widget.viewer
+    viewer.add_image(polyp_image, name="frame")
+    segment(qtbot, widget)
+    labels = labels_layers(viewer)[0]
+    probs = widget.session.last.probs[()][0]
+    calls = []
+    widget.session.predictor.backend.module.register_forward_hook(lambda *a: calls.append(1))
+    enc = widget.session.predictor.backend.module.clip.vision_model.embeddings
+    enc.register_forward_hook(lambda *a: calls.append(1))
+    widget.threshold.setValue(80)
+    assert calls == []
+    np.testing.assert_array_equal(labels.data > 0, probs >= 0.8)
+    widget.threshold.setValue(20)
+    np.testing.assert_array_equal(labels.data > 0, probs >= 0.2)
+
+
+def test_fill_mode_never_overwrites_annotations(qtbot, widget, polyp_image):
+    viewer = widget.viewer
+    viewer.add_image(polyp_image, name="frame")
+    user = np.zeros((256, 256), np.uint8)
+    user[:128] = 7  # the annotator's work
+    target = viewer.add_labels(user.copy(), name="mine")
+    widget.mode_combo.setCurrentIndex(widget.mode_combo.findData("fill"))
+    widget.target_combo.setCurrentText("mine")
+    widget.threshold.setValue(5)  # low threshold: the model claims most pixels
+    segment(qtbot, widget)
+    assert (target.data[:128] == 7).all()
+    assert set(np.unique(target.data[128:])) <= {0, 1} and target.data[128:].any()
+    assert len(labels_layers(viewer)) == 1
+
+
+def test_replace_mode_is_undoable(qtbot, widget, polyp_image):
+    viewer = widget.viewer
+    viewer.add_image(polyp_image, name="frame")
+    user = np.zeros((256, 256), np.uint8)
+    user[100:150, 100:150] = 3
+    target = viewer.add_labels(user.copy(), name="mine")
+    widget.mode_combo.setCurrentIndex(widget.mode_combo.findData("replace"))
+    widget.target_combo.setCurrentText("mine")
+    segment(qtbot, widget)
+    assert not np.array_equal(target.data, user)
+    target.undo()
+    np.testing.assert_array_equal(target.data, user)
+
+
+def test_stack_current_slice_and_all_slices(qtbot, widget, polyp_image):
+    viewer = widget.viewer
+    stack = np.stack([polyp_image[..., 0], polyp_image[..., 1], polyp_image[..., 2]])
+    layer = viewer.add_image(stack, name="stack")
+    assert not layer.rgb
+    viewer.dims.set_current_step(0, 1)
+    segment(qtbot, widget)
+    labels = labels_layers(viewer)[0]
+    assert labels.data.shape == (3, 256, 256)
+    assert labels.data[1].any() and not labels.data[0].any() and not labels.data[2].any()
+    widget.all_slices.setChecked(True)
+    segment(qtbot, widget)
+    labels = labels_layers(viewer)[1]
+    assert all(labels.data[i].any() for i in range(3))
+
+
+def test_rgb_stack_is_segmented_per_frame(qtbot, widget, polyp_image):
+    viewer = widget.viewer
+    layer = viewer.add_image(np.stack([polyp_image, polyp_image[::-1]]), name="rgb stack", rgb=True)
+    viewer.dims.set_current_step(0, 1)
+    segment(qtbot, widget)
+    labels = labels_layers(viewer)[0]
+    assert layer.rgb and labels.data.shape == (2, 256, 256)
+    assert labels.data[1].any() and not labels.data[0].any()
+
+
+@pytest.mark.parametrize("setup, message", [
+    ("no image", "No image layer"),
+    ("empty prompt", "prompt is empty"),
+    ("missing model", "models pull CIDAS/not-here"),
+    ("bad image", "NaN or infinite"),
+    ("wrong target", "has shape"),
+])
+def test_errors_are_notifications_and_layers_stay_untouched(qtbot, widget, polyp_image, monkeypatch, setup, message):
+    shown = []
+    monkeypatch.setattr("napari_vlsm._widget.show_error", shown.append)
+    viewer = widget.viewer
+    if setup != "no image":
+        data = polyp_image.astype(np.float32)
+        if setup == "bad image":
+            data[0, 0, 0] = np.nan
+        viewer.add_image(data, name="frame")
+    mine = viewer.add_labels(np.ones((20, 20), np.uint8), name="mine")
+    if setup == "wrong target":
+        widget.mode_combo.setCurrentIndex(widget.mode_combo.findData("fill"))
+        widget.target_combo.setCurrentText("mine")
+    if setup == "missing model":
+        widget.add_model("CIDAS/not-here")
+    widget.prompt_edit.setPlainText("" if setup == "empty prompt" else "polyp")
+    widget.run()
+    wait_done(qtbot, widget)
+    assert any(message in m for m in shown), shown
+    assert [ly.name for ly in viewer.layers if ly._type_string == "labels"] == ["mine"]
+    assert (mine.data == 1).all()
+
+
+def test_gui_stays_responsive_during_full_size_inference(qtbot, make_napari_viewer, tmp_path_factory, polyp_image):
+    from napari_vlsm.core.random_models import build_random_clipseg
+
+    rd64 = build_random_clipseg(tmp_path_factory.mktemp("rd64") / "rd64", "rd64")
+    viewer = make_napari_viewer()
+    w = SegmentWidget(viewer)
+    w.add_model(str(rd64))
+    viewer.add_image(polyp_image, name="frame")
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(1))
+    timer.start(20)
+    w.prompt_edit.setPlainText("polyp")
+    assert w.run() is not None
+    wait_done(qtbot, w, 180000)
+    timer.stop()
+    assert len(labels_layers(viewer)) == 1
+    assert len(ticks) >= 10, f"the GUI thread ran only {len(ticks)} timer ticks during inference"
+
+
+def test_cancel_writes_nothing(qtbot, widget, polyp_image):
+    viewer = widget.viewer
+    viewer.add_image(np.stack([polyp_image] * 6), name="frames", rgb=True)
+    widget.all_slices.setChecked(True)
+    widget.prompt_edit.setPlainText("polyp")
+    worker = widget.run()
+    with qtbot.waitSignal(worker.yielded, timeout=30000):
+        pass
+    widget.cancel()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30000)
+    assert labels_layers(viewer) == []
+    assert "Cancelled" in widget.status.text()
+
+
+def test_screenshot_shows_the_labels(qtbot, make_napari_viewer, tiny_clipseg, polyp_image, tmp_path):
+    viewer = make_napari_viewer(show=True)  # a hidden canvas draws nothing
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Text-prompt segmentation")
+    widget.add_model(str(tiny_clipseg))
+    viewer.add_image(polyp_image, name="frame")
+    widget.threshold.setValue(30)
+    segment(qtbot, widget)
+    labels = labels_layers(viewer)[0]
+    assert labels.data.any()
+    with_labels = viewer.screenshot(canvas_only=True, flash=False)
+    labels.visible = False
+    without = viewer.screenshot(canvas_only=True, flash=False)
+    changed = np.abs(with_labels[..., :3].astype(int) - without[..., :3].astype(int)).sum(-1) > 30
+    assert changed.mean() > 0.5 * (labels.data > 0).mean() * 0.5, changed.mean()
+    labels.visible = True
+    full = viewer.screenshot(path=str(tmp_path / "window.png"), canvas_only=False, flash=False)
+    assert full.shape[1] > with_labels.shape[1]  # the docked widget is in the window shot
