@@ -206,6 +206,8 @@ class FinetuneWidget(QWidget):
             settings = self.settings()
         except ValueError:
             return show_error(f"The learning rate {self.lr.text()!r} is not a number (e.g. 1e-4).")
+        if not read_index(self.folder):
+            return show_error("The training set is empty: add an image and its corrected labels first.")
         seg = self.segment_widget()
         spec = seg.model_spec if seg else "default"
         out = self.folder.parent / "models" / time.strftime("finetune-%Y%m%d-%H%M%S")
@@ -218,6 +220,7 @@ class FinetuneWidget(QWidget):
         job.finished.connect(self._cleanup)
         job.aborted.connect(lambda: self._stopped(out))
         self.worker = job
+        self.pbar = progress(total=0, desc="Finetuning")
         self.train_btn.setEnabled(False)
         self.stop_btn.setEnabled(True)
         self.status.setText(f"Training {settings.mode} of {spec} on {self.examples.count()} example(s)…")
@@ -229,11 +232,11 @@ class FinetuneWidget(QWidget):
             self.worker.quit()
 
     def _on_progress(self, ev):
-        if self.pbar is None:
-            self.pbar = progress(total=ev.steps, desc="Finetuning")
-        self.pbar.n = ev.step
-        self.pbar.set_description(f"Finetuning, epoch {ev.epoch}/{ev.epochs}")
-        self.pbar.refresh()
+        pbar = self.pbar
+        if pbar is None:  # events still queued after the worker finished
+            return
+        pbar.total, pbar.n = ev.steps, ev.step
+        pbar.set_description(f"Finetuning, epoch {ev.epoch}/{ev.epochs}")  # also redraws
         if ev.kind == "step":
             self.plot.add("loss", ev.loss)
         elif ev.kind == "epoch":
