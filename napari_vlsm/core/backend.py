@@ -54,8 +54,17 @@ class TorchBackend(Backend):
     tokenizer: Any
 
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Token ids padded to the longest prompt (the CLIP text encoders pool at the
+        end-of-text token, so shorter padding gives the same embedding for less work)."""
         batch = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt")
         return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        return self.text_from_tokens(**self.tokenize(prompts))
+
+    @abstractmethod
+    def text_from_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token ids -> one conditioning vector per prompt."""
 
     @abstractmethod
     def forward(self, pixel_values: torch.Tensor, prompts: list[str]) -> torch.Tensor:

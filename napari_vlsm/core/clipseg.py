@@ -54,9 +54,8 @@ class ClipSegBackend(TorchBackend):
                 activations.append(hidden)
         return activations
 
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        tokens = self.tokenize(prompts)
-        return self.module.clip.get_text_features(**tokens).pooler_output
+    def text_from_tokens(self, input_ids, attention_mask) -> torch.Tensor:
+        return self.module.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
     def decode(self, features: list[torch.Tensor], text: torch.Tensor) -> torch.Tensor:
         n = text.shape[0]

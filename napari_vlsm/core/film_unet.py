@@ -54,26 +54,41 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_dim)
         self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.text_dim)
-        layer = nn.TransformerEncoderLayer(cfg.text_dim, cfg.text_heads, 4 * cfg.text_dim, dropout=0.0,
-                                           batch_first=True, norm_first=True)
-        self.layers = nn.ModuleList([layer] + [_clone(layer) for _ in range(cfg.text_layers - 1)])
+        self.layers = nn.ModuleList([TextBlock(cfg.text_dim, cfg.text_heads) for _ in range(cfg.text_layers)])
         self.norm = nn.LayerNorm(cfg.text_dim)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.token_embedding(input_ids) + self.position_embedding(positions)[None]
-        pad = attention_mask == 0
+        attend = attention_mask != 0
         for layer in self.layers:
-            x = layer(x, src_key_padding_mask=pad)
+            x = layer(x, attend)
         x = self.norm(x)
         weights = attention_mask.to(x.dtype)[..., None]
         return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
-def _clone(module: nn.Module) -> nn.Module:
-    import copy
+class TextBlock(nn.Module):
+    """A pre-norm transformer layer with the parameters and the math of
+    ``nn.TransformerEncoderLayer(norm_first=True, dropout=0)``, written out so that ONNX
+    export keeps the batch and length dynamic (the stock layer's trace fixes them)."""
 
-    return copy.deepcopy(module)
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)  # holds the weights
+        self.linear1 = nn.Linear(dim, 4 * dim)
+        self.linear2 = nn.Linear(4 * dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = F.linear(self.norm1(x), self.self_attn.in_proj_weight, self.self_attn.in_proj_bias)
+        q, k, v = (t.reshape(b, n, self.heads, d // self.heads).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attend[:, None, None, :])
+        x = x + self.self_attn.out_proj(a.transpose(1, 2).reshape(b, n, d))
+        return x + self.linear2(F.relu(self.linear1(self.norm2(x))))
 
 
 class FilmUNetForSegmentation(PreTrainedModel):
@@ -133,6 +148,20 @@ AutoConfig.register(FilmUNetConfig.model_type, FilmUNetConfig)
 AutoModel.register(FilmUNetConfig, FilmUNetForSegmentation)
 
 
+def resize_normalize(images: list[np.ndarray], size: tuple[int, int], mean, std, device="cpu") -> torch.Tensor:
+    """(H, W, 3) uint8 images -> (N, 3, *size) float32: antialiased bilinear resize, then mean/std."""
+    out = []
+    for image in images:
+        x = torch.from_numpy(np.array(image, dtype=np.uint8)).to(device).permute(2, 0, 1)[None].float() / 255.0
+        if tuple(x.shape[-2:]) != tuple(size):
+            x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+        out.append(x)
+    x = torch.cat(out)
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
 class FilmUNetBackend(TorchBackend):
     name = "FiLM-UNet"
 
@@ -141,9 +170,6 @@ class FilmUNetBackend(TorchBackend):
         self.module = module.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
         self.tokenizer = tokenizer
         self.device, self.dtype, self.source = device, dtype, source
-        cfg = module.config
-        self._mean = torch.tensor(cfg.image_mean).view(1, 3, 1, 1)
-        self._std = torch.tensor(cfg.image_std).view(1, 3, 1, 1)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -151,20 +177,15 @@ class FilmUNetBackend(TorchBackend):
         return s, s
 
     def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
-        """Bilinear (antialiased) resize to the model's size, ImageNet mean/std."""
-        return torch.cat([self._prep_one(im) for im in images]).contiguous(memory_format=torch.channels_last)
-
-    def _prep_one(self, image: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.array(image, dtype=np.uint8)).to(self.device).permute(2, 0, 1)[None].float() / 255.0
-        if tuple(x.shape[-2:]) != self.input_size:
-            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
-        return ((x - self._mean.to(x.device)) / self._std.to(x.device)).to(self.dtype)
+        cfg = self.module.config
+        x = resize_normalize(images, self.input_size, cfg.image_mean, cfg.image_std, self.device)
+        return x.to(self.dtype).contiguous(memory_format=torch.channels_last)
 
     def encode_image(self, pixel_values):
         return self.module.encode_image(pixel_values.to(self.dtype))
 
-    def encode_text(self, prompts):
-        return self.module.encode_text(**self.tokenize(prompts))
+    def text_from_tokens(self, input_ids, attention_mask):
+        return self.module.encode_text(input_ids, attention_mask)
 
     def decode(self, features, text):
         return self.module.decode(features, text.to(features[0].dtype))

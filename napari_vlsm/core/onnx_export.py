@@ -1,0 +1,99 @@
+"""Export a model to two ONNX graphs for onnxruntime(-gpu), keeping the cached-feature flow:
+
+* ``image_encoder.onnx``: pixel_values (N, 3, S, S) -> feature_0 ... feature_k
+* ``prompt_decoder.onnx``: input_ids, attention_mask (P, L), feature_0 ... feature_k (P, ...)
+  -> logits (P, h, w); text encoder and FiLM decoder together
+
+Batch (N, P) and prompt length (L) are dynamic; ``check_dynamic`` reads the written graphs
+back and fails if an exporter fixed them. Tokenizer and preprocessing settings are saved
+beside the graphs (``vlsm_onnx.json``), so the folder is a complete model for load_model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .backend import TorchBackend
+
+META = "vlsm_onnx.json"
+
+
+class _ImageEncoder(nn.Module):
+    def __init__(self, backend: TorchBackend):
+        super().__init__()
+        self.backend = backend
+        self.module = backend.module
+
+    def forward(self, pixel_values):
+        return tuple(self.backend.encode_image(pixel_values))
+
+
+class _PromptDecoder(nn.Module):
+    def __init__(self, backend: TorchBackend):
+        super().__init__()
+        self.backend = backend
+        self.module = backend.module
+
+    def forward(self, input_ids, attention_mask, *features):
+        return self.backend.decode(list(features), self.backend.text_from_tokens(input_ids, attention_mask))
+
+
+def preprocess_meta(backend: TorchBackend) -> dict:
+    from .clipseg import ClipSegBackend
+
+    if isinstance(backend, ClipSegBackend):
+        return {"preprocess": "image_processor"}
+    cfg = backend.module.config
+    return {"preprocess": "resize_normalize", "image_mean": list(cfg.image_mean), "image_std": list(cfg.image_std)}
+
+
+def export(backend: TorchBackend, out_dir, opset: int = 18) -> list[Path]:
+    """Write both graphs, the tokenizer/processor files and the metadata to ``out_dir``."""
+    if not isinstance(backend, TorchBackend):
+        raise ValueError("Only PyTorch models can be exported; this one is already an ONNX export.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    backend.module.float().eval()
+    backend.dtype = torch.float32
+    h, w = backend.input_size
+    pixels = torch.randn(2, 3, h, w)
+    with torch.no_grad():
+        feats = backend.encode_image(pixels)
+    tokens = backend.tokenize(["polyp", "one small pink circle polyp"])
+    names = [f"feature_{i}" for i in range(len(feats))]
+    enc_path, dec_path = out / "image_encoder.onnx", out / "prompt_decoder.onnx"
+    feat_axes = {n: {0: "batch"} for n in names}
+    torch.onnx.export(_ImageEncoder(backend), (pixels,), enc_path, input_names=["pixel_values"],
+                      output_names=names, dynamic_axes={"pixel_values": {0: "batch"}, **feat_axes},
+                      opset_version=opset, dynamo=False)
+    torch.onnx.export(_PromptDecoder(backend), (tokens["input_ids"], tokens["attention_mask"], *feats), dec_path,
+                      input_names=["input_ids", "attention_mask", *names], output_names=["logits"],
+                      dynamic_axes={"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"},
+                                    **feat_axes, "logits": {0: "batch"}},
+                      opset_version=opset, dynamo=False)
+    check_dynamic(enc_path, {"pixel_values": [0]})
+    check_dynamic(dec_path, {"input_ids": [0, 1], "attention_mask": [0, 1], **{n: [0] for n in names}})
+    backend.tokenizer.save_pretrained(out)
+    if hasattr(backend, "image_processor"):
+        backend.image_processor.save_pretrained(out)
+    meta = {"name": backend.name, "source": backend.source, "input_size": [h, w], "features": names,
+            "opset": opset, **preprocess_meta(backend)}
+    (out / META).write_text(json.dumps(meta, indent=1))
+    return [enc_path, dec_path, out / META]
+
+
+def check_dynamic(path: Path, axes: dict[str, list[int]]) -> None:
+    """Fail if an input axis that must be dynamic was written with a fixed size."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    for inp in graph.input:
+        for axis in axes.get(inp.name, []):
+            dim = inp.type.tensor_type.shape.dim[axis]
+            if not dim.dim_param:
+                raise RuntimeError(f"{path.name}: input {inp.name} axis {axis} was exported with the fixed size "
+                                   f"{dim.dim_value}; it must be dynamic.")
