@@ -250,6 +250,24 @@ def export_onnx(
     console.print("Wrote " + ", ".join(str(p) for p in paths))
 
 
+@app.command()
+def demo(
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    out: Path = typer.Option(Path("vlsm_demo"), "--out", "-o", help="Folder for the mask and screenshot."),
+    headless: bool = typer.Option(False, help="Do not open a window even if there is a display."),
+):
+    """Open a sample colonoscopy frame and segment it with the offline model (headless: files)."""
+    from .core.errors import VLSMError
+    from .demo import run
+
+    try:
+        paths = run(model, out, headless)
+    except VLSMError as exc:
+        _fail(str(exc))
+    for p in paths:
+        console.print(f"Wrote {p.resolve()}")
+
+
 def main():
     app()
 

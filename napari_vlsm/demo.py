@@ -1,0 +1,92 @@
+"""The README's main job: a sample colonoscopy frame, segmented by the offline default model.
+
+With a display: napari opens with the frame, the widget docked and the result in a Labels
+layer. Without one: the same pipeline runs headless (under Xvfb when it is installed,
+otherwise without the viewer) and the mask and a screenshot are written to files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .core.imageio import write_mask
+from .core.loading import load_model
+from .core.predictor import Predictor
+
+PROMPT = "polyp"
+
+
+def sample_frame() -> Path:
+    from ._sample_data import colonoscopy_frames
+
+    return next(p for p in colonoscopy_frames() if p.name.startswith("kvasir"))
+
+
+def segment_headless(model: str, out: Path) -> Path:
+    """Core library only: read the frame, segment it, write the mask."""
+    from .core.imageio import read_image
+
+    image = read_image(sample_frame())
+    predictor = Predictor(load_model(model))
+    t = time.perf_counter()
+    predictor.set_image(image)
+    pred = predictor.predict(PROMPT)
+    ms = (time.perf_counter() - t) * 1e3
+    path = write_mask(out / f"{sample_frame().stem}_mask.png", pred.labels * 255)
+    print(f"Segmented {sample_frame().name} with '{PROMPT}' in {ms:.0f} ms: {int(pred.masks.sum())} pixels.")
+    return path
+
+
+def run_viewer(model: str, out: Path, interactive: bool) -> list[Path]:
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from ._finetune_widget import FinetuneWidget
+    from ._widget import SegmentWidget
+
+    viewer = napari.Viewer(title="napari-vlsm demo", show=True)
+    viewer.window._qt_window.resize(1500, 950)
+    viewer.open_sample("napari-vlsm", "kvasir_polyp")
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(FinetuneWidget(viewer), name="Finetune", area="right")
+    viewer.window.add_dock_widget(widget, name="Text-prompt segmentation", area="right", tabify=True)
+    widget.add_model(model)
+    viewer.layers.selection.active = viewer.layers[0]
+    widget.prompt_edit.setPlainText(PROMPT)
+    widget.run()
+    while widget.worker is not None:
+        QApplication.processEvents()
+        time.sleep(0.01)
+    viewer.reset_view()
+    labels = [ly for ly in viewer.layers if ly._type_string == "labels" and "ground truth" not in ly.name]
+    written = []
+    if labels:
+        written.append(write_mask(out / f"{sample_frame().stem}_mask.png", labels[-1].data))
+    shot = out / "napari_vlsm_demo.png"
+    viewer.screenshot(str(shot), canvas_only=False, flash=False)
+    written.append(shot)
+    if interactive:
+        print("napari is open; close the window to finish.")
+        napari.run()
+    else:
+        viewer.close()
+    return written
+
+
+def run(model: str = "default", out: Path = Path("vlsm_demo"), headless: bool = False) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    has_display = bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    if has_display and not headless:
+        return run_viewer(model, out, interactive=True)
+    if shutil.which("Xvfb"):
+        from pyvirtualdisplay import Display
+
+        print("No display: running napari under Xvfb and saving a screenshot.")
+        with Display(visible=False, size=(1400, 900)):
+            return run_viewer(model, out, interactive=False)
+    print("No display and no Xvfb: running the pipeline without the viewer.")
+    return [segment_headless(model, out)]
