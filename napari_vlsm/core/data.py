@@ -148,7 +148,7 @@ def write_benchmark_example(folder, name: str, image: np.ndarray, mask: np.ndarr
     """Append one (image, mask, prompt) to a training-set folder in the benchmark's format.
     The image is stored losslessly (PNG, or TIFF for non-8-bit data); the index is
     rewritten atomically so an interrupted write loses nothing already stored."""
-    from .imageio import write_mask
+    from .imageio import write_image, write_mask
 
     folder = Path(folder)
     image = np.asarray(image)
@@ -157,32 +157,12 @@ def write_benchmark_example(folder, name: str, image: np.ndarray, mask: np.ndarr
     img_path = folder / "images" / f"{name}{img_suffix}"
     mask_path = folder / "masks" / f"{name}.png"
     write_mask(mask_path, np.asarray(mask).astype(bool).astype(np.uint8) * 255)
-    _write_image(img_path, image)
+    write_image(img_path, image)
     entries = read_index(folder, split)
     entry = {"img_name": img_path.name, "mask_name": mask_path.name, "cat": 0, "prompts": {"p1": prompt}}
     entries.append(entry)
     write_index(folder, entries, split)
     return entry
-
-
-def _write_image(path: Path, image: np.ndarray) -> None:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent, prefix=".tmp-")
-    os.close(fd)
-    try:
-        if path.suffix == ".png":
-            Image.fromarray(image).save(tmp, format="PNG")
-        else:
-            import tifffile
-
-            tifffile.imwrite(tmp, image, compression="zlib")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def read_index(folder, split: str = "train") -> list[dict]:

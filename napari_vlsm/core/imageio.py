@@ -40,8 +40,31 @@ def list_images(paths) -> list[Path]:
     return found
 
 
+def write_image(path, array: np.ndarray) -> Path:
+    """Write an array losslessly (PNG through Pillow, TIFF through tifffile), atomically:
+    to a temporary file in the same folder, then renamed over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent, prefix=".tmp-")
+    os.close(fd)
+    try:
+        if path.suffix.lower() == ".png":
+            from PIL import Image
+
+            Image.fromarray(array).save(tmp, format="PNG")
+        else:
+            import tifffile
+
+            tifffile.imwrite(tmp, array, compression="zlib")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 def write_mask(path, labels: np.ndarray) -> Path:
-    """Write a label image atomically (temporary file, then rename): PNG or TIFF."""
+    """Write a label image as PNG (8/16-bit) or TIFF."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in MASK_SUFFIXES:
@@ -49,23 +72,9 @@ def write_mask(path, labels: np.ndarray) -> Path:
     labels = np.asarray(labels)
     if labels.dtype == bool:
         labels = labels.astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=path.parent, prefix=".tmp-")
-    os.close(fd)
-    try:
-        if suffix == ".png":
-            from PIL import Image
-
-            if labels.max(initial=0) > 65535:
-                raise ValueError("PNG masks hold at most 65535 labels; write TIFF instead.")
-            arr = labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16)
-            Image.fromarray(arr).save(tmp, format="PNG")
-        else:
-            import tifffile
-
-            tifffile.imwrite(tmp, labels, compression="zlib")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    if suffix == ".png":
+        top = int(labels.max(initial=0))
+        if top > 65535:
+            raise ValueError("PNG masks hold at most 65535 labels; write TIFF instead.")
+        labels = labels.astype(np.uint8 if top < 256 else np.uint16)
+    return write_image(path, labels)
