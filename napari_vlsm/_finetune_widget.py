@@ -4,6 +4,7 @@ new model at once. Layout and wiring only; the work is ``core.train.finetune``."
 from __future__ import annotations
 
 import time
+import uuid
 import weakref
 from pathlib import Path
 
@@ -175,7 +176,7 @@ class FinetuneWidget(QWidget):
         mask = L.plane(labels_layer, index) == self.label_value.value()
         if not mask.any():
             show_warning(f"Label {self.label_value.value()} is absent here: stored as an empty (negative) example.")
-        name = f"{img_name}-{'-'.join(map(str, index)) or '0'}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = f"{img_name}-{'-'.join(map(str, index)) or '0'}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
         try:
             write_benchmark_example(self.folder, name, L.plane(image_layer, index), mask, prompt)

@@ -230,15 +230,15 @@ class SegmentWidget(QWidget):
         indices = L.all_indices(layer) if self.all_slices.isChecked() else \
             [L.current_index(layer, self.viewer.dims.point)]
         self._remember(self.prompt_edit.toPlainText().strip())
+        mode, target = self.mode, (self._target_layer() if self.mode != "new" else None)
         worker = thread_worker(self.session.segment, progress={"total": len(indices), "desc": "Segmenting"},
                                ignore_errors=True)(
             self.model_spec, self.device_combo.currentText(), layer, indices, self.prompts)
-        worker.returned.connect(lambda result: self._write(result, layer))
+        worker.returned.connect(lambda result: self._write(result, layer, mode, target))
         worker.errored.connect(self._failed)
         worker.finished.connect(self._done)
         self.worker = worker
-        self.segment_btn.setEnabled(False)
-        self.cancel_btn.setEnabled(True)
+        self._set_running(True)
         self.status.setText(f"Segmenting {len(indices)} plane(s) of '{layer.name}'…")
         worker.start()
         return worker
@@ -250,8 +250,14 @@ class SegmentWidget(QWidget):
 
     def _done(self):
         self.worker = None
-        self.segment_btn.setEnabled(True)
-        self.cancel_btn.setEnabled(False)
+        self._set_running(False)
+
+    def _set_running(self, running: bool):
+        for w in (self.segment_btn, self.mode_combo, self.target_combo, self.model_combo, self.device_combo):
+            w.setEnabled(not running)
+        self.cancel_btn.setEnabled(running)
+        if not running:
+            self.target_combo.setEnabled(self.mode != "new")
 
     def _failed(self, exc: Exception):
         if isinstance(exc, (VLSMError, ValueError, OSError)):
@@ -270,23 +276,29 @@ class SegmentWidget(QWidget):
         name = self.target_combo.currentText()
         return self.viewer.layers[name] if name in self.viewer.layers else None
 
-    def _write(self, result, image_layer):
+    def _write(self, result, image_layer, mode: str, target):
+        """Put the probabilities of a finished run into Labels (on the GUI thread)."""
         for msg in result.messages:
             show_warning(msg)
         if not result.probs:
             return
-        created = self.mode == "new"
-        target = L.new_labels_layer(self.viewer, image_layer, L.layer_name(image_layer, result.prompts)) \
-            if created else self._target_layer()
-        names = {i + 1: p for i, p in enumerate(result.prompts)}
-        write = None
+        if target is not None and target not in self.viewer.layers:
+            return show_error(f"The Labels layer '{target.name}' was removed while segmenting; nothing was written.")
+        created = target is None
+        if created:
+            target = L.new_labels_layer(self.viewer, image_layer, L.layer_name(image_layer, result.prompts))
+        values = L.label_values(target, result.prompts, created)
+        lut = np.array([0] + values, dtype=target.data.dtype)
+        write_mode = "fill" if mode == "fill" else "replace"
         for index, probs in result.probs.items():
-            labels = combine_labels(probs, self.threshold_value)
-            written = L.write_plane(target, index, labels, "replace" if created else self.mode)
-            write = L.LabelWrite(target, index, self.mode, written, created, names)
-        L.set_label_names(target, names)
+            before = L.plane(target, index).copy()
+            planned = L.planned_plane(before, lut[combine_labels(probs, self.threshold_value)], write_mode)
+            written = L.write_plane(target, index, planned, "replace")
+        L.set_label_names(target, dict(zip(values, result.prompts)))
         target.metadata["vlsm_model"] = self.session.spec
-        self.session.last_write = write if len(result.probs) == 1 else None
+        single = len(result.probs) == 1  # only a single plane is kept for the threshold slider
+        self.session.last = result if single else None
+        self.session.last_write = L.LabelWrite(target, index, write_mode, values, before, written) if single else None
         if self.show_probs.isChecked():
             self._add_probability_layer(image_layer, result)
         backend = self.session.backend
@@ -311,15 +323,10 @@ class SegmentWidget(QWidget):
         last, write = self.session.last, self.session.last_write
         if last is None or write is None or write.layer not in self.viewer.layers:
             return
-        probs = last.probs.get(write.index)
-        current = np.asarray(write.layer.data[write.index] if write.index else write.layer.data)
-        if probs is None or not np.array_equal(current, write.written):
+        if not np.array_equal(L.plane(write.layer, write.index), write.written):
             self.status.setText("The layer was edited since; press Segment to apply the new threshold.")
             return
-        labels = combine_labels(probs, self.threshold_value)
-        if write.mode == "fill" and not write.created:
-            write.layer.undo()  # take back only our own last fill, then fill again
-            mode = "fill"
-        else:
-            mode = "replace"
-        write.written = L.write_plane(write.layer, write.index, labels, mode)
+        lut = np.array([0] + write.values, dtype=write.layer.data.dtype)
+        labels = lut[combine_labels(last.probs[write.index], self.threshold_value)]
+        planned = L.planned_plane(write.before, labels, write.mode)
+        write.written = L.write_plane(write.layer, write.index, planned, "replace")

@@ -38,8 +38,8 @@ def _load(spec: str, device: str, dtype: str = "auto"):
 
     try:
         return load_model(spec, device=device, dtype=dtype)
-    except VLSMError as exc:
-        _fail(str(exc))
+    except (VLSMError, ImportError, OSError, ValueError) as exc:
+        _fail(f"Cannot load model {spec!r}: {exc}")
 
 
 @app.command()
@@ -113,6 +113,8 @@ def evaluate(
     from .core.evaluate import summarize
     from .core.predictor import Predictor
 
+    if prompt_type not in [f"p{i}" for i in range(1, 10)]:
+        _fail(f"--prompt-type must be one of p1 to p9 (p0 is the empty prompt), not {prompt_type!r}.")
     if not (data_dir / "anns" / f"{split}.json").exists():
         _fail(f"{data_dir} has no anns/{split}.json: expected the benchmark's layout (images/, masks/, anns/).")
     predictor = Predictor(_load(model, device), threshold)
@@ -128,6 +130,8 @@ def evaluate(
                 bar.update(task, advance=1, info=f"Dice {summarize(rows)['dice']:.3f}")
         except (ValueError, OSError) as exc:
             _fail(str(exc))
+    if not rows:
+        _fail(f"No images were evaluated in {data_dir} ({split}).")
     summary = summarize(rows)
     csv_out = csv_out or Path(f"evaluation_{data_dir.name}_{split}_{prompt_type}.csv")
     with open(csv_out, "w", newline="") as f:
@@ -216,7 +220,7 @@ def finetune(
                                   f"{ev.images_per_s:.1f} img/s" + ("  (saved best)" if ev.checkpoint else ""))
                 if ev.kind == "done" and rank0:
                     console.print(f"{ev.message} Best model: {ev.checkpoint}")
-    except (TrainingError, VLSMError, OSError, ValueError) as exc:
+    except (TrainingError, VLSMError, OSError, ValueError, ImportError) as exc:
         _fail(str(exc))
     finally:
         if distributed:

@@ -12,6 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
+from .core.errors import VLSMError
 from .core.imageio import write_mask
 from .core.loading import load_model
 from .core.predictor import Predictor
@@ -62,9 +63,10 @@ def run_viewer(model: str, out: Path, interactive: bool) -> list[Path]:
         time.sleep(0.01)
     viewer.reset_view()
     labels = [ly for ly in viewer.layers if ly._type_string == "labels" and "ground truth" not in ly.name]
-    written = []
-    if labels:
-        written.append(write_mask(out / f"{sample_frame().stem}_mask.png", labels[-1].data))
+    if not labels:
+        viewer.close()
+        raise VLSMError(f"Segmentation failed: {widget.status.text()}")
+    written = [write_mask(out / f"{sample_frame().stem}_mask.png", labels[-1].data)]
     shot = out / "napari_vlsm_demo.png"
     viewer.screenshot(str(shot), canvas_only=False, flash=False)
     written.append(shot)

@@ -4,7 +4,7 @@ Labels layers without losing the annotator's work."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import product
 
 import numpy as np
@@ -57,10 +57,32 @@ class LabelWrite:
 
     layer: object
     index: tuple
-    mode: str
-    written: np.ndarray            # the plane as it was left by the write
-    created: bool = False
-    names: dict = field(default_factory=dict)
+    mode: str                      # "replace" or "fill"
+    values: list                   # label value of each prompt
+    before: np.ndarray             # the plane before the write
+    written: np.ndarray            # the plane as the write left it
+
+
+def label_values(target, prompts: list[str], created: bool) -> list[int]:
+    """The label value for each prompt: 1..P in a new layer; in an existing layer the value
+    a prompt already has there, else values above every label in use, so the annotator's
+    labels keep their meaning."""
+    if created:
+        return list(range(1, len(prompts) + 1))
+    known = {name: int(v) for v, name in target.metadata.get("vlsm_labels", {}).items()}
+    top = max([int(np.max(target.data, initial=0))] + list(known.values()))
+    values = []
+    for p in prompts:
+        if p not in known:
+            top += 1
+            known[p] = top
+        values.append(known[p])
+    return values
+
+
+def planned_plane(before: np.ndarray, labels: np.ndarray, mode: str) -> np.ndarray:
+    """What the plane should become: ``labels``, or (fill) ``labels`` only where it was 0."""
+    return np.where(before == 0, labels, before) if mode == "fill" else labels
 
 
 def new_labels_layer(viewer, image_layer, name: str):
@@ -107,6 +129,8 @@ def set_label_names(target, names: dict[int, str]) -> None:
     known = dict(target.metadata.get("vlsm_labels", {}))
     known.update({int(k): v for k, v in names.items()})
     target.metadata["vlsm_labels"] = known
+    if len(target.features) and "prompt" not in target.features.columns:
+        return  # the annotator's own features table stays as it is
     values = [0] + sorted(known)
     target.features = pd.DataFrame({"index": values, "prompt": ["background"] + [known[v] for v in values[1:]]})
 

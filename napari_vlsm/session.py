@@ -64,7 +64,6 @@ class SegmentSession:
             for n, index in enumerate(i for i in indices if i not in result.probs):
                 result.probs[index] = self._predict_plane(layer, index, prompts)
                 yield n + 1, len(indices)
-        self.last = result
         return result
 
     def _predict_plane(self, layer, index, prompts) -> np.ndarray:

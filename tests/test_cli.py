@@ -52,7 +52,9 @@ def test_segment_errors_are_messages_not_tracebacks(tmp_path, tiny_clipseg):
     assert res.exit_code == 2 and "prompt is empty" in res.output
     res = runner.invoke(app, ["segment", str(SAMPLE_DATA), "-p", "polyp", "--model", "CIDAS/nope", "-o", str(tmp_path)])
     assert res.exit_code == 2 and "models pull CIDAS/nope" in res.output
-    assert "Traceback" not in res.output
+    assert isinstance(res.exception, SystemExit)  # a clean exit, not an exception
+    res = runner.invoke(app, ["evaluate", str(SAMPLE_DATA), "--prompt-type", "p0"])
+    assert res.exit_code == 2 and "p1 to p9" in res.output
 
 
 def test_evaluate_real_validation_images(tmp_path, tiny_unet, kvasir):
@@ -70,3 +72,16 @@ def test_models_lists_default_and_given_folders(tiny_clipseg):
     res = runner.invoke(app, ["models", "--folder", str(tiny_clipseg.parent)])
     assert res.exit_code == 0, res.output
     assert "default" in res.output and "CLIPSeg" in res.output
+
+
+def test_masks_of_images_sharing_a_name_do_not_overwrite(tmp_path, tiny_unet):
+    from PIL import Image
+
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        Image.fromarray(np.full((40, 40, 3), 100, np.uint8)).save(tmp_path / sub / "frame.png")
+    Image.fromarray(np.full((40, 40, 3), 100, np.uint8)).save(tmp_path / "a" / "frame.jpg")
+    res = runner.invoke(app, ["segment", str(tmp_path / "a"), str(tmp_path / "b"), "-p", "polyp",
+                              "--model", str(tiny_unet), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "out").glob("*.png"))) == 3

@@ -96,13 +96,17 @@ def test_stop_keeps_model_in_use_or_last_checkpoint(qtbot, widgets, polyp_image)
     base = seg.model_spec
     fine.epochs.setValue(200)
     fine.batch.setValue(1)
+    epochs = []
     job = fine.start()
-    with qtbot.waitSignal(job.yielded, timeout=60000):
-        pass
+    job.yielded.connect(lambda ev: epochs.append(ev) if ev.kind == "epoch" else None)
+    qtbot.waitUntil(lambda: bool(epochs), timeout=60000)
     fine.stop()
     qtbot.waitUntil(lambda: fine.worker is None, timeout=60000)
     assert "Stopped" in fine.status.text()
-    assert seg.model_spec == base or seg.model_spec.endswith("best")
+    assert seg.model_spec != base and seg.model_spec.endswith("best")  # the last good checkpoint
+    from napari_vlsm.core.loading import load_model
+
+    load_model(seg.model_spec)
 
 
 def test_training_errors_are_notifications(qtbot, widgets, monkeypatch):

@@ -10,10 +10,12 @@ from napari_vlsm.core.loading import load_model
 
 def test_local_folder_loads_on_cpu_in_fp32(tiny_clipseg, tiny_unet):
     for folder, name in ((tiny_clipseg, "CLIPSeg"), (tiny_unet, "FiLM-UNet")):
-        backend = load_model(folder)
+        backend = load_model(folder, device="cpu")
         assert backend.name == name
-        assert backend.device.type == ("cuda" if torch.cuda.is_available() else backend.device.type)
+        assert backend.device == torch.device("cpu") and backend.dtype == torch.float32
+        assert next(backend.module.parameters()).dtype == torch.float32
         assert backend.source == str(folder)
+    assert load_model(tiny_unet).device == pick_device()
 
 
 def test_device_and_precision_choice():

@@ -64,9 +64,9 @@ def test_threshold_slider_rethresholds_without_running_the_model(qtbot, widget, 
     labels = labels_layers(viewer)[0]
     probs = widget.session.last.probs[()][0]
     calls = []
-    widget.session.predictor.backend.module.register_forward_hook(lambda *a: calls.append(1))
-    enc = widget.session.predictor.backend.module.clip.vision_model.embeddings
-    enc.register_forward_hook(lambda *a: calls.append(1))
+    module = widget.session.predictor.backend.module
+    for part in (module.clip.vision_model.embeddings, module.decoder):
+        part.register_forward_hook(lambda *a: calls.append(1))
     widget.threshold.setValue(80)
     assert calls == []
     np.testing.assert_array_equal(labels.data > 0, probs >= 0.8)
@@ -85,7 +85,10 @@ def test_fill_mode_never_overwrites_annotations(qtbot, widget, polyp_image):
     widget.threshold.setValue(5)  # low threshold: the model claims most pixels
     segment(qtbot, widget)
     assert (target.data[:128] == 7).all()
-    assert set(np.unique(target.data[128:])) <= {0, 1} and target.data[128:].any()
+    assert target.metadata["vlsm_labels"] == {8: "polyp"}  # a new value: 7 keeps its meaning
+    assert set(np.unique(target.data[128:])) <= {0, 8} and target.data[128:].any()
+    widget.threshold.setValue(60)  # re-threshold: still only unlabelled pixels change
+    assert (target.data[:128] == 7).all() and set(np.unique(target.data)) <= {0, 7, 8}
     assert len(labels_layers(viewer)) == 1
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +35,23 @@ def write_sidecar(out_dir: Path, prompts: list[str], model: str, threshold: floa
     return path
 
 
-def mask_path(out_dir: Path, image: Path, fmt: str) -> Path:
-    return out_dir / f"{image.stem}.{fmt}"
+def mask_paths(out_dir: Path, images: list[Path], fmt: str) -> dict[Path, Path]:
+    """One mask file per image: ``<stem>.<fmt>``; images that share a stem (a.png and
+    a.jpg, or one name in two folders) get their suffix and then a number added, so no
+    mask overwrites another."""
+    taken: set[str] = set()
+    out = {}
+    for image in images:
+        name = image.stem
+        if name in taken:
+            name = f"{image.stem}_{image.suffix.lstrip('.')}"
+        n = 1
+        while name in taken:
+            n += 1
+            name = f"{image.stem}_{n}"
+        taken.add(name)
+        out[image] = out_dir / f"{name}.{fmt}"
+    return out
 
 
 def _read(path: Path):
@@ -45,53 +61,80 @@ def _read(path: Path):
         return None, f"cannot read {path.name}: {exc}"
 
 
+def _write(out: Path, labels: np.ndarray):
+    try:
+        write_mask(out, labels)
+        return None
+    except OSError as exc:
+        return f"cannot write {out}: {exc.strerror or exc}"
+
+
 def segment_files(predictor: Predictor, paths: list[Path], prompts, out_dir, threshold: float = 0.5,
                   resume: bool = False, fmt: str = "png", batch_size: int = 1, io_threads: int = 4
                   ) -> Iterator[FileResult]:
-    """Segment each image with every prompt and write one label mask per image."""
+    """Segment each image with every prompt and write one label mask per image.
+
+    Reading runs a bounded window ahead of the model and writing runs behind it, in a
+    thread pool; a file is reported "ok" only once its mask is on disk."""
     prompts = clean_prompts(prompts)
     out_dir = Path(out_dir)
+    paths = [Path(p) for p in paths]
+    targets = mask_paths(out_dir, paths, fmt)
     todo = []
-    for p in map(Path, paths):
-        if resume and mask_path(out_dir, p, fmt).exists():
-            yield FileResult(p, "skipped", mask_path(out_dir, p, fmt), "mask exists")
+    for p in paths:
+        if resume and targets[p].exists():
+            yield FileResult(p, "skipped", targets[p], "mask exists")
         else:
             todo.append(p)
+    window = max(2 * batch_size, 2 * io_threads)
     with ThreadPoolExecutor(io_threads) as pool:
-        writes = []
-        reads = pool.map(_read, todo)  # decoding runs ahead of the model
+        reads = deque(pool.submit(_read, p) for p in todo[:window])
+        pending = deque()  # (FileResult, write future)
         batch: list[tuple[Path, np.ndarray]] = []
-        for path, (image, error) in zip(todo, reads):
+        for i, path in enumerate(todo):
+            image, error = reads.popleft().result()
+            if i + window < len(todo):
+                reads.append(pool.submit(_read, todo[i + window]))
             if error:
                 yield FileResult(path, "failed", message=error)
-                continue
-            batch.append((path, image))
-            if len(batch) >= batch_size:
-                yield from _run_batch(predictor, batch, prompts, out_dir, threshold, fmt, pool, writes)
+            else:
+                batch.append((path, image))
+            if batch and (len(batch) >= batch_size or i == len(todo) - 1):
+                for res, labels in _run_batch(predictor, batch, prompts, targets, threshold):
+                    if res.status == "ok":
+                        pending.append((res, pool.submit(_write, res.out, labels)))
+                    else:
+                        yield res
                 batch = []
-        if batch:
-            yield from _run_batch(predictor, batch, prompts, out_dir, threshold, fmt, pool, writes)
-        for fut in writes:
-            fut.result()
+            while pending and (pending[0][1].done() or len(pending) > window):
+                yield _finish(*pending.popleft())
+        while pending:
+            yield _finish(*pending.popleft())
 
 
-def _run_batch(predictor, batch, prompts, out_dir, threshold, fmt, pool, writes):
+def _finish(res: FileResult, write) -> FileResult:
+    error = write.result()
+    if error:
+        return FileResult(res.path, "failed", message=error)
+    return res
+
+
+def _run_batch(predictor, batch, prompts, targets, threshold):
+    """(FileResult, labels) per image; a bad image fails alone, the rest go on."""
     try:
         preds = predictor.predict_batch([im for _, im in batch], prompts, threshold) if len(batch) > 1 \
             else [_single(predictor, batch[0][1], prompts, threshold)]
     except ValueError as exc:
         if len(batch) == 1:
-            yield FileResult(batch[0][0], "failed", message=str(exc))
+            yield FileResult(batch[0][0], "failed", message=str(exc)), None
             return
-        for item in batch:  # find the bad one(s), keep the rest
-            yield from _run_batch(predictor, [item], prompts, out_dir, threshold, fmt, pool, writes)
+        for item in batch:
+            yield from _run_batch(predictor, [item], prompts, targets, threshold)
         return
     for (path, _), pred in zip(batch, preds):
         labels = pred.labels
-        out = mask_path(out_dir, path, fmt)
-        writes.append(pool.submit(write_mask, out, labels))
         areas = tuple(int((labels == i + 1).sum()) for i in range(len(prompts)))
-        yield FileResult(path, "ok", out, areas=areas)
+        yield FileResult(path, "ok", targets[path], areas=areas), labels
 
 
 def _single(predictor: Predictor, image, prompts, threshold):

@@ -188,5 +188,7 @@ def remove_example(folder, img_name: str, split: str = "train") -> None:
     write_index(folder, keep, split)
     for e in entries:
         if e["img_name"] == img_name:
-            (folder / "images" / e["img_name"]).unlink(missing_ok=True)
-            (folder / "masks" / e["mask_name"]).unlink(missing_ok=True)
+            for sub, key in (("images", "img_name"), ("masks", "mask_name")):
+                path = (folder / sub / e[key]).resolve()
+                if path.parent == (folder / sub).resolve():  # never outside the training set
+                    path.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ from typing import Iterator
 from .data import benchmark_examples
 from .metrics import dice, iou
 from .predictor import Predictor
+from .prompts import pick_prompt
 
 
 def evaluate(predictor: Predictor, data_dir, prompt_type: str = "p1", split: str = "val",
@@ -18,7 +19,9 @@ def evaluate(predictor: Predictor, data_dir, prompt_type: str = "p1", split: str
     examples = benchmark_examples(Path(data_dir), split)[:limit]
     for ex in examples:
         image, truth = ex.load()
-        prompt = ex.prompt((prompt_type,), rng)
+        if not ex.prompts.get(prompt_type):
+            raise ValueError(f"{ex.name} has no prompt of type {prompt_type}; the benchmark's types with text are p1-p9.")
+        prompt = pick_prompt({"prompts": ex.prompts}, prompt_type, rng)
         predictor.set_image(image)
         mask = predictor.predict(prompt, threshold).masks[0]
         yield {"image": ex.name, "prompt": prompt, "dice": dice(mask, truth), "iou": iou(mask, truth),

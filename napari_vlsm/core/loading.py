@@ -70,7 +70,8 @@ def resolve_folder(spec: str | os.PathLike | None) -> Path:
                 f"{path} is a file; give the model's folder (config.json + model.safetensors)."
             )
         return path
-    if str(spec).count("/") == 1 and not str(spec).startswith((".", "/", "~")):
+    looks_local = str(spec).startswith((".", "/", "~")) or path.parent.exists() and str(path.parent) != "."
+    if str(spec).count("/") == 1 and not looks_local:
         return _from_hub(str(spec))
     raise ModelNotFoundError(f"No model folder at {path} and {spec!r} is not a Hugging Face model id.")
 

@@ -12,6 +12,9 @@ from .postprocess import combine_labels, logits_to_probs
 from .preprocess import to_rgb8
 
 
+TEXT_CACHE_SIZE = 1024
+
+
 @dataclass
 class Prediction:
     """Per-prompt probabilities (P, H, W) at the image's size, and their masks."""
@@ -71,6 +74,9 @@ class Predictor:
     @torch.inference_mode()
     def text_embeddings(self, prompts: list[str]):
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if len(self._text_cache) + len(missing) > TEXT_CACHE_SIZE:
+            self._text_cache.clear()
+            missing = list(dict.fromkeys(prompts))
         if missing:
             for p, emb in zip(missing, self.backend.encode_text(missing)):
                 self._text_cache[p] = emb

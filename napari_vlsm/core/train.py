@@ -125,15 +125,22 @@ def _make_batch(cache: PairCache, examples, idx, settings, rng, np_rng, backend)
 
 def _loss(backend: TorchBackend, pixels, target, prompts, settings, rng) -> torch.Tensor:
     feats = backend.encode_image(pixels)
-    logits = backend.decode(feats, backend.encode_text(prompts))
-    if logits.shape[-2:] != target.shape[-2:]:
-        logits = F.interpolate(logits[:, None], size=target.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    loss = dice_bce_loss(logits, target)
+    text = backend.encode_text(prompts)
     n_neg = int(round(len(prompts) * settings.negative_fraction)) if settings.negative_prompts else 0
     if n_neg:
-        neg = [rng.choice(settings.negative_prompts) for _ in range(n_neg)]
-        neg_logits = backend.decode([f[:n_neg] for f in feats], backend.encode_text(neg))
-        loss = loss + settings.negative_fraction * dice_bce_loss(neg_logits, torch.zeros_like(neg_logits))
+        # Negatives go through the decoder in the same pass as the positives, so batch-norm
+        # statistics see the same mixture in training as the running statistics hold later.
+        neg = backend.encode_text([rng.choice(settings.negative_prompts) for _ in range(n_neg)])
+        feats = [torch.cat([f, f[:n_neg]]) for f in feats]
+        text = torch.cat([text, neg])
+        target = torch.cat([target, torch.zeros_like(target[:n_neg])])
+    logits = backend.decode(feats, text)
+    if logits.shape[-2:] != target.shape[-2:]:
+        logits = F.interpolate(logits[:, None], size=target.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    n = len(prompts)
+    loss = dice_bce_loss(logits[:n], target[:n])
+    if n_neg:
+        loss = loss + settings.negative_fraction * dice_bce_loss(logits[n:], target[n:])
     return loss
 
 
@@ -231,7 +238,7 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
             "val_examples": len(val_set), "world_size": world, "history": history, **(metadata or {})}
 
     for epoch in range(start_epoch, s.epochs):
-        backend.module.train()
+        train_mode(backend.module)
         losses = []
         for idx in _batches(len(train_set), s.batch_size, s.seed * 7919 + epoch, world, rank):
             if stop is not None and stop.is_set():
@@ -292,6 +299,15 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
     yield Progress("done", s.epochs, s.epochs, step, total, history[-1]["loss"] if history else float("nan"),
                    history[-1]["val_dice"] if history else None, best if best >= 0 else None,
                    time.time() - t0, checkpoint=str(out / "best"), message="Training finished.")
+
+
+def train_mode(module: torch.nn.Module) -> None:
+    """Training mode, except batch norms whose weights are frozen: their running statistics
+    stay as they are, so a part that is not trained does not drift either."""
+    module.train()
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            m.eval()
 
 
 def _stopped_message(out: Path) -> str:
