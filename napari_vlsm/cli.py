@@ -53,6 +53,7 @@ def segment(
     fmt: str = typer.Option("png", "--format", help="Mask format: png or tif."),
     batch_size: int = typer.Option(0, help="Images per model call (0: 8 on GPU, 1 on CPU)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
+    dtype: str = typer.Option("auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
 ):
     """Segment images with text prompts; one label mask per image."""
     from .core.batch import segment_files, write_sidecar
@@ -68,7 +69,7 @@ def segment(
     files = list_images(paths)
     if not files:
         _fail("No images found in " + ", ".join(map(str, paths)) + ".")
-    backend = _load(model, device)
+    backend = _load(model, device, dtype)
     predictor = Predictor(backend, threshold)
     write_sidecar(out, prompts, backend.source, threshold)
     bs = batch_size or (8 if backend.device.type == "cuda" else 1)
@@ -107,6 +108,7 @@ def evaluate(
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="Per-image CSV (default: evaluation_<split>_<type>.csv)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N images."),
     device: str = typer.Option("auto"),
+    dtype: str = typer.Option("auto", help="auto, fp32, bf16, fp16."),
 ):
     """Mean Dice and IoU against the ground-truth masks."""
     from .core.evaluate import evaluate as run_eval
@@ -117,7 +119,7 @@ def evaluate(
         _fail(f"--prompt-type must be one of p1 to p9 (p0 is the empty prompt), not {prompt_type!r}.")
     if not (data_dir / "anns" / f"{split}.json").exists():
         _fail(f"{data_dir} has no anns/{split}.json: expected the benchmark's layout (images/, masks/, anns/).")
-    predictor = Predictor(_load(model, device), threshold)
+    predictor = Predictor(_load(model, device, dtype), threshold)
     rows = []
     from .core.prompts import load_annotations
 

@@ -214,3 +214,20 @@ def test_screenshot_shows_the_labels(qtbot, make_napari_viewer, tiny_clipseg, po
     labels.visible = True
     full = viewer.screenshot(path=str(tmp_path / "window.png"), canvas_only=False, flash=False)
     assert full.shape[1] > with_labels.shape[1]  # the docked widget is in the window shot
+
+
+def test_prompt_builder_and_probability_layer(qtbot, widget, polyp_image):
+    viewer = widget.viewer
+    viewer.add_image(polyp_image, name="frame")
+    widget.class_edit.setText("polyp")
+    widget.attr_combos["number"].setCurrentText("one")
+    widget.attr_combos["size"].setCurrentText("small")
+    widget.attr_combos["location"].setCurrentText("top left")
+    widget._add_built_prompt()
+    assert widget.prompts == ["one small polyp, located in top left of the image"]
+    widget.show_probs.setChecked(True)
+    widget.run()
+    wait_done(qtbot, widget)
+    probs = viewer.layers["frame · probability"]
+    np.testing.assert_allclose(probs.data, widget.session.last.probs[()].max(0))
+    assert 0.0 <= probs.data.min() and probs.data.max() <= 1.0

@@ -22,8 +22,11 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in (None, "auto"):
-        return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[str(dtype)]
+        names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+        if str(dtype) not in names:
+            raise ValueError(f"Unknown precision {dtype!r}; use auto, fp32, bf16 or fp16.")
+        return names[str(dtype)]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
