@@ -36,7 +36,7 @@ def test_finds_polyps_in_real_frames(predictor):
         scores.append(dice(predictor.predict("polyp").masks[0], truth))
     # Measured: three frames at Dice 0.92-0.95, clinicdb_529 at 0.58, and the small brown polyp
     # in the top right of kvasir_seg_cju89z6... missed (Dice over all 161 val frames:
-    # docs/offline_model.md). A random model scores about 0.2 here.
+    # docs/offline_model.md).
     assert sum(d > 0.9 for d in scores) >= 3 and np.mean(scores) > 0.6, scores
 
 
