@@ -18,6 +18,7 @@ from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
 
 from . import layers as L
 from ._plot import CurvePlot
+from ._qt_helpers import fill_layer_combo, on_layers_changed
 from .core.data import read_index, remove_example, write_benchmark_example
 from .core.errors import VLSMError
 from .core.train import TrainSettings, finetune
@@ -111,9 +112,7 @@ class FinetuneWidget(QWidget):
         layout.addStretch(1)
 
     def _wire(self):
-        ev = self.viewer.layers.events
-        for e in (ev.inserted, ev.removed, ev.reordered):
-            e.connect(self._refresh_layers)
+        on_layers_changed(self.viewer, self._refresh_layers)
         self.labels_combo.currentTextChanged.connect(self._suggest_prompt)
         self.label_value.valueChanged.connect(self._suggest_prompt)
         self.folder_btn.clicked.connect(self._browse)
@@ -129,12 +128,9 @@ class FinetuneWidget(QWidget):
         return Path(self.folder_edit.text()).expanduser()
 
     def _refresh_layers(self, *_):
-        for combo, kind in ((self.image_combo, napari.layers.Image), (self.labels_combo, napari.layers.Labels)):
-            current = combo.currentText()
-            combo.clear()
-            combo.addItems([ly.name for ly in self.viewer.layers if isinstance(ly, kind)])
-            if current:
-                combo.setCurrentText(current)
+        fill_layer_combo(self.image_combo, self.viewer, napari.layers.Image)
+        fill_layer_combo(self.labels_combo, self.viewer, napari.layers.Labels)
+        self._suggest_prompt()
 
     def _suggest_prompt(self, *_):
         name = self.labels_combo.currentText()

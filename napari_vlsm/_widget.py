@@ -15,6 +15,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGro
                             QLineEdit, QPlainTextEdit, QPushButton, QSlider, QVBoxLayout, QWidget)
 
 from . import layers as L
+from ._qt_helpers import fill_layer_combo, on_layers_changed
 from .core.errors import VLSMError
 from .core.postprocess import combine_labels
 from .core.prompts import CHOICES, build_prompt
@@ -125,9 +126,7 @@ class SegmentWidget(QWidget):
 
     # ---------- wiring ----------
     def _wire(self):
-        ev = self.viewer.layers.events
-        for e in (ev.inserted, ev.removed, ev.reordered):
-            e.connect(self._refresh_layers)
+        on_layers_changed(self.viewer, self._refresh_layers)
         self.viewer.layers.selection.events.active.connect(self._follow_selection)
         self.history_combo.textActivated.connect(self.prompt_edit.setPlainText)
         self.add_prompt_btn.clicked.connect(self._add_built_prompt)
@@ -139,14 +138,8 @@ class SegmentWidget(QWidget):
         self.cancel_btn.clicked.connect(self.cancel)
 
     def _refresh_layers(self, *_):
-        for combo, kind in ((self.image_combo, napari.layers.Image), (self.target_combo, napari.layers.Labels)):
-            current = combo.currentText()
-            combo.blockSignals(True)
-            combo.clear()
-            combo.addItems([ly.name for ly in self.viewer.layers if isinstance(ly, kind)])
-            if current:
-                combo.setCurrentText(current)
-            combo.blockSignals(False)
+        fill_layer_combo(self.image_combo, self.viewer, napari.layers.Image)
+        fill_layer_combo(self.target_combo, self.viewer, napari.layers.Labels)
         self.target_combo.setEnabled(self.mode != "new")
 
     def _follow_selection(self, event=None):
