@@ -25,7 +25,6 @@ class SegmentSession:
         self.spec: str | None = None
         self.device: str = "auto"
         self.predictor: Predictor | None = None
-        self.previous_spec: str | None = None
         self._key = None
         self.last: Result | None = None
         self.last_write: L.LabelWrite | None = None
@@ -40,8 +39,6 @@ class SegmentSession:
 
         if self.predictor is None or spec != self.spec or device != self.device:
             backend = load_model(spec, device=device)
-            if self.spec is not None and spec != self.spec:
-                self.previous_spec = self.spec
             self.predictor, self.spec, self.device, self._key = Predictor(backend), spec, device, None
         return self.predictor.backend
 
