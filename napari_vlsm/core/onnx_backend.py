@@ -40,8 +40,12 @@ class OnnxBackend(Backend):
         providers, self.notice = providers_for(device)
         if self.notice:
             warnings.warn(self.notice, stacklevel=2)
-        self.encoder = ort.InferenceSession(str(folder / "image_encoder.onnx"), providers=providers)
-        self.decoder = ort.InferenceSession(str(folder / "prompt_decoder.onnx"), providers=providers)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # the same CPU budget as torch
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.encoder = ort.InferenceSession(str(folder / "image_encoder.onnx"), options, providers=providers)
+        self.decoder = ort.InferenceSession(str(folder / "prompt_decoder.onnx"), options, providers=providers)
         self.device = torch.device("cuda" if providers[0].startswith("CUDA") else "cpu")
         self.dtype = torch.float32
         self.name = f"ONNX {self.meta['name']}"
