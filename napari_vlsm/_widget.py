@@ -58,7 +58,11 @@ class SegmentWidget(QWidget):
         self.builder = QGroupBox("Prompt builder (benchmark attributes)")
         self.builder.setCheckable(True)
         self.builder.setChecked(False)
-        bform = QFormLayout(self.builder)
+        inner = QWidget()  # folded away until the group is ticked
+        QVBoxLayout(self.builder).addWidget(inner)
+        inner.setVisible(False)
+        self.builder.toggled.connect(inner.setVisible)
+        bform = QFormLayout(inner)
         self.class_edit = QLineEdit("polyp")
         bform.addRow("Class", self.class_edit)
         self.attr_combos = {}
@@ -115,6 +119,7 @@ class SegmentWidget(QWidget):
         brow.addWidget(self.cancel_btn)
         self.status = QLabel("")
         self.status.setWordWrap(True)
+        self.status.setMinimumHeight(48)  # two lines, so a wrapped message is not cut
 
         layout = QVBoxLayout(self)
         layout.addLayout(form)
@@ -288,6 +293,8 @@ class SegmentWidget(QWidget):
             planned = L.planned_plane(before, lut[combine_labels(probs, self.threshold_value)], write_mode)
             written = L.write_plane(target, index, planned, "replace")
         L.set_label_names(target, dict(zip(values, result.prompts)))
+        if created:
+            L.use_bright_colours(target, values)
         target.metadata["vlsm_model"] = self.session.spec
         single = len(result.probs) == 1  # only a single plane is kept for the threshold slider
         self.session.last = result if single else None

@@ -135,6 +135,18 @@ def set_label_names(target, names: dict[int, str]) -> None:
     target.features = pd.DataFrame({"index": values, "prompt": ["background"] + [known[v] for v in values[1:]]})
 
 
+BRIGHT = ["cyan", "yellow", "lime", "magenta", "orange", "deepskyblue", "white", "springgreen"]
+
+
+def use_bright_colours(layer, values: list[int]) -> None:
+    """Colours that stand out on red-pink tissue (napari's label 1 is a dark red)."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colours = {None: "white", 0: "transparent"}
+    colours.update({v: BRIGHT[i % len(BRIGHT)] for i, v in enumerate(values)})
+    layer.colormap = DirectLabelColormap(color_dict=colours)
+
+
 def layer_name(image_layer, prompts: list[str]) -> str:
     text = ", ".join(prompts)
     return f"{image_layer.name} · {text[:40] + '…' if len(text) > 40 else text}"
