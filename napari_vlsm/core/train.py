@@ -327,3 +327,51 @@ def init_distributed() -> bool:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return True
+
+
+def training_data(data_dirs, val_split: str = "val", val_fraction: float = 0.2, prompt: str | None = None,
+                  seed: int = 0) -> tuple[list[Example], list[Example]]:
+    """Pool several folders. A folder's anns/<val_split>.json is its validation set where it
+    exists; otherwise ``val_fraction`` of its examples are held out."""
+    from .data import benchmark_examples, load_examples, split_examples
+
+    train_set, val_set = [], []
+    for d in map(Path, data_dirs):
+        examples = load_examples(d, "train", prompt)
+        if (d / "anns" / f"{val_split}.json").exists() and val_split != "train":
+            train_set += examples
+            val_set += benchmark_examples(d, val_split)
+        else:
+            tr, va = split_examples(examples, val_fraction, seed)
+            train_set += tr
+            val_set += va
+    return train_set, val_set
+
+
+def load_for_training(spec: str, device="auto") -> TorchBackend:
+    """The model to finetune, in fp32: a spec for load_model, or 'new:film-unet'."""
+    if spec == "new:film-unet":
+        from .registry import new_film_unet
+
+        return new_film_unet(device)
+    from .loading import load_model
+
+    backend = load_model(spec, device=device, dtype="fp32")
+    if not isinstance(backend, TorchBackend):
+        raise TrainingError(f"{spec} cannot be finetuned (an ONNX export); finetune its PyTorch folder instead.")
+    return backend
+
+
+def finetune(spec: str, data_dirs, out_dir, settings: TrainSettings | None = None, resume: bool = False,
+             prompt: str | None = None, val_split: str = "val", device="auto", metadata: dict | None = None,
+             stop: threading.Event | None = None) -> Iterator[Progress]:
+    """Load data and model, then ``train``: the whole job behind the CLI and the widget."""
+    s = settings or TrainSettings()
+    try:
+        train_set, val_set = training_data(data_dirs, val_split, s.val_fraction, prompt, s.seed)
+    except (FileNotFoundError, ValueError) as exc:
+        raise TrainingError(str(exc)) from exc
+    last = Path(out_dir) / "last"
+    backend = load_for_training(str(last) if resume and (last / "config.json").exists() else spec, device)
+    meta = {"data": [str(d) for d in data_dirs], "prompt": prompt, **(metadata or {})}
+    yield from train(backend, train_set, val_set, out_dir, s, resume=resume, metadata=meta, stop=stop)
