@@ -180,17 +180,25 @@ def finetune(
     data: List[Path] = typer.Argument(..., help="Training folders: benchmark layout, or images/ + masks/ with --prompt."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder (best/ and last/ inside)."),
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP + " 'new:film-unet' starts from scratch."),
-    train_mode: str = typer.Option("decoder", "--train", help="decoder (fast), full, or lora."),
-    epochs: int = typer.Option(20, min=1),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default by --train: 1e-3, 1e-4, 3e-4)."),
+    train_mode: str = typer.Option("auto", "--train",
+                                   help="auto (full for the FiLM-UNet, decoder for CLIPSeg), decoder, full or lora."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Default: enough epochs for about 150 steps."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: the model's own for the mode)."),
     batch_size: int = typer.Option(8, min=1),
     val_split: str = typer.Option("val", help="Use anns/<this>.json as validation where it exists."),
-    val_fraction: float = typer.Option(0.2, min=0.0, max=0.9, help="Otherwise hold out this share."),
+    val_fraction: Optional[float] = typer.Option(
+        None, min=0.0, max=0.9, help="Otherwise hold out this share (default: none below 100 examples, else 0.2)."),
+    replay_fraction: float = typer.Option(0.5, min=0.0, max=0.9,
+                                          help="Share of each batch from the model's replay sample, if it has one."),
     prompt: Optional[str] = typer.Option(None, help="Prompt for plain image/mask folders."),
     negative_prompt: List[str] = typer.Option([], help="Prompt of something absent: trained to give an empty mask."),
     negatives_file: Optional[Path] = typer.Option(None, help="File of such prompts, one per line (# comments)."),
+    negative_fraction: float = typer.Option(0.25, min=0.0, max=1.0,
+                                            help="Share of each batch also decoded with a negative prompt."),
+    synonyms: Optional[Path] = typer.Option(None, help="JSON {data folder name: [extra prompts]} such as "
+                                                       "\"breast tumor\", trained like the folder's own prompts."),
     crop: Optional[int] = typer.Option(None, help="Train on random crops of this side (FiLM-UNet)."),
-    schedule: str = typer.Option("plateau", help="plateau or onecycle."),
+    schedule: str = typer.Option("onecycle", help="onecycle or plateau."),
     patience: int = typer.Option(5),
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
@@ -204,7 +212,9 @@ def finetune(
     distributed = init_distributed()
     negatives = list(negative_prompt) + (_read_lines(negatives_file) if negatives_file else [])
     settings = TrainSettings(mode=train_mode, epochs=epochs, lr=lr, batch_size=batch_size, val_fraction=val_fraction,
-                             negative_prompts=negatives, crop=crop, schedule=schedule,
+                             negative_prompts=negatives, negative_fraction=negative_fraction,
+                             synonyms=_read_synonyms(synonyms) if synonyms else {}, crop=crop, schedule=schedule,
+                             replay_fraction=replay_fraction,
                              patience=patience, seed=seed, threads=threads)
     meta = {"command": "napari-vlsm " + " ".join(sys.argv[1:])}
     rank0 = not distributed or __import__("torch").distributed.get_rank() == 0
@@ -220,8 +230,10 @@ def finetune(
                     val = f"{ev.val_dice:.4f}" if ev.val_dice is not None else "-"
                     console.print(f"epoch {ev.epoch}: loss {ev.loss:.4f}  val Dice {val}  "
                                   f"{ev.images_per_s:.1f} img/s" + ("  (saved best)" if ev.checkpoint else ""))
+                    if ev.val_by_set:
+                        console.print("  " + "  ".join(f"{k} {v:.3f}" for k, v in ev.val_by_set.items()))
                 if ev.kind == "done" and rank0:
-                    console.print(f"{ev.message} Best model: {ev.checkpoint}")
+                    console.print(f"{ev.message}\nBest model: {ev.checkpoint}", soft_wrap=True)
     except (TrainingError, VLSMError, OSError, ValueError, ImportError) as exc:
         _fail(str(exc))
     finally:
@@ -229,6 +241,19 @@ def finetune(
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _read_synonyms(path: Path) -> dict:
+    import json
+
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        _fail(f"Cannot read the synonyms file {path}: {exc}")
+    if not isinstance(table, dict) or not all(isinstance(v, list) and all(isinstance(x, str) for x in v)
+                                              for v in table.values()):
+        _fail(f"{path} must hold a JSON object: data folder name -> list of prompts.")
+    return table
 
 
 def _read_lines(path: Path) -> list[str]:

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models built offline, real images from ../shared/data."""
+"""Shared fixtures: tiny random models built offline, real images from ../shared/data when it
+is there, else from the committed fixture tests/data."""
 
 import os
 
@@ -15,6 +16,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+FIXTURE_DATA = ROOT / "tests" / "data"  # a few real pairs, committed; see tests/data/README.md
+
+
+def data_root() -> Path:
+    """The full sets in ../shared/data when they are there, else the committed fixture."""
+    return SHARED_DATA if (SHARED_DATA / "kvasir_seg" / "anns").exists() else FIXTURE_DATA
 SAMPLE_DATA = ROOT / "sample_data"
 TINY_UNET = dict(widths=[4, 8, 16], image_size=64, text_dim=16, text_layers=1, text_heads=2)
 
@@ -35,25 +42,32 @@ def tiny_unet(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def kvasir() -> Path:
-    path = SHARED_DATA / "kvasir_seg"
-    if not path.exists():
-        pytest.fail(f"Real test data missing at {path}: the project expects ../shared/data beside it.")
-    return path
+    return data_root() / "kvasir_seg"
 
 
-@pytest.fixture
-def small_benchmark(tmp_path, kvasir) -> Path:
-    """A benchmark-format folder with 16 real Kvasir training pairs and 4 validation pairs."""
-    out = tmp_path / "kvasir_small"
-    for split, n in (("train", 16), ("val", 4)):
-        entries = json.loads((kvasir / "anns" / f"{split}.json").read_text())[:n]
+@pytest.fixture(scope="session")
+def data_sets() -> Path:
+    """Folder holding kvasir_seg, clinicdb, bkai_polyp, busi and colonoscopy_negatives."""
+    return data_root()
+
+
+def small_copy(src: Path, out: Path, n_train: int, n_val: int) -> Path:
+    """A benchmark-format folder with the first pairs of ``src``'s splits, named like ``out``."""
+    for split, n in (("train", n_train), ("val", n_val)):
+        entries = json.loads((src / "anns" / f"{split}.json").read_text())[:n]
         (out / "anns").mkdir(parents=True, exist_ok=True)
         (out / "anns" / f"{split}.json").write_text(json.dumps(entries))
         for e in entries:
             for sub, key in (("images", "img_name"), ("masks", "mask_name")):
                 (out / sub).mkdir(exist_ok=True)
-                shutil.copy(kvasir / sub / e[key], out / sub / e[key])
+                shutil.copy(src / sub / e[key], out / sub / e[key])
     return out
+
+
+@pytest.fixture
+def small_benchmark(tmp_path, kvasir) -> Path:
+    """A benchmark-format folder with 16 real Kvasir training pairs and 4 validation pairs."""
+    return small_copy(kvasir, tmp_path / "kvasir_small", 16, 4)
 
 
 @pytest.fixture

@@ -52,6 +52,8 @@ class TorchBackend(Backend):
 
     module: torch.nn.Module
     tokenizer: Any
+    default_train_mode = "decoder"  # what finetuning trains unless told otherwise
+    default_lr = {"decoder": 1e-3, "full": 1e-4, "lora": 3e-4}
 
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Token ids padded to the longest prompt (the CLIP text encoders pool at the

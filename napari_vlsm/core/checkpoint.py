@@ -29,8 +29,9 @@ def check_writable(out_dir) -> Path:
     return out
 
 
-def save_checkpoint(backend, target, metadata: dict) -> Path:
-    """Write ``backend``'s model and ``metadata`` to ``target`` atomically."""
+def save_checkpoint(backend, target, metadata: dict, extras: dict | None = None) -> Path:
+    """Write ``backend``'s model and ``metadata`` to ``target`` atomically; ``extras`` maps
+    sub-folder names to folders copied in with it (the replay sample)."""
     from .loading import quiet_transformers
 
     quiet_transformers()
@@ -38,6 +39,8 @@ def save_checkpoint(backend, target, metadata: dict) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-tmp-"))
     try:
         backend.save(tmp)
+        for name, folder in (extras or {}).items():
+            shutil.copytree(folder, tmp / name)
         (tmp / METADATA).write_text(json.dumps(metadata, indent=1, default=str))
         old = None
         if target.exists():

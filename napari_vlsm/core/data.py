@@ -26,13 +26,15 @@ TRAIN_PROMPT_TYPES = tuple(f"p{i}" for i in range(1, 10))
 class Example:
     """One training pair. ``image``/``mask`` are arrays or paths (read when needed).
     ``prompts`` maps prompt type -> text (or list of texts); ``label`` picks the mask value
-    that is foreground (None: every non-zero value)."""
+    that is foreground (None: every non-zero value). ``group`` names the data set it came
+    from (its folder), for per-set validation scores and cross-set negative prompts."""
 
     image: object
     mask: object
     prompts: dict = field(default_factory=dict)
     label: int | None = None
     name: str = ""
+    group: str = ""
 
     def load(self) -> tuple[np.ndarray, np.ndarray]:
         image = read_image(self.image) if isinstance(self.image, (str, Path)) else np.asarray(self.image)
@@ -60,7 +62,7 @@ def benchmark_examples(data_dir, split: str = "train") -> list[Example]:
         raise FileNotFoundError(f"{data_dir} has no anns/{split}.json; expected the benchmark's layout "
                                 "(images/, masks/, anns/<split>.json).")
     return [Example(data_dir / "images" / e["img_name"], data_dir / "masks" / e["mask_name"],
-                    dict(e.get("prompts", {})), e.get("label"), e["img_name"])
+                    dict(e.get("prompts", {})), e.get("label"), e["img_name"], data_dir.name)
             for e in load_annotations(ann)]
 
 
@@ -69,7 +71,8 @@ def folder_examples(data_dir, prompt: str) -> list[Example]:
     data_dir = Path(data_dir)
     masks = {p.stem: p for p in (data_dir / "masks").glob("*") if p.suffix.lower() in MASK_SUFFIXES}
     images = sorted(p for p in (data_dir / "images").glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    return [Example(p, masks[p.stem], {"p1": prompt}, None, p.name) for p in images if p.stem in masks]
+    return [Example(p, masks[p.stem], {"p1": prompt}, None, p.name, data_dir.name)
+            for p in images if p.stem in masks]
 
 
 def load_examples(data_dir, split: str = "train", prompt: str | None = None) -> list[Example]:

@@ -27,7 +27,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class FilmUNetConfig(PretrainedConfig):
     model_type = "vlsm_film_unet"
 
-    def __init__(self, widths=(8, 16, 32, 64, 128), image_size=256, text_dim=64, text_layers=2,
+    def __init__(self, widths=(8, 16, 32, 64, 256), image_size=256, text_dim=64, text_layers=2,
                  text_heads=4, vocab_size=49408, max_position_embeddings=77, eos_token_id=49407,
                  image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, **kwargs):
         self.widths = list(widths)
@@ -164,6 +164,9 @@ def resize_normalize(images: list[np.ndarray], size: tuple[int, int], mean, std,
 
 class FilmUNetBackend(TorchBackend):
     name = "FiLM-UNet"
+    # small enough to train whole: a new domain needs the encoder, new words the text side
+    default_train_mode = "full"
+    default_lr = {"decoder": 1e-3, "full": 1e-3}
 
     def __init__(self, module: FilmUNetForSegmentation, tokenizer, device, dtype, source: str = ""):
         # channels-last convolutions run about 1.5x faster on the CPU

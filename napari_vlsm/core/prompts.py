@@ -17,6 +17,7 @@ import random
 from pathlib import Path
 
 PROMPT_TYPES = tuple(f"p{i}" for i in range(10))
+SYNONYM_TYPE = "syn"  # short forms a person would type, added for training (finetune --synonyms)
 ATTRIBUTES = ("number", "size", "colour", "shape", "class", "location", "description")
 # choices offered by the widget's prompt builder; the benchmark's own values among them
 CHOICES = {
@@ -67,7 +68,7 @@ def load_annotations(path) -> list[dict]:
 
 def pick_prompt(entry: dict, prompt_type: str, rng: random.Random | None = None) -> str:
     """The entry's prompt of ``prompt_type``; one drawn with ``rng`` where the type holds a list."""
-    if prompt_type not in PROMPT_TYPES:
+    if prompt_type not in PROMPT_TYPES and prompt_type != SYNONYM_TYPE:
         raise ValueError(f"Unknown prompt type {prompt_type!r}; use one of p0-p9.")
     value = entry["prompts"][prompt_type]
     if isinstance(value, list):

@@ -6,9 +6,14 @@ command line shows progress and can stop between steps (close the generator, or 
 validation set) is kept in ``out_dir/best`` and the latest in ``out_dir/last``, both
 written atomically; stopping, a crash or a NaN loss leaves them as they were.
 
-Default recipe, after the benchmark: Dice + BCE loss, AdamW (weight decay 1e-3),
-ReduceLROnPlateau on validation Dice, gradient clipping, early stopping, bf16/fp16
-autocast on GPU.
+One recipe for the command line and the widget, made for learning from 10-100 corrected
+masks (``TrainSettings()`` defaults): the model's own training mode (full for the
+FiLM-UNet, decoder for CLIPSeg), about ``TARGET_STEPS`` optimiser steps whatever the set's
+size (so a round takes the same time with 20 or 80 examples), a one-cycle schedule, every
+correction used for training while there are fewer than ``SMALL_SET`` of them, and half of
+each batch drawn from the model's replay sample (see ``replay.py``) so that it keeps what it
+knew. Dice + BCE loss, AdamW (weight decay 1e-3), gradient clipping, bf16/fp16 autocast on
+GPU. Larger runs set epochs, validation share and schedule themselves.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import os
 import random
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -28,34 +35,51 @@ import torch.nn.functional as F
 
 from .backend import TorchBackend
 from .checkpoint import check_writable, read_metadata, save_checkpoint
+from .concepts import NegativePrompts, add_synonyms
 from .data import TRAIN_PROMPT_TYPES, Example, PairCache, augment
+from .prompts import SYNONYM_TYPE
+from .replay import REPLAY_DIR, replay_dir, replay_examples
 from .errors import TrainingError
 
-DEFAULT_LR = {"decoder": 1e-3, "full": 1e-4, "lora": 3e-4}
+TARGET_STEPS = 150   # optimiser steps of a round when epochs are not given
+TRAIN_MODES_OFFERED = ("auto", "decoder", "full", "lora")
+SMALL_SET = 100      # below this many examples, all of them train (no validation hold-out)
+CHECKPOINT_EVERY_S = 30  # a short round saves at its end; a long one also every this often
 
 
 @dataclass
 class TrainSettings:
-    mode: str = "decoder"          # decoder | full | lora
-    epochs: int = 20
-    lr: float | None = None        # None: DEFAULT_LR[mode]
+    mode: str = "auto"             # auto (the backend's own) | decoder | full | lora
+    epochs: int | None = None      # None: enough for about TARGET_STEPS steps
+    lr: float | None = None        # None: the backend's default for the mode (default_lr)
     batch_size: int = 8
     weight_decay: float = 1e-3
-    val_fraction: float = 0.2
+    val_fraction: float | None = None  # None: 0 below SMALL_SET examples, else 0.2
     patience: int = 5              # epochs without validation gain before stopping
     grad_clip: float = 1.0
     augment: bool = True
     crop: int | None = None        # train on random crops of this side (fully convolutional models)
-    schedule: str = "plateau"      # plateau | onecycle
+    schedule: str = "onecycle"     # onecycle | plateau
+    replay_fraction: float = 0.5   # share of each batch from the base model's replay sample
     prompt_types: tuple = TRAIN_PROMPT_TYPES
     val_prompt_type: str = "p1"
     negative_prompts: list = field(default_factory=list)  # prompts for absent things -> empty target
-    negative_fraction: float = 0.25
+    negative_fraction: float = 0.25  # share of each batch decoded again with a negative prompt
+    cross_negatives: bool = True     # prompts of one pooled concept are negatives on the others' images
+    synonyms: dict = field(default_factory=dict)  # data folder name -> extra prompts ("breast tumor")
     seed: int = 0
     threads: int | None = None
 
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.mode]
+    def learning_rate(self, backend=None) -> float:
+        if self.lr is not None:
+            return self.lr
+        table = backend.default_lr if backend is not None else TorchBackend.default_lr
+        return table.get(self.mode, 1e-4)
+
+    def holdout(self, n_examples: int) -> float:
+        if self.val_fraction is not None:
+            return self.val_fraction
+        return 0.0 if n_examples < SMALL_SET else 0.2
 
 
 @dataclass
@@ -73,6 +97,7 @@ class Progress:
     images_per_s: float | None = None
     checkpoint: str | None = None
     message: str = ""
+    val_by_set: dict | None = None   # data set -> val Dice, at epoch ends of pooled training
 
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -105,6 +130,10 @@ def _batches(n: int, batch_size: int, seed: int, world: int = 1, rank: int = 0):
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def _prompt_types(settings: TrainSettings) -> tuple:
+    return tuple(settings.prompt_types) + ((SYNONYM_TYPE,) if settings.synonyms else ())
+
+
 def _make_batch(cache: PairCache, examples, idx, settings, rng, np_rng, backend):
     images, masks, prompts = [], [], []
     for i in idx:
@@ -113,7 +142,7 @@ def _make_batch(cache: PairCache, examples, idx, settings, rng, np_rng, backend)
             im, mk = augment(im, mk, np_rng)
         images.append(im)
         masks.append(mk)
-        prompts.append(examples[i].prompt(settings.prompt_types, rng))
+        prompts.append(examples[i].prompt(_prompt_types(settings), rng))
     pixels = backend.preprocess(images)
     target = torch.from_numpy(np.stack(masks)).float().to(backend.device)
     c = settings.crop
@@ -123,14 +152,16 @@ def _make_batch(cache: PairCache, examples, idx, settings, rng, np_rng, backend)
     return pixels, target, prompts
 
 
-def _loss(backend: TorchBackend, pixels, target, prompts, settings, rng) -> torch.Tensor:
+def _loss(backend: TorchBackend, pixels, target, prompts, settings, rng, negatives=None, batch=()) -> torch.Tensor:
+    """Dice+BCE on the batch, plus the same on its first images decoded again with prompts
+    for absent things (drawn by ``negatives`` for the examples ``batch``) against empty masks."""
     feats = backend.encode_image(pixels)
     text = backend.encode_text(prompts)
-    n_neg = int(round(len(prompts) * settings.negative_fraction)) if settings.negative_prompts else 0
+    n_neg = min(int(round(len(prompts) * settings.negative_fraction)), len(batch)) if negatives else 0
     if n_neg:
         # Negatives go through the decoder in the same pass as the positives, so batch-norm
         # statistics see the same mixture in training as the running statistics hold later.
-        neg = backend.encode_text([rng.choice(settings.negative_prompts) for _ in range(n_neg)])
+        neg = backend.encode_text([negatives.draw(ex, rng) for ex in batch[:n_neg]])
         feats = [torch.cat([f, f[:n_neg]]) for f in feats]
         text = torch.cat([text, neg])
         target = torch.cat([target, torch.zeros_like(target[:n_neg])])
@@ -144,26 +175,54 @@ def _loss(backend: TorchBackend, pixels, target, prompts, settings, rng) -> torc
     return loss
 
 
+@dataclass
+class Validation:
+    dice: float                        # mean over the data sets of each set's mean Dice
+    by_set: dict                       # data set (folder name) -> mean Dice
+    cross_prompt_rate: float | None    # share of images where another concept's p1 gives a mask over 1%
+
+
 @torch.no_grad()
-def validate(backend: TorchBackend, cache: PairCache, examples, prompt_type: str, batch_size: int = 8) -> float:
-    """Mean Dice at the model's input size, threshold 0.5, one fixed prompt per image."""
+def validate(backend: TorchBackend, cache: PairCache, examples, prompt_type: str, batch_size: int = 8,
+             concepts: dict | None = None) -> Validation:
+    """Dice at the model's input size, threshold 0.5, one fixed prompt per image, per data set.
+    With ``concepts`` (group -> concept, from the training set) each image is also asked for
+    another concept, which should find nothing there."""
     from .metrics import dice
 
     backend.module.eval()
     rng = random.Random(0)
-    scores = []
+    scores, crossed = defaultdict(list), []
+    names = sorted(set((concepts or {}).values()))
     for start in range(0, len(cache), batch_size):
-        idx = range(start, min(start + batch_size, len(cache)))
+        idx = list(range(start, min(start + batch_size, len(cache))))
         images = [cache[i][0] for i in idx]
         prompts = [examples[i].prompt((prompt_type,), rng) for i in idx]
-        logits = backend.decode(backend.encode_image(backend.preprocess(images)), backend.encode_text(prompts))
+        cross = []
         for j, i in enumerate(idx):
-            pred = logits[j].float()
+            own = (concepts or {}).get(examples[i].group)
+            others = [c for c in names if c != own] if own else []
+            if others:
+                cross.append((j, others[i % len(others)]))
+        feats = backend.encode_image(backend.preprocess(images))
+        text = backend.encode_text(prompts + [c for _, c in cross])
+        feats = [torch.cat([f, f[[j for j, _ in cross]]]) for f in feats] if cross else feats
+        logits = backend.decode(feats, text).float()
+        for j, i in enumerate(idx):
             truth = cache[i][1]
-            if pred.shape != truth.shape:
-                pred = F.interpolate(pred[None, None], size=truth.shape, mode="bilinear")[0, 0]
-            scores.append(dice(pred.cpu().numpy() > 0, truth))
-    return float(np.mean(scores)) if scores else float("nan")
+            pred = _at(logits[j], truth.shape)
+            scores[examples[i].group].append(dice(pred > 0, truth))
+        for k, (j, _) in enumerate(cross):
+            crossed.append(float((_at(logits[len(idx) + k], cache[idx[j]][1].shape) > 0).mean() > 0.01))
+    by_set = {g: float(np.mean(v)) for g, v in sorted(scores.items())}
+    return Validation(float(np.mean(list(by_set.values()))) if by_set else float("nan"), by_set,
+                      float(np.mean(crossed)) if crossed else None)
+
+
+def _at(logits: torch.Tensor, shape) -> np.ndarray:
+    if tuple(logits.shape) != tuple(shape):
+        logits = F.interpolate(logits[None, None], size=tuple(shape), mode="bilinear")[0, 0]
+    return logits.cpu().numpy()
 
 
 def _distributed() -> tuple[int, int]:
@@ -193,10 +252,21 @@ def _all_reduce_grads(params, world: int) -> None:
 
 def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example], out_dir,
           settings: TrainSettings | None = None, resume: bool = False, metadata: dict | None = None,
-          stop: threading.Event | None = None) -> Iterator[Progress]:
-    """Finetune ``backend`` in place; yield progress; keep checkpoints in ``out_dir``."""
+          stop: threading.Event | None = None, replay: Path | None = None) -> Iterator[Progress]:
+    """Finetune ``backend`` in place; yield progress; keep checkpoints in ``out_dir``.
+
+    ``replay``: a replay folder (see ``replay.py``) mixed into every batch and copied into
+    each checkpoint. With ``resume``, training goes on from ``out_dir/last``: the same
+    schedule when the training set is unchanged, a new round of it when examples were added.
+    """
     s = settings or TrainSettings()
+    if s.mode == "auto":
+        s = replace(s, mode=backend.default_train_mode)
     check_examples(train_set, val_set)
+    replay_set = replay_examples(replay) if replay else []
+    add_synonyms(train_set, s.synonyms)
+    pool = train_set + replay_set
+    negatives = NegativePrompts(pool if s.cross_negatives else [], _prompt_types(s), s.negative_prompts)
     out = check_writable(out_dir)
     world, rank = _distributed()
     if s.threads:
@@ -205,10 +275,18 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
     torch.manual_seed(s.seed)
     rng, np_rng = random.Random(s.seed + rank), np.random.default_rng(s.seed + rank)
 
-    start_epoch, history = 0, []
+    n_replay = min(int(round(s.batch_size * s.replay_fraction)), s.batch_size - 1) if replay_set else 0
+    n_new = s.batch_size - n_replay
+    steps_per_epoch = len(_batches(len(train_set), n_new, s.seed, world, rank))
+    epochs = s.epochs or max(1, round(TARGET_STEPS / steps_per_epoch))
+    start_epoch, history, round_no = 0, [], 1
     if resume and (out / "last").exists():
         done = read_metadata(out / "last")
-        start_epoch, history = done.get("epochs_done", 0), done.get("history", [])
+        history, round_no = done.get("history", []), done.get("round", 1)
+        if done.get("train_examples") == len(train_set):
+            start_epoch = min(done.get("epochs_done", 0), epochs)
+        else:  # examples were added: a new round of the schedule, from the last weights
+            round_no += 1
     params = backend.trainable_parameters(s.mode)
     backend.module.float()
     backend.dtype = torch.float32
@@ -217,37 +295,56 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
 
         for t in backend.module.state_dict().values():
             dist.broadcast(t, 0)
-    opt = torch.optim.AdamW(params, lr=s.learning_rate(), weight_decay=s.weight_decay)
+    s = replace(s, lr=s.learning_rate(backend))
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     size = backend.input_size
-    train_cache, val_cache = PairCache(train_set, size), PairCache(val_set, size)
-    steps_per_epoch = len(_batches(len(train_set), s.batch_size, s.seed, world, rank))
-    total = steps_per_epoch * s.epochs
+    train_cache, val_cache = PairCache(pool, size), PairCache(val_set, size)
+    total = steps_per_epoch * epochs
     if s.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.learning_rate(), total_steps=max(total, 1))
-        for _ in range(start_epoch * steps_per_epoch):
-            sched.step()
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=max(total, 1))
+        with warnings.catch_warnings():  # fast-forwarding a resumed schedule, before any optimiser step
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(start_epoch * steps_per_epoch):
+                sched.step()
     else:
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=2)
     use_amp = backend.device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    best = max((h["val_dice"] for h in history if h.get("val_dice") is not None), default=-1.0)
-    best_loss = min((h["loss"] for h in history), default=math.inf)
-    stale, step, t0, seen = 0, start_epoch * steps_per_epoch, time.time(), 0
+    # the validation set is kept across rounds (finetune passes its names back), so scores compare
+    best = max((h["val_dice"] for h in history if h.get("val_dice")), default=-1.0)
+    best_loss = min((h["loss"] for h in history if h.get("round", 1) == round_no), default=math.inf)
+    stale, step, t0, seen, saved_at = 0, start_epoch * steps_per_epoch, time.time(), 0, -math.inf
     meta = {"base_model": backend.source, "settings": asdict(s), "train_examples": len(train_set),
-            "val_examples": len(val_set), "world_size": world, "history": history, **(metadata or {})}
+            "replay_examples": len(replay_set), "val_examples": len(val_set), "val_names": [_key(e) for e in val_set],
+            "world_size": world, "round": round_no, "history": history, **(metadata or {})}
+    extras = {REPLAY_DIR: replay} if replay else {}
+    summary = (f"Trained on {len(train_set)} image(s)" + (f" mixed with {len(replay_set)} replay pair(s)" if replay_set
+               else "") + f", validated on {len(val_set)}" + ("" if val_set else " (every example trains)"))
 
-    for epoch in range(start_epoch, s.epochs):
+    def save(improved: bool, informative: bool, final: bool = False) -> str | None:
+        """last/ (and best/ when improved) at the end, when validation improved, and otherwise
+        every CHECKPOINT_EVERY_S: a short round is not slowed down by writing every epoch."""
+        nonlocal saved_at
+        due = final or time.time() - saved_at > CHECKPOINT_EVERY_S
+        if rank != 0 or not (due or (improved and informative)):
+            return None
+        saved_at = time.time()
+        save_checkpoint(backend, out / "last", meta, extras)
+        return str(save_checkpoint(backend, out / "best", meta, extras)) if improved else None
+
+    for epoch in range(start_epoch, epochs):
         train_mode(backend.module)
         losses = []
-        for idx in _batches(len(train_set), s.batch_size, s.seed * 7919 + epoch, world, rank):
+        for idx in _batches(len(train_set), n_new, s.seed * 7919 + epoch + 1000 * (round_no - 1), world, rank):
             if stop is not None and stop.is_set():
-                yield Progress("stopped", epoch, s.epochs, step, total, float("nan"), best_dice=best,
+                yield Progress("stopped", epoch, epochs, step, total, float("nan"), best_dice=best,
                                elapsed=time.time() - t0, message=_stopped_message(out))
                 return
-            pixels, target, prompts = _make_batch(train_cache, train_set, idx, s, rng, np_rng, backend)
+            idx = idx + [len(train_set) + rng.randrange(len(replay_set)) for _ in range(n_replay)]
+            pixels, target, prompts = _make_batch(train_cache, pool, idx, s, rng, np_rng, backend)
             with torch.autocast(backend.device.type, dtype=amp_dtype, enabled=use_amp):
-                loss = _loss(backend, pixels, target, prompts, s, rng)
+                loss = _loss(backend, pixels, target, prompts, s, rng, negatives, [pool[i] for i in idx])
             if not torch.isfinite(loss):
                 raise TrainingError(f"The loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
                                     f"training stopped. {_stopped_message(out)} Try a lower learning rate.")
@@ -266,39 +363,57 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
             losses.append(loss.item())
             elapsed = time.time() - t0
             rate = elapsed / max(step - start_epoch * steps_per_epoch, 1)
-            yield Progress("step", epoch, s.epochs, step, total, losses[-1], best_dice=best, elapsed=elapsed,
+            yield Progress("step", epoch, epochs, step, total, losses[-1], best_dice=best, elapsed=elapsed,
                            eta=rate * (total - step), images_per_s=seen * world / max(elapsed, 1e-9))
         epoch_loss = float(np.mean(losses)) if losses else float("nan")
-        val = validate(backend, val_cache, val_set, s.val_prompt_type, s.batch_size) if val_set else None
+        report = validate(backend, val_cache, val_set, s.val_prompt_type, s.batch_size,
+                          negatives.concepts) if val_set else None
+        val = report.dice if report else None
         if world > 1:  # decisions (best, schedule, early stop) follow rank 0
             val, epoch_loss = _from_rank0(val, epoch_loss)
-        history.append({"epoch": epoch + 1, "loss": epoch_loss, "val_dice": val,
+        history.append({"round": round_no, "epoch": epoch + 1, "loss": epoch_loss, "val_dice": val,
+                        "val_dice_by_set": report.by_set if report else None,
+                        "val_cross_prompt_rate": report.cross_prompt_rate if report else None,
                         "lr": opt.param_groups[0]["lr"], "elapsed": time.time() - t0})
-        improved = (val is not None and val > best) or (val is None and epoch_loss < best_loss)
+        # A validation Dice of 0 so far says nothing yet (a model that starts by predicting
+        # nothing on a new class): until it moves, the training loss decides.
+        informative = val is not None and (val > 0 or best > 0)
+        improved = val > best if informative else epoch_loss < best_loss
         if improved:
-            best, best_loss, stale = (val if val is not None else best), min(best_loss, epoch_loss), 0
+            best = val if informative else best
+            best_loss, stale = min(best_loss, epoch_loss), 0
         else:
             stale += 1
+        last_epoch = epoch + 1 == epochs
         meta.update(epochs_done=epoch + 1, history=history, best_val_dice=best if best >= 0 else None)
-        ckpt = None
-        if rank == 0:
-            save_checkpoint(backend, out / "last", meta)
-            if improved:
-                ckpt = str(save_checkpoint(backend, out / "best", meta))
+        ckpt = save(improved, informative, final=last_epoch)
+        if last_epoch and not informative and rank == 0:  # the schedule's end is the model to keep
+            ckpt = str(save_checkpoint(backend, out / "best", meta, extras))
         if s.schedule != "onecycle" and val is not None:
             sched.step(val)
         elapsed = time.time() - t0
-        yield Progress("epoch", epoch + 1, s.epochs, step, total, epoch_loss, val, best if best >= 0 else None,
-                       elapsed, elapsed / max(epoch + 1 - start_epoch, 1) * (s.epochs - epoch - 1),
-                       seen * world / max(elapsed, 1e-9), ckpt)
-        if val_set and stale >= s.patience:
-            yield Progress("done", epoch + 1, s.epochs, step, total, epoch_loss, val, best, elapsed,
+        yield Progress("epoch", epoch + 1, epochs, step, total, epoch_loss, val, best if best >= 0 else None,
+                       elapsed, elapsed / max(epoch + 1 - start_epoch, 1) * (epochs - epoch - 1),
+                       seen * world / max(elapsed, 1e-9), ckpt,
+                       val_by_set=report.by_set if report and len(report.by_set) > 1 else None)
+        if informative and stale >= s.patience:
+            save(False, True, final=True)
+            yield Progress("done", epoch + 1, epochs, step, total, epoch_loss, val, best, elapsed,
                            checkpoint=str(out / "best"),
-                           message=f"Stopped early: no validation gain for {s.patience} epochs.")
+                           message=f"{summary}; stopped early after epoch {epoch + 1}: no validation gain "
+                                   f"for {s.patience} epochs.")
             return
-    yield Progress("done", s.epochs, s.epochs, step, total, history[-1]["loss"] if history else float("nan"),
+    why = "the schedule was already complete" if start_epoch >= epochs else \
+        f"finished the schedule ({step} steps, {epochs} epochs)"
+    if not (out / "best").exists() and rank == 0:  # a resumed run with nothing left to do
+        save_checkpoint(backend, out / "best", meta, extras)
+    yield Progress("done", epochs, epochs, step, total, history[-1]["loss"] if history else float("nan"),
                    history[-1]["val_dice"] if history else None, best if best >= 0 else None,
-                   time.time() - t0, checkpoint=str(out / "best"), message="Training finished.")
+                   time.time() - t0, checkpoint=str(out / "best"), message=f"{summary}; {why}.")
+
+
+def _key(ex: Example) -> str:
+    return f"{ex.group}/{ex.name}"
 
 
 def train_mode(module: torch.nn.Module) -> None:
@@ -329,20 +444,31 @@ def init_distributed() -> bool:
     return True
 
 
-def training_data(data_dirs, val_split: str = "val", val_fraction: float = 0.2, prompt: str | None = None,
-                  seed: int = 0) -> tuple[list[Example], list[Example]]:
+def training_data(data_dirs, val_split: str = "val", val_fraction: float | None = None, prompt: str | None = None,
+                  seed: int = 0, val_names=None) -> tuple[list[Example], list[Example]]:
     """Pool several folders. A folder's anns/<val_split>.json is its validation set where it
-    exists; otherwise ``val_fraction`` of its examples are held out."""
+    exists. Otherwise ``val_names`` ("folder/image" keys of an earlier run) are held out when
+    given, so a resumed run is judged on the same images; else ``val_fraction`` of the
+    examples (None: none below SMALL_SET examples in all, else 0.2)."""
     from .data import benchmark_examples, load_examples, split_examples
 
-    train_set, val_set = [], []
+    loaded = []
     for d in map(Path, data_dirs):
-        examples = load_examples(d, "train", prompt)
-        if (d / "anns" / f"{val_split}.json").exists() and val_split != "train":
+        has_val = (d / "anns" / f"{val_split}.json").exists() and val_split != "train"
+        loaded.append((d, load_examples(d, "train", prompt), has_val))
+    n_split = sum(len(ex) for _, ex, has_val in loaded if not has_val)
+    fraction = val_fraction if val_fraction is not None else (0.0 if n_split < SMALL_SET else 0.2)
+    keep = set(val_names or ())
+    train_set, val_set = [], []
+    for d, examples, has_val in loaded:
+        if has_val:
             train_set += examples
             val_set += benchmark_examples(d, val_split)
+        elif val_names is not None:
+            train_set += [e for e in examples if _key(e) not in keep]
+            val_set += [e for e in examples if _key(e) in keep]
         else:
-            tr, va = split_examples(examples, val_fraction, seed)
+            tr, va = split_examples(examples, fraction, seed)
             train_set += tr
             val_set += va
     return train_set, val_set
@@ -367,11 +493,24 @@ def finetune(spec: str, data_dirs, out_dir, settings: TrainSettings | None = Non
              stop: threading.Event | None = None) -> Iterator[Progress]:
     """Load data and model, then ``train``: the whole job behind the CLI and the widget."""
     s = settings or TrainSettings()
+    last = Path(out_dir) / "last"
+    previous = read_metadata(last) if resume else {}
     try:
-        train_set, val_set = training_data(data_dirs, val_split, s.val_fraction, prompt, s.seed)
+        train_set, val_set = training_data(data_dirs, val_split, s.val_fraction, prompt, s.seed,
+                                           previous.get("val_names"))
     except (FileNotFoundError, ValueError) as exc:
         raise TrainingError(str(exc)) from exc
-    last = Path(out_dir) / "last"
-    backend = load_for_training(str(last) if resume and (last / "config.json").exists() else spec, device)
+    start = str(last) if resume and (last / "config.json").exists() else spec
+    backend = load_for_training(start, device)
+    replay = replay_dir(_folder_of(start)) if s.replay_fraction > 0 else None
     meta = {"data": [str(d) for d in data_dirs], "prompt": prompt, **(metadata or {})}
-    yield from train(backend, train_set, val_set, out_dir, s, resume=resume, metadata=meta, stop=stop)
+    yield from train(backend, train_set, val_set, out_dir, s, resume=resume, metadata=meta, stop=stop, replay=replay)
+
+
+def _folder_of(spec: str) -> Path | None:
+    """The local folder behind a model spec, where there is one (no download)."""
+    from .loading import DEFAULT_SPEC, default_model_dir
+
+    if spec == DEFAULT_SPEC:
+        return default_model_dir()
+    return Path(spec) if Path(spec).is_dir() else None

@@ -1,0 +1,65 @@
+"""What each pooled data set is about, and the prompts that must find nothing in it.
+
+A data set's *concept* is its most common p1 prompt ("polyp", "tumor in the breast
+ultrasound image."), case-folded. Sets that share a concept (Kvasir-SEG, CVC-ClinicDB and
+polyp-free frames all answer "polyp") teach the same words; sets with different concepts
+teach each other what to leave alone: a prompt of one concept on an image of another is
+trained to give an empty mask. That is what makes the prompt choose the target when
+several modalities are pooled, rather than the image alone deciding.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+
+from .data import Example
+from .prompts import SYNONYM_TYPE
+
+
+def concept_of(examples: list[Example]) -> dict[str, str]:
+    """group -> concept (the group's most common p1 prompt, case-folded)."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for ex in examples:
+        p1 = ex.prompts.get("p1")
+        if isinstance(p1, str) and p1.strip():
+            counts[ex.group][p1.strip().casefold()] += 1
+    return {g: c.most_common(1)[0][0] for g, c in counts.items()}
+
+
+def add_synonyms(examples: list[Example], synonyms: dict[str, list[str]]) -> list[Example]:
+    """Give every example of a group listed in ``synonyms`` the extra prompt type 'syn'."""
+    unknown = set(synonyms) - {ex.group for ex in examples}
+    if unknown:
+        raise ValueError(f"Synonyms name data sets that are not being trained: {', '.join(sorted(unknown))}. "
+                         "Keys are the data folders' names.")
+    for ex in examples:
+        if synonyms.get(ex.group):
+            ex.prompts = {**ex.prompts, SYNONYM_TYPE: list(synonyms[ex.group])}
+    return examples
+
+
+class NegativePrompts:
+    """Draws a prompt for something absent from a given training image: half the time a
+    prompt of another concept among the pooled sets (when there is one), otherwise one of
+    the given generic negatives (organs, objects, random words)."""
+
+    def __init__(self, examples: list[Example], prompt_types, generic: list[str]):
+        self.concepts = concept_of(examples)
+        self.by_concept: dict[str, list[Example]] = defaultdict(list)
+        for ex in examples:
+            if ex.group in self.concepts and ex.prompts.get("p1", "").strip().casefold() == self.concepts[ex.group]:
+                self.by_concept[self.concepts[ex.group]].append(ex)
+        self.types = tuple(prompt_types) + ((SYNONYM_TYPE,) if SYNONYM_TYPE not in prompt_types else ())
+        self.generic = list(generic)
+
+    def __bool__(self) -> bool:
+        return bool(self.generic) or len(self.by_concept) > 1
+
+    def draw(self, ex: Example, rng: random.Random) -> str:
+        own = self.concepts.get(ex.group)
+        others = [c for c in self.by_concept if c != own]
+        if others and (not self.generic or rng.random() < 0.5):
+            source = rng.choice(self.by_concept[rng.choice(others)])
+            return source.prompt(self.types, rng)
+        return rng.choice(self.generic)

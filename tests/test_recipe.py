@@ -1,0 +1,141 @@
+"""The training recipe: pooled data sets whose prompts choose, the few-shot defaults, the
+replay sample, and resuming on an enlarged set. Real pairs, the tiny FiLM-UNet, real runs."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from napari_vlsm.core import train as T
+from napari_vlsm.core.concepts import NegativePrompts, add_synonyms, concept_of
+from napari_vlsm.core.data import benchmark_examples
+from napari_vlsm.core.replay import REPLAY_DIR, replay_examples, write_replay_sample
+
+from .conftest import small_copy
+
+
+@pytest.fixture
+def pooled(data_sets, tmp_path):
+    """Small copies of a polyp set, the polyp-free frames and breast ultrasound."""
+    return [small_copy(data_sets / name, tmp_path / "data" / name, n_train, n_val)
+            for name, n_train, n_val in (("kvasir_seg", 6, 2), ("colonoscopy_negatives", 3, 2), ("busi", 6, 3))]
+
+
+def test_concepts_and_cross_negatives(pooled):
+    examples = [ex for d in pooled for ex in benchmark_examples(d, "train")]
+    concepts = concept_of(examples)
+    assert concepts == {"kvasir_seg": "polyp", "colonoscopy_negatives": "polyp",
+                        "busi": "tumor in the breast ultrasound image."}
+    neg = NegativePrompts(examples, T.TRAIN_PROMPT_TYPES, [])
+    rng = random.Random(0)
+    polyp_ex = next(ex for ex in examples if ex.group == "kvasir_seg")
+    free_ex = next(ex for ex in examples if ex.group == "colonoscopy_negatives")
+    busi_ex = next(ex for ex in examples if ex.group == "busi")
+    for _ in range(50):
+        assert "breast" in neg.draw(polyp_ex, rng).lower() and "breast" in neg.draw(free_ex, rng).lower()
+        assert "polyp" in neg.draw(busi_ex, rng).lower()
+    mixed = NegativePrompts(examples, T.TRAIN_PROMPT_TYPES, ["kidney"])
+    drawn = {mixed.draw(polyp_ex, rng) for _ in range(200)}
+    assert "kidney" in drawn and any("breast" in d.lower() for d in drawn)
+    assert not NegativePrompts(examples[:3], T.TRAIN_PROMPT_TYPES, [])  # one concept: nothing to draw
+
+
+def test_synonyms_are_drawn_for_their_data_set_only(pooled):
+    examples = [ex for d in pooled for ex in benchmark_examples(d, "train")]
+    add_synonyms(examples, {"busi": ["breast tumor"]})
+    rng = random.Random(0)
+    busi = [ex for ex in examples if ex.group == "busi"]
+    assert any(ex.prompt(("syn",), rng) == "breast tumor" for ex in busi)
+    assert all("syn" not in ex.prompts for ex in examples if ex.group != "busi")
+    with pytest.raises(ValueError, match="not being trained: brain"):
+        add_synonyms(examples, {"brain": ["glioma"]})
+
+
+def test_pooled_run_records_each_data_set_and_the_cross_prompt_rate(tiny_unet, pooled, tmp_path):
+    s = T.TrainSettings(epochs=2, negative_fraction=0.5, synonyms={"busi": ["breast tumor"]})
+    events = list(T.finetune(str(tiny_unet), pooled, tmp_path / "run", s, device="cpu"))
+    meta = json.loads((tmp_path / "run" / "last" / "training.json").read_text())
+    for h in meta["history"]:
+        assert set(h["val_dice_by_set"]) == {"kvasir_seg", "colonoscopy_negatives", "busi"}
+        assert h["val_dice"] == pytest.approx(np.mean(list(h["val_dice_by_set"].values())))
+        assert 0.0 <= h["val_cross_prompt_rate"] <= 1.0
+    assert events[-1].kind == "done" and "validated on 7" in events[-1].message
+
+
+def test_few_shot_defaults_train_every_correction_for_a_fixed_number_of_steps(tiny_unet, data_sets, tmp_path):
+    few = small_copy(data_sets / "busi", tmp_path / "few", 8, 0)
+    (few / "anns" / "val.json").unlink()
+    events = list(T.finetune(str(tiny_unet), [few], tmp_path / "run", device="cpu"))
+    done = events[-1]
+    assert done.kind == "done" and "Trained on 8 image(s), validated on 0 (every example trains)" in done.message
+    assert abs(done.step - T.TARGET_STEPS) <= 2  # one step per batch of 8: 150 epochs of one step
+    meta = json.loads((tmp_path / "run" / "best" / "training.json").read_text())
+    assert meta["settings"]["mode"] == "full" and meta["settings"]["lr"] == 1e-3  # the FiLM-UNet's own
+    train_set, val_set = T.training_data([few])
+    assert len(train_set) == 8 and val_set == []
+
+
+def test_a_validation_dice_of_zero_everywhere_never_picks_the_checkpoint(tiny_unet, small_benchmark, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setattr(T, "validate", lambda *a, **k: T.Validation(0.0, {"kvasir_small": 0.0}, None))
+    s = T.TrainSettings(epochs=8, patience=2)
+    events = list(T.finetune(str(tiny_unet), [small_benchmark], tmp_path / "run", s, device="cpu"))
+    assert len([e for e in events if e.kind == "epoch"]) == 8  # no early stop on an uninformative score
+    from safetensors.torch import load_file
+
+    best = load_file(tmp_path / "run" / "best" / "model.safetensors")
+    last = load_file(tmp_path / "run" / "last" / "model.safetensors")
+    assert all(np.array_equal(best[k].numpy(), last[k].numpy()) for k in best)  # the schedule's end
+
+
+def test_replay_sample_is_mixed_into_every_batch_and_travels_with_checkpoints(tiny_unet, pooled, tmp_path,
+                                                                             monkeypatch):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_unet, base)
+    write_replay_sample([pooled[0], pooled[2]], base, per_set=4)
+    assert len(replay_examples(base / REPLAY_DIR)) == 8
+    batches = []
+    real = T._make_batch
+
+    def spy(cache, examples, idx, *args):
+        batches.append([examples[i].group for i in idx])
+        return real(cache, examples, idx, *args)
+
+    monkeypatch.setattr(T, "_make_batch", spy)
+    new = small_copy(pooled[1].parent / "colonoscopy_negatives", tmp_path / "new", 3, 0)
+    events = list(T.finetune(str(base), [new], tmp_path / "run", T.TrainSettings(epochs=3), device="cpu"))
+    assert "mixed with 8 replay pair(s)" in events[-1].message
+    assert all(b.count("new") == 3 and len(b) == 7 for b in batches)  # 3 corrections + 4 replay pairs
+    assert all({"kvasir_seg", "busi"} & set(b) for b in batches)
+    assert len(replay_examples(tmp_path / "run" / "best" / REPLAY_DIR)) == 8
+    # the next round, from the finetuned model, keeps mixing the same sample in
+    events = list(T.finetune(str(tmp_path / "run" / "best"), [new], tmp_path / "run2", T.TrainSettings(epochs=1)))
+    assert "mixed with 8 replay pair(s)" in events[-1].message
+
+
+def test_resume_after_adding_examples_trains_a_new_round_on_the_same_validation_set(tiny_unet, data_sets, tmp_path):
+    src = data_sets / "busi"
+    folder = small_copy(src, tmp_path / "mine", 10, 0)
+    (folder / "anns" / "val.json").unlink()
+    s = T.TrainSettings(epochs=2, val_fraction=0.3)
+    list(T.finetune(str(tiny_unet), [folder], tmp_path / "run", s, device="cpu"))
+    first = json.loads((tmp_path / "run" / "last" / "training.json").read_text())
+    assert len(first["val_names"]) == 3
+
+    entries = json.loads((src / "anns" / "train.json").read_text())[10:16]  # six more corrections
+    rows = json.loads((folder / "anns" / "train.json").read_text()) + entries
+    (folder / "anns" / "train.json").write_text(json.dumps(rows))
+    for e in entries:
+        for sub, key in (("images", "img_name"), ("masks", "mask_name")):
+            (folder / sub / e[key]).write_bytes((src / sub / e[key]).read_bytes())
+    events = list(T.finetune(str(tiny_unet), [folder], tmp_path / "run", s, resume=True, device="cpu"))
+    second = json.loads((tmp_path / "run" / "last" / "training.json").read_text())
+    assert sorted(second["val_names"]) == sorted(first["val_names"]) and second["train_examples"] == 13
+    assert second["round"] == 2 and len([e for e in events if e.kind == "epoch"]) == 2
+    assert [h["round"] for h in second["history"]] == [1, 1, 2, 2]
+    # unchanged set and schedule complete: nothing more to train, and it says so
+    events = list(T.finetune(str(tiny_unet), [folder], tmp_path / "run", s, resume=True, device="cpu"))
+    assert "already complete" in events[-1].message and (tmp_path / "run" / "best" / "config.json").exists()
