@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 import uuid
-import weakref
 from pathlib import Path
 
 import napari
@@ -14,20 +13,21 @@ from napari.qt.threading import thread_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
-                            QListWidget, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+                            QListWidget, QMessageBox, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
 from . import layers as L
 from ._plot import CurvePlot
-from ._qt_helpers import fill_layer_combo, on_layers_changed
+from ._qt_helpers import fill_layer_combo, on_layers_changed, sibling
+from ._widget import SegmentWidget
 from .core.data import read_index, remove_example, write_benchmark_example
 from .core.errors import VLSMError
-from .core.train import TrainSettings, finetune
+from .core.train import TRAIN_MODES_OFFERED, TrainSettings, finetune
 
-SEGMENT_WIDGETS: "weakref.WeakSet" = weakref.WeakSet()
+DEFAULTS = TrainSettings()  # one recipe for the widget and the command line
 
 
 def default_training_folder() -> Path:
-    return Path.home() / ".napari-vlsm" / "training_set"
+    return Path.home() / "napari-vlsm" / "training_set"
 
 
 class FinetuneWidget(QWidget):
@@ -37,6 +37,7 @@ class FinetuneWidget(QWidget):
         self.worker = None
         self.pbar = None
         self.last_model: str | None = None
+        self.previous_model: str | None = None
         self._build()
         self._wire()
         self._refresh_layers()
@@ -66,19 +67,22 @@ class FinetuneWidget(QWidget):
         self.remove_btn = QPushButton("Remove selected")
 
         self.mode_combo = QComboBox()
-        self.mode_combo.addItems(["decoder", "full", "lora"])
+        self.mode_combo.addItems(TRAIN_MODES_OFFERED)
+        self.mode_combo.setCurrentText(DEFAULTS.mode)
         self.epochs = QSpinBox()
-        self.epochs.setRange(1, 1000)
-        self.epochs.setValue(10)
+        self.epochs.setRange(0, 1000)
+        self.epochs.setSpecialValueText("auto (about 150 steps)")
+        self.epochs.setValue(DEFAULTS.epochs or 0)
         self.lr = QLineEdit("")
-        self.lr.setPlaceholderText("default for the mode (1e-3 / 1e-4 / 3e-4)")
+        self.lr.setPlaceholderText("the model's default for the mode")
         self.batch = QSpinBox()
         self.batch.setRange(1, 256)
-        self.batch.setValue(4)
+        self.batch.setValue(DEFAULTS.batch_size)
         self.val_share = QDoubleSpinBox()
-        self.val_share.setRange(0.0, 0.9)
+        self.val_share.setRange(-0.05, 0.9)
         self.val_share.setSingleStep(0.05)
-        self.val_share.setValue(0.2)
+        self.val_share.setSpecialValueText("auto (none below 100 examples)")
+        self.val_share.setValue(-0.05 if DEFAULTS.val_fraction is None else DEFAULTS.val_fraction)
         settings = QFormLayout()
         settings.addRow("Train", self.mode_combo)
         settings.addRow("Epochs", self.epochs)
@@ -113,6 +117,7 @@ class FinetuneWidget(QWidget):
 
     def _wire(self):
         on_layers_changed(self.viewer, self._refresh_layers)
+        self.viewer.layers.selection.events.active.connect(self._follow_selection)
         self.labels_combo.currentTextChanged.connect(self._suggest_prompt)
         self.label_value.valueChanged.connect(self._suggest_prompt)
         self.folder_btn.clicked.connect(self._browse)
@@ -130,6 +135,22 @@ class FinetuneWidget(QWidget):
     def _refresh_layers(self, *_):
         fill_layer_combo(self.image_combo, self.viewer, napari.layers.Image)
         fill_layer_combo(self.labels_combo, self.viewer, napari.layers.Labels)
+        self._suggest_prompt()
+
+    def _follow_selection(self, event=None):
+        """A selected Labels layer becomes the one to add; one written by the segmentation
+        widget also brings its image, label value and prompt."""
+        layer = self.viewer.layers.selection.active
+        if not isinstance(layer, napari.layers.Labels):
+            return
+        self._refresh_layers()
+        self.labels_combo.setCurrentText(layer.name)
+        image = layer.metadata.get("vlsm_image")
+        if image in self.viewer.layers:
+            self.image_combo.setCurrentText(image)
+        names = layer.metadata.get("vlsm_labels") or {}
+        if names:
+            self.label_value.setValue(int(max(names)))  # the newest label written
         self._suggest_prompt()
 
     def _suggest_prompt(self, *_):
@@ -169,9 +190,17 @@ class FinetuneWidget(QWidget):
         except ValueError as exc:
             return show_error(str(exc))
         index = L.current_index(image_layer, self.viewer.dims.point)
-        mask = L.plane(labels_layer, index) == self.label_value.value()
-        if not mask.any():
-            show_warning(f"Label {self.label_value.value()} is absent here: stored as an empty (negative) example.")
+        plane = L.plane(labels_layer, index)
+        value = self.label_value.value()
+        if not (plane == value).any():
+            present = np.unique(plane[plane != 0])
+            if len(present) == 1:  # a mask with one value, such as 255 from a PNG on disk
+                value = int(present[0])
+                self.label_value.setValue(value)
+            elif not self._confirm(f"Label {value} is absent from this image. Store it as an empty (negative) "
+                                   f"example for '{prompt}', meaning there is nothing of it here?"):
+                return self.status.setText("Nothing stored.")
+        mask = plane == value
         name = f"{img_name}-{'-'.join(map(str, index)) or '0'}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
         try:
@@ -181,6 +210,11 @@ class FinetuneWidget(QWidget):
         self._refresh_examples()
         self.status.setText(f"Stored example {name} ({self.examples.count()} in the training set).")
 
+    def _confirm(self, question: str) -> bool:
+        answer = QMessageBox.question(self, "napari-vlsm", question,
+                                      QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No)
+        return answer == QMessageBox.StandardButton.Yes
+
     def remove_selected(self):
         for item in self.examples.selectedItems():
             remove_example(self.folder, item.text().split("  —  ")[0])
@@ -188,13 +222,14 @@ class FinetuneWidget(QWidget):
 
     # ---------- training ----------
     def segment_widget(self):
-        return next((w for w in SEGMENT_WIDGETS if w.viewer is self.viewer), None)
+        return sibling(self, SegmentWidget)
 
     def settings(self) -> TrainSettings:
         text = self.lr.text().strip()
-        return TrainSettings(mode=self.mode_combo.currentText(), epochs=self.epochs.value(),
+        val = self.val_share.value()
+        return TrainSettings(mode=self.mode_combo.currentText(), epochs=self.epochs.value() or None,
                              lr=float(text) if text else None, batch_size=self.batch.value(),
-                             val_fraction=self.val_share.value())
+                             val_fraction=None if val < 0 else val)
 
     def start(self):
         if self.worker is not None:
@@ -248,8 +283,8 @@ class FinetuneWidget(QWidget):
         best = out / "best"
         if not (best / "config.json").exists():
             return show_warning("Training ended before any checkpoint was written.")
-        self._activate(str(best))
-        show_info(f"Finetuned model saved to {best} and now in use.")
+        if self._activate(str(best)):
+            show_info(f"Finetuned model saved to {best} and now in use.")
 
     def _stopped(self, out: Path):
         best = out / "best"
@@ -265,11 +300,14 @@ class FinetuneWidget(QWidget):
             self.previous_model = seg.model_spec
             seg.add_model(spec, select=True)
             self.back_btn.setEnabled(True)
+        else:
+            show_warning(f"Open Plugins > napari-vlsm > Text-prompt segmentation to use the new model {spec}.")
         self.last_model = spec
+        return seg is not None
 
     def use_previous_model(self):
         seg = self.segment_widget()
-        if seg is not None and getattr(self, "previous_model", None):
+        if seg is not None and self.previous_model:
             seg.add_model(self.previous_model, select=True)
             self.back_btn.setEnabled(False)
 

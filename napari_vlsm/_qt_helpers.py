@@ -10,6 +10,16 @@ def on_layers_changed(viewer, callback) -> None:
         e.connect(callback)
 
 
+def sibling(widget, cls):
+    """The first widget of class ``cls`` in the same main window as ``widget`` (napari gives
+    each dock widget its own viewer proxy, so the window is what plugin docks share)."""
+    window = widget.window()
+    if window is widget:  # not docked
+        return None
+    found = window.findChildren(cls)
+    return found[0] if found else None
+
+
 def fill_layer_combo(combo, viewer, kind) -> None:
     """List the names of the viewer's layers of ``kind``, keeping the current choice."""
     current = combo.currentText()

@@ -37,9 +37,6 @@ class SegmentWidget(QWidget):
         self._wire()
         self._refresh_layers()
         self._refresh_models()
-        from ._finetune_widget import SEGMENT_WIDGETS
-
-        SEGMENT_WIDGETS.add(self)
 
     # ---------- layout ----------
     def _build(self):
@@ -295,7 +292,12 @@ class SegmentWidget(QWidget):
         L.set_label_names(target, dict(zip(values, result.prompts)))
         if created:
             L.use_bright_colours(target, values)
-        target.metadata["vlsm_model"] = self.session.spec
+        target.metadata.update(vlsm_model=self.session.spec, vlsm_prompts=list(result.prompts),
+                               vlsm_threshold=self.threshold_value, vlsm_image=image_layer.name)
+        # the result becomes the active layer, ready for the brush; announced again even when it
+        # already was (a new layer is active before its metadata is set), so Finetune follows it
+        self.viewer.layers.selection.active = None
+        self.viewer.layers.selection.active = target
         single = len(result.probs) == 1  # only a single plane is kept for the threshold slider
         self.session.last = result if single else None
         self.session.last_write = L.LabelWrite(target, index, write_mode, values, before, written) if single else None
@@ -330,3 +332,4 @@ class SegmentWidget(QWidget):
         labels = lut[combine_labels(last.probs[write.index], self.threshold_value)]
         planned = L.planned_plane(write.before, labels, write.mode)
         write.written = L.write_plane(write.layer, write.index, planned, "replace")
+        write.layer.metadata["vlsm_threshold"] = self.threshold_value

@@ -73,6 +73,7 @@ def test_train_in_background_then_use_new_model_and_go_back(qtbot, widgets, kvas
     fine.mode_combo.setCurrentText("full")
     fine.epochs.setValue(3)
     fine.batch.setValue(2)
+    fine.val_share.setValue(0.25)  # below 100 examples the default holds none out
     ticks = []
     timer = QTimer()
     timer.timeout.connect(lambda: ticks.append(1))
