@@ -197,7 +197,7 @@ def finetune(
                                             help="Share of each batch also decoded with a negative prompt."),
     synonyms: Optional[Path] = typer.Option(None, help="JSON {data folder name: [extra prompts]} such as "
                                                        "\"breast tumor\", trained like the folder's own prompts."),
-    crop: Optional[int] = typer.Option(None, help="Train on random crops of this side (FiLM-UNet)."),
+    crop: Optional[int] = typer.Option(None, help="Random crops of this side (default: the model's own, 192 for the FiLM-UNet; 0: none)."),
     schedule: str = typer.Option("onecycle", help="onecycle or plateau."),
     patience: int = typer.Option(5),
     seed: int = typer.Option(0),
@@ -207,7 +207,8 @@ def finetune(
 ):
     """Finetune a model on image/mask pairs; resumable; runs under torchrun for several GPUs."""
     from .core.errors import TrainingError, VLSMError
-    from .core.train import TrainSettings, finetune as run_finetune, init_distributed
+    from .core.train import TrainSettings, init_distributed
+    from .core.train import finetune as run_finetune
 
     distributed = init_distributed()
     negatives = list(negative_prompt) + (_read_lines(negatives_file) if negatives_file else [])
@@ -244,8 +245,6 @@ def finetune(
 
 
 def _read_synonyms(path: Path) -> dict:
-    import json
-
     try:
         table = json.loads(path.read_text())
     except (OSError, ValueError) as exc:

@@ -31,7 +31,8 @@ def check_writable(out_dir) -> Path:
 
 def save_checkpoint(backend, target, metadata: dict, extras: dict | None = None) -> Path:
     """Write ``backend``'s model and ``metadata`` to ``target`` atomically; ``extras`` maps
-    sub-folder names to folders copied in with it (the replay sample)."""
+    names to folders copied in with it (the replay sample) or to dicts written as JSON (the
+    model card)."""
     from .loading import quiet_transformers
 
     quiet_transformers()
@@ -39,8 +40,11 @@ def save_checkpoint(backend, target, metadata: dict, extras: dict | None = None)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-tmp-"))
     try:
         backend.save(tmp)
-        for name, folder in (extras or {}).items():
-            shutil.copytree(folder, tmp / name)
+        for name, extra in (extras or {}).items():
+            if isinstance(extra, dict):
+                (tmp / name).write_text(json.dumps(extra, indent=1))
+            else:
+                shutil.copytree(extra, tmp / name)
         (tmp / METADATA).write_text(json.dumps(metadata, indent=1, default=str))
         old = None
         if target.exists():

@@ -40,3 +40,14 @@ def describe(device: torch.device, dtype: torch.dtype) -> str:
     if device.type == "cuda":
         name += f" ({torch.cuda.get_device_name(device)})"
     return f"{name}, {str(dtype).replace('torch.', '')}"
+
+
+def cpu_threads() -> int:
+    """The CPU cores this process may use (its affinity, not the machine's count): the thread
+    count for training, set on purpose rather than left to torch's default."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)

@@ -39,7 +39,7 @@ def quiet_transformers() -> None:
 
 
 def default_model_dir() -> Path:
-    return Path(str(files("napari_vlsm") / "assets" / "polyp_film_unet"))
+    return Path(str(files("napari_vlsm") / "assets" / "default_film_unet"))
 
 
 def clip_tokenizer_dir() -> Path:

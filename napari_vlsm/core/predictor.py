@@ -11,7 +11,6 @@ from .backend import Backend
 from .postprocess import combine_labels, logits_to_probs
 from .preprocess import to_rgb8
 
-
 TEXT_CACHE_SIZE = 1024
 
 

@@ -48,7 +48,7 @@ def cached_models() -> list[ModelEntry]:
 
 
 def find_models(folders=()) -> list[ModelEntry]:
-    found = [ModelEntry(DEFAULT_SPEC, "FiLM-UNet (embedded offline polyp model)", str(default_model_dir()))]
+    found = [ModelEntry(DEFAULT_SPEC, "FiLM-UNet (embedded default: polyps, breast tumours)", str(default_model_dir()))]
     found += cached_models()
     for f in map(Path, folders):
         candidates = [f] + ([p for p in sorted(f.iterdir()) if p.is_dir()] if f.is_dir() else [])

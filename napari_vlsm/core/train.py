@@ -37,12 +37,15 @@ from .backend import TorchBackend
 from .checkpoint import check_writable, read_metadata, save_checkpoint
 from .concepts import NegativePrompts, add_synonyms
 from .data import TRAIN_PROMPT_TYPES, Example, PairCache, augment
+from .device import cpu_threads
+from .errors import TrainingError
+from .model_card import CARD_FILE, card_after_finetune, read_card
 from .prompts import SYNONYM_TYPE
 from .replay import REPLAY_DIR, replay_dir, replay_examples
-from .errors import TrainingError
 
-TARGET_STEPS = 150   # optimiser steps of a round when epochs are not given
+TARGET_STEPS = 250   # optimiser steps of a round when epochs are not given
 TRAIN_MODES_OFFERED = ("auto", "decoder", "full", "lora")
+NEW_FILM_UNET = "new:film-unet"
 SMALL_SET = 100      # below this many examples, all of them train (no validation hold-out)
 CHECKPOINT_EVERY_S = 30  # a short round saves at its end; a long one also every this often
 
@@ -58,9 +61,10 @@ class TrainSettings:
     patience: int = 5              # epochs without validation gain before stopping
     grad_clip: float = 1.0
     augment: bool = True
-    crop: int | None = None        # train on random crops of this side (fully convolutional models)
+    crop: int | None = None        # random crops of this side (None: the model's default_crop; 0: none)
     schedule: str = "onecycle"     # onecycle | plateau
     replay_fraction: float = 0.5   # share of each batch from the base model's replay sample
+    keep_norm_stats: bool = False  # keep the base's batch-norm statistics (measured: learns a new domain worse)
     prompt_types: tuple = TRAIN_PROMPT_TYPES
     val_prompt_type: str = "p1"
     negative_prompts: list = field(default_factory=list)  # prompts for absent things -> empty target
@@ -68,7 +72,7 @@ class TrainSettings:
     cross_negatives: bool = True     # prompts of one pooled concept are negatives on the others' images
     synonyms: dict = field(default_factory=dict)  # data folder name -> extra prompts ("breast tumor")
     seed: int = 0
-    threads: int | None = None
+    threads: int | None = None     # CPU threads for torch (None: the cores this process may use)
 
     def learning_rate(self, backend=None) -> float:
         if self.lr is not None:
@@ -145,7 +149,7 @@ def _make_batch(cache: PairCache, examples, idx, settings, rng, np_rng, backend)
         prompts.append(examples[i].prompt(_prompt_types(settings), rng))
     pixels = backend.preprocess(images)
     target = torch.from_numpy(np.stack(masks)).float().to(backend.device)
-    c = settings.crop
+    c = settings.crop if settings.crop is not None else backend.default_crop
     if c and c < min(target.shape[-2:]):  # one random window for the whole batch
         y, x = (int(np_rng.integers(0, n - c + 1)) for n in target.shape[-2:])
         pixels, target = pixels[..., y:y + c, x:x + c], target[..., y:y + c, x:x + c]
@@ -252,11 +256,13 @@ def _all_reduce_grads(params, world: int) -> None:
 
 def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example], out_dir,
           settings: TrainSettings | None = None, resume: bool = False, metadata: dict | None = None,
-          stop: threading.Event | None = None, replay: Path | None = None) -> Iterator[Progress]:
+          stop: threading.Event | None = None, replay: Path | None = None,
+          card: dict | None = None) -> Iterator[Progress]:
     """Finetune ``backend`` in place; yield progress; keep checkpoints in ``out_dir``.
 
     ``replay``: a replay folder (see ``replay.py``) mixed into every batch and copied into
-    each checkpoint. With ``resume``, training goes on from ``out_dir/last``: the same
+    each checkpoint; ``card``: the base model's card (``model_card.py``), kept with the
+    prompts trained here added. With ``resume``, training goes on from ``out_dir/last``: the same
     schedule when the training set is unchanged, a new round of it when examples were added.
     """
     s = settings or TrainSettings()
@@ -269,8 +275,8 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
     negatives = NegativePrompts(pool if s.cross_negatives else [], _prompt_types(s), s.negative_prompts)
     out = check_writable(out_dir)
     world, rank = _distributed()
-    if s.threads:
-        torch.set_num_threads(s.threads)
+    if backend.device.type == "cpu" or s.threads:
+        torch.set_num_threads(s.threads or cpu_threads())
     random.seed(s.seed)
     torch.manual_seed(s.seed)
     rng, np_rng = random.Random(s.seed + rank), np.random.default_rng(s.seed + rank)
@@ -319,6 +325,9 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
             "replay_examples": len(replay_set), "val_examples": len(val_set), "val_names": [_key(e) for e in val_set],
             "world_size": world, "round": round_no, "history": history, **(metadata or {})}
     extras = {REPLAY_DIR: replay} if replay else {}
+    if card is not None:
+        extras[CARD_FILE] = card_after_finetune(card, [ex.prompts.get("p1", "") for ex in train_set
+                                                       if isinstance(ex.prompts.get("p1"), str)])
     summary = (f"Trained on {len(train_set)} image(s)" + (f" mixed with {len(replay_set)} replay pair(s)" if replay_set
                else "") + f", validated on {len(val_set)}" + ("" if val_set else " (every example trains)"))
 
@@ -334,7 +343,7 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
         return str(save_checkpoint(backend, out / "best", meta, extras)) if improved else None
 
     for epoch in range(start_epoch, epochs):
-        train_mode(backend.module)
+        train_mode(backend.module, s.keep_norm_stats)
         losses = []
         for idx in _batches(len(train_set), n_new, s.seed * 7919 + epoch + 1000 * (round_no - 1), world, rank):
             if stop is not None and stop.is_set():
@@ -416,12 +425,15 @@ def _key(ex: Example) -> str:
     return f"{ex.group}/{ex.name}"
 
 
-def train_mode(module: torch.nn.Module) -> None:
-    """Training mode, except batch norms whose weights are frozen: their running statistics
-    stay as they are, so a part that is not trained does not drift either."""
+def train_mode(module: torch.nn.Module, keep_norm_stats: bool = False) -> None:
+    """Training mode, except batch norms whose weights are frozen (or all of them with
+    ``keep_norm_stats``): their running statistics stay as they are, so a part that is not
+    trained does not drift either, and a few images of a new domain do not shift the
+    statistics every other domain is normalised with."""
     module.train()
     for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (
+                keep_norm_stats or not any(p.requires_grad for p in m.parameters())):
             m.eval()
 
 
@@ -476,7 +488,7 @@ def training_data(data_dirs, val_split: str = "val", val_fraction: float | None 
 
 def load_for_training(spec: str, device="auto") -> TorchBackend:
     """The model to finetune, in fp32: a spec for load_model, or 'new:film-unet'."""
-    if spec == "new:film-unet":
+    if spec == NEW_FILM_UNET:
         from .registry import new_film_unet
 
         return new_film_unet(device)
@@ -502,9 +514,11 @@ def finetune(spec: str, data_dirs, out_dir, settings: TrainSettings | None = Non
         raise TrainingError(str(exc)) from exc
     start = str(last) if resume and (last / "config.json").exists() else spec
     backend = load_for_training(start, device)
-    replay = replay_dir(_folder_of(start)) if s.replay_fraction > 0 else None
+    folder = _folder_of(start)
+    replay = replay_dir(folder) if s.replay_fraction > 0 else None
     meta = {"data": [str(d) for d in data_dirs], "prompt": prompt, **(metadata or {})}
-    yield from train(backend, train_set, val_set, out_dir, s, resume=resume, metadata=meta, stop=stop, replay=replay)
+    yield from train(backend, train_set, val_set, out_dir, s, resume=resume, metadata=meta, stop=stop, replay=replay,
+                     card=read_card(folder))
 
 
 def _folder_of(spec: str) -> Path | None:
