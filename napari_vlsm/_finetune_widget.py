@@ -12,12 +12,24 @@ import numpy as np
 from napari.qt.threading import thread_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
-                            QListWidget, QMessageBox, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QMessageBox,
+    QPushButton,
+    QSpinBox,
+    QWidget,
+)
 
 from . import layers as L
 from ._plot import CurvePlot
-from ._qt_helpers import fill_layer_combo, on_layers_changed, sibling
+from ._qt_helpers import fill_layer_combo, on_layers_changed, scrolling_layout, sibling
 from ._widget import SegmentWidget
 from .core.data import read_index, remove_example, write_benchmark_example
 from .core.errors import VLSMError
@@ -63,7 +75,7 @@ class FinetuneWidget(QWidget):
         form.addRow("Prompt", self.prompt_edit)
         self.add_btn = QPushButton("Add current image + labels")
         self.examples = QListWidget()
-        self.examples.setMaximumHeight(110)
+        self.examples.setMinimumHeight(110)  # the dock scrolls; the list shows its rows
         self.remove_btn = QPushButton("Remove selected")
 
         self.mode_combo = QComboBox()
@@ -102,7 +114,7 @@ class FinetuneWidget(QWidget):
         self.status = QLabel("")
         self.status.setWordWrap(True)
 
-        layout = QVBoxLayout(self)
+        layout = scrolling_layout(self)
         layout.addLayout(form)
         layout.addWidget(self.add_btn)
         layout.addWidget(QLabel("Collected examples"))
@@ -270,10 +282,10 @@ class FinetuneWidget(QWidget):
         pbar.total, pbar.n = ev.steps, ev.step
         pbar.set_description(f"Finetuning, epoch {ev.epoch}/{ev.epochs}")  # also redraws
         if ev.kind == "step":
-            self.plot.add("loss", ev.loss)
+            self.plot.add("loss", ev.loss, ev.step)
         elif ev.kind == "epoch":
-            self.plot.add("val Dice", ev.val_dice)
-            eta = f", about {ev.eta:.0f} s left" if ev.eta is not None else ""
+            self.plot.add("val Dice", ev.val_dice, ev.step)
+            eta = f", about {ev.eta:.0f} s left" if ev.eta and ev.epoch < ev.epochs else ""
             self.status.setText(f"Epoch {ev.epoch}/{ev.epochs}: loss {ev.loss:.3f}"
                                 + (f", val Dice {ev.val_dice:.3f}" if ev.val_dice is not None else "") + eta)
         elif ev.kind == "done":

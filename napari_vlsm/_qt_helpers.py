@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+PROBABILITY_KEY = "vlsm_probability"
+
+
+def is_probability_map(layer) -> bool:
+    return bool(layer.metadata.get(PROBABILITY_KEY))
+
 
 def on_layers_changed(viewer, callback) -> None:
-    """Call ``callback`` when layers are added, removed or reordered."""
+    """Call ``callback`` when layers are added, removed, reordered or renamed."""
     ev = viewer.layers.events
     for e in (ev.inserted, ev.removed, ev.reordered):
         e.connect(callback)
+    for layer in viewer.layers:
+        layer.events.name.connect(callback)
+    ev.inserted.connect(lambda event: event.value.events.name.connect(callback))
+
+
+def scrolling_layout(widget):
+    """Give ``widget`` a scroll area and return the layout inside it, so a dock taller than
+    the screen scrolls instead of pushing its last controls off the bottom."""
+    from qtpy.QtWidgets import QFrame, QScrollArea, QVBoxLayout, QWidget
+
+    inner = QWidget()
+    scroll = QScrollArea()
+    scroll.setWidget(inner)
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QFrame.Shape.NoFrame)
+    outer = QVBoxLayout(widget)
+    outer.setContentsMargins(0, 0, 0, 0)
+    outer.addWidget(scroll)
+    return QVBoxLayout(inner)
 
 
 def sibling(widget, cls):
@@ -21,11 +46,12 @@ def sibling(widget, cls):
 
 
 def fill_layer_combo(combo, viewer, kind) -> None:
-    """List the names of the viewer's layers of ``kind``, keeping the current choice."""
+    """List the names of the viewer's layers of ``kind``, keeping the current choice. The
+    plugin's own probability maps are not images to segment and are left out."""
     current = combo.currentText()
     combo.blockSignals(True)
     combo.clear()
-    combo.addItems([ly.name for ly in viewer.layers if isinstance(ly, kind)])
+    combo.addItems([ly.name for ly in viewer.layers if isinstance(ly, kind) and not is_probability_map(ly)])
     if current:
         combo.setCurrentText(current)
     combo.blockSignals(False)

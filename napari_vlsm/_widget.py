@@ -11,19 +11,32 @@ import numpy as np
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_warning
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
-                            QLineEdit, QPlainTextEdit, QPushButton, QSlider, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPlainTextEdit,
+    QPushButton,
+    QSlider,
+    QVBoxLayout,
+    QWidget,
+)
 
 from . import layers as L
-from ._qt_helpers import fill_layer_combo, on_layers_changed
+from ._qt_helpers import PROBABILITY_KEY, fill_layer_combo, is_probability_map, on_layers_changed, scrolling_layout
 from .core.errors import VLSMError
+from .core.model_card import card_for, describe_card, nothing_found_hint
 from .core.postprocess import combine_labels
 from .core.prompts import CHOICES, build_prompt
 from .session import SegmentSession
 
-DEFAULT_NOTE = ("Default: a small offline polyp model for colonoscopy images, trained by this project. "
-                "For a general model run 'napari-vlsm models pull CIDAS/clipseg-rd64-refined' on a machine "
-                "that is online, then pick it here.")
+OTHER_MODELS_NOTE = ("For a general model run 'napari-vlsm models pull CIDAS/clipseg-rd64-refined' on a machine "
+                     "that is online, then pick it here.")
 HISTORY_SIZE = 20
 
 
@@ -49,8 +62,10 @@ class SegmentWidget(QWidget):
         self.prompt_edit.setMaximumHeight(70)
         form.addRow("Prompts", self.prompt_edit)
         self.history_combo = QComboBox()
-        self.history_combo.setPlaceholderText("Recent prompts")
-        form.addRow("History", self.history_combo)
+        self.history_combo.setPlaceholderText("Recent and suggested prompts")
+        self.history: list[str] = []
+        self.suggestions: list[str] = []
+        form.addRow("Prompts to pick", self.history_combo)
 
         self.builder = QGroupBox("Prompt builder (benchmark attributes)")
         self.builder.setCheckable(True)
@@ -76,6 +91,9 @@ class SegmentWidget(QWidget):
         bform.addRow(self.add_prompt_btn)
 
         self.model_combo = QComboBox()
+        # long folder names must not widen the dock: show about 24 characters, the rest on hover
+        self.model_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.model_combo.setMinimumContentsLength(24)
         self.browse_btn = QPushButton("Folder…")
         row = QHBoxLayout()
         row.addWidget(self.model_combo, 1)
@@ -84,12 +102,13 @@ class SegmentWidget(QWidget):
         self.device_combo = QComboBox()
         self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
         form.addRow("Device", self.device_combo)
-        self.model_info = QLabel(DEFAULT_NOTE)
+        self.model_info = QLabel("")
         self.model_info.setWordWrap(True)
 
         self.threshold = QSlider(Qt.Horizontal)
         self.threshold.setRange(1, 99)
         self.threshold.setValue(50)
+        self.threshold.setTracking(False)  # apply on release: one undo entry per drag
         self.threshold_label = QLabel("0.50")
         trow = QHBoxLayout()
         trow.addWidget(self.threshold, 1)
@@ -118,7 +137,7 @@ class SegmentWidget(QWidget):
         self.status.setWordWrap(True)
         self.status.setMinimumHeight(48)  # two lines, so a wrapped message is not cut
 
-        layout = QVBoxLayout(self)
+        layout = scrolling_layout(self)
         layout.addLayout(form)
         layout.addWidget(self.builder)
         layout.addWidget(self.model_info)
@@ -135,6 +154,7 @@ class SegmentWidget(QWidget):
         self.browse_btn.clicked.connect(self._browse_model)
         self.model_combo.currentIndexChanged.connect(self._model_changed)
         self.threshold.valueChanged.connect(self._rethreshold)
+        self.threshold.sliderMoved.connect(lambda v: self.threshold_label.setText(f"{v / 100:.2f}"))
         self.mode_combo.currentIndexChanged.connect(self._refresh_layers)
         self.segment_btn.clicked.connect(self.run)
         self.cancel_btn.clicked.connect(self.cancel)
@@ -146,7 +166,7 @@ class SegmentWidget(QWidget):
 
     def _follow_selection(self, event=None):
         layer = self.viewer.layers.selection.active
-        if isinstance(layer, napari.layers.Image):
+        if isinstance(layer, napari.layers.Image) and not is_probability_map(layer):
             self.image_combo.setCurrentText(layer.name)
 
     def _refresh_models(self):
@@ -157,6 +177,7 @@ class SegmentWidget(QWidget):
         for m in find_models():
             self.model_combo.addItem(f"{m.spec}  [{m.kind}]", m.spec)
         self.model_combo.blockSignals(False)
+        self._model_changed()
 
     def add_model(self, spec: str, select: bool = True):
         """Add a model (folder or id) to the chooser, optionally making it the active one."""
@@ -174,7 +195,11 @@ class SegmentWidget(QWidget):
 
     def _model_changed(self, *_):
         spec = self.model_spec
-        self.model_info.setText(DEFAULT_NOTE if spec == "default" else f"Model: {spec}")
+        card = card_for(spec)
+        self.model_info.setText(describe_card(card) + ("" if spec != "default" else " " + OTHER_MODELS_NOTE)
+                                if card else f"Model: {spec}")
+        self.suggestions = list(card.get("suggestions", []))
+        self._fill_prompt_choices()
 
     def _add_built_prompt(self):
         attrs = {k: c.currentText().strip() for k, c in self.attr_combos.items()}
@@ -260,12 +285,20 @@ class SegmentWidget(QWidget):
         else:
             show_error(f"Segmentation failed: {type(exc).__name__}: {exc}")
         self.status.setText("Failed; your layers were not changed.")
+        failed = self.model_spec
+        if failed != (self.session.spec or "default") and failed != "default":  # the model did not load
+            self.model_combo.removeItem(self.model_combo.findData(failed))
+            self.add_model(self.session.spec or "default")
+            self.status.setText(f"Could not load {failed}; back to {self.model_spec}. Your layers were not changed.")
 
     def _remember(self, text: str):
-        if self.history_combo.findText(text) < 0:
-            self.history_combo.insertItem(0, text)
-            while self.history_combo.count() > HISTORY_SIZE:
-                self.history_combo.removeItem(HISTORY_SIZE)
+        self.history = [text] + [h for h in self.history if h != text][:HISTORY_SIZE - 1]
+        self._fill_prompt_choices()
+
+    def _fill_prompt_choices(self):
+        """Recent prompts first, then what the model was trained on."""
+        self.history_combo.clear()
+        self.history_combo.addItems(self.history + [s for s in self.suggestions if s not in self.history])
 
     def _target_layer(self):
         name = self.target_combo.currentText()
@@ -294,20 +327,28 @@ class SegmentWidget(QWidget):
             L.use_bright_colours(target, values)
         target.metadata.update(vlsm_model=self.session.spec, vlsm_prompts=list(result.prompts),
                                vlsm_threshold=self.threshold_value, vlsm_image=image_layer.name)
-        # the result becomes the active layer, ready for the brush; announced again even when it
-        # already was (a new layer is active before its metadata is set), so Finetune follows it
-        self.viewer.layers.selection.active = None
-        self.viewer.layers.selection.active = target
         single = len(result.probs) == 1  # only a single plane is kept for the threshold slider
         self.session.last = result if single else None
         self.session.last_write = L.LabelWrite(target, index, write_mode, values, before, written) if single else None
         if self.show_probs.isChecked():
             self._add_probability_layer(image_layer, result)
+        # the result becomes the active layer, ready for the brush; announced again even when it
+        # already was (a new layer is active before its metadata is set), so Finetune follows it
+        self.viewer.layers.selection.active = None
+        self.viewer.layers.selection.active = target
         backend = self.session.backend
         from .core.device import describe
 
-        self.status.setText(f"Wrote {len(result.probs)} plane(s) to '{target.name}' with {backend.name} "
-                            f"on {describe(backend.device, backend.dtype)}.")
+        self.status.setText(self._result_message(result, target, f"{backend.name} on "
+                                                 f"{describe(backend.device, backend.dtype)}"))
+
+    def _result_message(self, result, target, engine: str) -> str:
+        highest = max(float(p.max()) for p in result.probs.values())
+        if highest < self.threshold_value:
+            return (f"Nothing above threshold {self.threshold_value:.2f} (highest probability {highest:.2f}) for "
+                    f"{', '.join(repr(p) for p in result.prompts)}. "
+                    + nothing_found_hint(card_for(self.session.spec), result.prompts))
+        return f"Wrote {len(result.probs)} plane(s) to '{target.name}' with {engine}."
 
     def _add_probability_layer(self, image_layer, result):
         index, probs = next(iter(result.probs.items()))
@@ -317,13 +358,17 @@ class SegmentWidget(QWidget):
             self.viewer.layers[name].data = data
         else:
             self.viewer.add_image(data, name=name, colormap="magma", opacity=0.5, contrast_limits=(0, 1),
-                                  scale=image_layer.scale[-2:], translate=image_layer.translate[-2:])
+                                  scale=image_layer.scale[-2:], translate=image_layer.translate[-2:],
+                                  metadata={PROBABILITY_KEY: True})
 
     def _rethreshold(self, value: int):
         """Apply a new threshold to the last probabilities, without running the model."""
         self.threshold_label.setText(f"{value / 100:.2f}")
         last, write = self.session.last, self.session.last_write
         if last is None or write is None or write.layer not in self.viewer.layers:
+            if self.viewer.layers:
+                self.status.setText(f"Threshold {value / 100:.2f} applies to the next Segment (the slider "
+                                    "re-thresholds a single segmented plane only).")
             return
         if not np.array_equal(L.plane(write.layer, write.index), write.written):
             self.status.setText("The layer was edited since; press Segment to apply the new threshold.")
