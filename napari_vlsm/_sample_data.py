@@ -1,4 +1,4 @@
-"""Sample data: real colonoscopy frames shipped with the package, and medical images
+"""Sample data: real colonoscopy frames and a breast ultrasound image shipped with the package, and medical images
 that installed packages carry offline (scikit-image's retina, pydicom's CT and MR)."""
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ def _sample_dir() -> Path:
 
 
 def colonoscopy_frames() -> list[Path]:
-    return sorted(_sample_dir().glob("*.jpg"))
+    return sorted(p for p in _sample_dir().glob("*.jpg") if p.name.startswith(("kvasir_seg", "clinicdb")))
 
 
 def _frame(prefix: str):
-    path = next(p for p in colonoscopy_frames() if p.name.startswith(prefix))
+    path = next(p for p in sorted(_sample_dir().glob("*.jpg")) if p.name.startswith(prefix))
     layers = [(read_image(path), {"name": path.stem, "rgb": True}, "image")]
     mask = _sample_dir() / "masks" / f"{path.stem}.png"
     if mask.exists():
@@ -35,6 +35,10 @@ def kvasir_polyp():
 
 def clinicdb_polyp():
     return _frame("clinicdb")
+
+
+def breast_ultrasound():
+    return _frame("busi")
 
 
 def colonoscopy_stack():

@@ -12,14 +12,14 @@ def test_manifest_validates():
     assert res.returncode == 0 and "valid" in res.stdout, res.stdout + res.stderr
 
 
-@pytest.mark.parametrize("key", ["kvasir_polyp", "clinicdb_polyp", "colonoscopy_stack", "retina_fundus",
+@pytest.mark.parametrize("key", ["kvasir_polyp", "clinicdb_polyp", "breast_ultrasound", "colonoscopy_stack", "retina_fundus",
                                  "ct_slice", "mr_slice"])
 def test_each_sample_opens_offline(make_napari_viewer, key):
     viewer = make_napari_viewer()
     layers = viewer.open_sample("napari-vlsm", key)
     image = layers[0]
     assert image.data.size > 0 and image.data.ndim >= 2
-    if key in ("kvasir_polyp", "clinicdb_polyp", "retina_fundus"):
+    if key in ("kvasir_polyp", "clinicdb_polyp", "breast_ultrasound", "retina_fundus"):
         assert image.rgb
     if key in ("ct_slice", "mr_slice"):
         assert image.data.dtype == np.int16
