@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from common import machine, sync  # noqa: E402
 
 from napari_vlsm.core import train as T  # noqa: E402

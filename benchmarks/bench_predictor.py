@@ -25,9 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from common import PeakMemory, machine, sync, timed  # noqa: E402
 
 from napari_vlsm.core.batch import segment_files  # noqa: E402

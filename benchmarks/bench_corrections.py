@@ -1,0 +1,189 @@
+"""The simulated annotator: does the model need fewer corrections as it learns from them,
+and does it keep what it knew?
+
+Leave-one-domain-out on ../shared/data. A base model that never saw the new domain (the
+project's earlier embedded model, trained on Kvasir-SEG and CVC-ClinicDB only) meets a new
+domain (BUSI breast ultrasound). Each round the current model segments N new training images
+of that domain with the annotator's prompt; effort is what the annotator must fix (wrong
+pixels as a share of the image, and 1 - Dice); the ground truth stands in for the corrected
+masks, which join the corrections folder; then `napari-vlsm finetune` with its defaults
+trains the next model from the current one, as the widget does. After each round: Dice on a
+fixed test set of the new domain (its val split), Dice on Kvasir-SEG val with "polyp"
+(forgetting), and the share of new-domain images where "polyp" draws a mask over 1%.
+
+Arms: the recipe as shipped (replay sample mixed in) and the same without replay.
+
+    python benchmarks/bench_corrections.py --base runs/polyp_base --replay-from \\
+        ../shared/data/kvasir_seg ../shared/data/clinicdb --threads 2 --plot docs/corrections.png
+
+Extract the base with: git archive 4623722 napari_vlsm/assets/polyp_film_unet | tar -x -C /tmp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+from common import machine  # noqa: E402
+
+from napari_vlsm.core.data import benchmark_examples  # noqa: E402
+from napari_vlsm.core.loading import load_model  # noqa: E402
+from napari_vlsm.core.metrics import dice  # noqa: E402
+from napari_vlsm.core.predictor import Predictor  # noqa: E402
+from napari_vlsm.core.replay import REPLAY_DIR, write_replay_sample  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def masks_for(model: str, examples, prompt: str):
+    pred = Predictor(load_model(model, device="cpu", dtype="fp32"))
+    for ex in examples:
+        image, truth = ex.load()
+        pred.set_image(image)
+        yield pred.predict(prompt).masks[0], truth
+
+
+def scores(model: str, examples, prompt: str) -> dict:
+    d, wrong, empty_hits = [], [], []
+    for mask, truth in masks_for(model, examples, prompt):
+        d.append(dice(mask, truth))
+        wrong.append(float((mask != truth).mean()))
+        empty_hits.append(float(mask.mean() > 0.01))
+    return {"dice": float(np.mean(d)), "wrong": float(np.mean(wrong)), "hits": float(np.mean(empty_hits))}
+
+
+def add_corrections(folder: Path, examples, prompt: str) -> None:
+    """The ground truth stands for the annotator's corrected masks: copy the pairs in."""
+    ann = folder / "anns" / "train.json"
+    rows = json.loads(ann.read_text()) if ann.exists() else []
+    for ex in examples:
+        for sub, src in (("images", Path(ex.image)), ("masks", Path(ex.mask))):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, folder / sub / src.name)
+        rows.append({"img_name": Path(ex.image).name, "mask_name": Path(ex.mask).name, "cat": 0,
+                     "prompts": {"p1": prompt}})
+    ann.parent.mkdir(parents=True, exist_ok=True)
+    ann.write_text(json.dumps(rows))
+
+
+def run_arm(args, name: str, replay: float) -> list[dict]:
+    work = Path(args.work) / name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    pool = benchmark_examples(Path(args.domain), "train")
+    pool = [pool[i] for i in np.random.default_rng(args.seed).permutation(len(pool))]
+    test = benchmark_examples(Path(args.domain), "val")
+    base_set = benchmark_examples(Path(args.forget_set), "val")
+    model, rows = args.base_with_replay, []
+    for r in range(args.rounds + 1):
+        row = {"arm": name, "corrections": r * args.per_round}
+        t = scores(model, test, args.prompt)
+        row.update(test_dice=t["dice"], polyp_on_domain=scores(model, test, "polyp")["hits"],
+                   base_dice=scores(model, base_set, "polyp")["dice"])
+        if r == args.rounds:
+            rows.append(row)
+            break
+        batch = pool[r * args.per_round:(r + 1) * args.per_round]
+        effort = scores(model, batch, args.prompt)
+        row.update(effort_wrong=effort["wrong"], effort_1_minus_dice=1 - effort["dice"])
+        add_corrections(work / "corrections", batch, args.prompt)
+        out = work / f"round{r + 1}"
+        cmd = [sys.executable, "-m", "napari_vlsm.cli", "finetune", str(work / "corrections"), "--model", model,
+               "--out", str(out), "--replay-fraction", str(replay), "--device", "cpu"]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        t0 = time.time()
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        row["train_s"] = time.time() - t0
+        if res.returncode != 0:
+            sys.exit(f"finetune failed in round {r + 1}:\n{res.stdout}\n{res.stderr}")
+        row["summary"] = next((ln.strip() for ln in (res.stdout + res.stderr).splitlines()
+                               if ln.startswith("Trained on")), "")
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        model = str(out / "best")
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", required=True, help="Model folder that has not seen --domain.")
+    ap.add_argument("--replay-from", nargs="*", default=[], help="The base's training folders (for its replay "
+                                                                   "sample, when it has none).")
+    ap.add_argument("--domain", default=str(DATA / "busi"))
+    ap.add_argument("--prompt", default="breast tumor", help="What the annotator types for the new domain.")
+    ap.add_argument("--forget-set", default=str(DATA / "kvasir_seg"))
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--per-round", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arms", default="replay,no-replay")
+    ap.add_argument("--work", default="runs/bench_corrections")
+    ap.add_argument("--plot", default="")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    base = Path(args.work) / "base"
+    shutil.rmtree(base, ignore_errors=True)
+    shutil.copytree(args.base, base)
+    if not (base / REPLAY_DIR).exists() and args.replay_from:
+        write_replay_sample(args.replay_from, base)
+    args.base_with_replay = str(base)
+    print(f"Machine: {machine()}; finetune threads: {args.threads}")
+    rows = []
+    for arm in args.arms.split(","):
+        rows += run_arm(args, arm, 0.5 if arm == "replay" else 0.0)
+    print()
+    print("| arm | corrections | effort: wrong pixels | effort: 1 - Dice | test Dice | polyp Dice (Kvasir val) "
+          "| 'polyp' hits on new domain | finetune s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        f = lambda k, fmt="{:.3f}": fmt.format(r[k]) if k in r else "-"  # noqa: E731
+        print(f"| {r['arm']} | {r['corrections']} | {f('effort_wrong')} | {f('effort_1_minus_dice')} | "
+              f"{f('test_dice')} | {f('base_dice')} | {f('polyp_on_domain')} | {f('train_s', '{:.0f}')} |")
+    (Path(args.work) / "results.json").write_text(json.dumps(rows, indent=1))
+    if args.plot:
+        plot(rows, args.plot)
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        rs = [r for r in rows if r["arm"] == arm]
+        x = [r["corrections"] for r in rs]
+        axes[0].plot(x, [r["test_dice"] for r in rs], "o-", label=f"new domain test Dice ({arm})")
+        axes[0].plot(x, [r["base_dice"] for r in rs], "s--", label=f"polyp Dice, Kvasir val ({arm})")
+        xe = [r["corrections"] for r in rs if "effort_wrong" in r]
+        axes[1].plot(xe, [r["effort_1_minus_dice"] for r in rs if "effort_wrong" in r], "o-",
+                     label=f"1 - Dice of the next {len(xe) and 20} ({arm})")
+        axes[1].plot(xe, [r["effort_wrong"] for r in rs if "effort_wrong" in r], "s--",
+                     label=f"wrong pixels / area ({arm})")
+    axes[0].set(xlabel="corrected masks trained on", ylabel="Dice", ylim=(0, 1), title="Quality")
+    axes[1].set(xlabel="corrected masks trained on", ylabel="share", ylim=(0, 1), title="Annotator effort")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"Plot: {path}")
+
+
+if __name__ == "__main__":
+    main()
