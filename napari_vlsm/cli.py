@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -18,8 +19,9 @@ app = typer.Typer(help="Text-prompted segmentation of 2D medical images with vis
 models_app = typer.Typer(help="List and fetch models.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
 console = Console(stderr=True)
+REPORT_EVERY = 50  # results between report rewrites during a long segment run
 
-MODEL_HELP = "Model: 'default' (embedded offline polyp model), a local folder, or a Hugging Face id."
+MODEL_HELP = "Model: 'default' (embedded offline model), a local folder, or a Hugging Face id."
 
 
 def _progress() -> Progress:
@@ -28,7 +30,8 @@ def _progress() -> Progress:
 
 
 def _fail(message: str, code: int = 2):
-    console.print(f"[red]Error:[/red] {message}")
+    """One line (paths are not wrapped), with the message's brackets shown as written."""
+    console.print(f"[red]Error:[/red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -56,7 +59,9 @@ def segment(
     dtype: str = typer.Option("auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
 ):
     """Segment images with text prompts; one label mask per image."""
-    from .core.batch import segment_files, write_sidecar
+    from .core.batch import OutputLock, segment_files, write_report, write_sidecar
+    from .core.errors import VLSMError
+    from .core.checkpoint import check_writable
     from .core.imageio import list_images
     from .core.predictor import Predictor, clean_prompts
 
@@ -66,36 +71,46 @@ def segment(
         prompts = clean_prompts(prompt)
     except ValueError as exc:
         _fail(str(exc))
-    files = list_images(paths)
+    notes: list[str] = []
+    files = list_images(paths, notes)
+    for note in notes:
+        console.print(f"Note: {escape(note)}", soft_wrap=True)
     if not files:
         _fail("No images found in " + ", ".join(map(str, paths)) + ".")
+    try:
+        check_writable(out)
+    except OSError as exc:
+        _fail(str(exc))
     backend = _load(model, device, dtype)
     predictor = Predictor(backend, threshold)
-    write_sidecar(out, prompts, backend.source, threshold)
     bs = batch_size or (8 if backend.device.type == "cuda" else 1)
     counts = {"ok": 0, "skipped": 0, "failed": 0}
-    report = []
-    with _progress() as bar:
-        task = bar.add_task("Segmenting", total=len(files), info="")
-        for res in segment_files(predictor, files, prompts, out, threshold, resume, fmt, bs):
-            counts[res.status] += 1
-            report.append(res)
-            if res.status == "failed":
-                console.print(f"[yellow]Skipped[/yellow] {res.path}: {res.message}")
-            bar.update(task, advance=1, info=res.path.name)
-    _write_report(out / "segment_report.csv", report, prompts)
-    console.print(f"{counts['ok']} segmented, {counts['skipped']} skipped (mask existed), {counts['failed']} failed. "
-                  f"Masks and labels.json in {out}")
+    report, error = [], None
+    try:
+        with OutputLock(out), _progress() as bar:
+            write_sidecar(out, prompts, backend.source, threshold, resume)
+            task = bar.add_task("Segmenting", total=len(files), info="")
+            for res in segment_files(predictor, files, prompts, out, threshold, resume, fmt, bs):
+                counts[res.status] += 1
+                report.append(res)
+                if res.status == "failed":
+                    console.print(f"Skipped {escape(str(res.path))}: {escape(res.message)}", soft_wrap=True)
+                if len(report) % REPORT_EVERY == 0:  # so a crash leaves a report to resume from
+                    write_report(out, report, prompts)
+                bar.update(task, advance=1, info=res.path.name)
+    except (OSError, RuntimeError, ValueError, VLSMError) as exc:
+        error = str(exc) if not isinstance(exc, OSError) else f"{exc.strerror or exc} ({exc.filename or out})"
+    if report:
+        try:
+            write_report(out, report, prompts)
+        except OSError as exc:
+            error = error or f"the report could not be written: {exc.strerror or exc}"
+    console.print(f"{counts['ok']} segmented, {counts['skipped']} skipped (mask existed), {counts['failed']} failed"
+                  f" of {len(files)}. Masks and labels.json in {out}", soft_wrap=True)
+    if error:
+        _fail(f"Stopped: {error}. Masks already written are kept; run again with --resume to go on.")
     if counts["failed"]:
         raise typer.Exit(1)
-
-
-def _write_report(path: Path, results, prompts) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "status", "mask", "message"] + [f"area_{i + 1}" for i in range(len(prompts))])
-        for r in results:
-            w.writerow([r.path, r.status, r.out or "", r.message] + list(r.areas))
 
 
 @app.command()
@@ -105,7 +120,7 @@ def evaluate(
     prompt_type: str = typer.Option("p1", help="Benchmark prompt type, p1 to p9."),
     split: str = typer.Option("val"),
     threshold: float = typer.Option(0.5, min=0.0, max=1.0),
-    csv_out: Optional[Path] = typer.Option(None, "--csv", help="Per-image CSV (default: evaluation_<split>_<type>.csv)."),
+    csv_out: Optional[Path] = typer.Option(None, "--csv", help="Per-image CSV (default: evaluation_<folder>_<split>_<type>.csv)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N images."),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto", help="auto, fp32, bf16, fp16."),
@@ -123,7 +138,12 @@ def evaluate(
     rows = []
     from .core.prompts import load_annotations
 
-    n = len(load_annotations(data_dir / "anns" / f"{split}.json"))
+    try:
+        n = len(load_annotations(data_dir / "anns" / f"{split}.json"))
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    if n == 0:
+        _fail(f"{data_dir / 'anns' / (split + '.json')} lists no images; nothing to evaluate.")
     with _progress() as bar:
         task = bar.add_task("Evaluating", total=min(n, limit or n), info="")
         try:
@@ -270,12 +290,21 @@ def export_onnx(
     opset: int = typer.Option(18),
 ):
     """Export a model to two ONNX graphs (image encoder, prompt decoder) for onnxruntime."""
+    from .core.checkpoint import check_writable
     from .core.onnx_export import export
 
+    try:
+        import onnx  # noqa: F401  (the exporter needs it; say how to get it)
+    except ImportError:
+        _fail("Exporting needs the onnx packages: pip install 'napari-vlsm[onnx]' (or [gpu] for onnxruntime-gpu).")
+    try:
+        check_writable(out_dir)
+    except OSError as exc:
+        _fail(str(exc))
     backend = _load(model, "cpu", "fp32")
     try:
         paths = export(backend, out_dir, opset=opset)
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, OSError) as exc:
         _fail(str(exc))
     console.print("Wrote " + ", ".join(str(p) for p in paths))
 

@@ -15,6 +15,18 @@ import numpy as np
 import torch
 
 TRAIN_MODES = ("decoder", "full", "lora")
+MAX_TOKENS = 77  # the CLIP text encoders' context
+
+
+def warn_if_cut(tokenizer, prompts) -> None:
+    """Say so when a prompt is longer than the text encoder reads (it is cut)."""
+    import warnings
+
+    for p in prompts:
+        n = len(tokenizer(p, truncation=False)["input_ids"])
+        if n > MAX_TOKENS:
+            warnings.warn(f"The prompt '{p[:40]}…' has {n} tokens; the text encoder reads the first {MAX_TOKENS}, "
+                          "the rest is ignored. Shorten it to what matters.", UserWarning, stacklevel=3)
 
 
 class Backend(ABC):
@@ -59,7 +71,9 @@ class TorchBackend(Backend):
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Token ids padded to the longest prompt (the CLIP text encoders pool at the
         end-of-text token, so shorter padding gives the same embedding for less work)."""
-        batch = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt")
+        batch = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=MAX_TOKENS,
+                               return_overflowing_tokens=False, return_length=False, return_tensors="pt")
+        warn_if_cut(self.tokenizer, prompts)
         return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:

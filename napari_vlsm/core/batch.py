@@ -11,10 +11,13 @@ from typing import Iterator
 
 import numpy as np
 
+from .atomic import atomic_write_text
 from .imageio import read_image, write_mask
 from .predictor import Predictor, clean_prompts
 
 SIDECAR = "labels.json"
+REPORT = "segment_report.csv"
+LOCK = ".napari-vlsm.lock"
 
 
 @dataclass
@@ -26,13 +29,76 @@ class FileResult:
     areas: tuple = ()    # pixels per label value 1..P
 
 
-def write_sidecar(out_dir: Path, prompts: list[str], model: str, threshold: float) -> Path:
-    """labels.json: which label value stands for which prompt, and how the masks were made."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / SIDECAR
-    path.write_text(json.dumps({"labels": {str(i + 1): p for i, p in enumerate(prompts)}, "background": 0,
-                                "model": model, "threshold": threshold}, indent=1))
-    return path
+def write_sidecar(out_dir: Path, prompts: list[str], model: str, threshold: float, resume: bool = False) -> Path:
+    """labels.json: which label value stands for which prompt, and how the masks were made.
+    A resumed run must use the prompts the masks already on disk were made with."""
+    path = Path(out_dir) / SIDECAR
+    labels = {str(i + 1): p for i, p in enumerate(prompts)}
+    if resume and path.exists():
+        try:
+            before = json.loads(path.read_text()).get("labels")
+        except (OSError, ValueError, AttributeError):
+            before = None
+        if before is not None and before != labels:
+            raise ValueError(f"{path} says the masks there were made for {before}, not {labels}. Resume with the "
+                             "same prompts, or write to a new --out.")
+    return atomic_write_text(path, json.dumps({"labels": labels, "background": 0, "model": model,
+                                               "threshold": threshold}, indent=1))
+
+
+def finished_masks(out_dir: Path) -> dict[str, Path]:
+    """image path -> its mask, for the images a previous run's report lists as done and
+    whose mask is still a non-empty file (a 0-byte mask left by a crash is redone)."""
+    import csv
+
+    report = Path(out_dir) / REPORT
+    done = {}
+    try:
+        with open(report, newline="") as f:
+            for row in csv.DictReader(f):
+                mask = Path(row.get("mask") or "")
+                if row.get("status") in ("ok", "skipped") and mask.is_file() and mask.stat().st_size > 0:
+                    done[row["image"]] = mask
+    except (OSError, ValueError, csv.Error):
+        return {}
+    return done
+
+
+def write_report(out_dir: Path, results, prompts) -> Path:
+    """segment_report.csv, written whole or not at all."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["image", "status", "mask", "message"] + [f"area_{i + 1}" for i in range(len(prompts))])
+    for r in results:
+        w.writerow([r.path, r.status, r.out or "", r.message] + list(r.areas))
+    return atomic_write_text(Path(out_dir) / REPORT, buf.getvalue())
+
+
+class OutputLock:
+    """Hold ``out_dir`` for one run: a second run into the same folder is told at once."""
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / LOCK
+        self.file = None
+
+    def __enter__(self):
+        import fcntl
+
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.close()
+            raise RuntimeError(f"Another napari-vlsm run is writing into {self.path.parent}; wait for it to "
+                               "finish or choose another --out.") from None
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+        self.path.unlink(missing_ok=True)
 
 
 def mask_paths(out_dir: Path, images: list[Path], fmt: str) -> dict[Path, Path]:
@@ -80,9 +146,10 @@ def segment_files(predictor: Predictor, paths: list[Path], prompts, out_dir, thr
     out_dir = Path(out_dir)
     paths = [Path(p) for p in paths]
     targets = mask_paths(out_dir, paths, fmt)
+    done = finished_masks(out_dir) if resume else {}
     todo = []
     for p in paths:
-        if resume and targets[p].exists():
+        if done.get(str(p)) == targets[p]:
             yield FileResult(p, "skipped", targets[p], "mask exists")
         else:
             todo.append(p)

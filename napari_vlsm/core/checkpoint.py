@@ -12,7 +12,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .atomic import apply_umask
+
 METADATA = "training.json"
+BEST, LAST = "best", "last"
 
 
 def check_writable(out_dir) -> Path:
@@ -39,6 +42,7 @@ def save_checkpoint(backend, target, metadata: dict, extras: dict | None = None)
     target = Path(target)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-tmp-"))
     try:
+        apply_umask(tmp, directory=True)
         backend.save(tmp)
         for name, extra in (extras or {}).items():
             if isinstance(extra, dict):
@@ -59,6 +63,24 @@ def save_checkpoint(backend, target, metadata: dict, extras: dict | None = None)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def recover_checkpoints(out_dir) -> list[str]:
+    """Put a run folder back in order after a kill: a checkpoint whose swap was cut between
+    its two renames gets its previous version back; leftover temporary folders go. Returns
+    what was done, for the log."""
+    out, notes = Path(out_dir), []
+    if not out.is_dir():
+        return notes
+    for name in (BEST, LAST):
+        olds = sorted(out.glob(f".{name}-old-*"), key=lambda p: p.stat().st_mtime)
+        if olds and not (out / name).exists():
+            os.replace(olds.pop(), out / name)
+            notes.append(f"restored {name}/ from an interrupted save")
+        for leftover in olds + list(out.glob(f".{name}-tmp-*")):
+            shutil.rmtree(leftover, ignore_errors=True)
+            notes.append(f"removed {leftover.name}")
+    return notes
 
 
 def read_metadata(folder) -> dict:

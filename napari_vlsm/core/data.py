@@ -174,13 +174,9 @@ def read_index(folder, split: str = "train") -> list[dict]:
 
 
 def write_index(folder, entries: list[dict], split: str = "train") -> None:
-    import os
+    from .atomic import atomic_write_text
 
-    path = Path(folder) / "anns" / f"{split}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(entries, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(Path(folder) / "anns" / f"{split}.json", json.dumps(entries, indent=1))
 
 
 def remove_example(folder, img_name: str, split: str = "train") -> None:

@@ -8,7 +8,19 @@ import torch
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     """Return ``device`` if given (other than "auto"), else the best one available."""
     if device is not None and str(device) != "auto":
-        return torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"Unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps.") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"Device {device!r} was asked for, but CUDA is not available here (this torch build "
+                             f"is {torch.__version__}); use --device auto or cpu.")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"There is no {device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+        mps = getattr(torch.backends, "mps", None)
+        if dev.type == "mps" and not (mps is not None and mps.is_available()):
+            raise ValueError("Device 'mps' was asked for, but Apple's MPS is not available here; use auto or cpu.")
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
     mps = getattr(torch.backends, "mps", None)

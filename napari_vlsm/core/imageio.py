@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MASK_SUFFIXES = (".png", ".tif", ".tiff")
@@ -29,14 +29,35 @@ def read_image(path) -> np.ndarray:
         return np.asarray(im)
 
 
-def list_images(paths) -> list[Path]:
-    """Expand files and folders (not recursive) into a sorted list of image files."""
+def list_images(paths, notes: list | None = None) -> list[Path]:
+    """Expand files and folders (not recursive) into a sorted list of image files. What is
+    left out of a folder is said in ``notes``: sub-folders, and links that are broken, loop,
+    or point outside the folder (never followed there)."""
     found: list[Path] = []
+    notes = notes if notes is not None else []
     for p in map(Path, paths):
-        if p.is_dir():
-            found += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
-        else:
+        if not p.is_dir():
             found.append(p)
+            continue
+        root = p.resolve()
+        subdirs = []
+        for q in sorted(p.iterdir()):
+            if q.is_symlink():
+                try:
+                    target = q.resolve(strict=True)
+                except (OSError, RuntimeError):
+                    notes.append(f"{q}: a broken or looping link, left out")
+                    continue
+                if root not in target.parents:
+                    notes.append(f"{q}: links outside {p} (to {target}), left out")
+                    continue
+            if q.is_dir():
+                subdirs.append(q.name)
+            elif q.suffix.lower() in IMAGE_SUFFIXES and q.is_file():
+                found.append(q)
+        if subdirs:
+            notes.append(f"{p}: {len(subdirs)} sub-folder(s) not searched ({', '.join(subdirs[:5])}"
+                         f"{', …' if len(subdirs) > 5 else ''}); name them to include them")
     return found
 
 
@@ -44,10 +65,8 @@ def write_image(path, array: np.ndarray) -> Path:
     """Write an array losslessly (PNG through Pillow, TIFF through tifffile), atomically:
     to a temporary file in the same folder, then renamed over ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent, prefix=".tmp-")
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         if path.suffix.lower() == ".png":
             from PIL import Image
 
@@ -56,11 +75,8 @@ def write_image(path, array: np.ndarray) -> Path:
             import tifffile
 
             tifffile.imwrite(tmp, array, compression="zlib")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+
+    return atomic_write(path, write)
 
 
 def write_mask(path, labels: np.ndarray) -> Path:

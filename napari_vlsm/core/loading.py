@@ -142,6 +142,36 @@ def clipseg_image_processor(image_size: int):
                                 image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
 
 
+def strict_from_pretrained(cls, folder: Path):
+    """``from_pretrained`` that refuses weights which do not fit the config: a missing tensor
+    (which transformers would silently initialise at random), a shape that differs, or a
+    cut-off file each give one line naming the folder and the problem."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        module, info = cls.from_pretrained(folder, use_safetensors=True, dtype=torch.float32,
+                                           output_loading_info=True)
+    except Exception as exc:  # safetensors header errors, size mismatches, unreadable files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "mismatched_sizes" in first:
+            first = "tensor shapes differ from what its config.json describes"
+        raise ModelNotFoundError(f"The weights in {folder} cannot be loaded ({first[:200]}). The file may be "
+                                 "cut off or belong to another configuration; use a complete model folder.") from None
+    finally:
+        hf_logging.set_verbosity(level)
+    # buffers that are rebuilt anyway may be absent from older checkpoints
+    missing = [k for k in info.get("missing_keys") or [] if not k.endswith(("position_ids", "num_batches_tracked"))]
+    mismatched = list(info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        what = (f"{len(missing)} tensor(s) missing, e.g. {missing[0]}" if missing else
+                f"{len(mismatched)} tensor(s) of another shape, e.g. {mismatched[0][0]}")
+        raise ModelNotFoundError(f"The weights in {folder} do not match its config.json: {what}. "
+                                 "They would be filled with random numbers; use the complete model folder.")
+    return module
+
+
 def load_model(spec: str | os.PathLike | None = None, device=None, dtype=None) -> Backend:
     """Load the model named by ``spec`` on ``device`` (auto: CUDA, MPS, CPU) in ``dtype``
     (auto: bf16/fp16 on GPU, fp32 on CPU) and return its backend."""
@@ -162,13 +192,13 @@ def load_model(spec: str | os.PathLike | None = None, device=None, dtype=None) -
 
         from .clipseg import ClipSegBackend
 
-        module = CLIPSegForImageSegmentation.from_pretrained(folder, use_safetensors=True, dtype=torch.float32)
+        module = strict_from_pretrained(CLIPSegForImageSegmentation, folder)
         processor = load_image_processor(folder, module.config.vision_config.image_size)
         return ClipSegBackend(module, load_tokenizer(folder), processor, dev, dt, source)
     if kind == "vlsm_film_unet":
         from .film_unet import FilmUNetBackend, FilmUNetForSegmentation
 
-        module = FilmUNetForSegmentation.from_pretrained(folder, use_safetensors=True, dtype=torch.float32)
+        module = strict_from_pretrained(FilmUNetForSegmentation, folder)
         return FilmUNetBackend(module, load_tokenizer(folder), dev, dt, source)
     raise ModelNotFoundError(
         f"{folder} holds a {kind!r} model; napari-vlsm supports CLIPSeg ('clipseg') and its own "

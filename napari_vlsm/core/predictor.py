@@ -9,7 +9,8 @@ import torch
 
 from .backend import Backend
 from .postprocess import combine_labels, logits_to_probs
-from .preprocess import to_rgb8
+from .errors import VLSMError
+from .preprocess import shrink_for_model, to_rgb8, validate_image
 
 TEXT_CACHE_SIZE = 1024
 
@@ -36,10 +37,19 @@ def clean_prompts(prompts: str | list[str]) -> list[str]:
     """Strip prompts and refuse empty ones with a clear message."""
     if isinstance(prompts, str):
         prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"Prompts must be a string or a list of strings, not {type(prompts).__name__}; "
+                         "for example 'polyp' or ['polyp', 'instrument'].")
     cleaned = [str(p).strip() for p in prompts]
     if not cleaned or any(not p for p in cleaned):
         raise ValueError("The prompt is empty; type what to segment, for example 'polyp'.")
     return cleaned
+
+
+def check_finite(logits: torch.Tensor) -> None:
+    if not torch.isfinite(logits).all():
+        raise VLSMError("The model produced NaN or infinite values, so its masks would be meaningless. Its weights "
+                        "are broken (a diverged training?): load another checkpoint, such as the run's best/.")
 
 
 class Predictor:
@@ -62,10 +72,16 @@ class Predictor:
 
     @torch.inference_mode()
     def set_image(self, image) -> None:
-        rgb = to_rgb8(image)
-        self._features = None
+        """Encode ``image``: (H, W) or (H, W, C) with C in 1-4, any integer or float dtype
+        (see ``preprocess``). Masks come back at (H, W). If this fails, no image is set."""
+        self.reset_image()
+        rgb = self._model_rgb(image)
         self._features = self.backend.encode_image(self.backend.preprocess([rgb]))
-        self._size = rgb.shape[:2]
+        self._size = np.shape(image)[:2]
+
+    def _model_rgb(self, image) -> np.ndarray:
+        arr = validate_image(image)
+        return to_rgb8(shrink_for_model(arr, max(self.backend.input_size)))
 
     def reset_image(self) -> None:
         self._features, self._size = None, None
@@ -87,6 +103,7 @@ class Predictor:
             raise RuntimeError("No image is set; call set_image(image) first.")
         prompts = clean_prompts(prompts)
         logits = self.backend.decode(self._features, self.text_embeddings(prompts))
+        check_finite(logits)
         probs = logits_to_probs(logits, self._size)
         return Prediction(prompts, probs, self.threshold if threshold is None else threshold)
 
@@ -94,12 +111,13 @@ class Predictor:
     def predict_batch(self, images: list, prompts: str | list[str], threshold: float | None = None) -> list[Prediction]:
         """Several images at once, every prompt on each: one encoder pass for the batch."""
         prompts = clean_prompts(prompts)
-        rgbs = [to_rgb8(im) for im in images]
+        rgbs = [self._model_rgb(im) for im in images]
         feats = self.backend.encode_image(self.backend.preprocess(rgbs))
         text = self.text_embeddings(prompts)
         out = []
-        for i, rgb in enumerate(rgbs):
+        for i, image in enumerate(images):
             logits = self.backend.decode(self.backend.select(feats, i), text)
-            out.append(Prediction(prompts, logits_to_probs(logits, rgb.shape[:2]),
+            check_finite(logits)
+            out.append(Prediction(prompts, logits_to_probs(logits, np.shape(image)[:2]),
                                   self.threshold if threshold is None else threshold))
         return out

@@ -24,7 +24,11 @@ WINDOW_PERCENTILES = (0.5, 99.5)
 
 def validate_image(image) -> np.ndarray:
     """Return ``image`` as an ndarray or raise ``ValueError`` naming what is wrong."""
+    if image is None:
+        raise ValueError("No image was given; pass a 2D array of shape (H, W) or (H, W, C).")
     arr = np.asarray(image)
+    if arr.ndim == 0:
+        raise ValueError(f"The image is a single value ({arr!r}), not a 2D array; give shape (H, W) or (H, W, C).")
     if arr.size == 0:
         raise ValueError(f"The image is empty (shape {arr.shape}); give a 2D image with pixels in it.")
     if arr.ndim == 1:
@@ -65,6 +69,32 @@ def to_uint8(arr: np.ndarray) -> np.ndarray:
         return np.zeros(arr.shape, np.uint8)
     scaled = (np.clip(data, lo, hi) - lo) * (255.0 / (hi - lo))
     return np.round(scaled).astype(np.uint8)
+
+
+def shrink_for_model(arr: np.ndarray, model_side: int) -> np.ndarray:
+    """Box-average an image far larger than the model sees down to about twice its input
+    side, keeping the dtype, before any full-size copy is made. The model looks at a few
+    hundred pixels a side; a 12000 x 12000 slide would otherwise be copied to float at full
+    size several times over. Percentile windows are then taken on the block means."""
+    h, w = arr.shape[:2]
+    factor = min(h, w) // (2 * model_side)
+    if factor < 2:
+        return arr
+    oh, ow = h // factor, w // factor
+    if arr.dtype == np.uint8 and (arr.ndim == 2 or arr.shape[-1] in (3, 4)):
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(np.ascontiguousarray(arr)).reduce(factor))[:oh, :ow]
+    squeeze = arr.ndim == 2
+    src = arr[..., None] if squeeze else arr
+    out = np.empty((oh, ow, src.shape[-1]), np.float32)
+    rows = max(1, 2**24 // (factor * factor * ow * src.shape[-1]))  # about 64 MB of float32 at a time
+    for r in range(0, oh, rows):
+        block = src[r * factor:min(oh, r + rows) * factor, :ow * factor].astype(np.float32)
+        out[r:r + rows] = block.reshape(-1, factor, ow, factor, src.shape[-1]).mean(axis=(1, 3))
+    if arr.dtype.kind in "biu":
+        out = np.round(out).astype(arr.dtype) if arr.dtype != bool else out >= 0.5
+    return out[..., 0] if squeeze else out
 
 
 def to_rgb8(image) -> np.ndarray:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import TorchBackend
-from .checkpoint import check_writable, read_metadata, save_checkpoint
+from .checkpoint import BEST, LAST, check_writable, read_metadata, recover_checkpoints, save_checkpoint
 from .concepts import NegativePrompts, add_synonyms
 from .data import TRAIN_PROMPT_TYPES, Example, PairCache, augment
 from .device import cpu_threads
@@ -286,8 +286,8 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
     steps_per_epoch = len(_batches(len(train_set), n_new, s.seed, world, rank))
     epochs = s.epochs or max(1, round(TARGET_STEPS / steps_per_epoch))
     start_epoch, history, round_no = 0, [], 1
-    if resume and (out / "last").exists():
-        done = read_metadata(out / "last")
+    if resume and (out / LAST).exists():
+        done = read_metadata(out / LAST)
         history, round_no = done.get("history", []), done.get("round", 1)
         if done.get("train_examples") == len(train_set):
             start_epoch = min(done.get("epochs_done", 0), epochs)
@@ -330,6 +330,11 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
                                                        if isinstance(ex.prompts.get("p1"), str)])
     summary = (f"Trained on {len(train_set)} image(s)" + (f" mixed with {len(replay_set)} replay pair(s)" if replay_set
                else "") + f", validated on {len(val_set)}" + ("" if val_set else " (every example trains)"))
+    if rank == 0 and start_epoch < epochs and not any(train_cache[i][1].any() for i in range(len(train_set))):
+        empty = ("every training mask is empty, so the model can only learn to find nothing; "
+                 "check the label value and the masks")
+        warnings.warn(empty[0].upper() + empty[1:] + ".", UserWarning, stacklevel=2)
+        summary += f" (warning: {empty})"
 
     def save(improved: bool, informative: bool, final: bool = False) -> str | None:
         """last/ (and best/ when improved) at the end, when validation improved, and otherwise
@@ -339,8 +344,8 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
         if rank != 0 or not (due or (improved and informative)):
             return None
         saved_at = time.time()
-        save_checkpoint(backend, out / "last", meta, extras)
-        return str(save_checkpoint(backend, out / "best", meta, extras)) if improved else None
+        save_checkpoint(backend, out / LAST, meta, extras)
+        return str(save_checkpoint(backend, out / BEST, meta, extras)) if improved else None
 
     for epoch in range(start_epoch, epochs):
         train_mode(backend.module, s.keep_norm_stats)
@@ -397,7 +402,7 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
         meta.update(epochs_done=epoch + 1, history=history, best_val_dice=best if best >= 0 else None)
         ckpt = save(improved, informative, final=last_epoch)
         if last_epoch and not informative and rank == 0:  # the schedule's end is the model to keep
-            ckpt = str(save_checkpoint(backend, out / "best", meta, extras))
+            ckpt = str(save_checkpoint(backend, out / BEST, meta, extras))
         if s.schedule != "onecycle" and val is not None:
             sched.step(val)
         elapsed = time.time() - t0
@@ -408,17 +413,17 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
         if informative and stale >= s.patience:
             save(False, True, final=True)
             yield Progress("done", epoch + 1, epochs, step, total, epoch_loss, val, best, elapsed,
-                           checkpoint=str(out / "best"),
+                           checkpoint=str(out / BEST),
                            message=f"{summary}; stopped early after epoch {epoch + 1}: no validation gain "
                                    f"for {s.patience} epochs.")
             return
     why = "the schedule was already complete" if start_epoch >= epochs else \
         f"finished the schedule ({step} steps, {epochs} epochs)"
-    if not (out / "best").exists() and rank == 0:  # a resumed run with nothing left to do
-        save_checkpoint(backend, out / "best", meta, extras)
+    if not (out / BEST).exists() and rank == 0:  # a resumed run with nothing left to do
+        save_checkpoint(backend, out / BEST, meta, extras)
     yield Progress("done", epochs, epochs, step, total, history[-1]["loss"] if history else float("nan"),
                    history[-1]["val_dice"] if history else None, best if best >= 0 else None,
-                   time.time() - t0, checkpoint=str(out / "best"), message=f"{summary}; {why}.")
+                   time.time() - t0, checkpoint=str(out / BEST), message=f"{summary}; {why}.")
 
 
 def _key(ex: Example) -> str:
@@ -438,7 +443,7 @@ def train_mode(module: torch.nn.Module, keep_norm_stats: bool = False) -> None:
 
 
 def _stopped_message(out: Path) -> str:
-    if (out / "best").exists():
+    if (out / BEST).exists():
         return f"The last good checkpoint is intact at {out / 'best'}."
     return "No checkpoint had been written yet."
 
@@ -505,7 +510,8 @@ def finetune(spec: str, data_dirs, out_dir, settings: TrainSettings | None = Non
              stop: threading.Event | None = None) -> Iterator[Progress]:
     """Load data and model, then ``train``: the whole job behind the CLI and the widget."""
     s = settings or TrainSettings()
-    last = Path(out_dir) / "last"
+    check_run_folder(out_dir, resume)
+    last = Path(out_dir) / LAST
     previous = read_metadata(last) if resume else {}
     try:
         train_set, val_set = training_data(data_dirs, val_split, s.val_fraction, prompt, s.seed,
@@ -519,6 +525,24 @@ def finetune(spec: str, data_dirs, out_dir, settings: TrainSettings | None = Non
     meta = {"data": [str(d) for d in data_dirs], "prompt": prompt, **(metadata or {})}
     yield from train(backend, train_set, val_set, out_dir, s, resume=resume, metadata=meta, stop=stop, replay=replay,
                      card=read_card(folder))
+
+
+def check_run_folder(out_dir, resume: bool) -> None:
+    """Refuse to overwrite a run that is there, or to resume one that is not; first put the
+    folder back in order if a kill interrupted a checkpoint swap."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out {out} is a file; give a folder for the checkpoints.")
+    recover_checkpoints(out)
+    held = [name for name in (BEST, LAST) if (out / name).exists()]
+    if held and not resume:
+        score = read_metadata(out / BEST).get("best_val_dice") if (out / BEST).exists() else None
+        raise TrainingError(f"{out} already holds a training run ({' and '.join(f'{n}/' for n in held)}"
+                            + (f", best val Dice {score:.3f}" if isinstance(score, (int, float)) else "")
+                            + "). Add --resume to go on with it, or choose a new --out; nothing was changed.")
+    if resume and not (out / LAST / "config.json").exists():
+        raise TrainingError(f"Nothing to resume in {out}: it has no last/ checkpoint. Run without --resume "
+                            "to start there.")
 
 
 def _folder_of(spec: str) -> Path | None:

@@ -1,0 +1,265 @@
+"""Faults and bad input: one clear line and the right exit code, nothing lost, nothing
+written outside --out, and a Predictor that never answers for the wrong image."""
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from napari_vlsm.cli import app
+from napari_vlsm.core import train as T
+from napari_vlsm.core.batch import OutputLock
+from napari_vlsm.core.errors import ModelNotFoundError, TrainingError, VLSMError
+from napari_vlsm.core.imageio import list_images, read_image
+from napari_vlsm.core.loading import load_model
+from napari_vlsm.core.predictor import Predictor
+from napari_vlsm.core.preprocess import shrink_for_model
+
+runner = CliRunner()
+
+
+def cli(*args):
+    res = runner.invoke(app, [str(a) for a in args])
+    assert "Traceback" not in res.output, res.output
+    return res
+
+
+@pytest.fixture
+def images(tmp_path, polyp_image):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("a.jpg", "b.png", "c.png"):
+        Image.fromarray(polyp_image).save(folder / name)
+    return folder
+
+
+# ---------- nothing lost ----------
+
+def test_finetune_never_replaces_an_existing_run_without_resume(tiny_unet, small_benchmark, tmp_path):
+    out = tmp_path / "run"
+    assert cli("finetune", small_benchmark, "-m", tiny_unet, "-o", out, "--epochs", "1").exit_code == 0
+    before = (out / "best" / "model.safetensors").read_bytes()
+    res = cli("finetune", small_benchmark, "-m", tiny_unet, "-o", out, "--epochs", "1")
+    assert res.exit_code == 2 and "already holds a training run" in res.output and "--resume" in res.output
+    assert (out / "best" / "model.safetensors").read_bytes() == before
+
+
+def test_an_interrupted_checkpoint_swap_is_repaired_on_resume(tiny_unet, small_benchmark, tmp_path):
+    out = tmp_path / "run"
+    list(T.finetune(str(tiny_unet), [small_benchmark], out, T.TrainSettings(epochs=1), device="cpu"))
+    os.replace(out / "best", out / ".best-old-4242")  # killed between the two renames
+    shutil.copytree(out / "last", out / ".last-tmp-abc")  # killed during a save
+    events = list(T.finetune(str(tiny_unet), [small_benchmark], out, T.TrainSettings(epochs=2), resume=True))
+    assert (out / "best" / "config.json").exists() and events[-1].checkpoint == str(out / "best")
+    assert not list(out.glob(".*-old-*")) and not list(out.glob(".*-tmp-*"))
+    shutil.rmtree(out / "last")
+    with pytest.raises(TrainingError, match="no last/ checkpoint"):
+        list(T.finetune(str(tiny_unet), [small_benchmark], out, T.TrainSettings(epochs=3), resume=True))
+
+
+def test_disk_full_during_segment_keeps_a_whole_report_and_says_what_was_done(tiny_unet, images, tmp_path,
+                                                                               monkeypatch):
+    import napari_vlsm.core.batch as batch
+
+    real, calls = batch.write_mask, []
+
+    def full_after_one(path, labels):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return real(path, labels)
+
+    monkeypatch.setattr(batch, "write_mask", full_after_one)
+    out = tmp_path / "out"
+    res = cli("segment", images, "-p", "polyp", "-o", out, "-m", tiny_unet)
+    assert res.exit_code == 1 and "1 segmented, 0 skipped (mask existed), 2 failed of 3" in res.output
+    rows = (out / "segment_report.csv").read_text().splitlines()
+    assert len(rows) == 4 and "No space left on device" in rows[2]
+    # the report itself cannot be written: the summary still comes, with a one-line error
+    monkeypatch.setattr(batch, "atomic_write_text", lambda *a: (_ for _ in ()).throw(OSError(28, "No space")))
+    res = cli("segment", images, "-p", "polyp", "-o", tmp_path / "out2", "-m", tiny_unet)
+    assert res.exit_code == 2 and "Stopped:" in res.output and "--resume" in res.output
+
+
+def test_resume_with_other_prompts_is_refused_and_labels_json_kept(tiny_unet, images, tmp_path):
+    out = tmp_path / "out"
+    assert cli("segment", images, "-p", "polyp", "-o", out, "-m", tiny_unet).exit_code == 0
+    before = (out / "labels.json").read_text()
+    res = cli("segment", images, "-p", "polyp", "-p", "instrument", "-o", out, "-m", tiny_unet, "--resume")
+    assert res.exit_code == 2 and "same prompts" in res.output
+    assert (out / "labels.json").read_text() == before
+
+
+def test_resume_goes_by_the_report_not_by_file_names(tiny_unet, images, tmp_path, polyp_image):
+    Image.fromarray(polyp_image).save(images / "a.bmp")  # same stem as a.jpg
+    out = tmp_path / "out"
+    assert cli("segment", images, "-p", "polyp", "-o", out, "-m", tiny_unet).exit_code == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["a.png", "a_jpg.png", "b.png", "c.png"]
+    (out / "b.png").write_bytes(b"")  # a crash left an empty mask
+    res = cli("segment", images, "-p", "polyp", "-o", out, "-m", tiny_unet, "--resume")
+    assert "1 segmented, 3 skipped" in res.output
+    assert read_image(out / "b.png").shape == polyp_image.shape[:2]
+
+
+def test_symlinks_in_out_are_replaced_not_followed(tiny_unet, images, tmp_path):
+    out, outside = tmp_path / "out", tmp_path / "precious.txt"
+    out.mkdir()
+    outside.write_text("keep me")
+    for name in ("labels.json", "segment_report.csv"):
+        (out / name).symlink_to(outside)
+    assert cli("segment", images, "-p", "polyp", "-o", out, "-m", tiny_unet).exit_code == 0
+    assert outside.read_text() == "keep me"
+    assert not (out / "labels.json").is_symlink() and json.loads((out / "labels.json").read_text())["labels"]
+
+
+def test_files_respect_the_umask(tiny_unet, images, tmp_path):
+    old = os.umask(0o022)
+    try:
+        cli("segment", images, "-p", "polyp", "-o", tmp_path / "out", "-m", tiny_unet)
+    finally:
+        os.umask(old)
+    for p in (tmp_path / "out").iterdir():
+        assert p.stat().st_mode & 0o777 == 0o644, p
+
+
+def test_a_second_run_into_the_same_folder_is_told(tmp_path):
+    with OutputLock(tmp_path):
+        with pytest.raises(RuntimeError, match="Another napari-vlsm run is writing"):
+            with OutputLock(tmp_path):
+                pass
+
+
+# ---------- wrong with no word ----------
+
+def test_a_failed_set_image_leaves_no_image(tiny_unet, polyp_image):
+    pred = Predictor(load_model(tiny_unet, device="cpu"))
+    pred.set_image(polyp_image)
+    bad = polyp_image.astype(np.float32)
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        pred.set_image(bad)
+    assert not pred.has_image
+    with pytest.raises(RuntimeError, match="No image is set"):
+        pred.predict("polyp")
+    with pytest.raises(ValueError, match="single value"):
+        pred.set_image(np.array(3))
+    pred.set_image(polyp_image)
+    with pytest.raises(ValueError, match="string or a list of strings"):
+        pred.predict(None)
+
+
+def test_a_prompt_longer_than_the_text_encoder_reads_is_said(tiny_unet, polyp_image):
+    pred = Predictor(load_model(tiny_unet, device="cpu"))
+    pred.set_image(polyp_image)
+    with pytest.warns(UserWarning, match="the text encoder reads the first 77"):
+        pred.predict("polyp " * 2000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pred.predict("one small pink polyp")
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tiny_unet, tmp_path, polyp_image):
+    weights = load_file(tiny_unet / "model.safetensors")
+    for name, change in (("missing", lambda d: d.pop("head.weight")),
+                         ("shape", lambda d: d.update({"head.weight": torch.zeros(3)}))):
+        folder = tmp_path / name
+        shutil.copytree(tiny_unet, folder)
+        d = dict(weights)
+        change(d)
+        save_file(d, folder / "model.safetensors")
+        with pytest.raises(ModelNotFoundError, match="do not match|shapes differ"):
+            load_model(folder)
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_unet, cut)
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    Image.fromarray(polyp_image).save(tmp_path / "frame.png")
+    res = cli("segment", tmp_path / "frame.png", "-p", "polyp", "-o", tmp_path / "o", "-m", cut)
+    assert res.exit_code == 2 and "cannot be loaded" in res.output and len(res.output.strip().splitlines()) <= 3
+
+
+def test_nan_weights_give_an_error_not_a_full_mask(tiny_unet, tmp_path, polyp_image):
+    folder = tmp_path / "nan"
+    shutil.copytree(tiny_unet, folder)
+    weights = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+               for k, v in load_file(tiny_unet / "model.safetensors").items()}
+    save_file(weights, folder / "model.safetensors")
+    pred = Predictor(load_model(folder, device="cpu"))
+    pred.set_image(polyp_image)
+    with pytest.raises(VLSMError, match="NaN or infinite"):
+        pred.predict("polyp")
+
+
+def test_training_on_masks_that_are_all_empty_warns(tiny_unet, polyp_image, tmp_path):
+    from napari_vlsm.core.data import Example
+
+    ex = Example(polyp_image, np.zeros(polyp_image.shape[:2], np.uint8), {"p1": "polyp"})
+    with pytest.warns(UserWarning, match="Every training mask is empty"):
+        events = list(T.train(load_model(tiny_unet), [ex], [], tmp_path / "run", T.TrainSettings(epochs=1)))
+    assert "every training mask is empty" in events[-1].message
+
+
+def test_links_and_sub_folders_of_an_input_folder_are_reported(tmp_path, polyp_image):
+    folder, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    Image.fromarray(polyp_image).save(folder / "a.png")
+    Image.fromarray(polyp_image).save(elsewhere / "secret.png")
+    (folder / "outside.png").symlink_to(elsewhere / "secret.png")
+    (folder / "inside.png").symlink_to(folder / "a.png")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    (folder / "nested").mkdir()
+    notes = []
+    found = list_images([folder], notes)
+    assert [p.name for p in found] == ["a.png", "inside.png"]
+    text = "\n".join(notes)
+    assert "outside.png: links outside" in text and "loop.png: a broken or looping link" in text
+    assert "1 sub-folder(s) not searched (nested)" in text
+
+
+# ---------- a message, not a traceback ----------
+
+@pytest.mark.parametrize("setup, args, message", [
+    ("file_parent", ["segment", "{img}", "-p", "polyp", "-o", "{file}/sub"], "Cannot write"),
+    ("file_parent", ["segment", "{img}", "-p", "polyp", "-o", "{file}"], "Cannot write"),
+    ("none", ["segment", "{img}", "-p", "polyp", "-o", "{tmp}/o", "-m", "{model}", "--device", "cuda"], "CUDA is not available"),
+    ("file_parent", ["export-onnx", "{model}", "{file}/onnx"], "Cannot write"),
+    ("empty_ann", ["evaluate", "{tmp}/ds", "-m", "{model}"], "lists no images"),
+    ("file_parent", ["finetune", "{tmp}", "-o", "{file}", "-m", "{model}"], "is a file"),
+])
+def test_bad_arguments_give_one_line(tiny_unet, tmp_path, polyp_image, setup, args, message):
+    if torch.cuda.is_available() and "cuda" in args:
+        pytest.skip("this machine has CUDA")
+    img = tmp_path / "img.png"
+    Image.fromarray(polyp_image).save(img)
+    (tmp_path / "file").write_text("a file, not a folder")
+    if setup == "empty_ann":
+        (tmp_path / "ds" / "anns").mkdir(parents=True)
+        (tmp_path / "ds" / "anns" / "val.json").write_text("[]")
+    subst = {"{img}": str(img), "{file}": str(tmp_path / "file"), "{tmp}": str(tmp_path), "{model}": str(tiny_unet)}
+    for k, v in subst.items():
+        args = [a.replace(k, v) for a in args]
+    res = cli(*args)
+    assert res.exit_code == 2 and message in res.output, res.output
+
+
+# ---------- memory ----------
+
+def test_huge_images_are_reduced_before_any_full_size_copy(tiny_unet):
+    big = np.zeros((3000, 2500, 3), np.uint8)
+    big[1000:2000, 800:1600] = 255
+    small = shrink_for_model(big, 64)
+    assert small.shape == (3000 // 19, 2500 // 19, 3) and small.dtype == np.uint8  # factor 2500 // (2 * 64)
+    sixteen = (np.arange(3000 * 2500, dtype=np.uint32).reshape(3000, 2500) % 65535).astype(np.uint16)
+    assert shrink_for_model(sixteen, 64).dtype == np.uint16
+    pred = Predictor(load_model(tiny_unet, device="cpu"))
+    pred.set_image(big)
+    assert pred.predict("polyp").masks.shape == (1, 3000, 2500)
