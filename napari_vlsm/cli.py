@@ -18,7 +18,8 @@ app = typer.Typer(help="Text-prompted segmentation of 2D medical images with vis
                   no_args_is_help=True, pretty_exceptions_enable=False)
 models_app = typer.Typer(help="List and fetch models.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # paths in messages stay whole
+THREADS_HELP = "CPU threads for torch (default: training uses the cores this process may use)."
 REPORT_EVERY = 50  # results between report rewrites during a long segment run
 
 MODEL_HELP = "Model: 'default' (embedded offline model), a local folder, or a Hugging Face id."
@@ -33,6 +34,13 @@ def _fail(message: str, code: int = 2):
     """One line (paths are not wrapped), with the message's brackets shown as written."""
     console.print(f"[red]Error:[/red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _load(spec: str, device: str, dtype: str = "auto"):
@@ -57,8 +65,10 @@ def segment(
     batch_size: int = typer.Option(0, help="Images per model call (0: 8 on GPU, 1 on CPU)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
     dtype: str = typer.Option("auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
+    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
 ):
     """Segment images with text prompts; one label mask per image."""
+    _set_threads(threads)
     from .core.batch import OutputLock, segment_files, write_report, write_sidecar
     from .core.errors import VLSMError
     from .core.checkpoint import check_writable
@@ -108,7 +118,7 @@ def segment(
     console.print(f"{counts['ok']} segmented, {counts['skipped']} skipped (mask existed), {counts['failed']} failed"
                   f" of {len(files)}. Masks and labels.json in {out}", soft_wrap=True)
     if error:
-        _fail(f"Stopped: {error}. Masks already written are kept; run again with --resume to go on.")
+        _fail(f"Stopped: {error.rstrip('.')}. Masks already written are kept; run again with --resume to go on.")
     if counts["failed"]:
         raise typer.Exit(1)
 
@@ -124,8 +134,10 @@ def evaluate(
     limit: Optional[int] = typer.Option(None, help="Only the first N images."),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto", help="auto, fp32, bf16, fp16."),
+    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
 ):
     """Mean Dice and IoU against the ground-truth masks."""
+    _set_threads(threads)
     from .core.evaluate import evaluate as run_eval
     from .core.evaluate import summarize
     from .core.predictor import Predictor
@@ -210,6 +222,8 @@ def finetune(
         None, min=0.0, max=0.9, help="Otherwise hold out this share (default: none below 100 examples, else 0.2)."),
     replay_fraction: float = typer.Option(0.5, min=0.0, max=0.9,
                                           help="Share of each batch from the model's replay sample, if it has one."),
+    encoder_lr_scale: float = typer.Option(1.0, min=0.0, help="Image encoder's learning rate relative to the rest."),
+    anchor: float = typer.Option(0.0, min=0.0, help="L2 pull toward the starting weights (keeps what it knew)."),
     prompt: Optional[str] = typer.Option(None, help="Prompt for plain image/mask folders."),
     negative_prompt: List[str] = typer.Option([], help="Prompt of something absent: trained to give an empty mask."),
     negatives_file: Optional[Path] = typer.Option(None, help="File of such prompts, one per line (# comments)."),
@@ -221,7 +235,7 @@ def finetune(
     schedule: str = typer.Option("onecycle", help="onecycle or plateau."),
     patience: int = typer.Option(5),
     seed: int = typer.Option(0),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
+    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
     resume: bool = typer.Option(False, help="Continue from OUT/last."),
     device: str = typer.Option("auto"),
 ):
@@ -235,7 +249,7 @@ def finetune(
     settings = TrainSettings(mode=train_mode, epochs=epochs, lr=lr, batch_size=batch_size, val_fraction=val_fraction,
                              negative_prompts=negatives, negative_fraction=negative_fraction,
                              synonyms=_read_synonyms(synonyms) if synonyms else {}, crop=crop, schedule=schedule,
-                             replay_fraction=replay_fraction,
+                             replay_fraction=replay_fraction, encoder_lr_scale=encoder_lr_scale, anchor=anchor,
                              patience=patience, seed=seed, threads=threads)
     meta = {"command": "napari-vlsm " + " ".join(sys.argv[1:])}
     rank0 = not distributed or __import__("torch").distributed.get_rank() == 0

@@ -36,7 +36,7 @@ def segment_headless(model: str, out: Path) -> Path:
     predictor.set_image(image)
     pred = predictor.predict(PROMPT)
     ms = (time.perf_counter() - t) * 1e3
-    path = write_mask(out / f"{sample_frame().stem}_mask.png", pred.labels * 255)
+    path = write_mask(out / f"{sample_frame().stem}_mask.png", pred.labels)  # 0/1, as `segment` writes
     print(f"Segmented {sample_frame().name} with '{PROMPT}' in {ms:.0f} ms: {int(pred.masks.sum())} pixels.")
     return path
 
@@ -45,15 +45,12 @@ def run_viewer(model: str, out: Path, interactive: bool) -> list[Path]:
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from ._finetune_widget import FinetuneWidget
-    from ._widget import SegmentWidget
-
     viewer = napari.Viewer(title="napari-vlsm demo", show=True)
     viewer.window._qt_window.resize(1500, 950)
     viewer.open_sample("napari-vlsm", "kvasir_polyp")
-    widget = SegmentWidget(viewer)
-    viewer.window.add_dock_widget(FinetuneWidget(viewer), name="Finetune", area="right")
-    viewer.window.add_dock_widget(widget, name="Text-prompt segmentation", area="right", tabify=True)
+    # opened as the Plugins menu opens them
+    viewer.window.add_plugin_dock_widget("napari-vlsm", "Finetune")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation", tabify=True)
     widget.add_model(model)
     viewer.layers.selection.active = viewer.layers[0]
     widget.prompt_edit.setPlainText(PROMPT)
@@ -82,10 +79,15 @@ def run(model: str = "default", out: Path = Path("vlsm_demo"), headless: bool = 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     has_display = bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    try:
+        import napari  # noqa: F401
+        from pyvirtualdisplay import Display
+    except ImportError:
+        print("napari is not installed (pip install 'napari-vlsm[napari]'): running the pipeline without the viewer.")
+        return [segment_headless(model, out)]
     if has_display and not headless:
         return run_viewer(model, out, interactive=True)
     if shutil.which("Xvfb"):
-        from pyvirtualdisplay import Display
 
         print("No display: running napari under Xvfb and saving a screenshot.")
         with Display(visible=False, size=(1400, 900)):

@@ -36,8 +36,8 @@ def test_segment_folder_with_two_prompts_and_a_broken_file(tmp_path, tiny_clipse
     rows = list(csv.DictReader(open(out / "segment_report.csv")))
     assert {r["status"] for r in rows} == {"ok", "failed"}
 
-    # --resume skips what exists; TIFF output on request
-    res = runner.invoke(app, ["segment", str(images), "-p", "polyp", "--model", str(tiny_clipseg),
+    # --resume skips what exists (with the prompts the masks were made for); TIFF output on request
+    res = runner.invoke(app, ["segment", str(images), "-p", "polyp", "-p", "mucosa", "--model", str(tiny_clipseg),
                               "--out", str(out), "--resume"])
     assert "3 skipped" in res.output
     res = runner.invoke(app, ["segment", str(images / "ct16.tif"), "-p", "polyp", "--model", str(tiny_clipseg),

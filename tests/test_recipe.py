@@ -63,13 +63,15 @@ def test_pooled_run_records_each_data_set_and_the_cross_prompt_rate(tiny_unet, p
     assert events[-1].kind == "done" and "validated on 7" in events[-1].message
 
 
-def test_few_shot_defaults_train_every_correction_for_a_fixed_number_of_steps(tiny_unet, data_sets, tmp_path):
+def test_few_shot_defaults_train_every_correction_for_a_fixed_number_of_steps(tiny_unet, data_sets, tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setattr(T, "TARGET_STEPS", 24)  # the rule, at a test's scale
     few = small_copy(data_sets / "busi", tmp_path / "few", 8, 0)
     (few / "anns" / "val.json").unlink()
     events = list(T.finetune(str(tiny_unet), [few], tmp_path / "run", device="cpu"))
     done = events[-1]
     assert done.kind == "done" and "Trained on 8 image(s), validated on 0 (every example trains)" in done.message
-    assert abs(done.step - T.TARGET_STEPS) <= 2  # one step per batch of 8: 150 epochs of one step
+    assert done.step == 24 and done.epochs == 24  # one batch of 8 per epoch
     meta = json.loads((tmp_path / "run" / "best" / "training.json").read_text())
     assert meta["settings"]["mode"] == "full" and meta["settings"]["lr"] == 1e-3  # the FiLM-UNet's own
     train_set, val_set = T.training_data([few])

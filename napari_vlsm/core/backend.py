@@ -67,6 +67,7 @@ class TorchBackend(Backend):
     default_train_mode = "decoder"  # what finetuning trains unless told otherwise
     default_lr = {"decoder": 1e-3, "full": 1e-4, "lora": 3e-4}
     default_crop: int | None = None  # train on random crops of this side (fully convolutional models)
+    image_encoder_prefixes: tuple = ("clip.vision_model.",)  # parameter names of the image encoder
 
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Token ids padded to the longest prompt (the CLIP text encoders pool at the

@@ -168,6 +168,7 @@ class FilmUNetBackend(TorchBackend):
     default_train_mode = "full"
     default_lr = {"decoder": 1e-3, "full": 1e-3}
     default_crop = 192  # fully convolutional: crops are cheaper steps and an augmentation
+    image_encoder_prefixes = ("encoder.",)
 
     def __init__(self, module: FilmUNetForSegmentation, tokenizer, device, dtype, source: str = ""):
         # channels-last convolutions run about 1.5x faster on the CPU

@@ -113,6 +113,9 @@ def read_config(folder: Path) -> dict:
     try:
         return json.loads((folder / "config.json").read_text())
     except FileNotFoundError:
+        if (folder / "best" / "config.json").exists():
+            raise ModelNotFoundError(f"{folder} is a training run, not a model: use {folder / 'best'} (its best "
+                                     f"checkpoint) or {folder / 'last'}.") from None
         raise ModelNotFoundError(f"{folder} is not a model folder: it has no config.json.") from None
 
 

@@ -65,6 +65,8 @@ class TrainSettings:
     schedule: str = "onecycle"     # onecycle | plateau
     replay_fraction: float = 0.5   # share of each batch from the base model's replay sample
     keep_norm_stats: bool = False  # keep the base's batch-norm statistics (measured: learns a new domain worse)
+    encoder_lr_scale: float = 1.0  # the image encoder's learning rate relative to the rest
+    anchor: float = 0.0            # L2 pull of the weights toward the starting model's (L2-SP)
     prompt_types: tuple = TRAIN_PROMPT_TYPES
     val_prompt_type: str = "p1"
     negative_prompts: list = field(default_factory=list)  # prompts for absent things -> empty target
@@ -302,12 +304,14 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
         for t in backend.module.state_dict().values():
             dist.broadcast(t, 0)
     s = replace(s, lr=s.learning_rate(backend))
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    groups = _param_groups(backend, params, s)
+    opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
+    start_weights = [p.detach().clone() for p in params] if s.anchor else None
     size = backend.input_size
     train_cache, val_cache = PairCache(pool, size), PairCache(val_set, size)
     total = steps_per_epoch * epochs
     if s.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=max(total, 1))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=max(total, 1))
         with warnings.catch_warnings():  # fast-forwarding a resumed schedule, before any optimiser step
             warnings.simplefilter("ignore", UserWarning)
             for _ in range(start_epoch * steps_per_epoch):
@@ -359,6 +363,8 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
             pixels, target, prompts = _make_batch(train_cache, pool, idx, s, rng, np_rng, backend)
             with torch.autocast(backend.device.type, dtype=amp_dtype, enabled=use_amp):
                 loss = _loss(backend, pixels, target, prompts, s, rng, negatives, [pool[i] for i in idx])
+                if start_weights is not None:
+                    loss = loss + s.anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start_weights))
             if not torch.isfinite(loss):
                 raise TrainingError(f"The loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
                                     f"training stopped. {_stopped_message(out)} Try a lower learning rate.")
@@ -424,6 +430,19 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
     yield Progress("done", epochs, epochs, step, total, history[-1]["loss"] if history else float("nan"),
                    history[-1]["val_dice"] if history else None, best if best >= 0 else None,
                    time.time() - t0, checkpoint=str(out / BEST), message=f"{summary}; {why}.")
+
+
+def _param_groups(backend: TorchBackend, params, s: TrainSettings) -> list[dict]:
+    """One optimiser group, or two when the image encoder learns at its own rate."""
+    if s.encoder_lr_scale == 1.0:
+        return [{"params": params, "lr": s.lr}]
+    wanted = {id(p) for p in params}
+    encoder = [p for n, p in backend.module.named_parameters()
+               if id(p) in wanted and n.startswith(backend.image_encoder_prefixes)]
+    ids = {id(p) for p in encoder}
+    rest = [p for p in params if id(p) not in ids]
+    return [g for g in ({"params": rest, "lr": s.lr}, {"params": encoder, "lr": s.lr * s.encoder_lr_scale})
+            if g["params"]]
 
 
 def _key(ex: Example) -> str:
