@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from common import PeakMemory, machine, sync, timed  # noqa: E402
 
-from napari_vlsm.core.batch import segment_files  # noqa: E402
+from napari_vlsm.core.folder_labeling import segment_files  # noqa: E402
 from napari_vlsm.core.imageio import read_image, write_mask  # noqa: E402
 from napari_vlsm.core.loading import load_model  # noqa: E402
 from napari_vlsm.core.postprocess import combine_labels, logits_to_probs  # noqa: E402
@@ -45,7 +45,7 @@ class Stock:
     def __init__(self, folder, device, autocast=False):
         from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-        from napari_vlsm.core.loading import load_image_processor, load_tokenizer
+        from napari_vlsm.core.processors import load_image_processor, load_tokenizer
 
         self.model = CLIPSegForImageSegmentation.from_pretrained(folder).to(device).eval()
         self.proc = CLIPSegProcessor(image_processor=load_image_processor(Path(folder), 352),

@@ -69,9 +69,9 @@ def segment(
 ):
     """Segment images with text prompts; one label mask per image."""
     _set_threads(threads)
-    from .core.batch import OutputLock, segment_files, write_report, write_sidecar
-    from .core.errors import VLSMError
     from .core.checkpoint import check_writable
+    from .core.errors import VLSMError
+    from .core.folder_labeling import OutputLock, segment_files, write_report, write_sidecar
     from .core.imageio import list_images
     from .core.predictor import Predictor, clean_prompts
 
@@ -92,7 +92,7 @@ def segment(
     except OSError as exc:
         _fail(str(exc))
     backend = _load(model, device, dtype)
-    predictor = Predictor(backend, threshold)
+    predictor = Predictor(backend)
     bs = batch_size or (8 if backend.device.type == "cuda" else 1)
     counts = {"ok": 0, "skipped": 0, "failed": 0}
     report, error = [], None
@@ -146,7 +146,7 @@ def evaluate(
         _fail(f"--prompt-type must be one of p1 to p9 (p0 is the empty prompt), not {prompt_type!r}.")
     if not (data_dir / "anns" / f"{split}.json").exists():
         _fail(f"{data_dir} has no anns/{split}.json: expected the benchmark's layout (images/, masks/, anns/).")
-    predictor = Predictor(_load(model, device, dtype), threshold)
+    predictor = Predictor(_load(model, device, dtype))
     rows = []
     from .core.prompts import load_annotations
 

@@ -21,7 +21,7 @@ PROMPT = "polyp"
 
 
 def sample_frame() -> Path:
-    from ._sample_data import colonoscopy_frames
+    from .plugin.samples import colonoscopy_frames
 
     return next(p for p in colonoscopy_frames() if p.name.startswith("kvasir"))
 

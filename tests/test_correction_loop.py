@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_vlsm.core.data import read_index
 from napari_vlsm.core.imageio import read_image
+from napari_vlsm.core.training_sets import read_index
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +15,8 @@ from typer.testing import CliRunner
 
 from napari_vlsm.cli import app
 from napari_vlsm.core import train as T
-from napari_vlsm.core.batch import OutputLock
 from napari_vlsm.core.errors import ModelNotFoundError, TrainingError, VLSMError
+from napari_vlsm.core.folder_labeling import OutputLock
 from napari_vlsm.core.imageio import list_images, read_image
 from napari_vlsm.core.loading import load_model
 from napari_vlsm.core.predictor import Predictor
@@ -67,7 +66,7 @@ def test_an_interrupted_checkpoint_swap_is_repaired_on_resume(tiny_unet, small_b
 
 def test_disk_full_during_segment_keeps_a_whole_report_and_says_what_was_done(tiny_unet, images, tmp_path,
                                                                                monkeypatch):
-    import napari_vlsm.core.batch as batch
+    import napari_vlsm.core.folder_labeling as batch
 
     real, calls = batch.write_mask, []
 
@@ -199,7 +198,7 @@ def test_nan_weights_give_an_error_not_a_full_mask(tiny_unet, tmp_path, polyp_im
 
 
 def test_training_on_masks_that_are_all_empty_warns(tiny_unet, polyp_image, tmp_path):
-    from napari_vlsm.core.data import Example
+    from napari_vlsm.core.training_sets import Example
 
     ex = Example(polyp_image, np.zeros(polyp_image.shape[:2], np.uint8), {"p1": "polyp"})
     with pytest.warns(UserWarning, match="Every training mask is empty"):

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from qtpy.QtCore import QTimer
 
-from napari_vlsm._finetune_widget import FinetuneWidget
-from napari_vlsm._widget import SegmentWidget
-from napari_vlsm.core.data import read_index
 from napari_vlsm.core.imageio import read_image
+from napari_vlsm.core.training_sets import read_index
+from napari_vlsm.plugin.finetune_widget import FinetuneWidget
+from napari_vlsm.plugin.segment_widget import SegmentWidget
 
 
 @pytest.fixture
@@ -113,7 +113,7 @@ def test_stop_keeps_model_in_use_or_last_checkpoint(qtbot, widgets, polyp_image)
 def test_training_errors_are_notifications(qtbot, widgets, monkeypatch):
     seg, fine = widgets
     shown = []
-    monkeypatch.setattr("napari_vlsm._finetune_widget.show_error", shown.append)
+    monkeypatch.setattr("napari_vlsm.plugin.finetune_widget.show_error", shown.append)
     assert fine.start() is None  # empty training set
     assert any("empty" in m for m in shown), shown
     fine.lr.setText("fast")

@@ -34,7 +34,7 @@ def test_tiff_reader_and_label_writers(make_napari_viewer, tmp_path):
     (layer,) = viewer.open(str(tmp_path / "stack.tif"), plugin="napari-vlsm")
     np.testing.assert_array_equal(layer.data, stack)
     labels = viewer.add_labels(np.eye(40, 50, dtype=np.uint8) * 3, name="lab")
-    from napari_vlsm._io import write_labels
+    from napari_vlsm.plugin.reader_writer import write_labels
 
     write_labels(str(tmp_path / "lab.png"), labels.data, {})
     from napari_vlsm.core.imageio import read_image

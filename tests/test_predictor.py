@@ -64,7 +64,7 @@ def test_any_size_and_dtype(clipseg, shape, dtype):
 
 
 def test_labels_pick_the_most_likely_prompt_above_threshold(clipseg, polyp_image):
-    pred = Predictor(clipseg, threshold=0.5)
+    pred = Predictor(clipseg)
     pred.set_image(polyp_image)
     out = pred.predict(["polyp", "a red thing"])
     best = out.probs.argmax(0) + 1

@@ -9,8 +9,8 @@ import pytest
 
 from napari_vlsm.core import train as T
 from napari_vlsm.core.concepts import NegativePrompts, add_synonyms, concept_of
-from napari_vlsm.core.data import benchmark_examples
 from napari_vlsm.core.replay import REPLAY_DIR, replay_examples, write_replay_sample
+from napari_vlsm.core.training_sets import benchmark_examples
 
 from .conftest import small_copy
 

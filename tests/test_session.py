@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from napari_vlsm.session import SegmentSession
+from napari_vlsm.plugin.session import SegmentSession
 
 
 class FakeLayer:

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from napari_vlsm.core import train as T
-from napari_vlsm.core.data import Example, benchmark_examples
 from napari_vlsm.core.errors import TrainingError
 from napari_vlsm.core.loading import load_model
 from napari_vlsm.core.metrics import dice
 from napari_vlsm.core.predictor import Predictor
+from napari_vlsm.core.training_sets import Example, benchmark_examples
 
 
 def run(gen):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from qtpy.QtCore import QTimer
 
-from napari_vlsm._widget import SegmentWidget
+from napari_vlsm.plugin.segment_widget import SegmentWidget
 
 
 @pytest.fixture
@@ -141,7 +141,7 @@ def test_rgb_stack_is_segmented_per_frame(qtbot, widget, polyp_image):
 ])
 def test_errors_are_notifications_and_layers_stay_untouched(qtbot, widget, polyp_image, monkeypatch, setup, message):
     shown = []
-    monkeypatch.setattr("napari_vlsm._widget.show_error", shown.append)
+    monkeypatch.setattr("napari_vlsm.plugin.segment_widget.show_error", shown.append)
     viewer = widget.viewer
     if setup != "no image":
         data = polyp_image.astype(np.float32)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import random
 from collections import Counter, defaultdict
 
-from .data import Example
 from .prompts import SYNONYM_TYPE
+from .training_sets import Example
 
 
 def concept_of(examples: list[Example]) -> dict[str, str]:

@@ -6,10 +6,10 @@ import random
 from pathlib import Path
 from typing import Iterator
 
-from .data import benchmark_examples
 from .metrics import dice, iou
 from .predictor import Predictor
 from .prompts import pick_prompt
+from .training_sets import benchmark_examples
 
 
 def evaluate(predictor: Predictor, data_dir, prompt_type: str = "p1", split: str = "val",

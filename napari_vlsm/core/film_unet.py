@@ -19,9 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from .backend import TRAIN_MODES, TorchBackend
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_normalize
 
 
 class FilmUNetConfig(PretrainedConfig):
@@ -146,20 +144,6 @@ class FilmUNetForSegmentation(PreTrainedModel):
 
 AutoConfig.register(FilmUNetConfig.model_type, FilmUNetConfig)
 AutoModel.register(FilmUNetConfig, FilmUNetForSegmentation)
-
-
-def resize_normalize(images: list[np.ndarray], size: tuple[int, int], mean, std, device="cpu") -> torch.Tensor:
-    """(H, W, 3) uint8 images -> (N, 3, *size) float32: antialiased bilinear resize, then mean/std."""
-    out = []
-    for image in images:
-        x = torch.from_numpy(np.array(image, dtype=np.uint8)).to(device).permute(2, 0, 1)[None].float() / 255.0
-        if tuple(x.shape[-2:]) != tuple(size):
-            x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
-        out.append(x)
-    x = torch.cat(out)
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s
 
 
 class FilmUNetBackend(TorchBackend):

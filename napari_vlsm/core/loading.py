@@ -25,6 +25,7 @@ import torch
 from .backend import Backend
 from .device import pick_device, pick_dtype
 from .errors import ModelNotFoundError, UnsafeWeightsError
+from .processors import load_image_processor, load_tokenizer
 
 DEFAULT_SPEC = "default"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -40,10 +41,6 @@ def quiet_transformers() -> None:
 
 def default_model_dir() -> Path:
     return Path(str(files("napari_vlsm") / "assets" / "default_film_unet"))
-
-
-def clip_tokenizer_dir() -> Path:
-    return Path(str(files("napari_vlsm") / "assets" / "clip_tokenizer"))
 
 
 def hf_cache_dir() -> str:
@@ -117,32 +114,6 @@ def read_config(folder: Path) -> dict:
             raise ModelNotFoundError(f"{folder} is a training run, not a model: use {folder / 'best'} (its best "
                                      f"checkpoint) or {folder / 'last'}.") from None
         raise ModelNotFoundError(f"{folder} is not a model folder: it has no config.json.") from None
-
-
-def load_tokenizer(folder: Path | None = None):
-    """The folder's own tokenizer, else the CLIP BPE tokenizer shipped with the package."""
-    from transformers import AutoTokenizer, CLIPTokenizer
-
-    if folder is not None and ((folder / "vocab.json").exists() or (folder / "tokenizer.json").exists()):
-        return AutoTokenizer.from_pretrained(folder)
-    tok = clip_tokenizer_dir()
-    return CLIPTokenizer(str(tok / "vocab.json"), str(tok / "merges.txt"))
-
-
-def load_image_processor(folder: Path, image_size: int):
-    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
-
-    if (folder / "preprocessor_config.json").exists():
-        return ViTImageProcessorPil.from_pretrained(folder)
-    return clipseg_image_processor(image_size)
-
-
-def clipseg_image_processor(image_size: int):
-    """CLIPSeg's preprocessing: bilinear resize to a square, ImageNet mean/std."""
-    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
-
-    return ViTImageProcessorPil(size={"height": image_size, "width": image_size}, resample=2,
-                                image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
 
 
 def strict_from_pretrained(cls, folder: Path):

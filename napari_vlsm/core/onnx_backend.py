@@ -33,7 +33,7 @@ class OnnxBackend(Backend):
         except ImportError as exc:
             raise ImportError("onnxruntime is not installed: pip install 'napari-vlsm[onnx]' "
                               "(or '[gpu]' for onnxruntime-gpu).") from exc
-        from .loading import load_image_processor, load_tokenizer
+        from .processors import load_image_processor, load_tokenizer
 
         folder = Path(folder)
         self.meta = json.loads((folder / META).read_text())
@@ -58,7 +58,7 @@ class OnnxBackend(Backend):
     def preprocess(self, images: list[np.ndarray]) -> np.ndarray:
         if self.meta["preprocess"] == "image_processor":
             return self.image_processor(images=list(images), return_tensors="np")["pixel_values"].astype(np.float32)
-        from .film_unet import resize_normalize
+        from .preprocess import resize_normalize
 
         return resize_normalize(images, self.input_size, self.meta["image_mean"], self.meta["image_std"]).numpy()
 

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+DEFAULT_THRESHOLD = 0.5  # callers pass the user's threshold; the predictor holds none
+
 
 def logits_to_probs(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """(P, h, w) logits -> (P, H, W) float32 probabilities, bilinearly resized to ``size``."""
@@ -13,11 +15,6 @@ def logits_to_probs(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     if tuple(probs.shape[-2:]) != tuple(size):
         probs = F.interpolate(probs[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
     return probs.cpu().numpy()
-
-
-def threshold(probs: np.ndarray, value: float = 0.5) -> np.ndarray:
-    """Boolean masks where the probability reaches ``value``."""
-    return probs >= value
 
 
 def combine_labels(probs: np.ndarray, value: float = 0.5) -> np.ndarray:

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from .backend import Backend
-from .postprocess import combine_labels, logits_to_probs
 from .errors import VLSMError
+from .postprocess import DEFAULT_THRESHOLD, combine_labels, logits_to_probs
 from .preprocess import shrink_for_model, to_rgb8, validate_image
 
 TEXT_CACHE_SIZE = 1024
@@ -57,11 +57,13 @@ class Predictor:
 
     Text embeddings are cached per prompt string too, so switching back and forth
     between prompts on a new image costs one decoder pass each.
+
+    Arguments: ``backend`` (from ``loading.load_model``). Shapes: an image is (H, W) or
+    (H, W, C), C in 1-4; ``predict`` returns (P, H, W) probabilities for P prompts.
     """
 
-    def __init__(self, backend: Backend, threshold: float = 0.5):
+    def __init__(self, backend: Backend):
         self.backend = backend
-        self.threshold = threshold
         self._features = None
         self._size: tuple[int, int] | None = None
         self._text_cache: dict[str, torch.Tensor] = {}
@@ -98,18 +100,24 @@ class Predictor:
         return torch.stack([torch.as_tensor(self._text_cache[p]) for p in prompts])
 
     @torch.inference_mode()
-    def predict(self, prompts: str | list[str], threshold: float | None = None) -> Prediction:
+    def predict(self, prompts: str | list[str], threshold: float = DEFAULT_THRESHOLD) -> Prediction:
+        """Probabilities (P, H, W) at the image's size for P prompts, from the cached image
+        features: runs only the text encoder (for prompts not seen before) and the decoder.
+        ``threshold`` makes the Prediction's masks and labels; the probabilities do not
+        depend on it."""
         if self._features is None:
             raise RuntimeError("No image is set; call set_image(image) first.")
         prompts = clean_prompts(prompts)
         logits = self.backend.decode(self._features, self.text_embeddings(prompts))
         check_finite(logits)
         probs = logits_to_probs(logits, self._size)
-        return Prediction(prompts, probs, self.threshold if threshold is None else threshold)
+        return Prediction(prompts, probs, threshold)
 
     @torch.inference_mode()
-    def predict_batch(self, images: list, prompts: str | list[str], threshold: float | None = None) -> list[Prediction]:
-        """Several images at once, every prompt on each: one encoder pass for the batch."""
+    def predict_batch(self, images: list, prompts: str | list[str],
+                      threshold: float = DEFAULT_THRESHOLD) -> list[Prediction]:
+        """Several images (each as for ``set_image``) at once, every prompt on each: one
+        encoder pass for the batch; the cached image is left as it was."""
         prompts = clean_prompts(prompts)
         rgbs = [self._model_rgb(im) for im in images]
         feats = self.backend.encode_image(self.backend.preprocess(rgbs))
@@ -119,5 +127,5 @@ class Predictor:
             logits = self.backend.decode(self.backend.select(feats, i), text)
             check_finite(logits)
             out.append(Prediction(prompts, logits_to_probs(logits, np.shape(image)[:2]),
-                                  self.threshold if threshold is None else threshold))
+                                  threshold))
         return out

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the models' input normalisation (CLIPSeg, FiLM-UNet)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_SIDE = 16
 WINDOW_PERCENTILES = (0.5, 99.5)
 
@@ -110,3 +112,20 @@ def to_rgb8(image) -> np.ndarray:
     if arr.shape[-1] == 1:
         arr = np.repeat(arr, 3, axis=-1)
     return np.ascontiguousarray(arr)
+
+
+def resize_normalize(images: list[np.ndarray], size: tuple[int, int], mean, std, device="cpu"):
+    """(H, W, 3) uint8 images -> (N, 3, *size) float32: antialiased bilinear resize, then mean/std."""
+    import torch
+    import torch.nn.functional as F
+
+    out = []
+    for image in images:
+        x = torch.from_numpy(np.array(image, dtype=np.uint8)).to(device).permute(2, 0, 1)[None].float() / 255.0
+        if tuple(x.shape[-2:]) != tuple(size):
+            x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+        out.append(x)
+    x = torch.cat(out)
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s

@@ -35,7 +35,8 @@ def build_random_clipseg(folder, shape: str = "tiny", seed: int = 0) -> Path:
     """Write a random CLIPSeg of ``shape`` with a real CLIP tokenizer and processor to ``folder``."""
     from transformers import CLIPSegForImageSegmentation
 
-    from .loading import clipseg_image_processor, load_tokenizer, quiet_transformers
+    from .loading import quiet_transformers
+    from .processors import clipseg_image_processor, load_tokenizer
 
     quiet_transformers()
     torch.manual_seed(seed)
@@ -51,7 +52,7 @@ def build_random_clipseg(folder, shape: str = "tiny", seed: int = 0) -> Path:
 def build_random_film_unet(folder, seed: int = 0, **config) -> Path:
     """Write a random FiLM-UNet (default shape, or ``config`` overrides) to ``folder``."""
     from .film_unet import FilmUNetConfig, FilmUNetForSegmentation
-    from .loading import load_tokenizer
+    from .processors import load_tokenizer
 
     torch.manual_seed(seed)
     model = FilmUNetForSegmentation(FilmUNetConfig(**config)).eval()

@@ -68,7 +68,7 @@ def new_film_unet(device="auto", **config):
 
     from .device import pick_device
     from .film_unet import FilmUNetBackend, FilmUNetConfig, FilmUNetForSegmentation
-    from .loading import load_tokenizer
+    from .processors import load_tokenizer
 
     module = FilmUNetForSegmentation(FilmUNetConfig(**config))
     return FilmUNetBackend(module, load_tokenizer(), pick_device(device), torch.float32,

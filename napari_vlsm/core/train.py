@@ -36,12 +36,12 @@ import torch.nn.functional as F
 from .backend import TorchBackend
 from .checkpoint import BEST, LAST, check_writable, read_metadata, recover_checkpoints, save_checkpoint
 from .concepts import NegativePrompts, add_synonyms
-from .data import TRAIN_PROMPT_TYPES, Example, PairCache, augment
 from .device import cpu_threads
 from .errors import TrainingError
 from .model_card import CARD_FILE, card_after_finetune, read_card
 from .prompts import SYNONYM_TYPE
 from .replay import REPLAY_DIR, replay_dir, replay_examples
+from .training_sets import TRAIN_PROMPT_TYPES, Example, PairCache, augment
 
 TARGET_STEPS = 250   # optimiser steps of a round when epochs are not given
 TRAIN_MODES_OFFERED = ("auto", "decoder", "full", "lora")
@@ -486,7 +486,7 @@ def training_data(data_dirs, val_split: str = "val", val_fraction: float | None 
     exists. Otherwise ``val_names`` ("folder/image" keys of an earlier run) are held out when
     given, so a resumed run is judged on the same images; else ``val_fraction`` of the
     examples (None: none below SMALL_SET examples in all, else 0.2)."""
-    from .data import benchmark_examples, load_examples, split_examples
+    from .training_sets import benchmark_examples, load_examples, split_examples
 
     loaded = []
     for d in map(Path, data_dirs):

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import layers as L
-from .core.predictor import Predictor, clean_prompts
+from ..core.predictor import Predictor, clean_prompts
+from .label_writing import LabelWrite
+from .planes import plane, plane_key
 
 
 @dataclass
-class Result:
+class PlaneProbabilities:
     """Probabilities per plane index for one run."""
 
     prompts: list[str]
@@ -26,8 +27,8 @@ class SegmentSession:
         self.device: str = "auto"
         self.predictor: Predictor | None = None
         self._key = None
-        self.last: Result | None = None
-        self.last_write: L.LabelWrite | None = None
+        self.last: PlaneProbabilities | None = None
+        self.last_write: LabelWrite | None = None
 
     @property
     def backend(self):
@@ -35,7 +36,7 @@ class SegmentSession:
 
     def ensure_model(self, spec: str, device: str = "auto"):
         """Load ``spec`` unless it is the model already loaded."""
-        from .core.loading import load_model
+        from ..core.loading import load_model
 
         if self.predictor is None or spec != self.spec or device != self.device:
             backend = load_model(spec, device=device)
@@ -43,10 +44,10 @@ class SegmentSession:
         return self.predictor.backend
 
     def segment(self, spec: str, device: str, layer, indices: list[tuple], prompts: list[str]):
-        """Generator: yields (done, total) per plane; returns a Result. Cancelling the worker
+        """Generator: yields (done, total) per plane; returns a PlaneProbabilities. Cancelling the worker
         stops it between planes."""
         prompts = clean_prompts(prompts)
-        result = Result(prompts)
+        result = PlaneProbabilities(prompts)
         try:
             self.ensure_model(spec, device)
             for n, index in enumerate(indices):
@@ -64,8 +65,8 @@ class SegmentSession:
         return result
 
     def _predict_plane(self, layer, index, prompts) -> np.ndarray:
-        image = L.plane(layer, index)
-        key = L.plane_key(layer, index, image)
+        image = plane(layer, index)
+        key = plane_key(layer, index, image)
         if key != self._key or not self.predictor.has_image:
             self._key = None
             self.predictor.set_image(image)

@@ -1,13 +1,16 @@
-"""napari layer logic without Qt: which 2D plane to segment, and writing results into
-Labels layers without losing the annotator's work."""
+"""Writing results into napari Labels layers without losing the annotator's work, in one
+place: the label value of each prompt, thresholding to labels, what a plane should become
+(new, only where still 0, or replace), the undoable write, names and colours, and applying
+a new threshold to the last write. No Qt here; the widget calls these."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from itertools import product
 
 import numpy as np
+
+from ..core.postprocess import combine_labels
+from .planes import plane, spatial_shape
 
 MODES = ("new", "fill", "replace")
 MODE_LABELS = {
@@ -15,40 +18,6 @@ MODE_LABELS = {
     "fill": "Existing layer: only where still 0",
     "replace": "Existing layer: replace (undo restores)",
 }
-
-
-def spatial_shape(layer) -> tuple[int, ...]:
-    """Data shape without the colour axis of an RGB(A) layer."""
-    shape = tuple(layer.data.shape)
-    return shape[:-1] if layer.rgb else shape
-
-
-def leading_shape(layer) -> tuple[int, ...]:
-    """Shape of the axes above the 2D plane (empty for a plain 2D image)."""
-    return spatial_shape(layer)[:-2]
-
-
-def current_index(layer, world_point) -> tuple[int, ...]:
-    """Index of the plane shown at ``world_point`` (the viewer's dims point)."""
-    lead = leading_shape(layer)
-    if not lead:
-        return ()
-    data_point = layer.world_to_data(tuple(world_point)[-layer.ndim:])
-    return tuple(int(np.clip(round(float(c)), 0, n - 1)) for c, n in zip(data_point[: len(lead)], lead))
-
-
-def all_indices(layer) -> list[tuple[int, ...]]:
-    return list(product(*(range(n) for n in leading_shape(layer))))
-
-
-def plane(layer, index: tuple[int, ...]) -> np.ndarray:
-    """The 2D image (H, W) or (H, W, C) at ``index``, as an in-memory array."""
-    return np.asarray(layer.data[index] if index else layer.data)
-
-
-def plane_key(layer, index, image: np.ndarray) -> tuple:
-    """Identifies an image plane's content, so cached features are reused only for it."""
-    return (id(layer), index, image.shape, hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).digest())
 
 
 @dataclass
@@ -101,25 +70,18 @@ def check_target(target, image_layer) -> None:
                          "or write into a new one.")
 
 
-def write_plane(target, index: tuple, labels: np.ndarray, mode: str) -> np.ndarray:
-    """Write a 2D label image into ``target`` at ``index``.
-
-    new/replace: the plane becomes ``labels`` (through ``data_setitem``, so napari's undo
-    brings the old content back); fill: only pixels that are still 0 take a label.
-    Returns the plane as written.
-    """
-    current = np.asarray(target.data[index] if index else target.data)
+def write_plane(target, index: tuple, labels: np.ndarray) -> np.ndarray:
+    """Make the plane of ``target`` at ``index`` equal ``labels``, through ``data_setitem``
+    (one undo entry that brings the old content back); return the plane as written."""
+    current = plane(target, index)
     if labels.shape != current.shape:
         raise ValueError(f"Result shape {labels.shape} does not match the layer plane {current.shape}.")
-    if mode == "fill":
-        change = (current == 0) & (labels != 0)
-    else:
-        change = current != labels
+    change = current != labels
     if change.any():
         rows, cols = np.nonzero(change)
         idx = tuple(np.full(rows.shape, i) for i in index) + (rows, cols)
         target.data_setitem(idx, labels[change].astype(target.data.dtype, copy=False))
-    return np.asarray(target.data[index] if index else target.data).copy()
+    return plane(target, index).copy()
 
 
 def set_label_names(target, names: dict[int, str]) -> None:
@@ -150,3 +112,40 @@ def use_bright_colours(layer, values: list[int]) -> None:
 def layer_name(image_layer, prompts: list[str]) -> str:
     text = ", ".join(prompts)
     return f"{image_layer.name} · {text[:40] + '…' if len(text) > 40 else text}"
+
+
+def to_labels(probs: np.ndarray, values: list[int], threshold: float, dtype) -> np.ndarray:
+    """(P, H, W) probabilities -> one label plane: prompt i's value where it is the most
+    likely at or above ``threshold``, 0 where none is."""
+    return np.array([0] + list(values), dtype=dtype)[combine_labels(probs, threshold)]
+
+
+def write_result(viewer, image_layer, target, probs_by_index: dict, prompts: list[str], threshold: float,
+                 mode: str):
+    """Write one run's probabilities: into a new Labels layer (``target`` None) or into
+    ``target`` by ``mode`` ("fill" or "replace"). Returns (layer, LabelWrite of a single
+    plane for re-thresholding, or None)."""
+    created = target is None
+    if created:
+        target = new_labels_layer(viewer, image_layer, layer_name(image_layer, prompts))
+    values = label_values(target, prompts, created)
+    write_mode = "fill" if mode == "fill" else "replace"
+    for index, probs in probs_by_index.items():
+        before = plane(target, index).copy()
+        labels = to_labels(probs, values, threshold, target.data.dtype)
+        written = write_plane(target, index, planned_plane(before, labels, write_mode))
+    set_label_names(target, dict(zip(values, prompts)))
+    if created:
+        use_bright_colours(target, values)
+    single = len(probs_by_index) == 1
+    return target, (LabelWrite(target, index, write_mode, values, before, written) if single else None)
+
+
+def rethreshold(write: LabelWrite, probs: np.ndarray, threshold: float) -> bool:
+    """Apply a new threshold to the last write; False (nothing changed) when the plane was
+    edited since, so an annotator's correction is never overwritten."""
+    if not np.array_equal(plane(write.layer, write.index), write.written):
+        return False
+    labels = to_labels(probs, write.values, threshold, write.layer.data.dtype)
+    write.written = write_plane(write.layer, write.index, planned_plane(write.before, labels, write.mode))
+    return True

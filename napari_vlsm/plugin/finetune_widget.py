@@ -27,13 +27,15 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from . import layers as L
-from ._plot import CurvePlot
-from ._qt_helpers import fill_layer_combo, on_layers_changed, scrolling_layout, sibling
-from ._widget import SegmentWidget
-from .core.data import read_index, remove_example, write_benchmark_example
-from .core.errors import VLSMError
-from .core.train import TRAIN_MODES_OFFERED, TrainSettings, finetune
+from ..core.checkpoint import BEST
+from ..core.errors import VLSMError
+from ..core.train import TRAIN_MODES_OFFERED, TrainSettings, finetune
+from ..core.training_sets import read_index, remove_example, write_benchmark_example
+from .label_writing import check_target
+from .planes import current_index, plane
+from .qt_helpers import fill_layer_combo, on_layers_changed, scrolling_layout, sibling
+from .segment_widget import SegmentWidget
+from .training_plot import CurvePlot
 
 DEFAULTS = TrainSettings()  # one recipe for the widget and the command line
 
@@ -198,25 +200,25 @@ class FinetuneWidget(QWidget):
             return show_error("Type the prompt this label stands for, for example 'polyp'.")
         image_layer, labels_layer = self.viewer.layers[img_name], self.viewer.layers[lab_name]
         try:
-            L.check_target(labels_layer, image_layer)
+            check_target(labels_layer, image_layer)
         except ValueError as exc:
             return show_error(str(exc))
-        index = L.current_index(image_layer, self.viewer.dims.point)
-        plane = L.plane(labels_layer, index)
+        index = current_index(image_layer, self.viewer.dims.point)
+        labels = plane(labels_layer, index)
         value = self.label_value.value()
-        if not (plane == value).any():
-            present = np.unique(plane[plane != 0])
+        if not (labels == value).any():
+            present = np.unique(labels[labels != 0])
             if len(present) == 1:  # a mask with one value, such as 255 from a PNG on disk
                 value = int(present[0])
                 self.label_value.setValue(value)
             elif not self._confirm(f"Label {value} is absent from this image. Store it as an empty (negative) "
                                    f"example for '{prompt}', meaning there is nothing of it here?"):
                 return self.status.setText("Nothing stored.")
-        mask = plane == value
+        mask = labels == value
         name = f"{img_name}-{'-'.join(map(str, index)) or '0'}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
         try:
-            write_benchmark_example(self.folder, name, L.plane(image_layer, index), mask, prompt)
+            write_benchmark_example(self.folder, name, plane(image_layer, index), mask, prompt)
         except OSError as exc:
             return show_error(f"Could not store the example in {self.folder}: {exc}")
         self._refresh_examples()
@@ -292,14 +294,14 @@ class FinetuneWidget(QWidget):
             self.status.setText(ev.message)
 
     def _finished(self, out: Path):
-        best = out / "best"
+        best = out / BEST
         if not (best / "config.json").exists():
             return show_warning("Training ended before any checkpoint was written.")
         if self._activate(str(best)):
             show_info(f"Finetuned model saved to {best} and now in use.")
 
     def _stopped(self, out: Path):
-        best = out / "best"
+        best = out / BEST
         if (best / "config.json").exists():
             self._activate(str(best))
             self.status.setText(f"Stopped. The last good checkpoint {best} is in use.")

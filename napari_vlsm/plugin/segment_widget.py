@@ -1,13 +1,12 @@
 """The "Text-prompt segmentation" dock widget: layout and wiring only.
 
 Work happens in ``SegmentSession.segment`` (core predictor underneath) inside a napari
-``thread_worker``; results go into Labels layers through ``napari_vlsm.layers``.
+``thread_worker``; results go into Labels layers through ``napari_vlsm.plugin.label_writing``.
 """
 
 from __future__ import annotations
 
 import napari
-import numpy as np
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_warning
 from qtpy.QtCore import Qt
@@ -27,12 +26,12 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from . import layers as L
-from ._qt_helpers import PROBABILITY_KEY, fill_layer_combo, is_probability_map, on_layers_changed, scrolling_layout
-from .core.errors import VLSMError
-from .core.model_card import card_for, describe_card, nothing_found_hint
-from .core.postprocess import combine_labels
-from .core.prompts import CHOICES, build_prompt
+from ..core.errors import VLSMError
+from ..core.model_card import card_for, describe_card, nothing_found_hint
+from ..core.prompts import CHOICES, build_prompt
+from . import label_writing
+from .planes import all_indices, current_index
+from .qt_helpers import PROBABILITY_KEY, fill_layer_combo, is_probability_map, on_layers_changed, scrolling_layout
 from .session import SegmentSession
 
 OTHER_MODELS_NOTE = ("For a general model run 'napari-vlsm models pull CIDAS/clipseg-rd64-refined' on a machine "
@@ -116,8 +115,8 @@ class SegmentWidget(QWidget):
         form.addRow("Threshold", trow)
 
         self.mode_combo = QComboBox()
-        for mode in L.MODES:
-            self.mode_combo.addItem(L.MODE_LABELS[mode], mode)
+        for mode in label_writing.MODES:
+            self.mode_combo.addItem(label_writing.MODE_LABELS[mode], mode)
         form.addRow("Write to", self.mode_combo)
         self.target_combo = QComboBox()
         form.addRow("Labels layer", self.target_combo)
@@ -170,7 +169,7 @@ class SegmentWidget(QWidget):
             self.image_combo.setCurrentText(layer.name)
 
     def _refresh_models(self):
-        from .core.registry import find_models
+        from ..core.registry import find_models
 
         self.model_combo.blockSignals(True)
         self.model_combo.clear()
@@ -242,13 +241,13 @@ class SegmentWidget(QWidget):
             if target is None:
                 return show_error("Choose the Labels layer to write into, or write to a new Labels layer.")
             try:
-                L.check_target(target, layer)
+                label_writing.check_target(target, layer)
             except ValueError as exc:
                 return show_error(str(exc))
         if self.worker is not None:
             return show_warning("A segmentation is already running; wait for it or press Cancel.")
-        indices = L.all_indices(layer) if self.all_slices.isChecked() else \
-            [L.current_index(layer, self.viewer.dims.point)]
+        indices = all_indices(layer) if self.all_slices.isChecked() else \
+            [current_index(layer, self.viewer.dims.point)]
         self._remember(self.prompt_edit.toPlainText().strip())
         mode, target = self.mode, (self._target_layer() if self.mode != "new" else None)
         worker = thread_worker(self.session.segment, progress={"total": len(indices), "desc": "Segmenting"},
@@ -312,24 +311,12 @@ class SegmentWidget(QWidget):
             return
         if target is not None and target not in self.viewer.layers:
             return show_error(f"The Labels layer '{target.name}' was removed while segmenting; nothing was written.")
-        created = target is None
-        if created:
-            target = L.new_labels_layer(self.viewer, image_layer, L.layer_name(image_layer, result.prompts))
-        values = L.label_values(target, result.prompts, created)
-        lut = np.array([0] + values, dtype=target.data.dtype)
-        write_mode = "fill" if mode == "fill" else "replace"
-        for index, probs in result.probs.items():
-            before = L.plane(target, index).copy()
-            planned = L.planned_plane(before, lut[combine_labels(probs, self.threshold_value)], write_mode)
-            written = L.write_plane(target, index, planned, "replace")
-        L.set_label_names(target, dict(zip(values, result.prompts)))
-        if created:
-            L.use_bright_colours(target, values)
+        target, write = label_writing.write_result(self.viewer, image_layer, target, result.probs, result.prompts,
+                                                   self.threshold_value, mode)
         target.metadata.update(vlsm_model=self.session.spec, vlsm_prompts=list(result.prompts),
                                vlsm_threshold=self.threshold_value, vlsm_image=image_layer.name)
-        single = len(result.probs) == 1  # only a single plane is kept for the threshold slider
-        self.session.last = result if single else None
-        self.session.last_write = L.LabelWrite(target, index, write_mode, values, before, written) if single else None
+        self.session.last = result if write is not None else None  # the slider re-thresholds one plane
+        self.session.last_write = write
         if self.show_probs.isChecked():
             self._add_probability_layer(image_layer, result)
         # the result becomes the active layer, ready for the brush; announced again even when it
@@ -337,7 +324,7 @@ class SegmentWidget(QWidget):
         self.viewer.layers.selection.active = None
         self.viewer.layers.selection.active = target
         backend = self.session.backend
-        from .core.device import describe
+        from ..core.device import describe
 
         self.status.setText(self._result_message(result, target, f"{backend.name} on "
                                                  f"{describe(backend.device, backend.dtype)}"))
@@ -370,11 +357,7 @@ class SegmentWidget(QWidget):
                 self.status.setText(f"Threshold {value / 100:.2f} applies to the next Segment (the slider "
                                     "re-thresholds a single segmented plane only).")
             return
-        if not np.array_equal(L.plane(write.layer, write.index), write.written):
+        if not label_writing.rethreshold(write, last.probs[write.index], self.threshold_value):
             self.status.setText("The layer was edited since; press Segment to apply the new threshold.")
             return
-        lut = np.array([0] + write.values, dtype=write.layer.data.dtype)
-        labels = lut[combine_labels(last.probs[write.index], self.threshold_value)]
-        planned = L.planned_plane(write.before, labels, write.mode)
-        write.written = L.write_plane(write.layer, write.index, planned, "replace")
         write.layer.metadata["vlsm_threshold"] = self.threshold_value

@@ -21,7 +21,7 @@ LOCK = ".napari-vlsm.lock"
 
 
 @dataclass
-class FileResult:
+class FileOutcome:
     path: Path
     status: str          # "ok" | "skipped" | "failed"
     out: Path | None = None
@@ -137,7 +137,7 @@ def _write(out: Path, labels: np.ndarray):
 
 def segment_files(predictor: Predictor, paths: list[Path], prompts, out_dir, threshold: float = 0.5,
                   resume: bool = False, fmt: str = "png", batch_size: int = 1, io_threads: int = 4
-                  ) -> Iterator[FileResult]:
+                  ) -> Iterator[FileOutcome]:
     """Segment each image with every prompt and write one label mask per image.
 
     Reading runs a bounded window ahead of the model and writing runs behind it, in a
@@ -150,20 +150,20 @@ def segment_files(predictor: Predictor, paths: list[Path], prompts, out_dir, thr
     todo = []
     for p in paths:
         if done.get(str(p)) == targets[p]:
-            yield FileResult(p, "skipped", targets[p], "mask exists")
+            yield FileOutcome(p, "skipped", targets[p], "mask exists")
         else:
             todo.append(p)
     window = max(2 * batch_size, 2 * io_threads)
     with ThreadPoolExecutor(io_threads) as pool:
         reads = deque(pool.submit(_read, p) for p in todo[:window])
-        pending = deque()  # (FileResult, write future)
+        pending = deque()  # (FileOutcome, write future)
         batch: list[tuple[Path, np.ndarray]] = []
         for i, path in enumerate(todo):
             image, error = reads.popleft().result()
             if i + window < len(todo):
                 reads.append(pool.submit(_read, todo[i + window]))
             if error:
-                yield FileResult(path, "failed", message=error)
+                yield FileOutcome(path, "failed", message=error)
             else:
                 batch.append((path, image))
             if batch and (len(batch) >= batch_size or i == len(todo) - 1):
@@ -179,21 +179,21 @@ def segment_files(predictor: Predictor, paths: list[Path], prompts, out_dir, thr
             yield _finish(*pending.popleft())
 
 
-def _finish(res: FileResult, write) -> FileResult:
+def _finish(res: FileOutcome, write) -> FileOutcome:
     error = write.result()
     if error:
-        return FileResult(res.path, "failed", message=error)
+        return FileOutcome(res.path, "failed", message=error)
     return res
 
 
 def _run_batch(predictor, batch, prompts, targets, threshold):
-    """(FileResult, labels) per image; a bad image fails alone, the rest go on."""
+    """(FileOutcome, labels) per image; a bad image fails alone, the rest go on."""
     try:
         preds = predictor.predict_batch([im for _, im in batch], prompts, threshold) if len(batch) > 1 \
             else [_single(predictor, batch[0][1], prompts, threshold)]
     except ValueError as exc:
         if len(batch) == 1:
-            yield FileResult(batch[0][0], "failed", message=str(exc)), None
+            yield FileOutcome(batch[0][0], "failed", message=str(exc)), None
             return
         for item in batch:
             yield from _run_batch(predictor, [item], prompts, targets, threshold)
@@ -201,7 +201,7 @@ def _run_batch(predictor, batch, prompts, targets, threshold):
     for (path, _), pred in zip(batch, preds):
         labels = pred.labels
         areas = tuple(int((labels == i + 1).sum()) for i in range(len(prompts)))
-        yield FileResult(path, "ok", targets[path], areas=areas), labels
+        yield FileOutcome(path, "ok", targets[path], areas=areas), labels
 
 
 def _single(predictor: Predictor, image, prompts, threshold):

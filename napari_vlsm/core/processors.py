@@ -1,0 +1,39 @@
+"""The text tokenizers and image processors that models load from their folders, with the
+CLIP tokenizer shipped in the package as the fallback (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+
+def clip_tokenizer_dir() -> Path:
+    return Path(str(files("napari_vlsm") / "assets" / "clip_tokenizer"))
+
+
+def load_tokenizer(folder: Path | None = None):
+    """The folder's own tokenizer, else the CLIP BPE tokenizer shipped with the package."""
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    if folder is not None and ((folder / "vocab.json").exists() or (folder / "tokenizer.json").exists()):
+        return AutoTokenizer.from_pretrained(folder)
+    tok = clip_tokenizer_dir()
+    return CLIPTokenizer(str(tok / "vocab.json"), str(tok / "merges.txt"))
+
+
+def load_image_processor(folder: Path, image_size: int):
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    if (folder / "preprocessor_config.json").exists():
+        return ViTImageProcessorPil.from_pretrained(folder)
+    return clipseg_image_processor(image_size)
+
+
+def clipseg_image_processor(image_size: int):
+    """CLIPSeg's preprocessing: bilinear resize to a square, ImageNet mean/std."""
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    return ViTImageProcessorPil(size={"height": image_size, "width": image_size}, resample=2,
+                                image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
