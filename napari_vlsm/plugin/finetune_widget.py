@@ -52,6 +52,8 @@ class FinetuneWidget(QWidget):
         self.pbar = None
         self.last_model: str | None = None
         self.previous_model: str | None = None
+        self.defer_activation = False  # set by the image series: new models come in between images
+        self.pending_model: str | None = None
         self._build()
         self._wire()
         self._refresh_layers()
@@ -297,6 +299,10 @@ class FinetuneWidget(QWidget):
         best = out / BEST
         if not (best / "config.json").exists():
             return show_warning("Training ended before any checkpoint was written.")
+        if self.defer_activation:
+            self.pending_model = str(best)
+            self.status.setText(f"New model {best} is ready; it is used from the next image.")
+            return
         if self._activate(str(best)):
             show_info(f"Finetuned model saved to {best} and now in use.")
 
@@ -318,6 +324,12 @@ class FinetuneWidget(QWidget):
             show_warning(f"Open Plugins > napari-vlsm > Text-prompt segmentation to use the new model {spec}.")
         self.last_model = spec
         return seg is not None
+
+    def activate_pending(self) -> None:
+        """Use a model that finished while an image was being annotated (called between images)."""
+        if self.pending_model:
+            spec, self.pending_model = self.pending_model, None
+            self._activate(spec)
 
     def use_previous_model(self):
         seg = self.segment_widget()

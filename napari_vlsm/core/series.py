@@ -1,0 +1,103 @@
+"""Annotating a folder image by image: which images there are, which are done, where each
+mask goes, reading ahead, saving without ever silently replacing a saved mask.
+
+Masks get the names and formats ``napari-vlsm segment`` gives them (``<stem>.png`` in the
+output folder, a suffix added where stems collide) and ``labels.json`` says what each label
+value means, so a folder annotated in napari and one labelled on the command line look the
+same. ``series.json`` in the output folder lists the images marked done; reopening the
+folder resumes at the first image not in it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_write_text
+from .folder_labeling import SIDECAR, mask_paths
+from .imageio import list_images, read_image, write_mask
+
+PROGRESS = "series.json"
+PREVIOUS = ".previous"
+DEFAULT_OUT = "vlsm_masks"
+
+
+def series_images(folder) -> list[Path]:
+    """The images of a folder, or of a data set in the benchmark layout (its images/)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"No folder at {folder}.")
+    source = folder / "images" if (folder / "images").is_dir() else folder
+    images = list_images([source])
+    if not images:
+        raise FileNotFoundError(f"{source} holds no images (PNG, JPEG, TIFF, BMP).")
+    return images
+
+
+class Series:
+    """The images of one folder and their masks in ``out_dir`` (default: ``folder/vlsm_masks``)."""
+
+    def __init__(self, folder, out_dir=None):
+        self.folder = Path(folder)
+        self.images = series_images(self.folder)
+        self.out_dir = Path(out_dir) if out_dir else self.folder / DEFAULT_OUT
+        self.masks = mask_paths(self.out_dir, self.images, "png")
+        self.done: set[str] = set(self._read_progress())
+        self._pool = ThreadPoolExecutor(1)
+        self._ahead: dict[int, Future] = {}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def n_done(self) -> int:
+        return sum(p.name in self.done for p in self.images)
+
+    def first_undone(self) -> int:
+        return next((i for i, p in enumerate(self.images) if p.name not in self.done), 0)
+
+    def image(self, i: int) -> np.ndarray:
+        """Image ``i``, read now or taken from the read-ahead; the next one is read ahead."""
+        fut = self._ahead.pop(i, None)
+        image = fut.result() if fut is not None else read_image(self.images[i])
+        if i + 1 < len(self) and i + 1 not in self._ahead:
+            self._ahead = {i + 1: self._pool.submit(read_image, self.images[i + 1])}
+        return image
+
+    def saved_mask(self, i: int) -> np.ndarray | None:
+        path = self.masks[self.images[i]]
+        return read_image(path) if path.exists() and path.stat().st_size > 0 else None
+
+    def would_replace(self, i: int, labels: np.ndarray) -> bool:
+        """True when a saved mask exists for image ``i`` and differs from ``labels``."""
+        saved = self.saved_mask(i)
+        return saved is not None and not np.array_equal(saved, np.asarray(labels).astype(saved.dtype))
+
+    def save(self, i: int, labels: np.ndarray, prompts: dict[int, str], done: bool = True) -> Path:
+        """Write image ``i``'s mask (atomically) and ``labels.json``; mark it done. A saved
+        mask that differs is first kept in ``.previous/``, so no save loses one."""
+        target = self.masks[self.images[i]]
+        if self.would_replace(i, labels):
+            keep = self.out_dir / PREVIOUS / target.name
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(target, keep)
+        path = write_mask(target, np.asarray(labels))
+        atomic_write_text(self.out_dir / SIDECAR, json.dumps(
+            {"labels": {str(k): v for k, v in sorted(prompts.items())}, "background": 0}, indent=1))
+        if done:
+            self.done.add(self.images[i].name)
+            atomic_write_text(self.out_dir / PROGRESS, json.dumps({"done": sorted(self.done)}, indent=1))
+        return path
+
+    def _read_progress(self) -> list[str]:
+        try:
+            return list(json.loads((self.out_dir / PROGRESS).read_text()).get("done", []))
+        except (OSError, ValueError, AttributeError):
+            return []
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,289 @@
+"""The "Image series" dock widget: annotate a folder image by image (segment, correct, Next),
+with auto-save, resume, quick mask edits, and training on the corrections every N images.
+Layout and wiring only; the work is ``core.series``, ``core.mask_edits`` and the other two
+docks (segmentation and Finetune), found in the same window."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import napari
+import numpy as np
+from napari.utils.notifications import show_error
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QMessageBox,
+    QPushButton,
+    QSpinBox,
+    QWidget,
+)
+
+from ..core import mask_edits
+from ..core.series import Series
+from ..core.training_sets import write_benchmark_example
+from .finetune_widget import FinetuneWidget
+from .label_writing import write_plane
+from .qt_helpers import scrolling_layout, sibling
+from .segment_widget import SegmentWidget
+
+IMAGE_LAYER, LABELS_LAYER = "series image", "series labels"
+AUTOSAVE_MS = 60_000  # a crash loses at most the current image's last minute
+
+
+class SeriesWidget(QWidget):
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__()
+        self.viewer = viewer
+        self.series: Series | None = None
+        self.index = 0
+        self.loaded: np.ndarray | None = None  # the mask as shown or last saved, to see edits
+        self.saved_since_training = 0
+        self._build()
+        self.timer = QTimer(self)
+        self.timer.setInterval(AUTOSAVE_MS)
+        self.timer.timeout.connect(self.autosave)
+        self.timer.start()
+
+    # ---------- layout ----------
+    def _build(self):
+        form = QFormLayout()
+        self.folder_edit = QLineEdit()
+        self.folder_edit.setPlaceholderText("folder of images, or a data set with images/")
+        self.open_btn = QPushButton("Open…")
+        row = QHBoxLayout()
+        row.addWidget(self.folder_edit, 1)
+        row.addWidget(self.open_btn)
+        form.addRow("Folder", row)
+        self.out_label = QLabel("")
+        self.out_label.setWordWrap(True)
+        form.addRow("Masks go to", self.out_label)
+        self.auto_segment = QCheckBox("Segment each new image with the prompts of Text-prompt segmentation")
+        self.auto_segment.setChecked(True)
+        self.to_training = QCheckBox("Add each saved pair to the Finetune training set")
+        self.to_training.setChecked(True)
+        self.train_every = QSpinBox()
+        self.train_every.setRange(0, 1000)
+        self.train_every.setSpecialValueText("never")
+        form.addRow(self.auto_segment)
+        form.addRow(self.to_training)
+        form.addRow("Train on my corrections every", self.train_every)
+        self.prev_btn = QPushButton("◀ Previous  (Alt+Left)")
+        self.prev_btn.setShortcut("Alt+Left")
+        self.next_btn = QPushButton("Save, next ▶  (Alt+Right)")
+        self.next_btn.setShortcut("Alt+Right")
+        nav = QHBoxLayout()
+        nav.addWidget(self.prev_btn)
+        nav.addWidget(self.next_btn, 1)
+        self.progress = QLabel("No folder open.")
+        self.keep_btn = QPushButton("Keep piece (click)")
+        self.remove_btn = QPushButton("Remove piece (click)")
+        self.fill_btn = QPushButton("Fill holes")
+        self.specks_btn = QPushButton("Remove specks under")
+        self.speck_size = QSpinBox()
+        self.speck_size.setRange(1, 100000)
+        self.speck_size.setValue(50)
+        self.speck_size.setSuffix(" px")
+        edits1, edits2 = QHBoxLayout(), QHBoxLayout()
+        edits1.addWidget(self.keep_btn)
+        edits1.addWidget(self.remove_btn)
+        edits2.addWidget(self.fill_btn)
+        edits2.addWidget(self.specks_btn)
+        edits2.addWidget(self.speck_size)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        layout = scrolling_layout(self)
+        layout.addLayout(form)
+        layout.addLayout(nav)
+        layout.addWidget(self.progress)
+        layout.addWidget(QLabel("Quick edits of the selected label:"))
+        layout.addLayout(edits1)
+        layout.addLayout(edits2)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+        self.open_btn.clicked.connect(self._browse)
+        self.folder_edit.returnPressed.connect(lambda: self.open(self.folder_edit.text()))
+        self.prev_btn.clicked.connect(self.previous)
+        self.next_btn.clicked.connect(self.next)
+        self.keep_btn.clicked.connect(lambda: self._on_next_click(mask_edits.keep_piece))
+        self.remove_btn.clicked.connect(lambda: self._on_next_click(mask_edits.remove_piece))
+        self.fill_btn.clicked.connect(lambda: self._edit(lambda a, v: mask_edits.fill_holes(a, v)))
+        self.specks_btn.clicked.connect(
+            lambda: self._edit(lambda a, v: mask_edits.remove_specks(a, v, self.speck_size.value())))
+
+    # ---------- the series ----------
+    def _browse(self):
+        folder = QFileDialog.getExistingDirectory(self, "Folder of images to annotate")
+        if folder:
+            self.open(folder)
+
+    def open(self, folder) -> None:
+        try:
+            series = Series(Path(folder).expanduser())
+        except OSError as exc:
+            return show_error(str(exc))
+        if self.series is not None:
+            self.autosave()
+            self.series.close()
+        self.series = series
+        self.folder_edit.setText(str(series.folder))
+        self.out_label.setText(str(series.out_dir))
+        self.show(series.first_undone())
+
+    def show(self, i: int) -> None:
+        """Show image ``i`` with its saved mask, or segment it if it has none (and that is on)."""
+        s = self.series
+        self.index = i
+        image = s.image(i)
+        saved = s.saved_mask(i)
+        labels = saved if saved is not None else np.zeros(image.shape[:2], np.uint8)
+        self._set_layer(IMAGE_LAYER, image, "image", rgb=image.ndim == 3 and image.shape[-1] in (3, 4))
+        self._set_layer(LABELS_LAYER, labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16),
+                        "labels")
+        self.loaded = self.labels_layer.data.copy()
+        fine = sibling(self, FinetuneWidget)
+        if fine is not None:
+            fine.activate_pending()  # a model trained meanwhile comes in between images
+        self._report()
+        if saved is None and self.auto_segment.isChecked():
+            self._segment()
+
+    def _set_layer(self, name, data, kind, **kwargs):
+        cls = napari.layers.Image if kind == "image" else napari.layers.Labels
+        if name in self.viewer.layers and isinstance(self.viewer.layers[name], cls) \
+                and getattr(self.viewer.layers[name], "rgb", False) == kwargs.get("rgb", False):
+            self.viewer.layers[name].data = data
+        else:
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+            add = self.viewer.add_image if kind == "image" else self.viewer.add_labels
+            add(data, name=name, **kwargs)
+        self.viewer.layers.selection.active = self.viewer.layers[LABELS_LAYER if LABELS_LAYER in self.viewer.layers
+                                                                 else name]
+
+    @property
+    def labels_layer(self):
+        return self.viewer.layers[LABELS_LAYER]
+
+    def _segment(self):
+        seg = sibling(self, SegmentWidget)
+        if seg is None or not seg.prompts:
+            self.status.setText("To segment each image, open Text-prompt segmentation and type the prompts there.")
+            return
+        seg.image_combo.setCurrentText(IMAGE_LAYER)
+        seg.mode_combo.setCurrentIndex(seg.mode_combo.findData("replace"))
+        seg._refresh_layers()
+        seg.target_combo.setCurrentText(LABELS_LAYER)
+        seg.run()
+
+    def next(self) -> bool:
+        """Save the current mask (asking before replacing a different saved one), mark it done,
+        add it to the training set, maybe train, and show the next image."""
+        if self.series is None:
+            return False
+        if not self.save(done=True):
+            return False
+        if self.index + 1 < len(self.series):
+            self.show(self.index + 1)
+        else:
+            self._report()
+            self.status.setText(f"All {len(self.series)} images are done. Masks are in {self.series.out_dir}.")
+        return True
+
+    def previous(self) -> None:
+        if self.series is not None and self.index > 0:
+            self.autosave()
+            self.show(self.index - 1)
+
+    def save(self, done: bool) -> bool:
+        s, labels = self.series, np.asarray(self.labels_layer.data)
+        if done and s.would_replace(self.index, labels) and not self._confirm(
+                f"{s.masks[s.images[self.index]].name} was saved before and differs from what is shown. Replace it? "
+                "(the previous version is kept in .previous/)"):
+            return False
+        try:
+            s.save(self.index, labels, self._prompt_names(), done=done)
+        except OSError as exc:
+            show_error(f"Could not save the mask: {exc}")
+            return False
+        self.loaded = labels.copy()
+        if done:
+            self._after_done(labels)
+        return True
+
+    def autosave(self) -> None:
+        """Save the current image's edits (not marking it done), if there are any."""
+        if self.series is None or LABELS_LAYER not in self.viewer.layers or self.loaded is None:
+            return
+        if not np.array_equal(self.labels_layer.data, self.loaded):
+            self.save(done=False)
+
+    def _after_done(self, labels):
+        fine = sibling(self, FinetuneWidget)
+        names = self._prompt_names()
+        if fine is not None and self.to_training.isChecked() and labels.any():
+            image = np.asarray(self.viewer.layers[IMAGE_LAYER].data)
+            for value in np.unique(labels[labels != 0]):
+                name = f"{self.series.images[self.index].stem}-{int(value)}"
+                write_benchmark_example(fine.folder, name, image, labels == value,
+                                        names.get(int(value), fine.prompt_edit.text() or "object"))
+            fine._refresh_examples()
+        self.saved_since_training += 1
+        every = self.train_every.value()
+        if fine is not None and every and self.saved_since_training >= every and fine.worker is None:
+            self.saved_since_training = 0
+            fine.defer_activation = True
+            fine.start()
+            self.status.setText("Training on the corrections in the background; the new model is used from the "
+                                "next image after it finishes.")
+
+    def _prompt_names(self) -> dict[int, str]:
+        names = self.labels_layer.metadata.get("vlsm_labels") or {}
+        return {int(k): v for k, v in names.items()}
+
+    def _report(self):
+        s = self.series
+        seg = sibling(self, SegmentWidget)
+        model = f" · model: {seg.model_spec}" if seg is not None else ""
+        self.progress.setText(f"{s.n_done} / {len(s)} done · image {self.index + 1}: {s.images[self.index].name}"
+                              + model)
+
+    def _confirm(self, question: str) -> bool:
+        answer = QMessageBox.question(self, "napari-vlsm", question,
+                                      QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No)
+        return answer == QMessageBox.StandardButton.Yes
+
+    # ---------- quick edits ----------
+    def _edit(self, change) -> None:
+        if LABELS_LAYER not in self.viewer.layers:
+            return
+        layer = self.labels_layer
+        value = int(layer.selected_label)
+        write_plane(layer, (), change(np.asarray(layer.data), value).astype(layer.data.dtype))  # one undo entry
+
+    def _on_next_click(self, change) -> None:
+        if LABELS_LAYER not in self.viewer.layers:
+            return
+        layer = self.labels_layer
+        self.status.setText("Click on the piece in the image.")
+
+        def once(layer_, event):
+            layer.mouse_drag_callbacks.remove(once)
+            row, col = (int(round(c)) for c in layer.world_to_data(event.position)[-2:])
+            self.apply_at(change, (row, col))
+
+        layer.mouse_drag_callbacks.append(once)
+
+    def apply_at(self, change, point: tuple[int, int]) -> None:
+        layer = self.labels_layer
+        try:
+            write_plane(layer, (), change(np.asarray(layer.data), point).astype(layer.data.dtype))
+            self.status.setText("")
+        except (ValueError, IndexError) as exc:
+            self.status.setText(str(exc))

@@ -1,0 +1,140 @@
+"""The image series, opened from the Plugins menu with the other two docks: segment, edit,
+Next, close and resume, nothing saved is lost; quick mask edits."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from napari_vlsm.core import mask_edits
+from napari_vlsm.core.imageio import read_image
+from napari_vlsm.core.series import Series
+from napari_vlsm.core.training_sets import read_index
+
+
+@pytest.fixture
+def folder(tmp_path, kvasir):
+    out = tmp_path / "new_images"
+    out.mkdir()
+    for p in sorted((kvasir / "images").iterdir())[:5]:
+        shutil.copy(p, out / p.name)
+    return out
+
+
+@pytest.fixture
+def docks(make_napari_viewer, tiny_unet, tmp_path):
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation")
+    _, fine = viewer.window.add_plugin_dock_widget("napari-vlsm", "Finetune")
+    _, series = viewer.window.add_plugin_dock_widget("napari-vlsm", "Image series")
+    seg.add_model(str(tiny_unet))
+    seg.prompt_edit.setPlainText("polyp")
+    fine.folder_edit.setText(str(tmp_path / "training_set"))
+    return viewer, seg, fine, series
+
+
+def wait(qtbot, seg):
+    qtbot.waitUntil(lambda: seg.worker is None, timeout=60000)
+
+
+def test_annotate_five_images_close_and_resume(qtbot, docks, folder, monkeypatch):
+    viewer, seg, fine, series = docks
+    series.open(folder)
+    wait(qtbot, seg)
+    labels = viewer.layers["series labels"]
+    assert labels.metadata["vlsm_model"] == seg.model_spec  # segmented with the current prompt
+    for i in range(3):
+        labels.data = np.zeros_like(labels.data)
+        labels.data[10 + i:60, 20:90] = 1  # the annotator's correction
+        labels.metadata["vlsm_labels"] = {1: "polyp"}
+        assert series.next()
+        wait(qtbot, seg)
+    s = Series(folder)
+    assert s.n_done == 3 and "3 / 5 done" in series.progress.text()
+    for i in range(3):
+        mask = read_image(s.masks[s.images[i]])
+        assert mask.shape == (256, 256) and mask[10 + i:60, 20:90].all() and mask.sum() == (50 - i) * 70
+    assert json.loads((s.out_dir / "labels.json").read_text())["labels"] == {"1": "polyp"}
+    assert len(read_index(fine.folder)) == 3  # each saved pair joined the Finetune training set
+
+    # edits to image 4 are auto-saved without marking it done
+    labels.data[100:120, 100:120] = 1
+    series.autosave()
+    assert read_image(s.masks[s.images[3]])[110, 110] == 1 and Series(folder).n_done == 3
+
+    # close and reopen: resumes at the first image not done, with its auto-saved edits
+    series.series.close()
+    _, again = viewer.window.add_plugin_dock_widget("napari-vlsm", "Image series", tabify=True)
+    again.auto_segment.setChecked(False)
+    again.open(folder)
+    assert again.index == 3 and viewer.layers["series labels"].data[110, 110] == 1
+
+    # going back shows the saved mask; replacing it asks, and the old one is kept
+    again.previous()
+    shown = viewer.layers["series labels"]
+    assert np.array_equal(shown.data, read_image(s.masks[s.images[2]]))
+    shown.data = np.zeros_like(shown.data)
+    asked = []
+    monkeypatch.setattr(again, "_confirm", lambda q: asked.append(q) or False)
+    assert not again.next() and asked and read_image(s.masks[s.images[2]]).any()
+    monkeypatch.setattr(again, "_confirm", lambda q: True)
+    assert again.next()
+    assert not read_image(s.masks[s.images[2]]).any()
+    assert read_image(s.out_dir / ".previous" / s.masks[s.images[2]].name).any()
+
+
+def test_same_names_and_formats_as_the_command_line(folder):
+    s = Series(folder)
+    assert [m.name for m in s.masks.values()] == [p.stem + ".png" for p in s.images]
+    assert s.out_dir == folder / "vlsm_masks"
+
+
+def test_quick_mask_edits():
+    labels = np.zeros((40, 40), np.uint8)
+    labels[2:10, 2:10] = 1
+    labels[20:30, 20:30] = 1
+    labels[24:26, 24:26] = 0  # a hole
+    labels[35, 35] = 1        # a speck
+    labels[2:5, 30:35] = 2
+    kept = mask_edits.keep_piece(labels, (5, 5))
+    assert kept[25, 21] == 0 and kept[5, 5] == 1 and kept[3, 31] == 2
+    removed = mask_edits.remove_piece(labels, (5, 5))
+    assert removed[5, 5] == 0 and removed[21, 21] == 1
+    assert mask_edits.fill_holes(labels, 1)[25, 25] == 1
+    assert mask_edits.remove_specks(labels, 1, 5)[35, 35] == 0
+    with pytest.raises(ValueError, match="no label under"):
+        mask_edits.keep_piece(labels, (15, 15))
+
+
+def test_a_click_edit_in_the_widget_is_one_undo_step(docks, folder):
+    viewer, seg, fine, series = docks
+    series.auto_segment.setChecked(False)
+    series.open(folder)
+    layer = viewer.layers["series labels"]
+    layer.data[2:10, 2:10] = 1
+    layer.data[20:30, 20:30] = 1
+    series.apply_at(mask_edits.remove_piece, (5, 5))
+    assert layer.data[5, 5] == 0 and layer.data[25, 25] == 1
+    layer.undo()
+    assert layer.data[5, 5] == 1
+
+
+def test_training_every_n_images_swaps_the_model_in_between_images(qtbot, docks, folder):
+    viewer, seg, fine, series = docks
+    series.train_every.setValue(2)
+    fine.epochs.setValue(2)
+    series.open(folder)
+    wait(qtbot, seg)
+    base = seg.model_spec
+    for _ in range(2):
+        viewer.layers["series labels"].data[30:80, 30:80] = 1
+        series.next()
+        wait(qtbot, seg)
+    assert fine.worker is not None or fine.pending_model  # training started after the second image
+    qtbot.waitUntil(lambda: fine.worker is None, timeout=120000)
+    assert seg.model_spec == base and fine.pending_model  # not in the middle of an image
+    series.next()
+    wait(qtbot, seg)
+    assert seg.model_spec == fine.last_model != base
+    assert "model: " + seg.model_spec in series.progress.text()
