@@ -138,3 +138,15 @@ def test_training_every_n_images_swaps_the_model_in_between_images(qtbot, docks,
     wait(qtbot, seg)
     assert seg.model_spec == fine.last_model != base
     assert "model: " + seg.model_spec in series.progress.text()
+
+
+def test_the_three_docks_fit_a_1600_by_1000_screen(make_napari_viewer):
+    viewer = make_napari_viewer()
+    docks = [viewer.window.add_plugin_dock_widget("napari-vlsm", name)[0]
+             for name in ("Text-prompt segmentation", "Finetune", "Image series")]
+    window = viewer.window._qt_window
+    window.resize(1600, 1000)
+    # docked one above the other on the right, their minimum heights together fit the screen
+    assert sum(d.minimumSizeHint().height() for d in docks) < 1000 - 150
+    assert max(d.minimumSizeHint().width() for d in docks) < 480
+    assert window.minimumSizeHint().height() <= 1000
