@@ -95,3 +95,15 @@ def test_batch_equals_one_by_one(request, which, polyp_image):
     for image, got in zip(images, batch):
         pred.set_image(image)
         np.testing.assert_allclose(got.probs, pred.predict(["polyp", "vessel"]).probs, atol=1e-5)
+
+
+def test_masks_and_labels_follow_the_threshold_given(clipseg, polyp_image):
+    pred = Predictor(clipseg)
+    pred.set_image(polyp_image)
+    probs = pred.predict(["polyp", "mucosa"]).probs
+    lo, hi = np.quantile(probs, [0.3, 0.7])
+    for t in (lo, hi):
+        out = pred.predict(["polyp", "mucosa"], threshold=t)
+        np.testing.assert_array_equal(out.masks, probs >= t)
+        assert ((out.labels > 0) == (probs.max(0) >= t)).all()
+    assert pred.predict("polyp", threshold=lo).masks.sum() > pred.predict("polyp", threshold=hi).masks.sum()

@@ -54,3 +54,14 @@ def test_non_finite_values_are_refused(value):
     arr[3, 3] = value
     with pytest.raises(ValueError, match="NaN or infinite"):
         to_rgb8(arr)
+
+
+def test_16_bit_rgb_uses_one_window_for_all_channels():
+    """The colour balance survives: a channel at half the intensity of another stays half."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(1000, 60000, (64, 64)).astype(np.float64)
+    rgb = np.stack([base, base / 2, base / 4], -1).astype(np.uint16)
+    out = to_rgb8(rgb).astype(float)
+    bright = out[..., 0] > 100
+    assert np.allclose(out[..., 1][bright] / out[..., 0][bright], 0.5, atol=0.05)
+    assert np.allclose(out[..., 2][bright] / out[..., 0][bright], 0.25, atol=0.05)

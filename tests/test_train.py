@@ -157,9 +157,11 @@ def test_resume_continues_from_last(tiny_unet, small_benchmark, tmp_path):
     assert json.loads((tmp_path / "last" / "training.json").read_text())["epochs_done"] == 3
 
 
-def test_distributed_two_processes_on_gloo(tiny_unet, small_benchmark, tmp_path):
+@pytest.mark.parametrize("sync", [True, False])
+def test_distributed_two_processes_on_gloo(tiny_unet, small_benchmark, tmp_path, sync):
+    """Ranks end with identical weights; with gradient averaging switched off they would not."""
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NAPARI_VLSM_NO_GRAD_SYNC": "0" if sync else "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "napari_vlsm.cli", "finetune", str(small_benchmark), "--model", str(tiny_unet),
            "--out", str(out), "--epochs", "2", "--batch-size", "4", "--device", "cpu", "--train", "full"]
@@ -168,4 +170,6 @@ def test_distributed_two_processes_on_gloo(tiny_unet, small_benchmark, tmp_path)
     assert sorted(p.name for p in out.iterdir()) == ["best", "last"]
     meta = json.loads((out / "last" / "training.json").read_text())
     assert meta["epochs_done"] == 2 and meta["world_size"] == 2
+    a, b = meta["rank_weight_sums"]
+    assert (a == b) if sync else (abs(a - b) > 1e-3)  # float64 sums of |w|: any drift shows
     load_model(out / "best")

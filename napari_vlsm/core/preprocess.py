@@ -79,9 +79,9 @@ def shrink_for_model(arr: np.ndarray, model_side: int) -> np.ndarray:
     hundred pixels a side; a 12000 x 12000 slide would otherwise be copied to float at full
     size several times over. Percentile windows are then taken on the block means."""
     h, w = arr.shape[:2]
-    factor = min(h, w) // (2 * model_side)
-    if factor < 2:
+    if min(h, w) < 8 * model_side:  # small enough: the model's own resize sees every pixel
         return arr
+    factor = min(h, w) // (2 * model_side)
     oh, ow = h // factor, w // factor
     if arr.dtype == np.uint8 and (arr.ndim == 2 or arr.shape[-1] in (3, 4)):
         from PIL import Image

@@ -47,6 +47,7 @@ TARGET_STEPS = 250   # optimiser steps of a round when epochs are not given
 TRAIN_MODES_OFFERED = ("auto", "decoder", "full", "lora")
 NEW_FILM_UNET = "new:film-unet"
 SMALL_SET = 100      # below this many examples, all of them train (no validation hold-out)
+NO_SYNC = os.environ.get("NAPARI_VLSM_NO_GRAD_SYNC") == "1"  # diagnostic: ranks drift apart (tests show it)
 CHECKPOINT_EVERY_S = 30  # a short round saves at its end; a long one also every this often
 
 
@@ -239,12 +240,23 @@ def _distributed() -> tuple[int, int]:
     return 1, 0
 
 
-def _from_rank0(*values):
+def _from_rank0(*values, device=None):
     import torch.distributed as dist
 
-    t = torch.tensor([float("nan") if v is None else v for v in values], dtype=torch.float64)
+    # NCCL moves only CUDA tensors; gloo takes CPU ones
+    t = torch.tensor([float("nan") if v is None else v for v in values], dtype=torch.float64, device=device)
     dist.broadcast(t, 0)
     return tuple(None if math.isnan(v) else v for v in t.tolist())
+
+
+def _gather_weight_sums(backend) -> list[float]:
+    import torch.distributed as dist
+
+    mine = torch.tensor([sum(float(p.detach().double().abs().sum()) for p in backend.module.parameters())],
+                        dtype=torch.float64, device=backend.device)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [float(t.item()) for t in every]
 
 
 def _all_reduce_grads(params, world: int) -> None:
@@ -370,7 +382,7 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
                                     f"training stopped. {_stopped_message(out)} Try a lower learning rate.")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if world > 1:
+            if world > 1 and not NO_SYNC:
                 _all_reduce_grads(params, world)
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
@@ -390,7 +402,7 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
                           negatives.concepts) if val_set else None
         val = report.dice if report else None
         if world > 1:  # decisions (best, schedule, early stop) follow rank 0
-            val, epoch_loss = _from_rank0(val, epoch_loss)
+            val, epoch_loss = _from_rank0(val, epoch_loss, device=backend.device)
         history.append({"round": round_no, "epoch": epoch + 1, "loss": epoch_loss, "val_dice": val,
                         "val_dice_by_set": report.by_set if report else None,
                         "val_cross_prompt_rate": report.cross_prompt_rate if report else None,
@@ -406,6 +418,8 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
             stale += 1
         last_epoch = epoch + 1 == epochs
         meta.update(epochs_done=epoch + 1, history=history, best_val_dice=best if best >= 0 else None)
+        if world > 1:  # every rank's weights, summarised, so a run can show they stayed identical
+            meta["rank_weight_sums"] = _gather_weight_sums(backend)
         ckpt = save(improved, informative, final=last_epoch)
         if last_epoch and not informative and rank == 0:  # the schedule's end is the model to keep
             ckpt = str(save_checkpoint(backend, out / BEST, meta, extras))
