@@ -77,7 +77,7 @@ def add_corrections(folder: Path, examples, prompt: str) -> None:
     ann.write_text(json.dumps(rows))
 
 
-def run_arm(args, name: str, replay: float) -> list[dict]:
+def run_arm(args, name: str, extra: list[str]) -> list[dict]:
     work = Path(args.work) / name
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -100,7 +100,7 @@ def run_arm(args, name: str, replay: float) -> list[dict]:
         add_corrections(work / "corrections", batch, args.prompt)
         out = work / f"round{r + 1}"
         cmd = [sys.executable, "-m", "napari_vlsm.cli", "finetune", str(work / "corrections"), "--model", model,
-               "--out", str(out), "--replay-fraction", str(replay), "--device", "cpu"]
+               "--out", str(out), "--device", "cpu", *extra]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         t0 = time.time()
@@ -128,7 +128,9 @@ def main():
     ap.add_argument("--per-round", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--arms", default="replay,no-replay")
+    ap.add_argument("--arm", action="append", default=[],
+                    help="NAME=FINETUNE ARGS, repeatable (default: 'replay=' (the CLI defaults) and "
+                         "'no-replay=--replay-fraction 0').")
     ap.add_argument("--work", default="runs/bench_corrections")
     ap.add_argument("--plot", default="")
     args = ap.parse_args()
@@ -143,8 +145,9 @@ def main():
     args.base_with_replay = str(base)
     print(f"Machine: {machine()}; finetune threads: {args.threads}")
     rows = []
-    for arm in args.arms.split(","):
-        rows += run_arm(args, arm, 0.5 if arm == "replay" else 0.0)
+    for arm in args.arm or ["replay=", "no-replay=--replay-fraction 0"]:
+        name, _, extra = arm.partition("=")
+        rows += run_arm(args, name, extra.split())
     print()
     print("| arm | corrections | effort: wrong pixels | effort: 1 - Dice | test Dice | polyp Dice (Kvasir val) "
           "| 'polyp' hits on new domain | finetune s |")

@@ -37,17 +37,26 @@ class Backend(ABC):
     dtype: torch.dtype = torch.float32
     source: str = ""  # the spec or folder it was loaded from
 
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(h, w) the model sees: 352 x 352 for CLIPSeg rd64, 256 x 256 for the FiLM-UNet."""
+        raise NotImplementedError
+
     @abstractmethod
     def preprocess(self, images: list[np.ndarray]) -> Any:
-        """(H, W, 3) uint8 RGB images -> the model's batched input."""
+        """N images, each (H, W, 3) uint8 RGB of any size -> the model's batched input,
+        (N, 3, h, w) at ``input_size``, normalised, on ``device`` in ``dtype``."""
 
     @abstractmethod
     def encode_image(self, pixel_values: Any) -> Any:
-        """Run the image encoder once; return what the decoder needs for each image."""
+        """Run the image encoder once on (N, 3, h, w); return what the decoder needs for each
+        image (for CLIPSeg the activations of its extract layers, for the FiLM-UNet the
+        encoder's feature maps), batch first."""
 
     @abstractmethod
     def encode_text(self, prompts: list[str]) -> Any:
-        """Prompt strings -> one conditioning vector each."""
+        """P prompt strings -> (P, d) conditioning vectors (d: 512 for CLIPSeg, text_dim for
+        the FiLM-UNet). Prompts longer than the text encoder reads are cut, with a warning."""
 
     @abstractmethod
     def decode(self, features: Any, text: Any) -> torch.Tensor:

@@ -21,7 +21,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QListWidget,
-    QMessageBox,
     QPushButton,
     QSpinBox,
     QWidget,
@@ -33,7 +32,7 @@ from ..core.train import TRAIN_MODES_OFFERED, TrainSettings, finetune
 from ..core.training_sets import read_index, remove_example, write_benchmark_example
 from .label_writing import check_target
 from .planes import current_index, plane
-from .qt_helpers import fill_layer_combo, on_layers_changed, scrolling_layout, sibling
+from .qt_helpers import ask, fill_layer_combo, on_layers_changed, scrolling_layout, sibling
 from .segment_widget import SegmentWidget
 from .training_plot import CurvePlot
 
@@ -227,9 +226,7 @@ class FinetuneWidget(QWidget):
         self.status.setText(f"Stored example {name} ({self.examples.count()} in the training set).")
 
     def _confirm(self, question: str) -> bool:
-        answer = QMessageBox.question(self, "napari-vlsm", question,
-                                      QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No)
-        return answer == QMessageBox.StandardButton.Yes
+        return ask(self, question)
 
     def remove_selected(self):
         for item in self.examples.selectedItems():

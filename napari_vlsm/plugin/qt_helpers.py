@@ -35,6 +35,14 @@ def scrolling_layout(widget):
     return QVBoxLayout(inner)
 
 
+def ask(parent, question: str) -> bool:
+    """A Yes/No question; True for Yes."""
+    from qtpy.QtWidgets import QMessageBox
+
+    buttons = QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No
+    return QMessageBox.question(parent, "napari-vlsm", question, buttons) == QMessageBox.StandardButton.Yes
+
+
 def sibling(widget, cls):
     """The first widget of class ``cls`` in the same main window as ``widget`` (napari gives
     each dock widget its own viewer proxy, so the window is what plugin docks share)."""

@@ -18,7 +18,6 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
-    QMessageBox,
     QPushButton,
     QSpinBox,
     QWidget,
@@ -29,7 +28,7 @@ from ..core.series import Series
 from ..core.training_sets import write_benchmark_example
 from .finetune_widget import FinetuneWidget
 from .label_writing import write_plane
-from .qt_helpers import scrolling_layout, sibling
+from .qt_helpers import ask, scrolling_layout, sibling
 from .segment_widget import SegmentWidget
 
 IMAGE_LAYER, LABELS_LAYER = "series image", "series labels"
@@ -255,9 +254,7 @@ class SeriesWidget(QWidget):
                               + model)
 
     def _confirm(self, question: str) -> bool:
-        answer = QMessageBox.question(self, "napari-vlsm", question,
-                                      QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No)
-        return answer == QMessageBox.StandardButton.Yes
+        return ask(self, question)
 
     # ---------- quick edits ----------
     def _edit(self, change) -> None:
