@@ -130,7 +130,8 @@ def evaluate(
     prompt_type: str = typer.Option("p1", help="Benchmark prompt type, p1 to p9."),
     split: str = typer.Option("val"),
     threshold: float = typer.Option(0.5, min=0.0, max=1.0),
-    csv_out: Optional[Path] = typer.Option(None, "--csv", help="Per-image CSV (default: evaluation_<folder>_<split>_<type>.csv)."),
+    csv_out: Optional[Path] = typer.Option(None, "--csv",
+                                           help="Per-image CSV (default: evaluation_<folder>_<split>_<type>.csv)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N images."),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto", help="auto, fp32, bf16, fp16."),
@@ -209,7 +210,8 @@ def models_pull(model_id: str = typer.Argument(..., help="Hugging Face id, e.g. 
 
 @app.command()
 def finetune(
-    data: List[Path] = typer.Argument(..., help="Training folders: benchmark layout, or images/ + masks/ with --prompt."),
+    data: List[Path] = typer.Argument(...,
+                                      help="Training folders: benchmark layout, or images/ + masks/ with --prompt."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder (best/ and last/ inside)."),
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP + " 'new:film-unet' starts from scratch."),
     train_mode: str = typer.Option("auto", "--train",
@@ -231,7 +233,8 @@ def finetune(
                                             help="Share of each batch also decoded with a negative prompt."),
     synonyms: Optional[Path] = typer.Option(None, help="JSON {data folder name: [extra prompts]} such as "
                                                        "\"breast tumor\", trained like the folder's own prompts."),
-    crop: Optional[int] = typer.Option(None, help="Random crops of this side (default: the model's own, 192 for the FiLM-UNet; 0: none)."),
+    crop: Optional[int] = typer.Option(
+        None, help="Random crops of this side (default: the model's own, 192 for the FiLM-UNet; 0: none)."),
     schedule: str = typer.Option("onecycle", help="onecycle or plateau."),
     patience: int = typer.Option(5),
     seed: int = typer.Option(0),

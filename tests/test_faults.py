@@ -229,7 +229,8 @@ def test_links_and_sub_folders_of_an_input_folder_are_reported(tmp_path, polyp_i
 @pytest.mark.parametrize("setup, args, message", [
     ("file_parent", ["segment", "{img}", "-p", "polyp", "-o", "{file}/sub"], "Cannot write"),
     ("file_parent", ["segment", "{img}", "-p", "polyp", "-o", "{file}"], "Cannot write"),
-    ("none", ["segment", "{img}", "-p", "polyp", "-o", "{tmp}/o", "-m", "{model}", "--device", "cuda"], "CUDA is not available"),
+    ("none", ["segment", "{img}", "-p", "polyp", "-o", "{tmp}/o", "-m", "{model}", "--device", "cuda"],
+     "CUDA is not available"),
     ("file_parent", ["export-onnx", "{model}", "{file}/onnx"], "Cannot write"),
     ("empty_ann", ["evaluate", "{tmp}/ds", "-m", "{model}"], "lists no images"),
     ("file_parent", ["finetune", "{tmp}", "-o", "{file}", "-m", "{model}"], "is a file"),

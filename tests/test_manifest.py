@@ -12,7 +12,8 @@ def test_manifest_validates():
     assert res.returncode == 0 and "valid" in res.stdout, res.stdout + res.stderr
 
 
-@pytest.mark.parametrize("key", ["kvasir_polyp", "clinicdb_polyp", "breast_ultrasound", "colonoscopy_stack", "retina_fundus",
+@pytest.mark.parametrize("key", ["kvasir_polyp", "clinicdb_polyp", "breast_ultrasound", "colonoscopy_stack",
+                                 "retina_fundus",
                                  "ct_slice", "mr_slice"])
 def test_each_sample_opens_offline(make_napari_viewer, key):
     viewer = make_napari_viewer()

@@ -20,7 +20,8 @@ def evaluate(predictor: Predictor, data_dir, prompt_type: str = "p1", split: str
     for ex in examples:
         image, truth = ex.load()
         if not ex.prompts.get(prompt_type):
-            raise ValueError(f"{ex.name} has no prompt of type {prompt_type}; the benchmark's types with text are p1-p9.")
+            raise ValueError(f"{ex.name} has no prompt of type {prompt_type}; "
+                             "the benchmark's types with text are p1-p9.")
         prompt = pick_prompt({"prompts": ex.prompts}, prompt_type, rng)
         predictor.set_image(image)
         mask = predictor.predict(prompt, threshold).masks[0]
