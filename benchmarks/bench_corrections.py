@@ -118,7 +118,9 @@ def run_arm(args, name: str, extra: list[str]) -> list[dict]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", required=True, help="Model folder that has not seen --domain.")
+    ap.add_argument("--base", help="Model folder that has not seen --domain.")
+    ap.add_argument("--report-from", nargs="*", default=[],
+                    help="Only print the table (and plot) of earlier runs' results.json, together.")
     ap.add_argument("--replay-from", nargs="*", default=[], help="The base's training folders (for its replay "
                                                                    "sample, when it has none).")
     ap.add_argument("--domain", default=str(DATA / "busi"))
@@ -134,6 +136,11 @@ def main():
     ap.add_argument("--work", default="runs/bench_corrections")
     ap.add_argument("--plot", default="")
     args = ap.parse_args()
+    if args.report_from:
+        rows = [r for w in args.report_from for r in json.loads((Path(w) / "results.json").read_text())]
+        return report(rows, args.plot)
+    if not args.base:
+        ap.error("--base is required")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -148,6 +155,11 @@ def main():
     for arm in args.arm or ["replay=", "no-replay=--replay-fraction 0"]:
         name, _, extra = arm.partition("=")
         rows += run_arm(args, name, extra.split())
+    (Path(args.work) / "results.json").write_text(json.dumps(rows, indent=1))
+    report(rows, args.plot)
+
+
+def report(rows, plot_path=""):
     print()
     print("| arm | corrections | effort: wrong pixels | effort: 1 - Dice | test Dice | polyp Dice (Kvasir val) "
           "| 'polyp' hits on new domain | finetune s |")
@@ -156,9 +168,8 @@ def main():
         f = lambda k, fmt="{:.3f}": fmt.format(r[k]) if k in r else "-"  # noqa: E731
         print(f"| {r['arm']} | {r['corrections']} | {f('effort_wrong')} | {f('effort_1_minus_dice')} | "
               f"{f('test_dice')} | {f('base_dice')} | {f('polyp_on_domain')} | {f('train_s', '{:.0f}')} |")
-    (Path(args.work) / "results.json").write_text(json.dumps(rows, indent=1))
-    if args.plot:
-        plot(rows, args.plot)
+    if plot_path:
+        plot(rows, plot_path)
 
 
 def plot(rows, path):

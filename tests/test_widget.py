@@ -231,3 +231,49 @@ def test_prompt_builder_and_probability_layer(qtbot, widget, polyp_image):
     probs = viewer.layers["frame · probability"]
     np.testing.assert_allclose(probs.data, widget.session.last.probs[()].max(0))
     assert 0.0 <= probs.data.min() and probs.data.max() <= 1.0
+
+
+def test_a_slider_drag_is_one_undo_step_and_says_when_it_cannot_apply(qtbot, widget, polyp_image):
+    viewer = widget.viewer
+    viewer.add_image(polyp_image, name="frame")
+    segment(qtbot, widget)
+    labels = labels_layers(viewer)[0]
+    probs = widget.session.last.probs[()][0]
+    widget.threshold.setSliderDown(True)  # a mouse drag: many positions, applied on release
+    for v in range(50, 81):
+        widget.threshold.setSliderPosition(v)
+    assert widget.threshold_label.text() == "0.80"
+    np.testing.assert_array_equal(labels.data > 0, probs >= 0.5)  # nothing applied while dragging
+    widget.threshold.setSliderDown(False)
+    np.testing.assert_array_equal(labels.data > 0, probs >= 0.8)
+    labels.undo()  # one step back is the mask at 0.5 again
+    np.testing.assert_array_equal(labels.data > 0, probs >= 0.5)
+    widget.all_slices.setChecked(True)
+    widget.session.last = None  # as after an all-slices run
+    widget.threshold.setValue(30)
+    assert "applies to the next Segment" in widget.status.text()
+
+
+def test_probability_map_never_becomes_the_image_to_segment(qtbot, widget, polyp_image):
+    viewer = widget.viewer
+    viewer.add_image(polyp_image, name="frame")
+    widget.show_probs.setChecked(True)
+    segment(qtbot, widget)
+    assert "frame · probability" in viewer.layers
+    assert [widget.image_combo.itemText(i) for i in range(widget.image_combo.count())] == ["frame"]
+    viewer.layers.selection.active = viewer.layers["frame · probability"]
+    assert widget.image_combo.currentText() == "frame"
+
+
+def test_renamed_layers_and_a_model_that_fails_to_load(qtbot, widget, polyp_image, tmp_path):
+    viewer = widget.viewer
+    layer = viewer.add_image(polyp_image, name="frame")
+    layer.name = "renamed frame"
+    assert widget.image_combo.currentText() == "renamed frame"
+    segment(qtbot, widget)  # the model in use
+    before = widget.model_spec
+    (tmp_path / "broken").mkdir()
+    widget.add_model(str(tmp_path / "broken"))
+    segment(qtbot, widget)
+    assert widget.model_spec == before and widget.model_combo.findData(str(tmp_path / "broken")) < 0
+    assert "Could not load" in widget.status.text()

@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
 
 from ..core.checkpoint import BEST
 from ..core.errors import VLSMError
-from ..core.train import TRAIN_MODES_OFFERED, TrainSettings, finetune
+from ..core.train import SMALL_SET, TARGET_STEPS, TRAIN_MODES_OFFERED, TrainSettings, finetune
 from ..core.training_sets import read_index, remove_example, write_benchmark_example
 from .label_writing import check_target
 from .planes import current_index, plane
@@ -86,17 +86,18 @@ class FinetuneWidget(QWidget):
         self.mode_combo.setCurrentText(DEFAULTS.mode)
         self.epochs = QSpinBox()
         self.epochs.setRange(0, 1000)
-        self.epochs.setSpecialValueText("auto (about 150 steps)")
+        self.epochs.setSpecialValueText(f"auto (~{TARGET_STEPS} steps)")
         self.epochs.setValue(DEFAULTS.epochs or 0)
         self.lr = QLineEdit("")
-        self.lr.setPlaceholderText("the model's default for the mode")
+        self.lr.setPlaceholderText("model's default")
         self.batch = QSpinBox()
         self.batch.setRange(1, 256)
         self.batch.setValue(DEFAULTS.batch_size)
         self.val_share = QDoubleSpinBox()
         self.val_share.setRange(-0.05, 0.9)
         self.val_share.setSingleStep(0.05)
-        self.val_share.setSpecialValueText("auto (none below 100 examples)")
+        self.val_share.setSpecialValueText("auto")
+        self.val_share.setToolTip(f"auto: every correction trains below {SMALL_SET} examples, else 0.2 held out")
         self.val_share.setValue(-0.05 if DEFAULTS.val_fraction is None else DEFAULTS.val_fraction)
         settings = QFormLayout()
         settings.addRow("Train", self.mode_combo)

@@ -27,7 +27,7 @@ from ..core import mask_edits
 from ..core.series import Series
 from ..core.training_sets import write_benchmark_example
 from .finetune_widget import FinetuneWidget
-from .label_writing import write_plane
+from .label_writing import use_bright_colours, write_plane
 from .qt_helpers import ask, scrolling_layout, sibling
 from .segment_widget import SegmentWidget
 
@@ -162,7 +162,9 @@ class SeriesWidget(QWidget):
             if name in self.viewer.layers:
                 self.viewer.layers.remove(name)
             add = self.viewer.add_image if kind == "image" else self.viewer.add_labels
-            add(data, name=name, **kwargs)
+            layer = add(data, name=name, **kwargs)
+            if kind == "labels":
+                use_bright_colours(layer, list(range(1, 9)))
         self.viewer.layers.selection.active = self.viewer.layers[LABELS_LAYER if LABELS_LAYER in self.viewer.layers
                                                                  else name]
 

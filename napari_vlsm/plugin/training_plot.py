@@ -44,10 +44,10 @@ class CurvePlot(QWidget):
         for frac in (0.0, 0.5, 1.0):
             y = box.bottom() - frac * box.height()
             p.drawText(QRectF(0, y - 7, LEFT - 4, 14), Qt.AlignmentFlag.AlignRight, f"{frac * y_max:.2g}")
-            x = box.left() + frac * box.width()
-            p.drawText(QRectF(x - 20, box.bottom() + 2, 40, 14), Qt.AlignmentFlag.AlignCenter,
-                       f"{frac * x_max:.0f}")
-        p.drawText(QRectF(box.right() - 60, box.bottom() + 2, 60, 14), Qt.AlignmentFlag.AlignRight, "step")
+        align = {0.0: Qt.AlignmentFlag.AlignLeft, 1.0: Qt.AlignmentFlag.AlignRight}
+        for frac, text in ((0.0, "0"), (0.5, "step"), (1.0, f"{x_max:.0f}")):
+            x = box.left() + frac * box.width() - (0 if frac == 0 else 60 if frac == 1 else 30)
+            p.drawText(QRectF(x, box.bottom() + 2, 60, 14), align.get(frac, Qt.AlignmentFlag.AlignCenter), text)
         legend_x = LEFT
         for name, color in SERIES.items():
             series = self.data[name]
