@@ -36,11 +36,7 @@ class Backend(ABC):
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
     source: str = ""  # the spec or folder it was loaded from
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        """(h, w) the model sees: 352 x 352 for CLIPSeg rd64, 256 x 256 for the FiLM-UNet."""
-        raise NotImplementedError
+    input_size: tuple[int, int]  # (h, w) the model sees: 352 x 352 for CLIPSeg rd64, 256 x 256 for the FiLM-UNet
 
     @abstractmethod
     def preprocess(self, images: list[np.ndarray]) -> Any:
