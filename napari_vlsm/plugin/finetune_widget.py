@@ -39,6 +39,16 @@ from .training_plot import CurvePlot
 DEFAULTS = TrainSettings()  # one recipe for the widget and the command line
 
 
+def _finetune_with_summary(*args, **kwargs):
+    """``finetune``'s events, returning its closing line (so the dock shows it however the
+    last queued events and the worker's end are ordered)."""
+    summary = ""
+    for ev in finetune(*args, **kwargs):
+        summary = ev.message if ev.kind == "done" else summary
+        yield ev
+    return summary
+
+
 def default_training_folder() -> Path:
     return Path.home() / "napari-vlsm" / "training_set"
 
@@ -258,10 +268,10 @@ class FinetuneWidget(QWidget):
         spec = seg.model_spec if seg else "default"
         out = self.folder.parent / "models" / time.strftime("finetune-%Y%m%d-%H%M%S")
         self.plot.clear()
-        job = thread_worker(finetune, ignore_errors=True)(spec, [self.folder], out, settings, val_split="none",
-                                      metadata={"source": "napari widget"})
+        job = thread_worker(_finetune_with_summary, ignore_errors=True)(
+            spec, [self.folder], out, settings, val_split="none", metadata={"source": "napari widget"})
         job.yielded.connect(self._on_progress)
-        job.returned.connect(lambda _: self._finished(out))
+        job.returned.connect(lambda summary: self._finished(out, summary))
         job.errored.connect(self._failed)
         job.finished.connect(self._cleanup)
         job.aborted.connect(lambda: self._stopped(out))
@@ -279,10 +289,9 @@ class FinetuneWidget(QWidget):
 
     def _on_progress(self, ev):
         pbar = self.pbar
-        if pbar is None:  # events still queued after the worker finished
-            return
-        pbar.total, pbar.n = ev.steps, ev.step
-        pbar.set_description(f"Finetuning, epoch {ev.epoch}/{ev.epochs}")  # also redraws
+        if pbar is not None:  # None for events still queued after the worker finished
+            pbar.total, pbar.n = ev.steps, ev.step
+            pbar.set_description(f"Finetuning, epoch {ev.epoch}/{ev.epochs}")  # also redraws
         if ev.kind == "step":
             self.plot.add("loss", ev.loss, ev.step)
         elif ev.kind == "epoch":
@@ -293,7 +302,9 @@ class FinetuneWidget(QWidget):
         elif ev.kind == "done":
             self.status.setText(ev.message)
 
-    def _finished(self, out: Path):
+    def _finished(self, out: Path, summary: str = ""):
+        if summary:
+            self.status.setText(summary)
         best = out / BEST
         if not (best / "config.json").exists():
             return show_warning("Training ended before any checkpoint was written.")
