@@ -65,6 +65,10 @@ def run_viewer(model: str, out: Path, interactive: bool) -> list[Path]:
         raise VLSMError(f"Segmentation failed: {widget.status.text()}")
     written = [write_mask(out / f"{sample_frame().stem}_mask.png", labels[-1].data)]
     shot = out / "napari_vlsm_demo.png"
+    end = time.time() + 0.5  # let the status bar finish redrawing (it was caught mid-update)
+    while time.time() < end:
+        QApplication.processEvents()
+        time.sleep(0.02)
     viewer.screenshot(str(shot), canvas_only=False, flash=False)
     written.append(shot)
     if interactive:
