@@ -13,9 +13,7 @@ import tempfile
 from pathlib import Path
 
 from .atomic import apply_umask
-
-METADATA = "training.json"
-BEST, LAST = "best", "last"
+from .file_names import BEST, LAST, METADATA  # noqa: F401  (re-exported for callers)
 
 
 def check_writable(out_dir) -> Path:

@@ -25,6 +25,7 @@ import torch
 from .backend import Backend
 from .device import pick_device, pick_dtype
 from .errors import ModelNotFoundError, UnsafeWeightsError
+from .file_names import BEST, CONFIG, ENCODER_ONNX
 from .processors import load_image_processor, load_tokenizer
 
 DEFAULT_SPEC = "default"
@@ -53,7 +54,7 @@ def resolve_folder(spec: str | os.PathLike | None) -> Path:
     """The local folder a spec points at, fetching a hub id into the cache if allowed."""
     if spec is None or str(spec) == DEFAULT_SPEC:
         folder = default_model_dir()
-        if not (folder / "config.json").exists():
+        if not (folder / CONFIG).exists():
             raise ModelNotFoundError(
                 f"The embedded default model is missing from {folder}; reinstall napari-vlsm."
             )
@@ -108,9 +109,9 @@ def check_safetensors(folder: Path) -> None:
 
 def read_config(folder: Path) -> dict:
     try:
-        return json.loads((folder / "config.json").read_text())
+        return json.loads((folder / CONFIG).read_text())
     except FileNotFoundError:
-        if (folder / "best" / "config.json").exists():
+        if (folder / BEST / CONFIG).exists():
             raise ModelNotFoundError(f"{folder} is a training run, not a model: use {folder / 'best'} (its best "
                                      f"checkpoint) or {folder / 'last'}.") from None
         raise ModelNotFoundError(f"{folder} is not a model folder: it has no config.json.") from None
@@ -152,7 +153,7 @@ def load_model(spec: str | os.PathLike | None = None, device=None, dtype=None) -
     quiet_transformers()
     folder = resolve_folder(spec)
     dev = pick_device(device)
-    if (folder / "image_encoder.onnx").exists():
+    if (folder / ENCODER_ONNX).exists():
         from .onnx_backend import OnnxBackend
 
         return OnnxBackend(folder, device=dev, source=str(spec or DEFAULT_SPEC))

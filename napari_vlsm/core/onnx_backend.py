@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .backend import Backend
+from .file_names import DECODER_ONNX, ENCODER_ONNX
 from .onnx_export import META
 
 
@@ -44,8 +45,8 @@ class OnnxBackend(Backend):
         options.intra_op_num_threads = torch.get_num_threads()  # the same CPU budget as torch
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.encoder = ort.InferenceSession(str(folder / "image_encoder.onnx"), options, providers=providers)
-        self.decoder = ort.InferenceSession(str(folder / "prompt_decoder.onnx"), options, providers=providers)
+        self.encoder = ort.InferenceSession(str(folder / ENCODER_ONNX), options, providers=providers)
+        self.decoder = ort.InferenceSession(str(folder / DECODER_ONNX), options, providers=providers)
         self.device = torch.device("cuda" if providers[0].startswith("CUDA") else "cpu")
         self.dtype = torch.float32
         self.name = f"ONNX {self.meta['name']}"

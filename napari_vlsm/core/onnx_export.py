@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .backend import TorchBackend
+from .file_names import DECODER_ONNX, ENCODER_ONNX
 
 META = "vlsm_onnx.json"
 
@@ -65,7 +66,7 @@ def export(backend: TorchBackend, out_dir, opset: int = 18) -> list[Path]:
         feats = backend.encode_image(pixels)
     tokens = backend.tokenize(["polyp", "one small pink circle polyp"])
     names = [f"feature_{i}" for i in range(len(feats))]
-    enc_path, dec_path = out / "image_encoder.onnx", out / "prompt_decoder.onnx"
+    enc_path, dec_path = out / ENCODER_ONNX, out / DECODER_ONNX
     feat_axes = {n: {0: "batch"} for n in names}
     torch.onnx.export(_ImageEncoder(backend), (pixels,), enc_path, input_names=["pixel_values"],
                       output_names=names, dynamic_axes={"pixel_values": {0: "batch"}, **feat_axes},

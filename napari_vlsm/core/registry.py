@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .file_names import CONFIG, ENCODER_ONNX
 from .loading import DEFAULT_SPEC, FETCH_PATTERNS, default_model_dir
 
 SUPPORTED = {"clipseg": "CLIPSeg", "vlsm_film_unet": "FiLM-UNet"}
@@ -19,10 +20,10 @@ class ModelEntry:
 
 
 def _kind(folder: Path) -> str | None:
-    if (folder / "image_encoder.onnx").exists():
+    if (folder / ENCODER_ONNX).exists():
         return "ONNX"
     try:
-        return SUPPORTED.get(json.loads((folder / "config.json").read_text()).get("model_type"))
+        return SUPPORTED.get(json.loads((folder / CONFIG).read_text()).get("model_type"))
     except (OSError, ValueError):
         return None
 

@@ -38,6 +38,7 @@ from .checkpoint import BEST, LAST, check_writable, read_metadata, recover_check
 from .concepts import NegativePrompts, add_synonyms
 from .device import cpu_threads
 from .errors import TrainingError
+from .file_names import CONFIG
 from .model_card import CARD_FILE, card_after_finetune, read_card
 from .prompts import SYNONYM_TYPE
 from .replay import REPLAY_DIR, replay_dir, replay_examples
@@ -551,7 +552,7 @@ def finetune(spec: str, data_dirs, out_dir, settings: TrainSettings | None = Non
                                            previous.get("val_names"))
     except (FileNotFoundError, ValueError) as exc:
         raise TrainingError(str(exc)) from exc
-    start = str(last) if resume and (last / "config.json").exists() else spec
+    start = str(last) if resume and (last / CONFIG).exists() else spec
     backend = load_for_training(start, device)
     folder = _folder_of(start)
     replay = replay_dir(folder) if s.replay_fraction > 0 else None
@@ -573,7 +574,7 @@ def check_run_folder(out_dir, resume: bool) -> None:
         raise TrainingError(f"{out} already holds a training run ({' and '.join(f'{n}/' for n in held)}"
                             + (f", best val Dice {score:.3f}" if isinstance(score, (int, float)) else "")
                             + "). Add --resume to go on with it, or choose a new --out; nothing was changed.")
-    if resume and not (out / LAST / "config.json").exists():
+    if resume and not (out / LAST / CONFIG).exists():
         raise TrainingError(f"Nothing to resume in {out}: it has no last/ checkpoint. Run without --resume "
                             "to start there.")
 

@@ -28,6 +28,7 @@ from qtpy.QtWidgets import (
 
 from ..core.checkpoint import BEST
 from ..core.errors import VLSMError
+from ..core.file_names import CONFIG
 from ..core.train import SMALL_SET, TARGET_STEPS, TRAIN_MODES_OFFERED, TrainSettings, finetune
 from ..core.training_sets import read_index, remove_example, write_benchmark_example
 from .label_writing import check_target
@@ -306,7 +307,7 @@ class FinetuneWidget(QWidget):
         if summary:
             self.status.setText(summary)
         best = out / BEST
-        if not (best / "config.json").exists():
+        if not (best / CONFIG).exists():
             return show_warning("Training ended before any checkpoint was written.")
         if self.defer_activation:
             self.pending_model = str(best)
@@ -317,7 +318,7 @@ class FinetuneWidget(QWidget):
 
     def _stopped(self, out: Path):
         best = out / BEST
-        if (best / "config.json").exists():
+        if (best / CONFIG).exists():
             self._activate(str(best))
             self.status.setText(f"Stopped. The last good checkpoint {best} is in use.")
         else:
