@@ -23,6 +23,8 @@ def warn_if_cut(tokenizer, prompts) -> None:
     import warnings
 
     for p in prompts:
+        if len(p) <= MAX_TOKENS - 2:  # a BPE token covers at least one character: cannot be cut
+            continue
         n = len(tokenizer(p, truncation=False)["input_ids"])
         if n > MAX_TOKENS:
             warnings.warn(f"The prompt '{p[:40]}…' has {n} tokens; the text encoder reads the first {MAX_TOKENS}, "
