@@ -6,6 +6,11 @@ parameters) is built offline; random weights cost the same time as trained ones.
     python benchmarks/bench_predictor.py                # CPU here: small counts
     python benchmarks/bench_predictor.py --batch 64 --folder-images 512 --compile   # on a GPU
 
+A random BiomedCLIPSeg of BiomedCLIP's shape (ViT-B/16 at 224, PubMedBERT, 196 M parameters,
+made as open_clip files in the hub's layout and converted) is timed in the same run
+(--no-biomedclipseg skips it); its "uncached" row runs the whole network per call, as the
+benchmark's forward does.
+
 Rows: (a) first prompt on a new image, batch 1; (b) a new prompt on the same image;
 (c) throughput at --batch images per call; (d) folder labeling end to end (JPEG decode ->
 masks written), images per second; peak memory. Ratios are against stock in the same run.
@@ -89,6 +94,7 @@ def main():
     ap.add_argument("--folder-images", type=int, default=0, help="images for (d); default 512 GPU, 12 CPU")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (GPU; warm-up reported)")
     ap.add_argument("--no-onnx", action="store_true")
+    ap.add_argument("--no-biomedclipseg", action="store_true")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -137,16 +143,57 @@ def main():
         print(f"ONNX export: {time.perf_counter() - t:.1f} s")
         rows.append(("ours onnxruntime fp32", *ours_rows(Predictor(load_model(work / "onnx", device)), image, images,
                                                          files, work / "o4", batch)))
+    if not args.no_biomedclipseg:
+        rows += biomedclipseg_rows(work, device, image, images, files, batch)
     print(f"\nMachine: {machine()}")
-    print(f"Model: random CLIPSeg, rd64-refined shape (352x352). Batch {batch}; folder of {len(files)} Kvasir JPEGs.\n")
+    print(f"Models: random CLIPSeg, rd64-refined shape (352x352); random BiomedCLIPSeg, BiomedCLIP shape (224x224). "
+          f"Batch {batch}; folder of {len(files)} Kvasir JPEGs.\n")
     base = rows[0]
     print("| path | (a) first prompt, ms | (b) re-prompt, ms | (c) batch img/s | (d) folder img/s | peak MiB |")
     print("|---|---|---|---|---|---|")
     for name, a, b, c, d, mem in rows:
         print(f"| {name} | {a * 1e3:.1f} ({base[1] / a:.2f}x) | {b * 1e3:.1f} ({base[2] / b:.1f}x) | "
               f"{c:.1f} ({c / base[3]:.2f}x) | {d:.1f} ({d / base[4]:.2f}x) | {mem:.0f} |")
-    print("\nRatios: speed-up against the stock row (higher is better).")
+    print("\nRatios: speed-up against the stock CLIPSeg row (higher is better).")
     shutil.rmtree(work, ignore_errors=True)
+
+
+class Uncached:
+    """The benchmark's way: preprocess, then image and text encoders and decoder on every call."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    @torch.inference_mode()
+    def __call__(self, images, prompts):
+        logits = self.backend.forward(self.backend.preprocess(images), prompts)
+        return [logits_to_probs(logits[i:i + 1], im.shape[:2]) for i, im in enumerate(images)]
+
+
+def biomedclipseg_rows(work, device, image, images, files, batch):
+    from napari_vlsm.core.random_models import build_random_biomedclipseg
+
+    t = time.perf_counter()
+    folder = build_random_biomedclipseg(work / "biomedclipseg", "base")
+    print(f"BiomedCLIPSeg: open_clip files written and converted in {time.perf_counter() - t:.1f} s")
+    rows = []
+    del_cache()
+    uncached = Uncached(load_model(folder, device, "fp32"))
+    counter = iter(PROMPTS)
+    with PeakMemory() as mem:
+        a = timed(lambda: uncached([image], ["polyp"]), reps=3)
+        b = timed(lambda: uncached([image], [next(counter)]), reps=3)
+        c = timed(lambda: uncached(images, ["polyp"] * len(images)), reps=2)
+        t = time.perf_counter()
+        stock_folder(uncached, files, work / "b0", batch)
+        d = len(files) / (time.perf_counter() - t)
+    rows.append(("BiomedCLIPSeg uncached fp32", a, b, len(images) / c, d, mem.peak))
+    del uncached
+    for dtype in ("fp32", "bf16"):
+        del_cache()
+        pred = Predictor(load_model(folder, device, dtype))
+        rows.append((f"ours BiomedCLIPSeg {dtype}", *ours_rows(pred, image, images, files, work / f"b{dtype}", batch)))
+    return rows
 
 
 def del_cache():

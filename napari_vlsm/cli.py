@@ -6,7 +6,6 @@ import csv
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -55,8 +54,8 @@ def _load(spec: str, device: str, dtype: str = "auto"):
 
 @app.command()
 def segment(
-    paths: List[Path] = typer.Argument(..., help="Image files or folders (PNG, JPEG, TIFF)."),
-    prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Text prompt; repeat for several (label 1, 2, ...)."),
+    paths: list[Path] = typer.Argument(..., help="Image files or folders (PNG, JPEG, TIFF)."),
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Text prompt; repeat for several (label 1, 2, ...)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the masks and labels.json."),
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
     threshold: float = typer.Option(0.5, min=0.0, max=1.0),
@@ -65,7 +64,7 @@ def segment(
     batch_size: int = typer.Option(0, help="Images per model call (0: 8 on GPU, 1 on CPU)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
     dtype: str = typer.Option("auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
-    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
+    threads: int | None = typer.Option(None, min=1, help=THREADS_HELP),
 ):
     """Segment images with text prompts; one label mask per image."""
     _set_threads(threads)
@@ -130,12 +129,12 @@ def evaluate(
     prompt_type: str = typer.Option("p1", help="Benchmark prompt type, p1 to p9."),
     split: str = typer.Option("val"),
     threshold: float = typer.Option(0.5, min=0.0, max=1.0),
-    csv_out: Optional[Path] = typer.Option(None, "--csv",
+    csv_out: Path | None = typer.Option(None, "--csv",
                                            help="Per-image CSV (default: evaluation_<folder>_<split>_<type>.csv)."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N images."),
+    limit: int | None = typer.Option(None, help="Only the first N images."),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto", help="auto, fp32, bf16, fp16."),
-    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
+    threads: int | None = typer.Option(None, min=1, help=THREADS_HELP),
 ):
     """Mean Dice and IoU against the ground-truth masks."""
     _set_threads(threads)
@@ -182,7 +181,7 @@ def evaluate(
 
 
 @models_app.callback()
-def models(ctx: typer.Context, folders: List[Path] = typer.Option([], "--folder", help="Also check these folders.")):
+def models(ctx: typer.Context, folders: list[Path] = typer.Option([], "--folder", help="Also check these folders.")):
     """List the models found: the embedded default, the HF cache, and folders given."""
     if ctx.invoked_subcommand:
         return
@@ -197,48 +196,78 @@ def models(ctx: typer.Context, folders: List[Path] = typer.Option([], "--folder"
 
 
 @models_app.command("pull")
-def models_pull(model_id: str = typer.Argument(..., help="Hugging Face id, e.g. CIDAS/clipseg-rd64-refined")):
-    """Download a model into the Hugging Face cache (needs internet)."""
+def models_pull(model_id: str = typer.Argument(..., help="Hugging Face id, e.g. CIDAS/clipseg-rd64-refined or "
+                                                          "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"),
+                out: Path | None = typer.Option(None, help="For open_clip models: where the converted "
+                                                              "BiomedCLIPSeg folder goes.")):
+    """Download a model (needs internet). BiomedCLIP's open_clip files are converted once to a
+    BiomedCLIPSeg folder in safetensors, with a new decoder to finetune."""
     from .core.registry import pull
 
     try:
-        path = pull(model_id)
+        path = pull(model_id, out)
     except Exception as exc:
         _fail(f"Could not download {model_id}: {exc}")
     console.print(f"{model_id} is in {path}")
 
 
+@models_app.command("convert")
+def models_convert(folder: Path = typer.Argument(..., help="open_clip files: open_clip_config.json and weights."),
+                   out: Path = typer.Option(..., "--out", "-o", help="New folder for the BiomedCLIPSeg model."),
+                   text_tower: Path | None = typer.Option(None, help="The text tower's config.json and vocab.txt "
+                                                                        "(default: beside the open_clip files, or "
+                                                                        "the Hugging Face cache)."),
+                   seed: int = typer.Option(0, help="Seed of the new decoder's random weights.")):
+    """Turn BiomedCLIP's open_clip files into a BiomedCLIPSeg model folder (safetensors; its
+    pickled weights are read once with torch.load(weights_only=True)). The decoder is new:
+    finetune the folder before segmenting with it."""
+    from .core.errors import VLSMError
+    from .core.open_clip_convert import convert
+
+    try:
+        path = convert(folder, out, text_dir=text_tower, seed=seed)
+    except (VLSMError, OSError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(f"BiomedCLIPSeg model written to {path}. Its decoder is untrained: finetune it, e.g. "
+                  f"napari-vlsm finetune DATA --model {path} --out RUN")
+
+
 @app.command()
 def finetune(
-    data: List[Path] = typer.Argument(...,
+    data: list[Path] = typer.Argument(...,
                                       help="Training folders: benchmark layout, or images/ + masks/ with --prompt."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder (best/ and last/ inside)."),
-    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP + " 'new:film-unet' starts from scratch."),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP + " 'new:film-unet' starts from scratch; "
+                              "'new:biomedclipseg' puts a new CLIPSeg decoder on BiomedCLIP's encoders (--encoders)."),
+    encoders: Path | None = typer.Option(None, help="For new:biomedclipseg: BiomedCLIP's open_clip folder "
+                                                       "(see 'models pull') or a BiomedCLIPSeg model folder."),
     train_mode: str = typer.Option("auto", "--train",
                                    help="auto (full for the FiLM-UNet, decoder for CLIPSeg), decoder, full or lora."),
-    epochs: Optional[int] = typer.Option(None, min=1, help="Default: enough epochs for about 150 steps."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default: the model's own for the mode)."),
+    epochs: int | None = typer.Option(None, min=1, help="Default: enough epochs for about 150 steps."),
+    lr: float | None = typer.Option(None, help="Learning rate (default: the model's own for the mode)."),
     batch_size: int = typer.Option(8, min=1),
     val_split: str = typer.Option("val", help="Use anns/<this>.json as validation where it exists."),
-    val_fraction: Optional[float] = typer.Option(
+    val_fraction: float | None = typer.Option(
         None, min=0.0, max=0.9, help="Otherwise hold out this share (default: none below 100 examples, else 0.2)."),
     replay_fraction: float = typer.Option(0.5, min=0.0, max=0.9,
                                           help="Share of each batch from the model's replay sample, if it has one."),
     encoder_lr_scale: float = typer.Option(1.0, min=0.0, help="Image encoder's learning rate relative to the rest."),
     anchor: float = typer.Option(0.0, min=0.0, help="L2 pull toward the starting weights (keeps what it knew)."),
-    prompt: Optional[str] = typer.Option(None, help="Prompt for plain image/mask folders."),
-    negative_prompt: List[str] = typer.Option([], help="Prompt of something absent: trained to give an empty mask."),
-    negatives_file: Optional[Path] = typer.Option(None, help="File of such prompts, one per line (# comments)."),
+    prompt: str | None = typer.Option(None, help="Prompt for plain image/mask folders."),
+    negative_prompt: list[str] = typer.Option([], help="Prompt of something absent: trained to give an empty mask."),
+    negatives_file: Path | None = typer.Option(None, help="File of such prompts, one per line (# comments)."),
     negative_fraction: float = typer.Option(0.25, min=0.0, max=1.0,
                                             help="Share of each batch also decoded with a negative prompt."),
-    synonyms: Optional[Path] = typer.Option(None, help="JSON {data folder name: [extra prompts]} such as "
+    synonyms: Path | None = typer.Option(None, help="JSON {data folder name: [extra prompts]} such as "
                                                        "\"breast tumor\", trained like the folder's own prompts."),
-    crop: Optional[int] = typer.Option(
+    repeat: list[str] = typer.Option([], help="FOLDER=N: draw that training folder's examples N times an "
+                                              "epoch (oversample a small set of a pooled run)."),
+    crop: int | None = typer.Option(
         None, help="Random crops of this side (default: the model's own, 192 for the FiLM-UNet; 0: none)."),
     schedule: str = typer.Option("onecycle", help="onecycle or plateau."),
     patience: int = typer.Option(5),
     seed: int = typer.Option(0),
-    threads: Optional[int] = typer.Option(None, min=1, help=THREADS_HELP),
+    threads: int | None = typer.Option(None, min=1, help=THREADS_HELP),
     resume: bool = typer.Option(False, help="Continue from OUT/last."),
     device: str = typer.Option("auto"),
 ):
@@ -251,7 +280,7 @@ def finetune(
     negatives = list(negative_prompt) + (_read_lines(negatives_file) if negatives_file else [])
     settings = TrainSettings(mode=train_mode, epochs=epochs, lr=lr, batch_size=batch_size, val_fraction=val_fraction,
                              negative_prompts=negatives, negative_fraction=negative_fraction,
-                             synonyms=_read_synonyms(synonyms) if synonyms else {}, crop=crop, schedule=schedule,
+                             synonyms=_read_synonyms(synonyms) if synonyms else {}, repeat=_read_repeats(repeat), crop=crop, schedule=schedule,
                              replay_fraction=replay_fraction, encoder_lr_scale=encoder_lr_scale, anchor=anchor,
                              patience=patience, seed=seed, threads=threads)
     meta = {"command": "napari-vlsm " + " ".join(sys.argv[1:])}
@@ -260,7 +289,7 @@ def finetune(
         with _progress() as bar:
             task = bar.add_task("Training", total=None, info="", visible=rank0)
             for ev in run_finetune(model, data, out, settings, resume=resume, prompt=prompt, val_split=val_split,
-                                   device=device, metadata=meta):
+                                   device=device, metadata=meta, encoders=encoders):
                 bar.update(task, total=ev.steps, completed=ev.step,
                            info=f"epoch {ev.epoch}/{ev.epochs} loss {ev.loss:.3f}"
                                 + (f" best Dice {ev.best_dice:.3f}" if ev.best_dice is not None else ""))
@@ -289,6 +318,16 @@ def _read_synonyms(path: Path) -> dict:
     if not isinstance(table, dict) or not all(isinstance(v, list) and all(isinstance(x, str) for x in v)
                                               for v in table.values()):
         _fail(f"{path} must hold a JSON object: data folder name -> list of prompts.")
+    return table
+
+
+def _read_repeats(items: list[str]) -> dict:
+    table = {}
+    for item in items:
+        name, _, times = item.partition("=")
+        if not name or not times.isdigit():
+            _fail(f"--repeat {item!r}: write FOLDER=N, e.g. --repeat busi=2.")
+        table[name] = int(times)
     return table
 
 

@@ -52,8 +52,17 @@ def test_synonyms_are_drawn_for_their_data_set_only(pooled):
         add_synonyms(examples, {"brain": ["glioma"]})
 
 
+def test_repeat_oversamples_a_data_set_and_names_unknown_ones(pooled):
+    examples = [ex for d in pooled for ex in benchmark_examples(d, "train")]
+    more = T.oversample(examples, {"busi": 3})
+    assert sum(ex.group == "busi" for ex in more) == 3 * sum(ex.group == "busi" for ex in examples)
+    assert sum(ex.group == "kvasir_seg" for ex in more) == sum(ex.group == "kvasir_seg" for ex in examples)
+    with pytest.raises(T.TrainingError, match="--repeat names brain"):
+        T.oversample(examples, {"brain": 2})
+
+
 def test_pooled_run_records_each_data_set_and_the_cross_prompt_rate(tiny_unet, pooled, tmp_path):
-    s = T.TrainSettings(epochs=2, negative_fraction=0.5, synonyms={"busi": ["breast tumor"]})
+    s = T.TrainSettings(epochs=2, negative_fraction=0.5, synonyms={"busi": ["breast tumor"]}, repeat={"busi": 2})
     events = list(T.finetune(str(tiny_unet), pooled, tmp_path / "run", s, device="cpu"))
     meta = json.loads((tmp_path / "run" / "last" / "training.json").read_text())
     for h in meta["history"]:
@@ -61,6 +70,7 @@ def test_pooled_run_records_each_data_set_and_the_cross_prompt_rate(tiny_unet, p
         assert h["val_dice"] == pytest.approx(np.mean(list(h["val_dice_by_set"].values())))
         assert 0.0 <= h["val_cross_prompt_rate"] <= 1.0
     assert events[-1].kind == "done" and "validated on 7" in events[-1].message
+    assert "Trained on 15 image(s) (21 with repeats)" in events[-1].message
 
 
 def test_few_shot_defaults_train_every_correction_for_a_fixed_number_of_steps(tiny_unet, data_sets, tmp_path,

@@ -18,16 +18,16 @@ TRAIN_MODES = ("decoder", "full", "lora")
 MAX_TOKENS = 77  # the CLIP text encoders' context
 
 
-def warn_if_cut(tokenizer, prompts) -> None:
+def warn_if_cut(tokenizer, prompts, limit: int = MAX_TOKENS) -> None:
     """Say so when a prompt is longer than the text encoder reads (it is cut)."""
     import warnings
 
     for p in prompts:
-        if len(p) <= MAX_TOKENS - 2:  # a BPE token covers at least one character: cannot be cut
+        if len(p) <= limit - 2:  # a token covers at least one character: cannot be cut
             continue
         n = len(tokenizer(p, truncation=False)["input_ids"])
-        if n > MAX_TOKENS:
-            warnings.warn(f"The prompt '{p[:40]}…' has {n} tokens; the text encoder reads the first {MAX_TOKENS}, "
+        if n > limit:
+            warnings.warn(f"The prompt '{p[:40]}…' has {n} tokens; the text encoder reads the first {limit}, "
                           "the rest is ignored. Shorten it to what matters.", UserWarning, stacklevel=3)
 
 
@@ -75,13 +75,15 @@ class TorchBackend(Backend):
     default_lr = {"decoder": 1e-3, "full": 1e-4, "lora": 3e-4}
     default_crop: int | None = None  # train on random crops of this side (fully convolutional models)
     image_encoder_prefixes: tuple = ("clip.vision_model.",)  # parameter names of the image encoder
+    context_length: int = MAX_TOKENS  # tokens the text encoder reads
 
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Token ids padded to the longest prompt (the CLIP text encoders pool at the
-        end-of-text token, so shorter padding gives the same embedding for less work)."""
-        batch = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=MAX_TOKENS,
+        end-of-text token and BERT reads its CLS token under the attention mask, so shorter
+        padding gives the same embedding for less work)."""
+        batch = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.context_length,
                                return_overflowing_tokens=False, return_length=False, return_tensors="pt")
-        warn_if_cut(self.tokenizer, prompts)
+        warn_if_cut(self.tokenizer, prompts, self.context_length)
         return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:

@@ -4,7 +4,8 @@ A spec is one of:
 
 * ``"default"`` (or ``None``): the small offline polyp model shipped in the package;
 * a local folder holding ``config.json`` + safetensors weights (+ tokenizer files), such as
-  one written by ``save_pretrained`` or by this project's finetune command;
+  one written by ``save_pretrained``, by this project's finetune command, or by
+  ``napari-vlsm models convert`` from BiomedCLIP's open_clip files;
 * a folder written by ``napari-vlsm export-onnx`` (``image_encoder.onnx`` + ``prompt_decoder.onnx``);
 * a Hugging Face model id such as ``CIDAS/clipseg-rd64-refined``, read from the HF cache
   (downloaded first if the machine is online and ``HF_HUB_OFFLINE`` is not set).
@@ -175,7 +176,13 @@ def load_model(spec: str | os.PathLike | None = None, device=None, dtype=None) -
 
         module = strict_from_pretrained(FilmUNetForSegmentation, folder)
         return FilmUNetBackend(module, load_tokenizer(folder), dev, dt, source)
+    if kind == "vlsm_biomedclipseg":
+        from .biomedclipseg import BiomedClipSegBackend, BiomedClipSegForImageSegmentation
+
+        module = strict_from_pretrained(BiomedClipSegForImageSegmentation, folder)
+        processor = load_image_processor(folder, module.config.vision_config.get("image_size", 224))
+        return BiomedClipSegBackend(module, load_tokenizer(folder), processor, dev, dt, source)
     raise ModelNotFoundError(
-        f"{folder} holds a {kind!r} model; napari-vlsm supports CLIPSeg ('clipseg') and its own "
-        "FiLM-UNet ('vlsm_film_unet')."
+        f"{folder} holds a {kind!r} model; napari-vlsm supports CLIPSeg ('clipseg'), BiomedCLIPSeg "
+        "('vlsm_biomedclipseg') and its own FiLM-UNet ('vlsm_film_unet')."
     )

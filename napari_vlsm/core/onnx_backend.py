@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backend import Backend
+from .backend import MAX_TOKENS, Backend
 from .file_names import DECODER_ONNX, ENCODER_ONNX
 from .onnx_export import META
 
@@ -67,9 +67,10 @@ class OnnxBackend(Backend):
         return self.encoder.run(None, {"pixel_values": np.asarray(pixel_values, np.float32)})
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """Token ids and mask, padded to 77 so the predictor can cache them per prompt;
-        ``decode`` trims them back to the longest prompt."""
-        t = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=77, return_tensors="np")
+        """Token ids and mask, padded to the text encoder's context so the predictor can cache
+        them per prompt; ``decode`` trims them back to the longest prompt."""
+        t = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                           max_length=self.meta.get("context_length", MAX_TOKENS), return_tensors="np")
         return torch.from_numpy(np.stack([t["input_ids"], t["attention_mask"]], axis=1).astype(np.int64))
 
     def decode(self, features, text) -> torch.Tensor:

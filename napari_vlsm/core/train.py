@@ -25,9 +25,9 @@ import threading
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ from .training_sets import TRAIN_PROMPT_TYPES, Example, PairCache, augment
 TARGET_STEPS = 250   # optimiser steps of a round when epochs are not given
 TRAIN_MODES_OFFERED = ("auto", "decoder", "full", "lora")
 NEW_FILM_UNET = "new:film-unet"
+NEW_BIOMEDCLIPSEG = "new:biomedclipseg"  # BiomedCLIP encoders (--encoders) with a new CLIPSeg decoder
 SMALL_SET = 100      # below this many examples, all of them train (no validation hold-out)
 NO_SYNC = os.environ.get("NAPARI_VLSM_NO_GRAD_SYNC") == "1"  # diagnostic: ranks drift apart (tests show it)
 CHECKPOINT_EVERY_S = 30  # a short round saves at its end; a long one also every this often
@@ -75,6 +76,7 @@ class TrainSettings:
     negative_fraction: float = 0.25  # share of each batch decoded again with a negative prompt
     cross_negatives: bool = True     # prompts of one pooled concept are negatives on the others' images
     synonyms: dict = field(default_factory=dict)  # data folder name -> extra prompts ("breast tumor")
+    repeat: dict = field(default_factory=dict)    # data folder name -> times its examples appear per epoch
     seed: int = 0
     threads: int | None = None     # CPU threads for torch (None: the cores this process may use)
 
@@ -284,6 +286,8 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
     if s.mode == "auto":
         s = replace(s, mode=backend.default_train_mode)
     check_examples(train_set, val_set)
+    n_distinct = len(train_set)
+    train_set = oversample(train_set, s.repeat)
     replay_set = replay_examples(replay) if replay else []
     add_synonyms(train_set, s.synonyms)
     pool = train_set + replay_set
@@ -345,8 +349,9 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
     if card is not None:
         extras[CARD_FILE] = card_after_finetune(card, [ex.prompts.get("p1", "") for ex in train_set
                                                        if isinstance(ex.prompts.get("p1"), str)])
-    summary = (f"Trained on {len(train_set)} image(s)" + (f" mixed with {len(replay_set)} replay pair(s)" if replay_set
-               else "") + f", validated on {len(val_set)}" + ("" if val_set else " (every example trains)"))
+    summary = (f"Trained on {n_distinct} image(s)" + (f" ({len(train_set)} with repeats)" if s.repeat else "")
+               + (f" mixed with {len(replay_set)} replay pair(s)" if replay_set else "")
+               + f", validated on {len(val_set)}" + ("" if val_set else " (every example trains)"))
     if rank == 0 and start_epoch < epochs and not any(train_cache[i][1].any() for i in range(len(train_set))):
         empty = ("every training mask is empty, so the model can only learn to find nothing; "
                  "check the label value and the masks")
@@ -525,12 +530,17 @@ def training_data(data_dirs, val_split: str = "val", val_fraction: float | None 
     return train_set, val_set
 
 
-def load_for_training(spec: str, device="auto") -> TorchBackend:
-    """The model to finetune, in fp32: a spec for load_model, or 'new:film-unet'."""
+def load_for_training(spec: str, device="auto", encoders=None) -> TorchBackend:
+    """The model to finetune, in fp32: a spec for load_model, 'new:film-unet', or
+    'new:biomedclipseg' with the folder of its ``encoders``."""
     if spec == NEW_FILM_UNET:
         from .registry import new_film_unet
 
         return new_film_unet(device)
+    if spec == NEW_BIOMEDCLIPSEG:
+        from .registry import new_biomedclipseg
+
+        return new_biomedclipseg(encoders, device)
     from .loading import load_model
 
     backend = load_model(spec, device=device, dtype="fp32")
@@ -541,7 +551,7 @@ def load_for_training(spec: str, device="auto") -> TorchBackend:
 
 def finetune(spec: str, data_dirs, out_dir, settings: TrainSettings | None = None, resume: bool = False,
              prompt: str | None = None, val_split: str = "val", device="auto", metadata: dict | None = None,
-             stop: threading.Event | None = None) -> Iterator[Progress]:
+             stop: threading.Event | None = None, encoders=None) -> Iterator[Progress]:
     """Load data and model, then ``train``: the whole job behind the CLI and the widget."""
     s = settings or TrainSettings()
     check_run_folder(out_dir, resume)
@@ -553,12 +563,24 @@ def finetune(spec: str, data_dirs, out_dir, settings: TrainSettings | None = Non
     except (FileNotFoundError, ValueError) as exc:
         raise TrainingError(str(exc)) from exc
     start = str(last) if resume and (last / CONFIG).exists() else spec
-    backend = load_for_training(start, device)
+    backend = load_for_training(start, device, encoders)
     folder = _folder_of(start)
     replay = replay_dir(folder) if s.replay_fraction > 0 else None
     meta = {"data": [str(d) for d in data_dirs], "prompt": prompt, **(metadata or {})}
     yield from train(backend, train_set, val_set, out_dir, s, resume=resume, metadata=meta, stop=stop, replay=replay,
                      card=read_card(folder))
+
+
+def oversample(examples: list[Example], repeat: dict) -> list[Example]:
+    """Each example of data set ``g`` ``repeat[g]`` times (1 for sets not named): a small set
+    of a pooled run is drawn as often as the others instead of being learned last."""
+    unknown = set(repeat) - {e.group for e in examples}
+    if unknown:
+        raise TrainingError(f"--repeat names {', '.join(sorted(unknown))}, which no training folder is; "
+                            f"the folders are: {', '.join(sorted({e.group for e in examples}))}.")
+    if any(int(n) < 1 for n in repeat.values()):
+        raise TrainingError("--repeat needs a whole number of times, at least 1 (e.g. --repeat busi=2).")
+    return [e for e in examples for _ in range(int(repeat.get(e.group, 1)))]
 
 
 def check_run_folder(out_dir, resume: bool) -> None:

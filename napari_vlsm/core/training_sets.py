@@ -130,7 +130,8 @@ def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
 
 
 class PairCache:
-    """Images and masks loaded once and resized to the model's input size."""
+    """Images and masks loaded once and resized to the model's input size (an example that
+    appears several times in the list, oversampled, is loaded once)."""
 
     def __init__(self, examples: list[Example], size: tuple[int, int]):
         self.examples = examples
@@ -141,9 +142,10 @@ class PairCache:
         return len(self.examples)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        if i not in self._items:
-            self._items[i] = resize_pair(*self.examples[i].load(), self.size)
-        return self._items[i]
+        key = id(self.examples[i])
+        if key not in self._items:
+            self._items[key] = resize_pair(*self.examples[i].load(), self.size)
+        return self._items[key]
 
 
 def write_benchmark_example(folder, name: str, image: np.ndarray, mask: np.ndarray, prompt: str,
