@@ -280,7 +280,8 @@ def finetune(
     negatives = list(negative_prompt) + (_read_lines(negatives_file) if negatives_file else [])
     settings = TrainSettings(mode=train_mode, epochs=epochs, lr=lr, batch_size=batch_size, val_fraction=val_fraction,
                              negative_prompts=negatives, negative_fraction=negative_fraction,
-                             synonyms=_read_synonyms(synonyms) if synonyms else {}, repeat=_read_repeats(repeat), crop=crop, schedule=schedule,
+                             synonyms=_read_synonyms(synonyms) if synonyms else {}, repeat=_read_repeats(repeat),
+                             crop=crop, schedule=schedule,
                              replay_fraction=replay_fraction, encoder_lr_scale=encoder_lr_scale, anchor=anchor,
                              patience=patience, seed=seed, threads=threads)
     meta = {"command": "napari-vlsm " + " ".join(sys.argv[1:])}

@@ -86,7 +86,8 @@ def test_missing_text_tower_and_a_non_biomedclip_model_are_explained(hub, tmp_pa
     cfg["model_cfg"]["text_cfg"]["hf_pooler_type"] = "mean_pooler"
     (other / "open_clip_config.json").write_text(json.dumps(cfg))
     (other / PICKLED_WEIGHTS).write_bytes((hub[0] / PICKLED_WEIGHTS).read_bytes())
-    res = runner.invoke(app, ["models", "convert", str(other), "--out", str(tmp_path / "m2"), "--text-tower", str(hub[1])])
+    res = runner.invoke(app, ["models", "convert", str(other), "--out", str(tmp_path / "m2"),
+                              "--text-tower", str(hub[1])])
     assert res.exit_code != 0 and "BiomedCLIP-style models only" in res.output
 
 
@@ -95,7 +96,8 @@ def test_missing_text_tower_and_a_non_biomedclip_model_are_explained(hub, tmp_pa
 def _timm_vit_blocks(state: dict, pixels: torch.Tensor, heads: int) -> list[torch.Tensor]:
     """timm's VisionTransformer forward (patch_embed, _pos_embed, blocks), every block's output."""
     p = "visual.trunk."
-    x = F.conv2d(pixels, state[p + "patch_embed.proj.weight"], state[p + "patch_embed.proj.bias"], stride=16)
+    patch = state[p + "patch_embed.proj.weight"]
+    x = F.conv2d(pixels, patch, state[p + "patch_embed.proj.bias"], stride=patch.shape[-1])
     x = x.flatten(2).transpose(1, 2)
     x = torch.cat([state[p + "cls_token"].expand(x.shape[0], -1, -1), x], dim=1) + state[p + "pos_embed"]
     outs, width = [], x.shape[-1]
@@ -105,7 +107,8 @@ def _timm_vit_blocks(state: dict, pixels: torch.Tensor, heads: int) -> list[torc
         q, k, v = F.linear(h, state[b + "attn.qkv.weight"], state[b + "attn.qkv.bias"]).chunk(3, dim=-1)
         q, k, v = (t.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
         attn = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1) @ v
-        x = x + F.linear(attn.transpose(1, 2).reshape(x.shape), state[b + "attn.proj.weight"], state[b + "attn.proj.bias"])
+        attn = attn.transpose(1, 2).reshape(x.shape)
+        x = x + F.linear(attn, state[b + "attn.proj.weight"], state[b + "attn.proj.bias"])
         h = F.layer_norm(x, (width,), state[b + "norm2.weight"], state[b + "norm2.bias"], eps=1e-6)
         x = x + F.linear(F.gelu(F.linear(h, state[b + "mlp.fc1.weight"], state[b + "mlp.fc1.bias"])),
                          state[b + "mlp.fc2.weight"], state[b + "mlp.fc2.bias"])
@@ -122,7 +125,7 @@ def _benchmark_probabilities(hub, converted, pixels, prompts) -> torch.Tensor:
 
     _, state = read_open_clip(hub[0])
     config = json.loads((converted / "config.json").read_text())
-    hidden_states = _timm_vit_blocks(state, pixels, heads=3)
+    hidden_states = _timm_vit_blocks(state, pixels, heads=config["vision_config"]["num_attention_heads"])
     decoder_config = CLIPSegConfig(**config["decoder_config"])
     activations = [hidden_states[i + 1] for i in decoder_config.extract_layers]
 

@@ -12,6 +12,7 @@ beside the graphs (``vlsm_onnx.json``), so the folder is a complete model for lo
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -68,14 +69,18 @@ def export(backend: TorchBackend, out_dir, opset: int = 18) -> list[Path]:
     names = [f"feature_{i}" for i in range(len(feats))]
     enc_path, dec_path = out / ENCODER_ONNX, out / DECODER_ONNX
     feat_axes = {n: {0: "batch"} for n in names}
-    torch.onnx.export(_ImageEncoder(backend), (pixels,), enc_path, input_names=["pixel_values"],
-                      output_names=names, dynamic_axes={"pixel_values": {0: "batch"}, **feat_axes},
-                      opset_version=opset, dynamo=False)
-    torch.onnx.export(_PromptDecoder(backend), (tokens["input_ids"], tokens["attention_mask"], *feats), dec_path,
-                      input_names=["input_ids", "attention_mask", *names], output_names=["logits"],
-                      dynamic_axes={"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"},
-                                    **feat_axes, "logits": {0: "batch"}},
-                      opset_version=opset, dynamo=False)
+    with warnings.catch_warnings():  # the tracer's notes on Python-side shape checks are not the user's concern
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+        torch.onnx.export(_ImageEncoder(backend), (pixels,), enc_path, input_names=["pixel_values"],
+                          output_names=names, dynamic_axes={"pixel_values": {0: "batch"}, **feat_axes},
+                          opset_version=opset, dynamo=False)
+        torch.onnx.export(_PromptDecoder(backend), (tokens["input_ids"], tokens["attention_mask"], *feats), dec_path,
+                          input_names=["input_ids", "attention_mask", *names], output_names=["logits"],
+                          dynamic_axes={"input_ids": {0: "batch", 1: "length"},
+                                        "attention_mask": {0: "batch", 1: "length"},
+                                        **feat_axes, "logits": {0: "batch"}},
+                          opset_version=opset, dynamo=False)
     check_dynamic(enc_path, {"pixel_values": [0]})
     check_dynamic(dec_path, {"input_ids": [0, 1], "attention_mask": [0, 1], **{n: [0] for n in names}})
     backend.tokenizer.save_pretrained(out)

@@ -97,7 +97,8 @@ def vision_config(vision_cfg: dict, state: dict) -> dict:
                 layer_norm_eps=1e-6, qkv_bias=True, hidden_act="gelu")
 
 
-_BLOCK_NAMES = ((".norm1.", ".layernorm_before."), (".norm2.", ".layernorm_after."), (".attn.proj.", ".attention.o_proj."))
+_BLOCK_NAMES = ((".norm1.", ".layernorm_before."), (".norm2.", ".layernorm_after."),
+                (".attn.proj.", ".attention.o_proj."))
 _TRUNK_NAMES = {"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
                 "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
                 "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
@@ -105,11 +106,12 @@ _TRUNK_NAMES = {"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.po
 
 
 def vision_weights(state: dict) -> dict[str, torch.Tensor]:
-    """timm ViT trunk -> transformers ViTModel (the fused qkv split into q, k, v). The visual
-    projection head serves image-text matching only and is left out."""
+    """timm ViT trunk -> transformers ViTModel (the fused qkv split into q, k, v). The pooled
+    path (fc_norm, classifier, the visual projection) serves image-text matching only and is
+    left out."""
     out = {}
     for key, value in state.items():
-        if not key.startswith("visual.trunk."):
+        if not key.startswith("visual.trunk.") or key.startswith(("visual.trunk.head.", "visual.trunk.fc_norm.")):
             continue
         key = key.removeprefix("visual.trunk.")
         if not key.startswith("blocks."):

@@ -73,7 +73,9 @@ OPEN_CLIP_SHAPES = {
                  bert=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                            vocab_size=600, max_position_embeddings=272)),
 }
-_WORDS = ["polyp", "tumor", "tumour", "breast", "ultrasound", "image", "lesion", "in", "the", "of", "a", "an", "and", "with", "small", "large", "pink", "round", "oval", "red", "white", "one", "two", "three", "left", "right", "top", "bottom", "center", "colonoscopy", "mucosa", "lung", "kidney", "liver", "skin", "ulcer", "foot", "nucleus", "cell", "no"]
+_WORDS = ("polyp tumor tumour breast ultrasound image lesion in the of a an and with small large pink round oval "
+          "red white one two three left right top bottom center colonoscopy mucosa lung kidney liver skin "
+          "ulcer foot nucleus cell no").split()
 
 
 def wordpiece_vocab(size: int) -> list[str]:
