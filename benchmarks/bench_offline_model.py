@@ -40,8 +40,10 @@ ALL_SETS = POSITIVE_SETS + ["colonoscopy_negatives"]
 # (class, prompt, trained?): the short forms marked False never appeared in training
 CROSS = [("polyp", "polyp", True), ("polyp", "colon polyp", True), ("polyp", "adenoma in the colon", False),
          ("tumour", "Tumor in the breast ultrasound image.", True), ("tumour", "breast tumor", True),
-         ("tumour", "lesion in the breast", False), ("tumour", "breast cancer", False),
-         ("absent", "skin lesion", False), ("absent", "foot ulcer", False), ("absent", "lung opacity", False)]
+         ("tumour", "lesion in the breast", True), ("tumour", "breast cancer", False),
+         ("tumour", "hypoechoic mass in the breast", False),
+         ("absent", "skin lesion", False), ("absent", "foot ulcer", False), ("absent", "lung opacity", False),
+         ("absent", "liver tumor", True), ("absent", "polyp in the nose", False)]
 FOUND = 0.01  # a mask over 1% of the frame counts as "found something"
 
 
