@@ -202,10 +202,13 @@ def models_pull(model_id: str = typer.Argument(..., help="Hugging Face id, e.g. 
                                                               "BiomedCLIPSeg folder goes.")):
     """Download a model (needs internet). BiomedCLIP's open_clip files are converted once to a
     BiomedCLIPSeg folder in safetensors, with a new decoder to finetune."""
+    from .core.errors import VLSMError
     from .core.registry import pull
 
     try:
         path = pull(model_id, out)
+    except VLSMError as exc:  # downloaded, but not convertible
+        _fail(str(exc))
     except Exception as exc:
         _fail(f"Could not download {model_id}: {exc}")
     console.print(f"{model_id} is in {path}")
@@ -276,6 +279,9 @@ def finetune(
     from .core.train import TrainSettings, init_distributed
     from .core.train import finetune as run_finetune
 
+    if encoders is not None and model != "new:biomedclipseg":
+        _fail("--encoders goes with --model new:biomedclipseg (a new decoder on those encoders); "
+              f"--model {model} brings its own.")
     distributed = init_distributed()
     negatives = list(negative_prompt) + (_read_lines(negatives_file) if negatives_file else [])
     settings = TrainSettings(mode=train_mode, epochs=epochs, lr=lr, batch_size=batch_size, val_fraction=val_fraction,

@@ -17,6 +17,7 @@ from napari_vlsm.core.loading import load_model
 from napari_vlsm.core.open_clip_convert import PICKLED_WEIGHTS, convert, read_open_clip
 from napari_vlsm.core.predictor import Predictor
 from napari_vlsm.core.random_models import build_random_open_clip
+from napari_vlsm.core.registry import new_biomedclipseg
 
 from .conftest import small_copy
 
@@ -116,22 +117,23 @@ def _timm_vit_blocks(state: dict, pixels: torch.Tensor, heads: int) -> list[torc
     return outs
 
 
-def _benchmark_probabilities(hub, converted, pixels, prompts) -> torch.Tensor:
+def _benchmark_probabilities(hub, converted, pixels, prompts, heads: int = 3) -> torch.Tensor:
     """medvlsm's BiomedCLIPEncCLIPSegDec.forward: hidden_states[i + 1] for CLIPSeg's extract
     layers, BERT's CLS state through open_clip's mlp projection (tokens padded to 256 as
-    open_clip's tokenizer does), and a CLIPSeg decoder with the converted model's weights."""
+    open_clip's tokenizer does), and a CLIPSeg decoder with the converted model's weights.
+    ``heads``: timm's for the ViT (3 for vit_tiny, 12 for vit_base)."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, BertConfig, BertModel, CLIPSegConfig, CLIPSegForImageSegmentation
 
     _, state = read_open_clip(hub[0])
     config = json.loads((converted / "config.json").read_text())
-    hidden_states = _timm_vit_blocks(state, pixels, heads=config["vision_config"]["num_attention_heads"])
+    hidden_states = _timm_vit_blocks(state, pixels, heads)
     decoder_config = CLIPSegConfig(**config["decoder_config"])
     activations = [hidden_states[i + 1] for i in decoder_config.extract_layers]
 
     bert = BertModel(BertConfig.from_pretrained(hub[1])).eval()  # with its pooler, as open_clip builds it
     bert.load_state_dict({k.removeprefix("text.transformer."): v for k, v in state.items()
-                          if k.startswith("text.transformer.")}, strict=False)
+                          if k.startswith("text.transformer.")})
     tok = AutoTokenizer.from_pretrained(hub[1])(prompts, padding="max_length", max_length=256, truncation=True,
                                                 return_tensors="pt")
     mask = (tok["input_ids"] != 0).long()
@@ -155,6 +157,9 @@ def test_probabilities_match_the_benchmark_composition(hub, converted):
     assert ours.shape == reference.shape == (2, 64, 64)
     assert (ours - reference).abs().max().item() < 1e-4
     assert ours.std().item() > 1e-3  # not a constant map that would match anything
+    backend.module.config.block_offset = 0  # CLIPSeg's own indexing: the check must tell it apart
+    with torch.no_grad():
+        assert (torch.sigmoid(backend.forward(pixels, prompts)) - reference).abs().max().item() > 1e-3
 
 
 def test_a_new_prompt_on_a_cached_image_runs_no_image_encoder(converted, polyp_image):
@@ -181,10 +186,10 @@ def test_finetune_segment_and_export_with_the_documented_commands(hub, converted
     assert meta["settings"]["mode"] == "decoder" and meta["settings"]["lr"] == 2e-4
     trained = load_model(str(run / "best"), device="cpu")
     assert trained.name == "BiomedCLIPSeg"
-    base = load_model(str(converted), device="cpu")
-    for (name, p), q in zip(trained.module.named_parameters(), base.module.parameters()):
+    start = new_biomedclipseg(converted, device="cpu")  # where new:biomedclipseg starts (seed 0)
+    for (name, p), q in zip(trained.module.named_parameters(), start.module.parameters()):
         changed = not torch.equal(p, q)
-        assert changed == name.startswith("decoder."), name  # encoders frozen, decoder trained (and new)
+        assert changed == name.startswith("decoder."), name  # encoders frozen, the decoder trained
 
     masks = tmp_path / "masks"
     res = runner.invoke(app, ["segment", str(data / "images"), "-p", "polyp", "--model", str(run / "best"),
@@ -214,12 +219,20 @@ def test_open_clip_folder_as_encoders_and_lora_and_full_training(hub, data_sets,
     for f in hub[1].iterdir():
         shutil.copy(f, side_by_side / f.name)
     data = small_copy(data_sets / "busi", tmp_path / "busi", 2, 1)
+    start = new_biomedclipseg(side_by_side, device="cpu")
+    encoders = {n: p for n, p in start.module.named_parameters() if n.startswith(("vision.", "text."))}
     for mode in ("lora", "full"):
-        events = list(finetune("new:biomedclipseg", [data], tmp_path / mode, TrainSettings(mode=mode, epochs=1,
-                               batch_size=2, threads=1), device="cpu", encoders=side_by_side))
+        settings = TrainSettings(mode=mode, epochs=1, batch_size=2, threads=1, lr=1e-3)
+        events = list(finetune("new:biomedclipseg", [data], tmp_path / mode, settings, device="cpu",
+                               encoders=side_by_side))
         assert events[-1].kind == "done"
-        reloaded = load_model(str(tmp_path / mode / "best"), device="cpu")
-        assert not any("lora" in n for n, _ in reloaded.module.named_parameters())  # adapters merged on save
+        reloaded = dict(load_model(str(tmp_path / mode / "best"), device="cpu").module.named_parameters())
+        assert not any("lora" in n for n in reloaded)  # adapters merged into plain weights on save
+        moved = [n for n, p in encoders.items() if not torch.equal(p, reloaded[n])]
+        if mode == "lora":  # the attention projections that carry adapters, and nothing else
+            assert moved and all(n.rsplit(".", 2)[-2] in ("q_proj", "v_proj", "query", "value") for n in moved)
+        else:
+            assert len(moved) > len(encoders) // 2
 
 
 def test_pull_fetches_the_text_tower_and_converts(hub, tmp_path, monkeypatch):
@@ -232,14 +245,44 @@ def test_pull_fetches_the_text_tower_and_converts(hub, tmp_path, monkeypatch):
     asked = []
 
     def fake_snapshot(repo_id, allow_patterns=None, **kw):
-        asked.append((repo_id, tuple(allow_patterns or ())))
-        return str(repos[repo_id])
+        """A hub that serves only the files the patterns ask for."""
+        from fnmatch import fnmatch
+
+        asked.append(repo_id)
+        served = tmp_path / "served" / repo_id.replace("/", "--") / str(len(list((tmp_path / "served").glob("*/*"))))
+        served.mkdir(parents=True)
+        for f in repos[repo_id].iterdir():
+            if any(fnmatch(f.name, p) for p in allow_patterns):
+                (served / f.name).write_bytes(f.read_bytes())
+        return str(served)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
-    out = registry.pull("microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", tmp_path / "pulled")
-    assert [r for r, _ in asked] == [*list(repos)[:1] * 2, list(repos)[1]]
-    assert PICKLED_WEIGHTS in asked[1][1]
-    assert load_model(str(out), device="cpu").name == "BiomedCLIPSeg"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(tmp_path / "hf_home"))
+    model_id = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+    out = registry.pull(model_id)
+    assert asked == [model_id, model_id, "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"]
+    assert out == tmp_path / "hf_home" / "napari-vlsm" / model_id.replace("/", "--")
+    asked.clear()
+    assert registry.pull(model_id) == out and asked == [model_id]  # converted once
+    assert load_model(model_id, device="cpu").name == "BiomedCLIPSeg"  # found again by its hub id
+    assert any(m.spec == model_id and m.kind == "BiomedCLIPSeg" for m in registry.find_models())
+
+
+def test_wrong_inputs_get_messages(hub, converted, tmp_path):
+    from napari_vlsm.core.biomedclipseg import BiomedClipSegConfig
+
+    with pytest.raises(ValueError, match="needs at least 11"):
+        BiomedClipSegConfig(vision_config={"num_hidden_layers": 8})
+    with pytest.raises(ModelNotFoundError, match="models convert"):
+        load_model(str(hub[0]))
+    res = runner.invoke(app, ["finetune", str(tmp_path), "--model", "default", "--encoders", str(hub[0]),
+                              "--out", str(tmp_path / "run")])
+    assert res.exit_code != 0 and "--encoders goes with --model new:biomedclipseg" in res.output
+    res = runner.invoke(app, ["models", "convert", str(hub[0]), "--out", str(converted), "--text-tower", str(hub[1])])
+    assert res.exit_code != 0 and "not empty" in res.output
+    res = runner.invoke(app, ["models", "convert", str(hub[0]), "--out", str(tmp_path / "m"),
+                              "--text-tower", str(converted)])  # a folder that is no BERT
+    assert res.exit_code != 0 and "not BiomedCLIP's BERT text tower" in res.output
 
 
 def test_the_plugin_segments_with_a_biomedclipseg_folder(qtbot, make_napari_viewer, converted, polyp_image):

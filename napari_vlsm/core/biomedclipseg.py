@@ -17,8 +17,8 @@ benchmark's composition built from the same weights.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
+
 
 import torch
 from torch import nn
@@ -35,7 +35,6 @@ from transformers import (
 )
 from transformers.models.clipseg.modeling_clipseg import CLIPSegDecoder
 
-from .backend import TRAIN_MODES
 from .clipseg import ClipSegBackend
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # BiomedCLIP's preprocessing (open_clip_config.json)
@@ -78,6 +77,12 @@ class BiomedClipSegConfig(PretrainedConfig):
             self.vision_config.get("hidden_size", 768), self.vision_config.get("patch_size", 16), projection_dim))
         self.context_length = context_length
         self.block_offset = block_offset
+        self.extract_layers = list(self.decoder_config["extract_layers"])
+        depth = self.vision_config.get("num_hidden_layers", 12)
+        if max(self.extract_layers) + block_offset >= depth:
+            raise ValueError(f"The decoder reads ViT block {max(self.extract_layers) + block_offset} (0-based) but the "
+                             f"image encoder has {depth} blocks; a BiomedCLIP-style ViT needs at least "
+                             f"{max(self.extract_layers) + block_offset + 1}.")
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
 
@@ -111,11 +116,11 @@ class BiomedClipSegForImageSegmentation(PreTrainedModel):
     @property
     def feature_blocks(self) -> list[int]:
         """The 0-based ViT blocks whose outputs the decoder reads (see the module's docstring)."""
-        return [e + self.config.block_offset for e in self.config.decoder_config["extract_layers"]]
+        return [e + self.config.block_offset for e in self.config.extract_layers]
 
     def encode_image(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         blocks = self.feature_blocks
-        hidden = self.vision.embeddings(pixel_values)
+        hidden = self.vision.embeddings(pixel_values, interpolate_pos_encoding=True)  # crops train too
         activations = []
         for i, layer in enumerate(self.vision.layers[: max(blocks) + 1]):
             hidden = layer(hidden)
@@ -127,9 +132,6 @@ class BiomedClipSegForImageSegmentation(PreTrainedModel):
         cls = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
         return self.text_projection(cls)
 
-    def decode(self, features: list[torch.Tensor], text: torch.Tensor) -> torch.Tensor:
-        logits = self.decoder(features, text).logits
-        return logits.reshape(text.shape[0], logits.shape[-2], logits.shape[-1])
 
 
 AutoConfig.register(BiomedClipSegConfig.model_type, BiomedClipSegConfig)
@@ -144,51 +146,21 @@ class BiomedClipSegBackend(ClipSegBackend):
     name = "BiomedCLIPSeg"
     default_lr = {"decoder": 2e-4, "full": 1e-5, "lora": 1e-4}  # the benchmark's AdamW 2e-4 for the decoder
     image_encoder_prefixes = ("vision.",)
+    lora_targets = LORA_TARGETS
 
     def __init__(self, module: BiomedClipSegForImageSegmentation, tokenizer, image_processor,
                  device: torch.device, dtype: torch.dtype, source: str = ""):
-        self.module = module.to(device=device, dtype=dtype).eval()
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.device, self.dtype, self.source = device, dtype, source
+        super().__init__(module, tokenizer, image_processor, device, dtype, source)
         self.context_length = module.config.context_length
+
+    def lora_roots(self) -> list[nn.Module]:
+        return [self.module.vision, self.module.text]
 
     def encode_image(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         return self.module.encode_image(pixel_values.to(self.dtype))
 
     def text_from_tokens(self, input_ids, attention_mask) -> torch.Tensor:
         return self.module.encode_text(input_ids, attention_mask)
-
-    def decode(self, features: list[torch.Tensor], text: torch.Tensor) -> torch.Tensor:
-        n = text.shape[0]
-        if features[0].shape[0] == 1 and n > 1:
-            features = [f.expand(n, -1, -1) for f in features]
-        return self.module.decode(features, text.to(features[0].dtype))
-
-    def trainable_parameters(self, mode: str) -> list[torch.nn.Parameter]:
-        if mode not in TRAIN_MODES:
-            raise ValueError(f"Unknown training mode {mode!r}; choose one of {', '.join(TRAIN_MODES)}.")
-        module = self.module
-        module.requires_grad_(mode == "full")
-        if mode == "lora":
-            from peft import LoraConfig, inject_adapter_in_model
-
-            if not any("lora_A" in n for n, _ in module.named_parameters()):
-                config = LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS)
-                inject_adapter_in_model(copy.deepcopy(config), module.vision)
-                inject_adapter_in_model(config, module.text)
-            for name, p in module.named_parameters():
-                p.requires_grad_("lora_" in name)
-        module.decoder.requires_grad_(True)
-        return [p for p in module.parameters() if p.requires_grad]
-
-    def save(self, folder) -> None:
-        from .clipseg import merged_state_dict
-
-        folder = Path(folder)
-        self.module.save_pretrained(folder, state_dict=merged_state_dict(self.module))
-        self.tokenizer.save_pretrained(folder)
-        self.image_processor.save_pretrained(folder)
 
 
 def biomedclip_image_processor(image_size: int, mean=OPENAI_MEAN, std=OPENAI_STD):
@@ -197,3 +169,12 @@ def biomedclip_image_processor(image_size: int, mean=OPENAI_MEAN, std=OPENAI_STD
 
     return ViTImageProcessorPil(size={"height": image_size, "width": image_size}, resample=3,
                                 image_mean=list(mean), image_std=list(std))
+
+
+def biomedclip_processor(folder, config: BiomedClipSegConfig):
+    """The folder's saved preprocessing, else BiomedCLIP's own from the model's config."""
+    from .processors import load_image_processor
+
+    if (Path(folder) / "preprocessor_config.json").exists():
+        return load_image_processor(Path(folder), config.vision_config.get("image_size", 224))
+    return biomedclip_image_processor(config.vision_config.get("image_size", 224), config.image_mean, config.image_std)

@@ -22,6 +22,7 @@ LORA_TARGETS = ["q_proj", "v_proj"]
 
 class ClipSegBackend(TorchBackend):
     name = "CLIPSeg"
+    lora_targets = LORA_TARGETS
 
     def __init__(self, module: CLIPSegForImageSegmentation, tokenizer, image_processor,
                  device: torch.device, dtype: torch.dtype, source: str = ""):
@@ -30,6 +31,10 @@ class ClipSegBackend(TorchBackend):
         self.image_processor = image_processor
         self.device, self.dtype, self.source = device, dtype, source
         self.extract_layers = list(module.config.extract_layers)
+
+    def lora_roots(self) -> list[torch.nn.Module]:
+        """The encoders LoRA adapters go into."""
+        return [self.module.clip]
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -76,7 +81,8 @@ class ClipSegBackend(TorchBackend):
             from peft import LoraConfig, inject_adapter_in_model
 
             if not any("lora_A" in n for n, _ in module.named_parameters()):
-                inject_adapter_in_model(LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS), module.clip)
+                for root in self.lora_roots():
+                    inject_adapter_in_model(LoraConfig(r=8, lora_alpha=16, target_modules=self.lora_targets), root)
             for name, p in module.named_parameters():
                 p.requires_grad_("lora_" in name)
         module.decoder.requires_grad_(True)

@@ -51,6 +51,17 @@ def hf_cache_dir() -> str:
     return str(HF_HUB_CACHE)
 
 
+def converted_root() -> Path:
+    """Where ``models pull`` puts the open_clip models it converted: beside the Hugging Face cache."""
+    from huggingface_hub.constants import HF_HOME
+
+    return Path(HF_HOME) / "napari-vlsm"
+
+
+def converted_dir(model_id: str) -> Path:
+    return converted_root() / model_id.replace("/", "--")
+
+
 def resolve_folder(spec: str | os.PathLike | None) -> Path:
     """The local folder a spec points at, fetching a hub id into the cache if allowed."""
     if spec is None or str(spec) == DEFAULT_SPEC:
@@ -78,6 +89,8 @@ def resolve_folder(spec: str | os.PathLike | None) -> Path:
 def _from_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
+    if (converted_dir(repo_id) / CONFIG).exists():  # an open_clip model that `models pull` converted
+        return converted_dir(repo_id)
     try:
         return Path(snapshot_download(repo_id, allow_patterns=FETCH_PATTERNS, local_files_only=True))
     except Exception:
@@ -100,6 +113,9 @@ def _pickle_message(path: Path) -> str:
 
 
 def check_safetensors(folder: Path) -> None:
+    if (folder / "open_clip_config.json").exists() and not (folder / CONFIG).exists():
+        raise ModelNotFoundError(f"{folder} holds open_clip files (BiomedCLIP); convert them once into a model folder: "
+                                 f"napari-vlsm models convert {folder} --out FOLDER")
     if any(folder.glob("*.safetensors")):
         return
     pickled = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
@@ -158,8 +174,8 @@ def load_model(spec: str | os.PathLike | None = None, device=None, dtype=None) -
         from .onnx_backend import OnnxBackend
 
         return OnnxBackend(folder, device=dev, source=str(spec or DEFAULT_SPEC))
-    config = read_config(folder)
     check_safetensors(folder)
+    config = read_config(folder)
     dt = pick_dtype(dev, dtype)
     kind = config.get("model_type")
     source = str(spec or DEFAULT_SPEC)
@@ -177,11 +193,11 @@ def load_model(spec: str | os.PathLike | None = None, device=None, dtype=None) -
         module = strict_from_pretrained(FilmUNetForSegmentation, folder)
         return FilmUNetBackend(module, load_tokenizer(folder), dev, dt, source)
     if kind == "vlsm_biomedclipseg":
-        from .biomedclipseg import BiomedClipSegBackend, BiomedClipSegForImageSegmentation
+        from .biomedclipseg import BiomedClipSegBackend, BiomedClipSegForImageSegmentation, biomedclip_processor
 
         module = strict_from_pretrained(BiomedClipSegForImageSegmentation, folder)
-        processor = load_image_processor(folder, module.config.vision_config.get("image_size", 224))
-        return BiomedClipSegBackend(module, load_tokenizer(folder), processor, dev, dt, source)
+        processor = biomedclip_processor(folder, module.config)
+        return BiomedClipSegBackend(module, load_tokenizer(folder, own=True), processor, dev, dt, source)
     raise ModelNotFoundError(
         f"{folder} holds a {kind!r} model; napari-vlsm supports CLIPSeg ('clipseg'), BiomedCLIPSeg "
         "('vlsm_biomedclipseg') and its own FiLM-UNet ('vlsm_film_unet')."

@@ -51,7 +51,7 @@ class OnnxBackend(Backend):
         self.dtype = torch.float32
         self.name = f"ONNX {self.meta['name']}"
         self.source = source
-        self.tokenizer = load_tokenizer(folder)
+        self.tokenizer = load_tokenizer(folder, own=True)  # the export saved the model's own
         self.input_size = tuple(self.meta["input_size"])
         if self.meta["preprocess"] == "image_processor":
             self.image_processor = load_image_processor(folder, self.input_size[0])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -49,12 +50,15 @@ def read_open_clip(folder) -> tuple[dict, dict[str, torch.Tensor]]:
         try:
             state = torch.load(folder / PICKLED_WEIGHTS, map_location="cpu", weights_only=True)
         except Exception as exc:  # a non-tensor object in the pickle, or a cut-off file
-            raise ModelNotFoundError(f"{folder / PICKLED_WEIGHTS} is not a plain weights file "
-                                     f"({str(exc).splitlines()[0][:200]}); it was not loaded.") from None
-        state = state.get("state_dict", state)
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ModelNotFoundError(f"{folder / PICKLED_WEIGHTS} is not a plain weights file ({why}); "
+                                     "it was not loaded.") from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
     else:
         raise ModelNotFoundError(f"{folder} has {OPEN_CLIP_CONFIG} but no weights ({SAFE_WEIGHTS} or "
                                  f"{PICKLED_WEIGHTS}).")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelNotFoundError(f"The weights of {folder} are not a dictionary of tensors; it was not converted.")
     return config, {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -74,6 +78,10 @@ def text_tower_dir(folder: Path, text_cfg: dict, text_dir=None) -> Path:
             pass
     for c in candidates:
         if (c / "config.json").exists() and ((c / "vocab.txt").exists() or (c / "tokenizer.json").exists()):
+            kind = json.loads((c / "config.json").read_text()).get("model_type")
+            if kind != "bert":
+                raise ModelNotFoundError(f"{c} holds a {kind!r} model, not BiomedCLIP's BERT text tower "
+                                         f"({text_cfg.get('hf_model_name', '?')}).")
             return c
     raise ModelNotFoundError(
         f"The text tower of {folder} ({text_cfg.get('hf_model_name', '?')}: its config.json and vocab.txt) is "
@@ -183,7 +191,12 @@ def _bert_config(config) -> dict:
 
 
 def _load_strict(part: torch.nn.Module, weights: dict, folder: Path) -> None:
-    missing, unexpected = part.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = part.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # shapes differ: e.g. a text tower of another size
+        first = str(exc).strip().splitlines()[-1].strip()[:200]
+        raise ModelNotFoundError(f"The weights in {folder} do not fit its configuration or text tower ({first}). "
+                                 "Check that --text-tower is the model named in open_clip_config.json.") from None
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         what = f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}"
@@ -200,6 +213,7 @@ def convert(folder, out, text_dir=None, seed: int = 0) -> Path:
         raise ModelNotFoundError(f"{out} is not empty; choose a new folder for the converted model.")
     backend = build_from_open_clip(folder, text_dir, seed)
     tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted conversion
     backend.save(tmp)
     atomic_write_text(tmp / CARD_FILE, json.dumps(UNTRAINED_CARD, indent=1))
     if out.exists():

@@ -13,12 +13,19 @@ def clip_tokenizer_dir() -> Path:
     return Path(str(files("napari_vlsm") / "assets" / "clip_tokenizer"))
 
 
-def load_tokenizer(folder: Path | None = None):
-    """The folder's own tokenizer, else the CLIP BPE tokenizer shipped with the package."""
+def load_tokenizer(folder: Path | None = None, own: bool = False):
+    """The folder's own tokenizer, else (unless ``own``: a model whose text encoder is not
+    CLIP's) the CLIP BPE tokenizer shipped with the package."""
     from transformers import AutoTokenizer, CLIPTokenizer
 
-    if folder is not None and ((folder / "vocab.json").exists() or (folder / "tokenizer.json").exists()):
+    from .errors import ModelNotFoundError
+
+    names = ("vocab.json", "tokenizer.json", "vocab.txt")
+    if folder is not None and any((folder / n).exists() for n in names):
         return AutoTokenizer.from_pretrained(folder)
+    if own:
+        raise ModelNotFoundError(f"{folder} has no tokenizer files ({', '.join(names)}); "
+                                 "use the complete model folder.")
     tok = clip_tokenizer_dir()
     return CLIPTokenizer(str(tok / "vocab.json"), str(tok / "merges.txt"))
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .file_names import CONFIG, ENCODER_ONNX
-from .loading import DEFAULT_SPEC, FETCH_PATTERNS, default_model_dir
+from .loading import DEFAULT_SPEC, FETCH_PATTERNS, converted_dir, converted_root, default_model_dir
 
 SUPPORTED = {"clipseg": "CLIPSeg", "vlsm_film_unet": "FiLM-UNet", "vlsm_biomedclipseg": "BiomedCLIPSeg"}
 
@@ -51,6 +51,9 @@ def cached_models() -> list[ModelEntry]:
 def find_models(folders=()) -> list[ModelEntry]:
     found = [ModelEntry(DEFAULT_SPEC, "FiLM-UNet (embedded default: polyps, breast tumours)", str(default_model_dir()))]
     found += cached_models()
+    pulled = converted_root()
+    if pulled.is_dir():  # open_clip models converted by pull, listed under their hub id
+        found += [ModelEntry(p.name.replace("--", "/"), _kind(p), str(p)) for p in sorted(pulled.iterdir()) if _kind(p)]
     for f in map(Path, folders):
         candidates = [f] + ([p for p in sorted(f.iterdir()) if p.is_dir()] if f.is_dir() else [])
         found += [ModelEntry(str(c), _kind(c), str(c)) for c in candidates if _kind(c)]
@@ -73,20 +76,15 @@ def pull(model_id: str, out=None) -> Path:
     if not text_repo:
         raise ValueError(f"{model_id} is an open_clip model without a Hugging Face text tower; only "
                          "BiomedCLIP-style models are supported.")
-    weights = SAFE_WEIGHTS if (path / SAFE_WEIGHTS).exists() else PICKLED_WEIGHTS
-    path = Path(snapshot_download(model_id, allow_patterns=FETCH_PATTERNS + [OPEN_CLIP_CONFIG, weights]))
-    text = Path(snapshot_download(text_repo, allow_patterns=TEXT_TOWER_FILES))
     out = Path(out) if out is not None else converted_dir(model_id)
     if (out / CONFIG).exists():
         return out
+    weights = SAFE_WEIGHTS if (path / SAFE_WEIGHTS).exists() else PICKLED_WEIGHTS
+    path = Path(snapshot_download(model_id, allow_patterns=FETCH_PATTERNS + [OPEN_CLIP_CONFIG, weights]))
+    text = Path(snapshot_download(text_repo, allow_patterns=TEXT_TOWER_FILES))
     return convert(path, out, text_dir=text)
 
 
-def converted_dir(model_id: str) -> Path:
-    """Where ``pull`` puts a converted open_clip model: beside the Hugging Face cache."""
-    from huggingface_hub.constants import HF_HOME
-
-    return Path(HF_HOME) / "napari-vlsm" / model_id.replace("/", "--")
 
 
 def new_biomedclipseg(encoders, device="auto", seed: int = 0):
