@@ -88,9 +88,10 @@ class BiomedClipSegConfig(PretrainedConfig):
 
     def sub_configs_built(self) -> tuple[ViTConfig, BertConfig, CLIPSegConfig]:
         vision, text = ViTConfig(**self.vision_config), BertConfig(**self.text_config)
-        for c in (vision, text):  # nested models get no attention choice from from_pretrained
+        decoder = CLIPSegConfig(**self.decoder_config)
+        for c in (vision, text, decoder, decoder.vision_config):  # nested models get no choice from from_pretrained
             c._attn_implementation = "sdpa"
-        return vision, text, CLIPSegConfig(**self.decoder_config)
+        return vision, text, decoder
 
 
 class BiomedClipSegForImageSegmentation(PreTrainedModel):

@@ -304,14 +304,7 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
     n_new = s.batch_size - n_replay
     steps_per_epoch = len(_batches(len(train_set), n_new, s.seed, world, rank))
     epochs = s.epochs or max(1, round(TARGET_STEPS / steps_per_epoch))
-    start_epoch, history, round_no = 0, [], 1
-    if resume and (out / LAST).exists():
-        done = read_metadata(out / LAST)
-        history, round_no = done.get("history", []), done.get("round", 1)
-        if done.get("train_examples") == len(train_set):
-            start_epoch = min(done.get("epochs_done", 0), epochs)
-        else:  # examples were added: a new round of the schedule, from the last weights
-            round_no += 1
+    start_epoch, history, round_no = _resume_point(out, resume, len(train_set), epochs)
     params = backend.trainable_parameters(s.mode)
     backend.module.float()
     backend.dtype = torch.float32
@@ -327,14 +320,7 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
     size = backend.input_size
     train_cache, val_cache = PairCache(pool, size), PairCache(val_set, size)
     total = steps_per_epoch * epochs
-    if s.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=max(total, 1))
-        with warnings.catch_warnings():  # fast-forwarding a resumed schedule, before any optimiser step
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(start_epoch * steps_per_epoch):
-                sched.step()
-    else:
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=2)
+    sched = _scheduler(opt, s.schedule, total, done_steps=start_epoch * steps_per_epoch)
     use_amp = backend.device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
@@ -349,9 +335,7 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
     if card is not None:
         extras[CARD_FILE] = card_after_finetune(card, [ex.prompts.get("p1", "") for ex in train_set
                                                        if isinstance(ex.prompts.get("p1"), str)])
-    summary = (f"Trained on {n_distinct} image(s)" + (f" ({len(train_set)} with repeats)" if s.repeat else "")
-               + (f" mixed with {len(replay_set)} replay pair(s)" if replay_set else "")
-               + f", validated on {len(val_set)}" + ("" if val_set else " (every example trains)"))
+    summary = _summary(n_distinct, len(train_set), len(replay_set), len(val_set))
     if rank == 0 and start_epoch < epochs and not any(train_cache[i][1].any() for i in range(len(train_set))):
         empty = ("every training mask is empty, so the model can only learn to find nothing; "
                  "check the label value and the masks")
@@ -386,14 +370,7 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
             if not torch.isfinite(loss):
                 raise TrainingError(f"The loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
                                     f"training stopped. {_stopped_message(out)} Try a lower learning rate.")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if world > 1 and not NO_SYNC:
-                _all_reduce_grads(params, world)
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-            scaler.step(opt)
-            scaler.update()
+            _optimiser_step(loss, opt, scaler, params, s.grad_clip, world)
             if s.schedule == "onecycle":
                 sched.step()
             step += 1
@@ -450,6 +427,49 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
     yield Progress("done", epochs, epochs, step, total, history[-1]["loss"] if history else float("nan"),
                    history[-1]["val_dice"] if history else None, best if best >= 0 else None,
                    time.time() - t0, checkpoint=str(out / BEST), message=f"{summary}; {why}.")
+
+
+def _resume_point(out: Path, resume: bool, n_train: int, epochs: int) -> tuple[int, list, int]:
+    """(first epoch, history, round) of a run: 0, [], 1 for a new one; where it stopped when
+    resumed on the same set; a new round from epoch 0 when examples were added."""
+    if not (resume and (out / LAST).exists()):
+        return 0, [], 1
+    done = read_metadata(out / LAST)
+    history, round_no = done.get("history", []), done.get("round", 1)
+    if done.get("train_examples") == n_train:
+        return min(done.get("epochs_done", 0), epochs), history, round_no
+    return 0, history, round_no + 1
+
+
+def _scheduler(opt, schedule: str, total: int, done_steps: int):
+    """One-cycle over ``total`` steps (fast-forwarded past ``done_steps`` of a resumed run),
+    or halving on a validation plateau."""
+    if schedule != "onecycle":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                                total_steps=max(total, 1))
+    with warnings.catch_warnings():  # fast-forwarding before any optimiser step
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(done_steps):
+            sched.step()
+    return sched
+
+
+def _summary(n_distinct: int, n_train: int, n_replay: int, n_val: int) -> str:
+    return (f"Trained on {n_distinct} image(s)" + (f" ({n_train} with repeats)" if n_train != n_distinct else "")
+            + (f" mixed with {n_replay} replay pair(s)" if n_replay else "")
+            + f", validated on {n_val}" + ("" if n_val else " (every example trains)"))
+
+
+def _optimiser_step(loss, opt, scaler, params, grad_clip: float, world: int) -> None:
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if world > 1 and not NO_SYNC:
+        _all_reduce_grads(params, world)
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(opt)
+    scaler.update()
 
 
 def _param_groups(backend: TorchBackend, params, s: TrainSettings) -> list[dict]:

@@ -289,10 +289,8 @@ class FinetuneWidget(QWidget):
             self.worker.quit()
 
     def _on_progress(self, ev):
-        pbar = self.pbar
-        if pbar is not None:  # None for events still queued after the worker finished
-            pbar.total, pbar.n = ev.steps, ev.step
-            pbar.set_description(f"Finetuning, epoch {ev.epoch}/{ev.epochs}")  # also redraws
+        if self.worker is None:  # an event still queued after the worker finished
+            return
         if ev.kind == "step":
             self.plot.add("loss", ev.loss, ev.step)
         elif ev.kind == "epoch":
@@ -302,6 +300,10 @@ class FinetuneWidget(QWidget):
                                 + (f", val Dice {ev.val_dice:.3f}" if ev.val_dice is not None else "") + eta)
         elif ev.kind == "done":
             self.status.setText(ev.message)
+        pbar = self.pbar
+        if pbar is not None:  # last: redrawing it processes Qt events, the worker's end among them
+            pbar.total, pbar.n = ev.steps, ev.step
+            pbar.set_description(f"Finetuning, epoch {ev.epoch}/{ev.epochs}")
 
     def _finished(self, out: Path, summary: str = ""):
         if summary:
