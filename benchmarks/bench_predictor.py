@@ -73,6 +73,19 @@ def stock_folder(stock, files, out, batch):
             write_mask(out / f"{f.stem}.png", combine_labels(probs))
 
 
+def whole_pass_rows(run, image, images, files, out, batch):
+    """The rows for a path that runs the whole network on every call (``run(images, prompts)``)."""
+    counter = iter(PROMPTS)
+    with PeakMemory() as mem:
+        a = timed(lambda: run([image], ["polyp"]), reps=3)
+        b = timed(lambda: run([image], [next(counter)]), reps=3)
+        c = timed(lambda: run(images, ["polyp"] * len(images)), reps=2)
+        t = time.perf_counter()
+        stock_folder(run, files, out, batch)
+        d = len(files) / (time.perf_counter() - t)
+    return a, b, len(images) / c, d, mem.peak
+
+
 def ours_rows(pred: Predictor, image, images, files, out, batch):
     counter = iter(PROMPTS)
     with PeakMemory() as mem:
@@ -107,18 +120,8 @@ def main():
     images = [read_image(f) for f in files[:batch]]
     rows = []
 
-    def stock_rows(stock, label):
-        counter = iter(PROMPTS)
-        with PeakMemory() as mem:
-            a = timed(lambda: stock([image], ["polyp"]), reps=3)
-            b = timed(lambda: stock([image], [next(counter)]), reps=3)
-            c = timed(lambda: stock(images, ["polyp"] * len(images)), reps=2)
-            t = time.perf_counter()
-            stock_folder(stock, files, work / "stock_out", batch)
-            d = len(files) / (time.perf_counter() - t)
-        rows.append((label, a, b, len(images) / c, d, mem.peak))
-
-    stock_rows(Stock(folder, device), "stock HF fp32")
+    rows.append(("stock HF fp32", *whole_pass_rows(Stock(folder, device), image, images, files, work / "stock_out",
+                                                   batch)))
     del_cache()
     rows.append(("ours torch eager fp32", *ours_rows(Predictor(load_model(folder, device, "fp32")), image, images,
                                                      files, work / "o1", batch)))
@@ -179,15 +182,7 @@ def biomedclipseg_rows(work, device, image, images, files, batch):
     rows = []
     del_cache()
     uncached = Uncached(load_model(folder, device, "fp32"))
-    counter = iter(PROMPTS)
-    with PeakMemory() as mem:
-        a = timed(lambda: uncached([image], ["polyp"]), reps=3)
-        b = timed(lambda: uncached([image], [next(counter)]), reps=3)
-        c = timed(lambda: uncached(images, ["polyp"] * len(images)), reps=2)
-        t = time.perf_counter()
-        stock_folder(uncached, files, work / "b0", batch)
-        d = len(files) / (time.perf_counter() - t)
-    rows.append(("BiomedCLIPSeg uncached fp32", a, b, len(images) / c, d, mem.peak))
+    rows.append(("BiomedCLIPSeg uncached fp32", *whole_pass_rows(uncached, image, images, files, work / "b0", batch)))
     del uncached
     for dtype in ("fp32", "bf16"):
         del_cache()

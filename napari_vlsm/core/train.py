@@ -287,9 +287,8 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
         s = replace(s, mode=backend.default_train_mode)
     check_examples(train_set, val_set)
     n_distinct = len(train_set)
-    train_set = oversample(train_set, s.repeat)
+    train_set = oversample(add_synonyms(train_set, s.synonyms), s.repeat)
     replay_set = replay_examples(replay) if replay else []
-    add_synonyms(train_set, s.synonyms)
     pool = train_set + replay_set
     negatives = NegativePrompts(pool if s.cross_negatives else [], _prompt_types(s), s.negative_prompts)
     out = check_writable(out_dir)
