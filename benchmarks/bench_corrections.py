@@ -123,6 +123,7 @@ def main():
                     help="Only print the table (and plot) of earlier runs' results.json, together.")
     ap.add_argument("--replay-from", nargs="*", default=[], help="The base's training folders (for its replay "
                                                                    "sample, when it has none).")
+    ap.add_argument("--replay-per-set", type=int, default=24, help="Pairs of each --replay-from folder.")
     ap.add_argument("--domain", default=str(DATA / "busi"))
     ap.add_argument("--prompt", default="breast tumor", help="What the annotator types for the new domain.")
     ap.add_argument("--forget-set", default=str(DATA / "kvasir_seg"))
@@ -148,7 +149,7 @@ def main():
     shutil.rmtree(base, ignore_errors=True)
     shutil.copytree(args.base, base)
     if not (base / REPLAY_DIR).exists() and args.replay_from:
-        write_replay_sample(args.replay_from, base)
+        write_replay_sample(args.replay_from, base, per_set=args.replay_per_set)
     args.base_with_replay = str(base)
     print(f"Machine: {machine()}; finetune threads: {args.threads}")
     rows = []

@@ -246,7 +246,7 @@ def finetune(
                                                        "(see 'models pull') or a BiomedCLIPSeg model folder."),
     train_mode: str = typer.Option("auto", "--train",
                                    help="auto (full for the FiLM-UNet, decoder for CLIPSeg), decoder, full or lora."),
-    epochs: int | None = typer.Option(None, min=1, help="Default: enough epochs for about 150 steps."),
+    epochs: int | None = typer.Option(None, min=1, help="Default: enough epochs for about 250 steps."),
     lr: float | None = typer.Option(None, help="Learning rate (default: the model's own for the mode)."),
     batch_size: int = typer.Option(8, min=1),
     val_split: str = typer.Option("val", help="Use anns/<this>.json as validation where it exists."),
@@ -256,6 +256,8 @@ def finetune(
                                           help="Share of each batch from the model's replay sample, if it has one."),
     encoder_lr_scale: float = typer.Option(1.0, min=0.0, help="Image encoder's learning rate relative to the rest."),
     anchor: float = typer.Option(0.0, min=0.0, help="L2 pull toward the starting weights (keeps what it knew)."),
+    adapters: str = typer.Option("auto", help="auto: a class new to a trained FiLM-UNet is learned on an adapter "
+                                              "of its own, the base unchanged; off: one shared network."),
     prompt: str | None = typer.Option(None, help="Prompt for plain image/mask folders."),
     negative_prompt: list[str] = typer.Option([], help="Prompt of something absent: trained to give an empty mask."),
     negatives_file: Path | None = typer.Option(None, help="File of such prompts, one per line (# comments)."),
@@ -266,7 +268,7 @@ def finetune(
     repeat: list[str] = typer.Option([], help="FOLDER=N: draw that training folder's examples N times an "
                                               "epoch (oversample a small set of a pooled run)."),
     crop: int | None = typer.Option(
-        None, help="Random crops of this side (default: the model's own, 192 for the FiLM-UNet; 0: none)."),
+        None, help="Random crops of this side (default: the model's own, 160 for the FiLM-UNet; 0: none)."),
     schedule: str = typer.Option("onecycle", help="onecycle or plateau."),
     patience: int = typer.Option(5),
     seed: int = typer.Option(0),
@@ -279,6 +281,8 @@ def finetune(
     from .core.train import TrainSettings, init_distributed
     from .core.train import finetune as run_finetune
 
+    if adapters not in ("auto", "off"):
+        _fail(f"--adapters is auto or off, not {adapters!r}.")
     if encoders is not None and model != "new:biomedclipseg":
         _fail("--encoders goes with --model new:biomedclipseg (a new decoder on those encoders); "
               f"--model {model} brings its own.")
@@ -289,6 +293,7 @@ def finetune(
                              synonyms=_read_synonyms(synonyms) if synonyms else {}, repeat=_read_repeats(repeat),
                              crop=crop, schedule=schedule,
                              replay_fraction=replay_fraction, encoder_lr_scale=encoder_lr_scale, anchor=anchor,
+                             adapters=adapters,
                              patience=patience, seed=seed, threads=threads)
     meta = {"command": "napari-vlsm " + " ".join(sys.argv[1:])}
     rank0 = not distributed or __import__("torch").distributed.get_rank() == 0

@@ -22,7 +22,11 @@ SETS="$DATA/kvasir_seg $DATA/clinicdb $DATA/bkai_polyp $DATA/busi $DATA/colonosc
 install() {  # install() FOLDER: the model, its card, and (when it has none) a new replay sample
   rm -rf "$ASSET.tmp"
   cp -r "$1" "$ASSET.tmp"
-  cp scripts/default_model_card.json "$ASSET.tmp/vlsm_card.json"
+  # the card, with the negatives it was trained on (a later adapter's route table keeps them with the base)
+  .venv/bin/python -c "import json, sys; card = json.load(open(sys.argv[1])); \
+card['negatives'] = [l.strip() for l in open(sys.argv[2]) if l.strip() and not l.startswith('#')]; \
+json.dump(card, open(sys.argv[3], 'w'), indent=1)" scripts/default_model_card.json scripts/negative_prompts.txt \
+    "$ASSET.tmp/vlsm_card.json"
   if [ ! -d "$ASSET.tmp/replay" ]; then
     .venv/bin/python -c "import sys; from napari_vlsm.core.replay import write_replay_sample as w; \
 w(sys.argv[2:], sys.argv[1], per_set=24)" "$ASSET.tmp" $SETS

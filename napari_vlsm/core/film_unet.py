@@ -6,6 +6,13 @@ way CLIPSeg joins them: the pooled text embedding scales and shifts (FiLM) the d
 features at every level. The encoder output is what the predictor caches; a new prompt
 runs only the text encoder and the decoder. It is a ``transformers.PreTrainedModel``,
 saved and loaded with ``save_pretrained`` / ``from_pretrained`` as config + safetensors.
+
+Concept adapters: a class taught later (finetuning on corrections of a class the model did
+not know) gets its own copy of the image path (encoder, FiLM, decoder, head), trained from
+the base's weights while the base stays frozen. A prompt goes to the path of the nearest
+prompt in the route table (its text embedding, cosine): the base's own prompts, the
+negatives it was trained with, and each adapter's prompts. The base's answers to its own
+prompts are therefore unchanged by any later finetuning of a new class.
 """
 
 from __future__ import annotations
@@ -27,8 +34,12 @@ class FilmUNetConfig(PretrainedConfig):
 
     def __init__(self, widths=(8, 16, 32, 64, 256), image_size=256, text_dim=64, text_layers=2,
                  text_heads=4, vocab_size=49408, max_position_embeddings=77, eos_token_id=49407,
-                 image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, **kwargs):
+                 image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, adapters=0, route_prompts=(),
+                 route_owners=(), **kwargs):
         self.widths = list(widths)
+        self.adapters = adapters                  # image paths of classes taught after the base
+        self.route_prompts = list(route_prompts)  # prompt -> path table (0: the base, k: adapter k)
+        self.route_owners = list(route_owners)
         self.image_size = image_size
         self.text_dim = text_dim
         self.text_layers = text_layers
@@ -89,37 +100,34 @@ class TextBlock(nn.Module):
         return x + self.linear2(F.relu(self.linear1(self.norm2(x))))
 
 
-class FilmUNetForSegmentation(PreTrainedModel):
-    config_class = FilmUNetConfig
-    base_model_prefix = "film_unet"
-    main_input_name = "pixel_values"
+def image_encoder(w: list[int]) -> nn.ModuleList:
+    return nn.ModuleList([conv_block(3, w[0])] + [conv_block(a, b) for a, b in zip(w, w[1:])])
+
+
+def image_decoder(w: list[int], text_dim: int) -> tuple[nn.ModuleList, nn.ModuleList, nn.ModuleList, nn.Conv2d]:
+    """One FiLM (scale, shift) per decoder level, bottleneck included; up-convolutions;
+    decoder blocks; the 1x1 head."""
+    return (nn.ModuleList([nn.Linear(text_dim, 2 * c) for c in reversed(w)]),
+            nn.ModuleList([nn.ConvTranspose2d(b, a, 2, stride=2) for a, b in zip(w[:-1], w[1:])][::-1]),
+            nn.ModuleList([conv_block(2 * a, a) for a in w[:-1]][::-1]),
+            nn.Conv2d(w[0], 1, 1))
+
+
+class ImagePath(nn.Module):
+    """The image side of the model, conditioned on a text embedding: UNet encoder, FiLM,
+    decoder and head."""
 
     def __init__(self, config: FilmUNetConfig):
-        super().__init__(config)
-        w = config.widths
-        self.encoder = nn.ModuleList([conv_block(3, w[0])] + [conv_block(a, b) for a, b in zip(w, w[1:])])
-        self.text_encoder = TextEncoder(config)
-        # one FiLM (scale, shift) per decoder level, bottleneck included
-        self.films = nn.ModuleList([nn.Linear(config.text_dim, 2 * c) for c in reversed(w)])
-        self.ups = nn.ModuleList([nn.ConvTranspose2d(b, a, 2, stride=2) for a, b in zip(w[:-1], w[1:])][::-1])
-        self.decoder = nn.ModuleList([conv_block(2 * a, a) for a in w[:-1]][::-1])
-        self.head = nn.Conv2d(w[0], 1, 1)
-        self.post_init()
+        super().__init__()
+        self.encoder = image_encoder(config.widths)
+        self.films, self.ups, self.decoder, self.head = image_decoder(config.widths, config.text_dim)
 
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear) and module in getattr(self, "films", []):
-            nn.init.zeros_(module.weight)
-            nn.init.zeros_(module.bias)
-
-    def encode_image(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    def encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         feats, x = [], pixel_values
         for i, block in enumerate(self.encoder):
             x = block(x if i == 0 else F.max_pool2d(x, 2))
             feats.append(x)
         return feats
-
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids, attention_mask)
 
     @staticmethod
     def _film(x: torch.Tensor, film: nn.Linear, text: torch.Tensor) -> torch.Tensor:
@@ -130,16 +138,88 @@ class FilmUNetForSegmentation(PreTrainedModel):
         n = text.shape[0]
         if feats[0].shape[0] == 1 and n > 1:
             feats = [f.expand(n, -1, -1, -1) for f in feats]
-        x = self._film(feats[-1], self.films[0], text)
+        x = ImagePath._film(feats[-1], self.films[0], text)
         for up, block, film, skip in zip(self.ups, self.decoder, self.films[1:], reversed(feats[:-1])):
             x = block(torch.cat([up(x), skip], dim=1))
-            x = self._film(x, film, text)
+            x = ImagePath._film(x, film, text)
         return self.head(x)[:, 0]
+
+
+class FilmUNetForSegmentation(PreTrainedModel):
+    config_class = FilmUNetConfig
+    base_model_prefix = "film_unet"
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: FilmUNetConfig):
+        super().__init__(config)
+        # the base path's parts sit on the model itself (ImagePath's names), so weight names and
+        # the order of random initialisation stay as they were before adapters
+        self.encoder = image_encoder(config.widths)
+        self.text_encoder = TextEncoder(config)
+        self.films, self.ups, self.decoder, self.head = image_decoder(config.widths, config.text_dim)
+        self.adapters = nn.ModuleList([ImagePath(config) for _ in range(config.adapters)])
+        if config.route_prompts:
+            self.register_buffer("route_embeddings", torch.zeros(len(config.route_prompts), config.text_dim))
+        self.post_init()
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear) and module in getattr(self, "films", []):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @property
+    def paths(self) -> list[nn.Module]:
+        """The base path (this model: its parts have ImagePath's names) and the adapters."""
+        return [self, *self.adapters]
+
+    def encode_image(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Every path's features, one flat list (levels of the base, then of each adapter)."""
+        return [f for path in self.paths for f in ImagePath.encode(path, pixel_values)]
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids, attention_mask)
+
+    def route(self, text: torch.Tensor) -> torch.Tensor:
+        """The path of each prompt: the owner of the nearest prompt of the route table."""
+        owners = torch.tensor(self.config.route_owners, device=text.device)
+        sims = F.normalize(text.float(), dim=-1) @ F.normalize(self.route_embeddings.float(), dim=-1).T
+        return owners[sims.argmax(-1)]
+
+    def decode(self, feats: list[torch.Tensor], text: torch.Tensor) -> torch.Tensor:
+        levels = len(self.config.widths)
+        logits = ImagePath.decode(self, feats[:levels], text)
+        if not self.adapters:
+            return logits
+        owner = self.route(text)
+        tracing = torch.jit.is_tracing()  # an export keeps every path, chosen per prompt in the graph
+        for k, adapter in enumerate(self.adapters, 1):
+            if tracing or bool((owner == k).any()):
+                own = ImagePath.decode(adapter, feats[k * levels:(k + 1) * levels], text)
+                logits = torch.where((owner == k)[:, None, None], own, logits)
+        return logits
 
     def forward(self, pixel_values, input_ids, attention_mask=None):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         return self.decode(self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask))
+
+    def add_adapter(self) -> int:
+        """A new path for a new class, starting from the base's weights; its number."""
+        adapter = ImagePath(self.config).to(device=self.head.weight.device, dtype=self.head.weight.dtype)
+        for name in ("encoder", "films", "ups", "decoder", "head"):
+            getattr(adapter, name).load_state_dict(getattr(self, name).state_dict())
+        self.adapters.append(adapter.to(memory_format=torch.channels_last))
+        self.config.adapters = len(self.adapters)
+        return len(self.adapters)
+
+    def set_routes(self, prompts: list[str], owners: list[int], embeddings: torch.Tensor) -> None:
+        """The route table: each prompt, the path that answers it, and its text embedding."""
+        self.config.route_prompts, self.config.route_owners = list(prompts), [int(o) for o in owners]
+        embeddings = embeddings.detach().to(self.head.weight.device, torch.float32)
+        if "route_embeddings" in self._buffers:
+            self.route_embeddings = embeddings
+        else:
+            self.register_buffer("route_embeddings", embeddings)
 
 
 AutoConfig.register(FilmUNetConfig.model_type, FilmUNetConfig)
@@ -151,7 +231,7 @@ class FilmUNetBackend(TorchBackend):
     # small enough to train whole: a new domain needs the encoder, new words the text side
     default_train_mode = "full"
     default_lr = {"decoder": 1e-3, "full": 1e-3}
-    default_crop = 192  # fully convolutional: crops are cheaper steps and an augmentation
+    default_crop = 160  # fully convolutional: crops are cheaper steps and an augmentation
     image_encoder_prefixes = ("encoder.",)
 
     def __init__(self, module: FilmUNetForSegmentation, tokenizer, device, dtype, source: str = ""):
@@ -192,6 +272,7 @@ class FilmUNetBackend(TorchBackend):
         m.requires_grad_(mode == "full")
         for part in (m.films, m.ups, m.decoder, m.head):
             part.requires_grad_(True)
+        m.adapters.requires_grad_(False)  # a class's adapter trains alone (adapters.py)
         return [p for p in m.parameters() if p.requires_grad]
 
     def save(self, folder) -> None:

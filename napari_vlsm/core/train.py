@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .adapters import AdapterView, adapter_parameters, plan_adapter, prepare_adapter
 from .backend import TorchBackend
 from .checkpoint import BEST, LAST, check_writable, read_metadata, recover_checkpoints, save_checkpoint
 from .concepts import NegativePrompts, add_synonyms
@@ -70,6 +71,7 @@ class TrainSettings:
     keep_norm_stats: bool = False  # keep the base's batch-norm statistics (measured: learns a new domain worse)
     encoder_lr_scale: float = 1.0  # the image encoder's learning rate relative to the rest
     anchor: float = 0.0            # L2 pull of the weights toward the starting model's (L2-SP)
+    adapters: str = "auto"         # auto: a class new to a trained FiLM-UNet gets its own adapter; off
     prompt_types: tuple = TRAIN_PROMPT_TYPES
     val_prompt_type: str = "p1"
     negative_prompts: list = field(default_factory=list)  # prompts for absent things -> empty target
@@ -304,9 +306,14 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
     steps_per_epoch = len(_batches(len(train_set), n_new, s.seed, world, rank))
     epochs = s.epochs or max(1, round(TARGET_STEPS / steps_per_epoch))
     start_epoch, history, round_no = _resume_point(out, resume, len(train_set), epochs)
-    params = backend.trainable_parameters(s.mode)
     backend.module.float()
     backend.dtype = torch.float32
+    adapter = plan_adapter(backend, train_set, replay_set, card or {}, s.adapters)
+    if adapter:  # a new class on a path of its own; the replay images show where it is absent
+        new_prompts = prepare_adapter(backend, adapter, train_set, replay_set, card or {}, s.negative_prompts)
+        params, learner = adapter_parameters(backend, adapter), AdapterView(backend, adapter)
+    else:
+        params, learner = backend.trainable_parameters(s.mode), backend
     if world > 1:  # every rank starts from rank 0's weights
         import torch.distributed as dist
 
@@ -329,12 +336,12 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
     stale, step, t0, seen, saved_at = 0, start_epoch * steps_per_epoch, time.time(), 0, -math.inf
     meta = {"base_model": backend.source, "settings": asdict(s), "train_examples": len(train_set),
             "replay_examples": len(replay_set), "val_examples": len(val_set), "val_names": [_key(e) for e in val_set],
-            "world_size": world, "round": round_no, "history": history, **(metadata or {})}
+            "world_size": world, "round": round_no, "adapter": adapter, "history": history, **(metadata or {})}
     extras = {REPLAY_DIR: replay} if replay else {}
     if card is not None:
         extras[CARD_FILE] = card_after_finetune(card, [ex.prompts.get("p1", "") for ex in train_set
                                                        if isinstance(ex.prompts.get("p1"), str)])
-    summary = _summary(n_distinct, len(train_set), len(replay_set), len(val_set))
+    summary = _summary(n_distinct, len(train_set), len(replay_set), len(val_set), adapter)
     if rank == 0 and start_epoch < epochs and not any(train_cache[i][1].any() for i in range(len(train_set))):
         empty = ("every training mask is empty, so the model can only learn to find nothing; "
                  "check the label value and the masks")
@@ -362,8 +369,12 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
                 return
             idx = idx + [len(train_set) + rng.randrange(len(replay_set)) for _ in range(n_replay)]
             pixels, target, prompts = _make_batch(train_cache, pool, idx, s, rng, np_rng, backend)
+            if adapter:  # replay images ask for the new class, which is absent there
+                for j in (j for j, i in enumerate(idx) if i >= len(train_set)):
+                    target[j], prompts[j] = 0, rng.choice(new_prompts)
             with torch.autocast(backend.device.type, dtype=amp_dtype, enabled=use_amp):
-                loss = _loss(backend, pixels, target, prompts, s, rng, negatives, [pool[i] for i in idx])
+                loss = _loss(learner, pixels, target, prompts, s, rng, None if adapter else negatives,
+                             [pool[i] for i in idx])
                 if start_weights is not None:
                     loss = loss + s.anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start_weights))
             if not torch.isfinite(loss):
@@ -454,9 +465,11 @@ def _scheduler(opt, schedule: str, total: int, done_steps: int):
     return sched
 
 
-def _summary(n_distinct: int, n_train: int, n_replay: int, n_val: int) -> str:
+def _summary(n_distinct: int, n_train: int, n_replay: int, n_val: int, adapter: int | None = None) -> str:
+    replayed = (f" with {n_replay} replay image(s) as negatives" if adapter else f" mixed with {n_replay} replay pair(s)")
     return (f"Trained on {n_distinct} image(s)" + (f" ({n_train} with repeats)" if n_train != n_distinct else "")
-            + (f" mixed with {n_replay} replay pair(s)" if n_replay else "")
+            + (f" as adapter {adapter} of a new class (the base model is unchanged)" if adapter else "")
+            + (replayed if n_replay else "")
             + f", validated on {n_val}" + ("" if n_val else " (every example trains)"))
 
 
