@@ -89,8 +89,9 @@ def run_arm(args, name: str, extra: list[str]) -> list[dict]:
     for r in range(args.rounds + 1):
         row = {"arm": name, "corrections": r * args.per_round}
         t = scores(model, test, args.prompt)
+        on_base = scores(model, base_set, "polyp")
         row.update(test_dice=t["dice"], polyp_on_domain=scores(model, test, "polyp")["hits"],
-                   base_dice=scores(model, base_set, "polyp")["dice"])
+                   base_dice=on_base["dice"], new_on_base=scores(model, base_set, args.prompt)["hits"])
         if r == args.rounds:
             rows.append(row)
             break
@@ -163,12 +164,13 @@ def main():
 def report(rows, plot_path=""):
     print()
     print("| arm | corrections | effort: wrong pixels | effort: 1 - Dice | test Dice | polyp Dice (Kvasir val) "
-          "| 'polyp' hits on new domain | finetune s |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| 'polyp' hits on new domain | new prompt hits on Kvasir | finetune s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f = lambda k, fmt="{:.3f}": fmt.format(r[k]) if k in r else "-"  # noqa: E731
         print(f"| {r['arm']} | {r['corrections']} | {f('effort_wrong')} | {f('effort_1_minus_dice')} | "
-              f"{f('test_dice')} | {f('base_dice')} | {f('polyp_on_domain')} | {f('train_s', '{:.0f}')} |")
+              f"{f('test_dice')} | {f('base_dice')} | {f('polyp_on_domain')} | {f('new_on_base')} | "
+              f"{f('train_s', '{:.0f}')} |")
     if plot_path:
         plot(rows, plot_path)
 
