@@ -1,7 +1,9 @@
 """The embedded default model against its bar, on the val splits of ../shared/data:
 
 1. Dice per data set x prompt type p1-p9 (the benchmark's layout; BUSI's normal images have
-   empty masks and count as right when nothing is drawn);
+   empty masks and their own p1, "No tumor in the breast ultrasound image.");
+   and Dice with one class prompt on every image of a set ("polyp"; "Tumor in the breast
+   ultrasound image." on normal images too), as a person would ask;
 2. cross-prompt table: each class's prompts (the benchmark's own and short forms a person
    would type, some never trained) on each data set's images: the share of frames that get
    a mask over 1% of the image;
@@ -45,6 +47,8 @@ CROSS = [("polyp", "polyp", True), ("polyp", "colon polyp", True), ("polyp", "ad
          ("absent", "skin lesion", False), ("absent", "foot ulcer", False), ("absent", "lung opacity", False),
          ("absent", "liver tumor", True), ("absent", "polyp in the nose", False)]
 FOUND = 0.01  # a mask over 1% of the frame counts as "found something"
+CLASS_PROMPT = {"kvasir_seg": "polyp", "clinicdb": "polyp", "bkai_polyp": "polyp",
+                "busi": "Tumor in the breast ultrasound image."}
 
 
 def per_type_dice(pred: Predictor, name: str) -> dict:
@@ -58,6 +62,18 @@ def per_type_dice(pred: Predictor, name: str) -> dict:
         for t, m in zip(types, masks):
             scores[t].append(dice(m, truth))
     return {t: float(np.mean(v)) if v else None for t, v in scores.items()}
+
+
+def class_prompt_dice(pred: Predictor, name: str) -> tuple[float, float, float | None]:
+    """Mean Dice with the set's class prompt on every val image; on images with the object;
+    on images without it (None when there are none)."""
+    with_obj, without = [], []
+    for ex in benchmark_examples(DATA / name, "val"):
+        image, truth = ex.load()
+        pred.set_image(image)
+        (with_obj if truth.any() else without).append(dice(pred.predict(CLASS_PROMPT[name]).masks[0], truth))
+    every = with_obj + without
+    return float(np.mean(every)), float(np.mean(with_obj)), float(np.mean(without)) if without else None
 
 
 def found_rates(pred: Predictor, name: str, tumours_only: bool = False) -> dict:
@@ -92,6 +108,14 @@ def main():
         d = per_type_dice(pred, name)
         n = len(benchmark_examples(DATA / name, "val"))
         print(f"| {name} | {n} | " + " | ".join("-" if d[t] is None else f"{d[t]:.3f}" for t in TYPES) + " |")
+
+    print("\nDice with one class prompt on every val image (normal BUSI images asked for the tumour too):\n")
+    print("| val split | prompt | Dice, all images | images with the object | images without |")
+    print("|---|---|---|---|---|")
+    for name in POSITIVE_SETS:
+        every, with_obj, without = class_prompt_dice(pred, name)
+        print(f"| {name} | {CLASS_PROMPT[name]} | {every:.3f} | {with_obj:.3f} | "
+              + ("-" if without is None else f"{without:.3f}") + " |")
 
     print(f"\nShare of val frames with a mask over {FOUND:.0%} of the image, per prompt (✓ = trained prompt):\n")
     columns = {name: found_rates(pred, name) for name in ALL_SETS}

@@ -152,3 +152,27 @@ def test_resume_after_adding_examples_trains_a_new_round_on_the_same_validation_
     # unchanged set and schedule complete: nothing more to train, and it says so
     events = list(T.finetune(str(tiny_unet), [folder], tmp_path / "run", s, resume=True, device="cpu"))
     assert "already complete" in events[-1].message and (tmp_path / "run" / "best" / "config.json").exists()
+
+
+def test_images_without_the_object_are_asked_for_their_own_class(pooled):
+    import torch
+
+    examples = [ex for d in pooled for ex in benchmark_examples(d, "train")]
+    negatives = NegativePrompts(examples, T.TRAIN_PROMPT_TYPES, [])
+    tumour = next(ex for ex in examples if ex.group == "busi" and ex.load()[1].any())
+    polyp = next(ex for ex in examples if ex.group == "kvasir_seg")
+    rng, asked = random.Random(0), []
+    for _ in range(200):
+        target = torch.zeros(2, 8, 8)
+        target[1, 2:4, 2:4] = 1  # the polyp is in view; the tumour image's crop shows no tumour
+        prompts = ["No tumor in the breast ultrasound image.", "polyp"]
+        T._ask_own_class_where_absent(target, prompts, [tumour, polyp], negatives, rng)
+        assert prompts[1] == "polyp"
+        asked.append(prompts[0])
+    replaced = [p for p in asked if not p.startswith("No tumor")]
+    assert 60 < len(replaced) < 140  # about half
+    assert all("tumor" in p.lower() and not p.lower().startswith("no ") for p in replaced)
+    # validation asks the same way: the class where the object is absent, the own prompt elsewhere
+    concepts = concept_of(examples)
+    assert T._val_prompt(tumour, False, "p1", concepts, rng) == "tumor in the breast ultrasound image."
+    assert T._val_prompt(tumour, True, "p1", concepts, rng) == tumour.prompts["p1"]

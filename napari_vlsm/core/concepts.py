@@ -56,6 +56,12 @@ class NegativePrompts:
     def __bool__(self) -> bool:
         return bool(self.generic) or len(self.by_concept) > 1
 
+    def own(self, ex: Example, rng: random.Random) -> str | None:
+        """A prompt of ``ex``'s own class (from an example that shows it), or None: asked on
+        an image or crop where that class is absent, the right answer is an empty mask."""
+        same = self.by_concept.get(self.concepts.get(ex.group))
+        return rng.choice(same).prompt(self.types, rng) if same else None
+
     def draw(self, ex: Example, rng: random.Random) -> str:
         own = self.concepts.get(ex.group)
         others = [c for c in self.by_concept if c != own]

@@ -171,6 +171,15 @@ def _make_batch(cache: PairCache, examples, idx, settings, rng, np_rng, backend)
     return pixels, target, prompts
 
 
+def _ask_own_class_where_absent(target, prompts, batch, negatives, rng, share: float = 0.5) -> None:
+    """Half of the images (or crops) without the object are asked for their own class
+    instead of their own prompt: a normal breast-ultrasound image carries "No tumor in the
+    breast ultrasound image.", but a person asks it for the tumour, and nothing is the answer."""
+    for j, ex in enumerate(batch):
+        if not target[j].any() and rng.random() < share:
+            prompts[j] = negatives.own(ex, rng) or prompts[j]
+
+
 def _loss(backend: TorchBackend, pixels, target, prompts, settings, rng, negatives=None, batch=()) -> torch.Tensor:
     """Dice+BCE on the batch, plus the same on its first images decoded again with prompts
     for absent things (drawn by ``negatives`` for the examples ``batch``) against empty masks."""
@@ -205,7 +214,7 @@ class Validation:
 def validate(backend: TorchBackend, cache: PairCache, examples, prompt_type: str, batch_size: int = 8,
              concepts: dict | None = None) -> Validation:
     """Dice at the model's input size, threshold 0.5, one fixed prompt per image, per data set.
-    With ``concepts`` (group -> concept, from the training set) each image is also asked for
+    Images without the object are asked for their set's class (``concepts``). With ``concepts`` (group -> concept, from the training set) each image is also asked for
     another concept, which should find nothing there."""
     from .metrics import dice
 
@@ -216,7 +225,7 @@ def validate(backend: TorchBackend, cache: PairCache, examples, prompt_type: str
     for start in range(0, len(cache), batch_size):
         idx = list(range(start, min(start + batch_size, len(cache))))
         images = [cache[i][0] for i in idx]
-        prompts = [examples[i].prompt((prompt_type,), rng) for i in idx]
+        prompts = [_val_prompt(examples[i], cache[i][1].any(), prompt_type, concepts, rng) for i in idx]
         cross = []
         for j, i in enumerate(idx):
             own = (concepts or {}).get(examples[i].group)
@@ -236,6 +245,13 @@ def validate(backend: TorchBackend, cache: PairCache, examples, prompt_type: str
     by_set = {g: float(np.mean(v)) for g, v in sorted(scores.items())}
     return Validation(float(np.mean(list(by_set.values()))) if by_set else float("nan"), by_set,
                       float(np.mean(crossed)) if crossed else None)
+
+
+def _val_prompt(ex: Example, has_object: bool, prompt_type: str, concepts: dict | None, rng) -> str:
+    """An image without the object is asked for its set's class, as a person would ask it
+    ("No tumor in the breast ultrasound image." is its own p1); the others, their own prompt."""
+    concept = (concepts or {}).get(ex.group)
+    return concept if concept and not has_object else ex.prompt((prompt_type,), rng)
 
 
 def _at(logits: torch.Tensor, shape) -> np.ndarray:
@@ -380,6 +396,8 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
             if adapter:  # replay images ask for the new class, which is absent there
                 for j in (j for j, i in enumerate(idx) if i >= len(train_set)):
                     target[j], prompts[j] = 0, rng.choice(new_prompts)
+            else:
+                _ask_own_class_where_absent(target, prompts, [pool[i] for i in idx], negatives, rng)
             with torch.autocast(backend.device.type, dtype=amp_dtype, enabled=use_amp):
                 loss = _loss(learner, pixels, target, prompts, s, rng, None if adapter else negatives,
                              [pool[i] for i in idx])
