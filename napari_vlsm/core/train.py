@@ -214,7 +214,8 @@ class Validation:
 def validate(backend: TorchBackend, cache: PairCache, examples, prompt_type: str, batch_size: int = 8,
              concepts: dict | None = None) -> Validation:
     """Dice at the model's input size, threshold 0.5, one fixed prompt per image, per data set.
-    Images without the object are asked for their set's class (``concepts``). With ``concepts`` (group -> concept, from the training set) each image is also asked for
+    Images without the object are asked for their set's class (``concepts``: group -> concept,
+    from the training set), and each image is also asked for
     another concept, which should find nothing there."""
     from .metrics import dice
 
@@ -492,7 +493,8 @@ def _scheduler(opt, schedule: str, total: int, done_steps: int):
 
 
 def _summary(n_distinct: int, n_train: int, n_replay: int, n_val: int, adapter: int | None = None) -> str:
-    replayed = (f" with {n_replay} replay image(s) as negatives" if adapter else f" mixed with {n_replay} replay pair(s)")
+    replayed = (f" with {n_replay} replay image(s) as negatives" if adapter
+                else f" mixed with {n_replay} replay pair(s)")
     return (f"Trained on {n_distinct} image(s)" + (f" ({n_train} with repeats)" if n_train != n_distinct else "")
             + (f" as adapter {adapter} of a new class (the base model is unchanged)" if adapter else "")
             + (replayed if n_replay else "")
