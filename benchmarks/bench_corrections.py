@@ -176,27 +176,30 @@ def report(rows, plot_path=""):
 
 
 def plot(rows, path):
+    """One colour per arm."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for arm in dict.fromkeys(r["arm"] for r in rows):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for arm, colour in zip(dict.fromkeys(r["arm"] for r in rows), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
         rs = [r for r in rows if r["arm"] == arm]
         x = [r["corrections"] for r in rs]
-        axes[0].plot(x, [r["test_dice"] for r in rs], "o-", label=f"new domain test Dice ({arm})")
-        axes[0].plot(x, [r["base_dice"] for r in rs], "s--", label=f"polyp Dice, Kvasir val ({arm})")
-        xe = [r["corrections"] for r in rs if "effort_wrong" in r]
-        axes[1].plot(xe, [r["effort_1_minus_dice"] for r in rs if "effort_wrong" in r], "o-",
-                     label=f"1 - Dice of the next {len(xe) and 20} ({arm})")
-        axes[1].plot(xe, [r["effort_wrong"] for r in rs if "effort_wrong" in r], "s--",
-                     label=f"wrong pixels / area ({arm})")
-    axes[0].set(xlabel="corrected masks trained on", ylabel="Dice", ylim=(0, 1), title="Quality")
-    axes[1].set(xlabel="corrected masks trained on", ylabel="share", ylim=(0, 1), title="Annotator effort")
+        axes[0].plot(x, [r["test_dice"] for r in rs], "o-", color=colour, label=arm)
+        axes[0].plot(x, [r["base_dice"] for r in rs], "s--", color=colour, label="_")
+        effort = [r for r in rs if "effort_wrong" in r]
+        xe = [r["corrections"] for r in effort]
+        axes[1].plot(xe, [r["effort_1_minus_dice"] for r in effort], "o-", color=colour, label=arm)
+        axes[1].plot(xe, [r["effort_wrong"] for r in effort], "s--", color=colour, label="_")
+    axes[0].set(xlabel="corrected masks trained on", ylabel="Dice", ylim=(0, 1),
+                title="Quality: new domain test Dice (solid), polyp Dice (dashed)")
+    axes[1].set(xlabel="corrected masks trained on (before the next 20)", ylabel="share", ylim=(0, 1),
+                title="Effort on the next 20: 1 - Dice (solid), wrong pixels (dashed)")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=8, loc="best")
+        ax.title.set_fontsize(10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"Plot: {path}")

@@ -117,11 +117,17 @@ def test_replay_sample_is_mixed_into_every_batch_and_travels_with_checkpoints(ti
         return real(cache, examples, idx, *args)
 
     monkeypatch.setattr(T, "_make_batch", spy)
+    asked_absent = []
+    real_draw = NegativePrompts.draw
+    monkeypatch.setattr(NegativePrompts, "draw", lambda self, ex, rng: asked_absent.append(ex.group)
+                        or real_draw(self, ex, rng))
     new = small_copy(pooled[1].parent / "colonoscopy_negatives", tmp_path / "new", 3, 0)
     events = list(T.finetune(str(base), [new], tmp_path / "run", T.TrainSettings(epochs=3), device="cpu"))
     assert "mixed with 8 replay pair(s)" in events[-1].message
     assert all(b.count("new") == 3 and len(b) == 7 for b in batches)  # 3 corrections + 4 replay pairs
     assert all({"kvasir_seg", "busi"} & set(b) for b in batches)
+    # prompts for absent things are asked on replay images too, not only on the corrections
+    assert {"kvasir_seg", "busi"} & set(asked_absent) and "new" in asked_absent
     assert len(replay_examples(tmp_path / "run" / "best" / REPLAY_DIR)) == 8
     # the next round, from the finetuned model, keeps mixing the same sample in
     events = list(T.finetune(str(tmp_path / "run" / "best"), [new], tmp_path / "run2", T.TrainSettings(epochs=1)))

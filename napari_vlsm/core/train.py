@@ -393,6 +393,7 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
                                elapsed=time.time() - t0, message=_stopped_message(out))
                 return
             idx = idx + [len(train_set) + rng.randrange(len(replay_set)) for _ in range(n_replay)]
+            rng.shuffle(idx)  # negatives are drawn for the first images: corrections and replay alike
             pixels, target, prompts = _make_batch(train_cache, pool, idx, s, rng, np_rng, backend)
             if adapter:  # replay images ask for the new class, which is absent there
                 for j in (j for j, i in enumerate(idx) if i >= len(train_set)):
