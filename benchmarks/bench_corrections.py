@@ -182,7 +182,7 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for arm, colour in zip(dict.fromkeys(r["arm"] for r in rows), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
         rs = [r for r in rows if r["arm"] == arm]
         x = [r["corrections"] for r in rs]
@@ -198,9 +198,10 @@ def plot(rows, path):
                 title="Effort on the next 20: 1 - Dice (solid), wrong pixels (dashed)")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
         ax.title.set_fontsize(10)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     print(f"Plot: {path}")
 

@@ -254,7 +254,7 @@ def finetune(
         None, min=0.0, max=0.9, help="Otherwise hold out this share (default: none below 100 examples, else 0.2)."),
     replay_fraction: float | None = typer.Option(
         None, min=0.0, max=0.9, help="Share of each batch from the model's replay sample, if it has one (default: "
-                                      "0.5; 0.25 for an adapter, which sees them as negatives)."),
+                                      "0.5; 0.125 for an adapter, which sees them as negatives)."),
     encoder_lr_scale: float = typer.Option(1.0, min=0.0, help="Image encoder's learning rate relative to the rest."),
     anchor: float = typer.Option(0.0, min=0.0, help="L2 pull toward the starting weights (keeps what it knew)."),
     adapters: str = typer.Option("auto", help="auto: a class new to a trained FiLM-UNet is learned on an adapter "

@@ -89,11 +89,12 @@ class TrainSettings:
         return table.get(self.mode, 1e-4)
 
     def replay_share(self, adapter: int | None) -> float:
-        """Half of each batch for the shared network (old classes keep being answered); a
-        quarter as an adapter's negatives (measured: the new class is learned faster)."""
+        """Half of each batch for the shared network (old classes keep being answered); an
+        eighth, as negatives, for an adapter (docs/corrections.md: the new class is learned
+        faster, at the price of the new word firing more often on the old domains)."""
         if self.replay_fraction is not None:
             return self.replay_fraction
-        return 0.25 if adapter else 0.5
+        return 0.125 if adapter else 0.5
 
     def holdout(self, n_examples: int) -> float:
         if self.val_fraction is not None:
