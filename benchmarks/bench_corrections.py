@@ -46,21 +46,19 @@ from napari_vlsm.core.training_sets import benchmark_examples  # noqa: E402
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def masks_for(model: str, examples, prompt: str):
-    pred = Predictor(load_model(model, device="cpu", dtype="fp32"))
+def scores(pred: Predictor, examples, prompts: list[str]) -> dict:
+    """Per prompt: mean Dice, wrong pixels and the share of images with a mask over 1%, each
+    image read and encoded once for all the prompts."""
+    d, wrong, hits = ([[] for _ in prompts] for _ in range(3))
     for ex in examples:
         image, truth = ex.load()
         pred.set_image(image)
-        yield pred.predict(prompt).masks[0], truth
-
-
-def scores(model: str, examples, prompt: str) -> dict:
-    d, wrong, empty_hits = [], [], []
-    for mask, truth in masks_for(model, examples, prompt):
-        d.append(dice(mask, truth))
-        wrong.append(float((mask != truth).mean()))
-        empty_hits.append(float(mask.mean() > 0.01))
-    return {"dice": float(np.mean(d)), "wrong": float(np.mean(wrong)), "hits": float(np.mean(empty_hits))}
+        for k, mask in enumerate(pred.predict(prompts).masks):
+            d[k].append(dice(mask, truth))
+            wrong[k].append(float((mask != truth).mean()))
+            hits[k].append(float(mask.mean() > 0.01))
+    return {p: {"dice": float(np.mean(d[k])), "wrong": float(np.mean(wrong[k])), "hits": float(np.mean(hits[k]))}
+            for k, p in enumerate(prompts)}
 
 
 def add_corrections(folder: Path, examples, prompt: str) -> None:
@@ -88,15 +86,16 @@ def run_arm(args, name: str, extra: list[str]) -> list[dict]:
     model, rows = args.base_with_replay, []
     for r in range(args.rounds + 1):
         row = {"arm": name, "corrections": r * args.per_round}
-        t = scores(model, test, args.prompt)
-        on_base = scores(model, base_set, "polyp")
-        row.update(test_dice=t["dice"], polyp_on_domain=scores(model, test, "polyp")["hits"],
-                   base_dice=on_base["dice"], new_on_base=scores(model, base_set, args.prompt)["hits"])
+        pred = Predictor(load_model(model, device="cpu", dtype="fp32"))
+        on_test = scores(pred, test, [args.prompt, "polyp"])
+        on_base = scores(pred, base_set, ["polyp", args.prompt])
+        row.update(test_dice=on_test[args.prompt]["dice"], polyp_on_domain=on_test["polyp"]["hits"],
+                   base_dice=on_base["polyp"]["dice"], new_on_base=on_base[args.prompt]["hits"])
         if r == args.rounds:
             rows.append(row)
             break
         batch = pool[r * args.per_round:(r + 1) * args.per_round]
-        effort = scores(model, batch, args.prompt)
+        effort = scores(pred, batch, [args.prompt])[args.prompt]
         row.update(effort_wrong=effort["wrong"], effort_1_minus_dice=1 - effort["dice"])
         add_corrections(work / "corrections", batch, args.prompt)
         out = work / f"round{r + 1}"

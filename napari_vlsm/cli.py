@@ -278,12 +278,13 @@ def finetune(
     device: str = typer.Option("auto"),
 ):
     """Finetune a model on image/mask pairs; resumable; runs under torchrun for several GPUs."""
+    from .core.adapters import ADAPTER_MODES
     from .core.errors import TrainingError, VLSMError
     from .core.train import TrainSettings, init_distributed
     from .core.train import finetune as run_finetune
 
-    if adapters not in ("auto", "off"):
-        _fail(f"--adapters is auto or off, not {adapters!r}.")
+    if adapters not in ADAPTER_MODES:
+        _fail(f"--adapters is {' or '.join(ADAPTER_MODES)}, not {adapters!r}.")
     if encoders is not None and model != "new:biomedclipseg":
         _fail("--encoders goes with --model new:biomedclipseg (a new decoder on those encoders); "
               f"--model {model} brings its own.")

@@ -51,6 +51,20 @@ def data_sets() -> Path:
     return data_root()
 
 
+def mean_dice(backend, examples, prompt: str) -> float:
+    """Mean Dice of ``backend``'s masks for ``prompt`` on the examples, through the Predictor."""
+    from napari_vlsm.core.metrics import dice
+    from napari_vlsm.core.predictor import Predictor
+
+    pred = Predictor(backend)
+    scores = []
+    for ex in examples:
+        image, truth = ex.load()
+        pred.set_image(image)
+        scores.append(dice(pred.predict(prompt).masks[0], truth))
+    return float(np.mean(scores))
+
+
 def small_copy(src: Path, out: Path, n_train: int, n_val: int) -> Path:
     """A benchmark-format folder with the first pairs of ``src``'s splits, named like ``out``."""
     for split, n in (("train", n_train), ("val", n_val)):

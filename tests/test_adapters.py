@@ -18,7 +18,7 @@ from napari_vlsm.core.predictor import Predictor
 from napari_vlsm.core.replay import write_replay_sample
 from napari_vlsm.core.training_sets import benchmark_examples
 
-from .conftest import small_copy
+from .conftest import mean_dice, small_copy
 
 BASE_PROMPTS = ["polyp", "one small pink round polyp"]
 NEW_PROMPTS = ["Tumor in the breast ultrasound image.", "breast tumor"]
@@ -77,7 +77,6 @@ def test_a_new_class_gets_an_adapter_and_the_base_answers_as_before(base, ultras
 
 def test_the_adapter_learns_its_class(base, ultrasound, tmp_path):
     """A class the tiny model can learn in a test's time: a bright square on ultrasound images."""
-    from napari_vlsm.core.metrics import dice
     from napari_vlsm.core.replay import REPLAY_DIR
     from napari_vlsm.core.training_sets import Example
 
@@ -92,21 +91,13 @@ def test_the_adapter_learns_its_class(base, ultrasound, tmp_path):
         image[mask > 0] = 255
         examples.append(Example(image, mask, {"p1": "bright square"}, name=f"sq{i}", group="squares"))
 
-    def mean_dice(backend):
-        pred = Predictor(backend)
-        scores = []
-        for ex in examples:
-            image, truth = ex.load()
-            pred.set_image(image)
-            scores.append(dice(pred.predict("bright square").masks[0], truth))
-        return float(np.mean(scores))
-
     backend = load_model(str(base), "cpu", "fp32")
-    start = mean_dice(backend)
+    start = mean_dice(backend, examples, "bright square")
     events = list(T.train(backend, examples, [], tmp_path / "run", T.TrainSettings(epochs=40, crop=0, lr=1e-2),
                           replay=base / REPLAY_DIR, card={"suggestions": ["polyp"]}))
     assert "as adapter 1" in events[-1].message
-    assert mean_dice(load_model(str(tmp_path / "run" / "best"), "cpu", "fp32")) > max(start + 0.3, 0.6)
+    trained = load_model(str(tmp_path / "run" / "best"), "cpu", "fp32")
+    assert mean_dice(trained, examples, "bright square") > max(start + 0.3, 0.6)
 
 
 def test_the_next_round_trains_the_same_adapter(base, ultrasound, polyp_image, tmp_path):

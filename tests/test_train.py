@@ -12,35 +12,26 @@ from safetensors.torch import load_file
 from napari_vlsm.core import train as T
 from napari_vlsm.core.errors import TrainingError
 from napari_vlsm.core.loading import load_model
-from napari_vlsm.core.metrics import dice
 from napari_vlsm.core.predictor import Predictor
 from napari_vlsm.core.training_sets import Example, benchmark_examples
+
+from .conftest import mean_dice
 
 
 def run(gen):
     return list(gen)
 
 
-def train_dice(backend, examples) -> float:
-    pred = Predictor(backend)
-    scores = []
-    for ex in examples:
-        image, truth = ex.load()
-        pred.set_image(image)
-        scores.append(dice(pred.predict("polyp").masks[0], truth))
-    return float(np.mean(scores))
-
-
 def test_finetune_learns_on_16_real_kvasir_pairs(tiny_unet, small_benchmark, tmp_path):
     examples = benchmark_examples(small_benchmark, "train")
-    before = train_dice(load_model(tiny_unet, device="cpu"), examples)
+    before = mean_dice(load_model(tiny_unet, device="cpu"), examples, "polyp")
     settings = T.TrainSettings(mode="full", epochs=25, lr=1e-2, batch_size=8, augment=False,
                                prompt_types=("p1",), schedule="onecycle", seed=0, patience=100)
     events = run(T.finetune(str(tiny_unet), [small_benchmark], tmp_path / "run", settings, device="cpu"))
     epochs = [e for e in events if e.kind == "epoch"]
     assert events[-1].kind == "done" and len(epochs) == 25
     assert np.mean([e.loss for e in epochs[-3:]]) < 0.7 * np.mean([e.loss for e in epochs[:3]])
-    after = train_dice(load_model(tmp_path / "run" / "last", device="cpu"), examples)
+    after = mean_dice(load_model(tmp_path / "run" / "last", device="cpu"), examples, "polyp")
     assert after > before + 0.2 and after > 0.5, (before, after)
     meta = json.loads((tmp_path / "run" / "best" / "training.json").read_text())
     assert meta["settings"]["mode"] == "full" and len(meta["history"]) >= 1 and meta["data"]
