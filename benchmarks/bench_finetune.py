@@ -48,9 +48,24 @@ def trainer_table(args):
                   flush=True)
 
 
-def clipseg_steps(args):
+def stock_rate(folder, device, inputs, masks, amp, steps) -> float:
+    """Images per second of training steps with the stock transformers forward (its own loss)."""
     from transformers import CLIPSegForImageSegmentation
 
+    stock = CLIPSegForImageSegmentation.from_pretrained(folder).to(device).train()
+    opt = torch.optim.AdamW([p for p in stock.parameters() if p.requires_grad], lr=1e-4)
+
+    def stock_step():
+        with torch.autocast(**amp):
+            loss = stock(**inputs, labels=masks).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return rate(stock_step, steps, len(masks))
+
+
+def clipseg_steps(args):
     from napari_vlsm.core.loading import load_model
     from napari_vlsm.core.random_models import build_random_clipseg
 
@@ -63,20 +78,10 @@ def clipseg_steps(args):
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     rows = []
 
-    stock = CLIPSegForImageSegmentation.from_pretrained(folder).to(device).train()
     backend = load_model(folder, device, "fp32")
     inputs = {"pixel_values": backend.preprocess(images), **backend.tokenize(["polyp"] * b)}
-    opt = torch.optim.AdamW([p for p in stock.parameters() if p.requires_grad], lr=1e-4)
-
-    def stock_step():
-        with torch.autocast(**amp):
-            loss = stock(**inputs, labels=masks).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    rows.append(("stock HF forward (decoder learns)", rate(stock_step, args.clipseg_steps, b)))
-    del stock, opt
+    stock = stock_rate(folder, device, inputs, masks, amp, args.clipseg_steps)
+    rows.append(("stock HF forward (decoder learns)", stock))
     for mode in ("decoder", "full"):
         params = backend.trainable_parameters(mode)
         backend.module.train()

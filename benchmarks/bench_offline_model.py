@@ -51,41 +51,40 @@ CLASS_PROMPT = {"kvasir_seg": "polyp", "clinicdb": "polyp", "bkai_polyp": "polyp
                 "busi": "Tumor in the breast ultrasound image."}
 
 
-def per_type_dice(pred: Predictor, name: str) -> dict:
+def mean_or_none(values: list) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def score_set(pred: Predictor, name: str) -> dict:
+    """One pass over a set's val images, each encoded once and asked every prompt at once:
+    Dice per prompt type and with the set's class prompt (all images, with the object,
+    without it), and the share of frames where each cross prompt draws a mask over FOUND
+    (of all frames, and of the frames with the object)."""
     rng = random.Random(0)
-    scores = {t: [] for t in TYPES}
+    cross = [p for _, p, _ in CROSS]
+    by_type = {t: [] for t in TYPES}
+    by_object = {True: [], False: []}
+    found, found_with_object = [], []
     for ex in benchmark_examples(DATA / name, "val"):
         image, truth = ex.load()
-        types = [t for t in TYPES if ex.prompts.get(t)]
+        types = [t for t in TYPES if ex.prompts.get(t)] if name in CLASS_PROMPT else []
+        asked = [pick_prompt({"prompts": ex.prompts}, t, rng) for t in types] + (
+            [CLASS_PROMPT[name]] if name in CLASS_PROMPT else [])
         pred.set_image(image)
-        masks = pred.predict([pick_prompt({"prompts": ex.prompts}, t, rng) for t in types]).masks
+        masks = pred.predict(asked + cross).masks
         for t, m in zip(types, masks):
-            scores[t].append(dice(m, truth))
-    return {t: float(np.mean(v)) if v else None for t, v in scores.items()}
-
-
-def class_prompt_dice(pred: Predictor, name: str) -> tuple[float, float, float | None]:
-    """Mean Dice with the set's class prompt on every val image; on images with the object;
-    on images without it (None when there are none)."""
-    with_obj, without = [], []
-    for ex in benchmark_examples(DATA / name, "val"):
-        image, truth = ex.load()
-        pred.set_image(image)
-        (with_obj if truth.any() else without).append(dice(pred.predict(CLASS_PROMPT[name]).masks[0], truth))
-    every = with_obj + without
-    return float(np.mean(every)), float(np.mean(with_obj)), float(np.mean(without)) if without else None
-
-
-def found_rates(pred: Predictor, name: str, tumours_only: bool = False) -> dict:
-    """Share of the set's val frames where each cross prompt draws a mask over FOUND."""
-    prompts = [p for _, p, _ in CROSS]
-    hits = np.zeros(len(prompts))
-    examples = [ex for ex in benchmark_examples(DATA / name, "val")
-                if not tumours_only or "normal" not in ex.name]
-    for ex in examples:
-        pred.set_image(ex.load()[0])
-        hits += [m.mean() > FOUND for m in pred.predict(prompts).masks]
-    return dict(zip(prompts, hits / max(len(examples), 1)))
+            by_type[t].append(dice(m, truth))
+        if name in CLASS_PROMPT:
+            by_object[bool(truth.any())].append(dice(masks[len(types)], truth))
+        hits = [m.mean() > FOUND for m in masks[len(asked):]]
+        found.append(hits)
+        if "normal" not in ex.name:
+            found_with_object.append(hits)
+    return {"types": {t: mean_or_none(v) for t, v in by_type.items()},
+            "class": (mean_or_none(by_object[True] + by_object[False]), mean_or_none(by_object[True]),
+                      mean_or_none(by_object[False])),
+            "found": dict(zip(cross, np.mean(found, axis=0))),
+            "found_with_object": dict(zip(cross, np.mean(found_with_object, axis=0)))}
 
 
 def main():
@@ -101,11 +100,12 @@ def main():
     print(f"Model: {args.model} ({backend.name}, {sum(p.numel() for p in backend.module.parameters()) / 1e6:.2f} M "
           f"parameters)\n")
 
+    scores = {name: score_set(pred, name) for name in ALL_SETS}
     print("Dice on the val splits, per prompt type (threshold 0.5, at the image's size):\n")
     print("| val split | n | " + " | ".join(TYPES) + " |")
     print("|---|---|" + "---|" * len(TYPES))
     for name in POSITIVE_SETS:
-        d = per_type_dice(pred, name)
+        d = scores[name]["types"]
         n = len(benchmark_examples(DATA / name, "val"))
         print(f"| {name} | {n} | " + " | ".join("-" if d[t] is None else f"{d[t]:.3f}" for t in TYPES) + " |")
 
@@ -113,13 +113,13 @@ def main():
     print("| val split | prompt | Dice, all images | images with the object | images without |")
     print("|---|---|---|---|---|")
     for name in POSITIVE_SETS:
-        every, with_obj, without = class_prompt_dice(pred, name)
+        every, with_obj, without = scores[name]["class"]
         print(f"| {name} | {CLASS_PROMPT[name]} | {every:.3f} | {with_obj:.3f} | "
               + ("-" if without is None else f"{without:.3f}") + " |")
 
     print(f"\nShare of val frames with a mask over {FOUND:.0%} of the image, per prompt (✓ = trained prompt):\n")
-    columns = {name: found_rates(pred, name) for name in ALL_SETS}
-    columns["busi (tumour images)"] = found_rates(pred, "busi", tumours_only=True)
+    columns = {name: scores[name]["found"] for name in ALL_SETS}
+    columns["busi (tumour images)"] = scores["busi"]["found_with_object"]
     print("| class | prompt | " + " | ".join(columns) + " |")
     print("|---|---|" + "---|" * len(columns))
     for cls, prompt, trained in CROSS:
