@@ -59,7 +59,7 @@ def score_set(pred: Predictor, name: str) -> dict:
     """One pass over a set's val images, each encoded once and asked every prompt at once:
     Dice per prompt type and with the set's class prompt (all images, with the object,
     without it), and the share of frames where each cross prompt draws a mask over FOUND
-    (of all frames, and of the frames with the object)."""
+    (of all frames, and of the frames whose mask is not empty)."""
     rng = random.Random(0)
     cross = [p for _, p, _ in CROSS]
     by_type = {t: [] for t in TYPES}
@@ -78,13 +78,13 @@ def score_set(pred: Predictor, name: str) -> dict:
             by_object[bool(truth.any())].append(dice(masks[len(types)], truth))
         hits = [m.mean() > FOUND for m in masks[len(asked):]]
         found.append(hits)
-        if "normal" not in ex.name:
+        if truth.any():
             found_with_object.append(hits)
-    return {"types": {t: mean_or_none(v) for t, v in by_type.items()},
+    return {"n": len(found), "types": {t: mean_or_none(v) for t, v in by_type.items()},
             "class": (mean_or_none(by_object[True] + by_object[False]), mean_or_none(by_object[True]),
                       mean_or_none(by_object[False])),
             "found": dict(zip(cross, np.mean(found, axis=0))),
-            "found_with_object": dict(zip(cross, np.mean(found_with_object, axis=0)))}
+            "found_with_object": dict(zip(cross, np.mean(found_with_object, axis=0))) if found_with_object else {}}
 
 
 def main():
@@ -106,8 +106,8 @@ def main():
     print("|---|---|" + "---|" * len(TYPES))
     for name in POSITIVE_SETS:
         d = scores[name]["types"]
-        n = len(benchmark_examples(DATA / name, "val"))
-        print(f"| {name} | {n} | " + " | ".join("-" if d[t] is None else f"{d[t]:.3f}" for t in TYPES) + " |")
+        cells = " | ".join("-" if d[t] is None else f"{d[t]:.3f}" for t in TYPES)
+        print(f"| {name} | {scores[name]['n']} | {cells} |")
 
     print("\nDice with one class prompt on every val image (normal BUSI images asked for the tumour too):\n")
     print("| val split | prompt | Dice, all images | images with the object | images without |")

@@ -11,10 +11,9 @@
 #   Images (and crops) without the object are asked for their own class half the time ("Tumor in
 #   the breast ultrasound image." on a normal image -> empty), as a person asks them.
 #   Validation asks them the same way, and the best of the 20 epochs is installed (epoch 17 for the
-#   installed model; docs/offline_model.md).
-#   A second stage on BUSI with the replay
-#   sample was tried and not kept (docs/offline_model.md: tumour prompts then fired on a third
-#   of the colonoscopy frames). Time on the 2-core CPU: docs/offline_model.md.
+#   installed model; docs/offline_model.md). A second stage on BUSI with the replay sample was
+#   tried and not kept (docs/offline_model.md: tumour prompts then fired on a third of the
+#   colonoscopy frames). Time on the 2-core CPU: docs/offline_model.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
