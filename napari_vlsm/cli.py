@@ -271,6 +271,9 @@ def finetune(
     crop: int | None = typer.Option(
         None, help="Random crops of this side (default: the model's own, 160 for the FiLM-UNet; 0: none)."),
     schedule: str = typer.Option("onecycle", help="onecycle or plateau."),
+    weight_average: float = typer.Option(
+        0.0, min=0.0, max=0.9999, help="Decay of a moving average of the weights (such as 0.998), which is "
+                                      "validated and saved instead of the last step's weights; 0: off."),
     patience: int = typer.Option(5),
     seed: int = typer.Option(0),
     threads: int | None = typer.Option(None, min=1, help=THREADS_HELP),
@@ -293,7 +296,7 @@ def finetune(
     settings = TrainSettings(mode=train_mode, epochs=epochs, lr=lr, batch_size=batch_size, val_fraction=val_fraction,
                              negative_prompts=negatives, negative_fraction=negative_fraction,
                              synonyms=_read_synonyms(synonyms) if synonyms else {}, repeat=_read_repeats(repeat),
-                             crop=crop, schedule=schedule,
+                             crop=crop, schedule=schedule, weight_average=weight_average,
                              replay_fraction=replay_fraction, encoder_lr_scale=encoder_lr_scale, anchor=anchor,
                              adapters=adapters,
                              patience=patience, seed=seed, threads=threads)

@@ -164,3 +164,41 @@ def test_distributed_two_processes_on_gloo(tiny_unet, small_benchmark, tmp_path,
     a, b = meta["rank_weight_sums"]
     assert (a == b) if sync else (abs(a - b) > 1e-3)  # float64 sums of |w|: any drift shows
     load_model(out / "best")
+
+
+def test_weight_average_follows_its_formula_and_swaps_back():
+    from napari_vlsm.core.weight_average import WeightAverage
+
+    layer = torch.nn.BatchNorm1d(2)
+    average = WeightAverage(layer, decay=0.5)
+    with torch.no_grad():
+        layer.weight.fill_(3.0)
+        layer.running_mean.fill_(1.0)
+    average.update(layer)  # step 1: decay min(0.5, 2/11) -> 2/11 of the old value stays
+    keep = 2 / 11
+    assert torch.allclose(average.state["weight"], torch.full((2,), keep * 1.0 + (1 - keep) * 3.0))
+    assert torch.allclose(average.state["running_mean"], torch.full((2,), (1 - keep) * 1.0))
+    with average.applied(layer):
+        assert torch.equal(layer.weight.detach(), average.state["weight"])
+    assert torch.equal(layer.weight.detach(), torch.full((2,), 3.0))
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        WeightAverage(layer, decay=1.0)
+
+
+def test_weight_average_is_what_is_validated_and_saved(tiny_unet, small_benchmark, tmp_path):
+    backend = T.load_for_training(str(tiny_unet), "cpu")
+    train_set, val_set = T.training_data([small_benchmark])
+    settings = T.TrainSettings(mode="full", epochs=3, lr=1e-2, batch_size=8, prompt_types=("p1",),
+                               patience=100, weight_average=0.9)
+    events = run(T.train(backend, train_set, val_set, tmp_path / "run", settings))
+    assert events[-1].kind == "done"
+    saved = load_file(tmp_path / "run" / "last" / "model.safetensors")
+    live = backend.module.state_dict()
+    assert any(not torch.equal(saved[k], live[k]) for k in saved if saved[k].is_floating_point())
+    # the last epoch's validation Dice is the saved (averaged) model's
+    reloaded = T.load_for_training(str(tmp_path / "run" / "last"), "cpu")
+    cache = T.PairCache(val_set, reloaded.input_size)
+    again = T.validate(reloaded, cache, val_set, "p1", 8)
+    meta = json.loads((tmp_path / "run" / "last" / "training.json").read_text())
+    assert again.dice == pytest.approx(meta["history"][-1]["val_dice"], abs=1e-4)
+    assert meta["settings"]["weight_average"] == 0.9

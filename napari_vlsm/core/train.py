@@ -26,6 +26,7 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from .model_card import CARD_FILE, card_after_finetune, read_card
 from .prompts import SYNONYM_TYPE
 from .replay import REPLAY_DIR, replay_dir, replay_examples
 from .training_sets import TRAIN_PROMPT_TYPES, Example, PairCache, augment
+from .weight_average import WeightAverage
 
 TARGET_STEPS = 250   # optimiser steps of a round when epochs are not given
 TRAIN_MODES_OFFERED = ("auto", "decoder", "full", "lora")
@@ -81,6 +83,7 @@ class TrainSettings:
     repeat: dict = field(default_factory=dict)    # data folder name -> times its examples appear per epoch
     seed: int = 0
     threads: int | None = None     # CPU threads for torch (None: the cores this process may use)
+    weight_average: float = 0.0    # decay of a moving average of the weights, validated and saved (0: off)
 
     def learning_rate(self, backend=None) -> float:
         if self.lr is not None:
@@ -348,6 +351,7 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
     s = replace(s, lr=s.learning_rate(backend))
     groups = _param_groups(backend, params, s)
     opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
+    average = WeightAverage(backend.module, s.weight_average) if s.weight_average else None
     start_weights = [p.detach().clone() for p in params] if s.anchor else None
     size = backend.input_size
     train_cache, val_cache = PairCache(pool, size), PairCache(val_set, size)
@@ -410,6 +414,8 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
                 raise TrainingError(f"The loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
                                     f"training stopped. {_stopped_message(out)} Try a lower learning rate.")
             _optimiser_step(loss, opt, scaler, params, s.grad_clip, world)
+            if average is not None:
+                average.update(backend.module)
             if s.schedule == "onecycle":
                 sched.step()
             step += 1
@@ -420,8 +426,9 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
             yield Progress("step", epoch, epochs, step, total, losses[-1], best_dice=best, elapsed=elapsed,
                            eta=rate * (total - step), images_per_s=seen * world / max(elapsed, 1e-9))
         epoch_loss = float(np.mean(losses)) if losses else float("nan")
-        report = validate(backend, val_cache, val_set, s.val_prompt_type, s.batch_size,
-                          negatives.concepts) if val_set else None
+        with average.applied(backend.module) if average is not None else nullcontext():
+            report = validate(backend, val_cache, val_set, s.val_prompt_type, s.batch_size,
+                              negatives.concepts) if val_set else None
         val = report.dice if report else None
         if world > 1:  # decisions (best, schedule, early stop) follow rank 0
             val, epoch_loss = _from_rank0(val, epoch_loss, device=backend.device)
@@ -442,9 +449,10 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
         meta.update(epochs_done=epoch + 1, history=history, best_val_dice=best if best >= 0 else None)
         if world > 1:  # every rank's weights, summarised, so a run can show they stayed identical
             meta["rank_weight_sums"] = _gather_weight_sums(backend)
-        ckpt = save(improved, informative, final=last_epoch)
-        if last_epoch and not informative and rank == 0:  # the schedule's end is the model to keep
-            ckpt = str(save_checkpoint(backend, out / BEST, meta, extras))
+        with average.applied(backend.module) if average is not None else nullcontext():
+            ckpt = save(improved, informative, final=last_epoch)
+            if last_epoch and not informative and rank == 0:  # the schedule's end is the model to keep
+                ckpt = str(save_checkpoint(backend, out / BEST, meta, extras))
         if s.schedule != "onecycle" and val is not None:
             sched.step(val)
         elapsed = time.time() - t0
@@ -453,7 +461,8 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
                        seen * world / max(elapsed, 1e-9), ckpt,
                        val_by_set=report.by_set if report and len(report.by_set) > 1 else None)
         if informative and stale >= s.patience:
-            save(False, True, final=True)
+            with average.applied(backend.module) if average is not None else nullcontext():
+                save(False, True, final=True)
             yield Progress("done", epoch + 1, epochs, step, total, epoch_loss, val, best, elapsed,
                            checkpoint=str(out / BEST),
                            message=f"{summary}; stopped early after epoch {epoch + 1}: no validation gain "
