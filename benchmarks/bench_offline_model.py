@@ -10,7 +10,11 @@
 3. the polyp-free rate: polyp-free colonoscopy frames where "polyp" draws a mask over 1%;
 4. size in the package and CPU latency for a 256x256 frame (first prompt, re-prompt).
 
-    python benchmarks/bench_offline_model.py [--model default] [--threads 2]
+    python benchmarks/bench_offline_model.py [--model default] [--threads 2] [--flip model|on|off]
+
+``--flip``: average each answer with the mirrored image's (on), not (off), or as the model's
+config says (model, the default: what the CLI and the plugin do). Latency is measured both
+ways in the same run.
 """
 
 from __future__ import annotations
@@ -91,14 +95,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--flip", choices=("model", "on", "off"), default="model")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     backend = load_model(args.model, device="cpu")
-    pred = Predictor(backend)
+    pred = Predictor(backend, None if args.flip == "model" else args.flip == "on")
     print(f"Machine: {machine()}")
     print(f"Model: {args.model} ({backend.name}, {sum(p.numel() for p in backend.module.parameters()) / 1e6:.2f} M "
-          f"parameters)\n")
+          f"parameters); flip averaging {'on' if pred.flip_average else 'off'} (--flip {args.flip})\n")
 
     scores = {name: score_set(pred, name) for name in ALL_SETS}
     print("Dice on the val splits, per prompt type (threshold 0.5, at the image's size):\n")
@@ -130,13 +135,21 @@ def main():
 
     image = benchmark_examples(DATA / "kvasir_seg", "val")[0].load()[0]
     words = iter([f"polyp number {i}" for i in range(1000)])
-    first = timed(lambda: (pred.set_image(image), pred.predict("polyp")), reps=20, warmup=3)
-    pred.set_image(image)
-    again = timed(lambda: pred.predict(next(words)), reps=20, warmup=3)
+    print(f"\nCPU latency, 256x256 frame, {torch.get_num_threads()} threads (median of 20):\n")
+    print("| views | first prompt | re-prompt | ratio to one view (first / re-prompt) |")
+    print("|---|---|---|---|")
+    times = {}
+    for flip in (False, True):
+        timing = Predictor(backend, flip)
+        first = timed(lambda: (timing.set_image(image), timing.predict("polyp")), reps=20, warmup=3)
+        timing.set_image(image)
+        again = timed(lambda: timing.predict(next(words)), reps=20, warmup=3)
+        times[flip] = first, again
+        ratio = f"{first / times[False][0]:.2f}x / {again / times[False][1]:.2f}x"
+        print(f"| {'image + mirror' if flip else 'image'} | {first * 1e3:.1f} ms | {again * 1e3:.1f} ms | {ratio} |")
     folder = resolve_folder(args.model)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
-    print(f"\nCPU latency, 256x256 frame, {torch.get_num_threads()} threads (median of 20): first prompt "
-          f"{first * 1e3:.1f} ms, re-prompt {again * 1e3:.1f} ms")
+    print()
     print(f"Size in the package (weights, tokenizer, replay sample, card): {size:.1f} MiB ({folder})")
 
 

@@ -72,3 +72,18 @@ def test_bf16_path_agrees_with_fp32(tiny_unet, polyp_image):
         preds[dtype] = p.predict("polyp").probs[0]
     assert np.abs(preds["fp32"] - preds["bf16"]).max() < 0.05
     assert dice(preds["fp32"] >= 0.5, preds["bf16"] >= 0.5) > 0.95
+
+
+def test_export_keeps_flip_averaging(tmp_path, polyp_image):
+    from napari_vlsm.core.random_models import build_random_film_unet
+
+    from .conftest import TINY_UNET
+
+    src = build_random_film_unet(tmp_path / "mirrored", flip_average=True, **TINY_UNET)
+    res = CliRunner().invoke(app, ["export-onnx", str(src), str(tmp_path / "onnx")])
+    assert res.exit_code == 0, res.output
+    ours, ref = Predictor(load_model(tmp_path / "onnx")), Predictor(load_model(src, "cpu", "fp32"))
+    assert ours.flip_average and ref.flip_average
+    for p in (ours, ref):
+        p.set_image(polyp_image)
+    np.testing.assert_allclose(ours.predict(PROMPTS).probs, ref.predict(PROMPTS).probs, atol=2e-4)

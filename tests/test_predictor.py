@@ -107,3 +107,34 @@ def test_masks_and_labels_follow_the_threshold_given(clipseg, polyp_image):
         np.testing.assert_array_equal(out.masks, probs >= t)
         assert ((out.labels > 0) == (probs.max(0) >= t)).all()
     assert pred.predict("polyp", threshold=lo).masks.sum() > pred.predict("polyp", threshold=hi).masks.sum()
+
+
+@pytest.fixture(scope="module")
+def mirrored_unet(tmp_path_factory):
+    """A tiny random FiLM-UNet whose config asks for flip averaging, saved and reloaded."""
+    from napari_vlsm.core.random_models import build_random_film_unet
+
+    from .conftest import TINY_UNET
+
+    return build_random_film_unet(tmp_path_factory.mktemp("models") / "mirrored", flip_average=True, **TINY_UNET)
+
+
+def test_flip_average_makes_the_answer_mirror_with_the_image(mirrored_unet, polyp_image):
+    backend = load_model(mirrored_unet, device="cpu")
+    assert backend.flip_average
+    averaged, single = Predictor(backend), Predictor(backend, flip_average=False)
+    mirror = np.ascontiguousarray(polyp_image[:, ::-1])
+    out = {}
+    for name, pred in (("averaged", averaged), ("single", single)):
+        for key, image in (("image", polyp_image), ("mirror", mirror)):
+            pred.set_image(image)
+            out[name, key] = pred.predict(["polyp", "mucosa"]).probs
+    # a mirrored frame gets the mirrored answer, which a random model alone does not give
+    np.testing.assert_allclose(out["averaged", "mirror"], out["averaged", "image"][..., ::-1], atol=1e-5)
+    assert np.abs(out["single", "mirror"] - out["single", "image"][..., ::-1]).max() > 1e-3
+    # and the average is of the two views: the mean of the single view's logits on both
+    logit = lambda p: np.log(p) - np.log1p(-p)  # noqa: E731
+    expected = 1 / (1 + np.exp(-(logit(out["single", "image"]) + logit(out["single", "mirror"])[..., ::-1]) / 2))
+    np.testing.assert_allclose(out["averaged", "image"], expected, atol=2e-3)
+    batch = averaged.predict_batch([polyp_image, mirror], ["polyp", "mucosa"])
+    np.testing.assert_allclose(batch[0].probs, out["averaged", "image"], atol=1e-5)

@@ -39,6 +39,7 @@ class Backend(ABC):
     dtype: torch.dtype = torch.float32
     source: str = ""  # the spec or folder it was loaded from
     input_size: tuple[int, int]  # (h, w) the model sees: 352 x 352 for CLIPSeg rd64, 256 x 256 for the FiLM-UNet
+    flip_average: bool = False  # the predictor also reads the mirrored image and averages (the model's config says)
 
     @abstractmethod
     def preprocess(self, images: list[np.ndarray]) -> Any:

@@ -35,8 +35,9 @@ class FilmUNetConfig(PretrainedConfig):
     def __init__(self, widths=(8, 16, 32, 64, 256), image_size=256, text_dim=64, text_layers=2,
                  text_heads=4, vocab_size=49408, max_position_embeddings=77, eos_token_id=49407,
                  image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, adapters=0, route_prompts=(),
-                 route_owners=(), **kwargs):
+                 route_owners=(), flip_average=False, **kwargs):
         self.widths = list(widths)
+        self.flip_average = flip_average          # predict on the image and its mirror, average the logits
         self.adapters = adapters                  # image paths of classes taught after the base
         self.route_prompts = list(route_prompts)  # prompt -> path table (0: the base, k: adapter k)
         self.route_owners = list(route_owners)
@@ -239,6 +240,7 @@ class FilmUNetBackend(TorchBackend):
         self.module = module.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
         self.tokenizer = tokenizer
         self.device, self.dtype, self.source = device, dtype, source
+        self.flip_average = bool(getattr(module.config, "flip_average", False))
 
     @property
     def input_size(self) -> tuple[int, int]:

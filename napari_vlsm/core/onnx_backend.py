@@ -53,6 +53,7 @@ class OnnxBackend(Backend):
         self.source = source
         self.tokenizer = load_tokenizer(folder, own=True)  # the export saved the model's own
         self.input_size = tuple(self.meta["input_size"])
+        self.flip_average = bool(self.meta.get("flip_average", False))
         if self.meta["preprocess"] == "image_processor":
             self.image_processor = load_image_processor(folder, self.input_size[0])
 

@@ -87,7 +87,8 @@ def export(backend: TorchBackend, out_dir, opset: int = 18) -> list[Path]:
     if hasattr(backend, "image_processor"):
         backend.image_processor.save_pretrained(out)
     meta = {"name": backend.name, "source": backend.source, "input_size": [h, w], "features": names,
-            "opset": opset, "context_length": backend.context_length, **preprocess_meta(backend)}
+            "opset": opset, "context_length": backend.context_length,
+            "flip_average": bool(backend.flip_average), **preprocess_meta(backend)}
     (out / META).write_text(json.dumps(meta, indent=1))
     return [enc_path, dec_path, out / META]
 

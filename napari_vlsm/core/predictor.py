@@ -58,12 +58,16 @@ class Predictor:
     Text embeddings are cached per prompt string too, so switching back and forth
     between prompts on a new image costs one decoder pass each.
 
-    Arguments: ``backend`` (from ``loading.load_model``). Shapes: an image is (H, W) or
-    (H, W, C), C in 1-4; ``predict`` returns (P, H, W) probabilities for P prompts.
+    Arguments: ``backend`` (from ``loading.load_model``); ``flip_average`` (None: the
+    backend's own setting, from its model's config): also encode the left-right mirror of the
+    image and average the two views' logits, at twice the cost (docs/offline_model.md measures
+    what it gains). Shapes: an image is (H, W) or (H, W, C), C in 1-4; ``predict`` returns
+    (P, H, W) probabilities for P prompts.
     """
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, flip_average: bool | None = None):
         self.backend = backend
+        self.flip_average = backend.flip_average if flip_average is None else bool(flip_average)
         self._features = None
         self._size: tuple[int, int] | None = None
         self._text_cache: dict[str, torch.Tensor] = {}
@@ -78,7 +82,7 @@ class Predictor:
         (see ``preprocess``). Masks come back at (H, W). If this fails, no image is set."""
         self.reset_image()
         rgb = self._model_rgb(image)
-        self._features = self.backend.encode_image(self.backend.preprocess([rgb]))
+        self._features = self._encode([rgb])
         self._size = np.shape(image)[:2]
 
     def _model_rgb(self, image) -> np.ndarray:
@@ -108,7 +112,7 @@ class Predictor:
         if self._features is None:
             raise RuntimeError("No image is set; call set_image(image) first.")
         prompts = clean_prompts(prompts)
-        logits = self.backend.decode(self._features, self.text_embeddings(prompts))
+        logits = self._decode(self._features, self.text_embeddings(prompts))
         check_finite(logits)
         probs = logits_to_probs(logits, self._size)
         return Prediction(prompts, probs, threshold)
@@ -120,12 +124,33 @@ class Predictor:
         encoder pass for the batch; the cached image is left as it was."""
         prompts = clean_prompts(prompts)
         rgbs = [self._model_rgb(im) for im in images]
-        feats = self.backend.encode_image(self.backend.preprocess(rgbs))
+        views = self._encode(rgbs)
         text = self.text_embeddings(prompts)
         out = []
         for i, image in enumerate(images):
-            logits = self.backend.decode(self.backend.select(feats, i), text)
+            logits = self._decode([self.backend.select(feats, i) for feats in views], text)
             check_finite(logits)
             out.append(Prediction(prompts, logits_to_probs(logits, np.shape(image)[:2]),
                                   threshold))
         return out
+
+    def _encode(self, rgbs: list[np.ndarray]) -> list:
+        """The image features of each view: the images, and their mirrors with ``flip_average``."""
+        pixels = self.backend.preprocess(rgbs)
+        views = [self.backend.encode_image(pixels)]
+        if self.flip_average:
+            views.append(self.backend.encode_image(_mirror(pixels)))
+        return views
+
+    def _decode(self, views: list, text) -> torch.Tensor:
+        logits = self.backend.decode(views[0], text)
+        for feats in views[1:]:  # a mirrored view's logits are mirrored back
+            logits = logits + self.backend.decode(feats, text).flip(-1)
+        return logits / len(views)
+
+
+def _mirror(pixels):
+    """Left-right mirror of a batch (N, C, h, w): a torch tensor, or numpy for ONNX models."""
+    if isinstance(pixels, torch.Tensor):
+        return pixels.flip(-1)
+    return np.ascontiguousarray(pixels[..., ::-1])
