@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
 OUT=${OUT:-runs/default_film_unet}
 THREADS=${THREADS:-2}
-ASSET=napari_vlsm/assets/default_film_unet
+ASSET=${ASSET:-napari_vlsm/assets/default_film_unet}
 SETS="$DATA/kvasir_seg $DATA/clinicdb $DATA/bkai_polyp $DATA/busi $DATA/colonoscopy_negatives"
 
 install() {  # install() FOLDER: the model, its card, and (when it has none) a new replay sample
@@ -40,7 +40,7 @@ w(sys.argv[2:], sys.argv[1], per_set=24)" "$ASSET.tmp" $SETS
 
 COMMON=(--train full --batch-size 16 --repeat busi=2 --schedule onecycle --crop 192
         --negatives-file scripts/negative_prompts.txt --negative-fraction 0.5 --synonyms scripts/synonyms.json
-        --patience 100 --adapters off --threads "$THREADS")
+        --patience 100 --adapters off --weight-average 0.998 --threads "$THREADS")
 .venv/bin/napari-vlsm finetune $SETS --model new:film-unet --out "$OUT" --epochs 20 --lr 2e-3 --seed 0 "${COMMON[@]}"
 install "$OUT/best"
 echo "Installed $OUT/best as the embedded default model, with its card and replay sample."
