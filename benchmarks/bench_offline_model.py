@@ -8,7 +8,8 @@
    would type, some never trained) on each data set's images: the share of frames that get
    a mask over 1% of the image;
 3. the polyp-free rate: polyp-free colonoscopy frames where "polyp" draws a mask over 1%;
-4. size in the package and CPU latency for a 256x256 frame (first prompt, re-prompt).
+4. size in the package and CPU latency for a 256x256 frame (first prompt, re-prompt), with one
+   view and with the mirror.
 
     python benchmarks/bench_offline_model.py [--model default] [--threads 2] [--flip model|on|off]
 
