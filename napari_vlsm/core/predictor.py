@@ -67,7 +67,7 @@ class Predictor:
 
     def __init__(self, backend: Backend, flip_average: bool | None = None):
         self.backend = backend
-        self.flip_average = backend.flip_average if flip_average is None else bool(flip_average)
+        self.flip_average = getattr(backend, "flip_average", False) if flip_average is None else bool(flip_average)
         self._features = None
         self._size: tuple[int, int] | None = None
         self._text_cache: dict[str, torch.Tensor] = {}
