@@ -202,3 +202,14 @@ def test_weight_average_is_what_is_validated_and_saved(tiny_unet, small_benchmar
     meta = json.loads((tmp_path / "run" / "last" / "training.json").read_text())
     assert again.dice == pytest.approx(meta["history"][-1]["val_dice"], abs=1e-4)
     assert meta["settings"]["weight_average"] == 0.9
+
+
+def test_early_stop_writes_last_with_the_epoch_it_stopped_at(tiny_unet, small_benchmark, tmp_path):
+    settings = T.TrainSettings(mode="full", epochs=40, lr=1e-2, batch_size=8, prompt_types=("p1",),
+                               patience=1, augment=False)
+    events = run(T.finetune(str(tiny_unet), [small_benchmark], tmp_path / "run", settings, device="cpu"))
+    epochs = [e for e in events if e.kind == "epoch"]
+    assert events[-1].kind == "done" and len(epochs) < 40
+    assert f"stopped early after epoch {len(epochs)}" in events[-1].message, events[-1].message
+    meta = json.loads((tmp_path / "run" / "last" / "training.json").read_text())
+    assert meta["epochs_done"] == len(epochs)

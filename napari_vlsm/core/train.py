@@ -426,7 +426,7 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
             yield Progress("step", epoch, epochs, step, total, losses[-1], best_dice=best, elapsed=elapsed,
                            eta=rate * (total - step), images_per_s=seen * world / max(elapsed, 1e-9))
         epoch_loss = float(np.mean(losses)) if losses else float("nan")
-        with average.applied(backend.module) if average is not None else nullcontext():
+        with _kept_weights(average, backend.module):
             report = validate(backend, val_cache, val_set, s.val_prompt_type, s.batch_size,
                               negatives.concepts) if val_set else None
         val = report.dice if report else None
@@ -446,11 +446,12 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
         else:
             stale += 1
         last_epoch = epoch + 1 == epochs
+        stopping = informative and stale >= s.patience
         meta.update(epochs_done=epoch + 1, history=history, best_val_dice=best if best >= 0 else None)
         if world > 1:  # every rank's weights, summarised, so a run can show they stayed identical
             meta["rank_weight_sums"] = _gather_weight_sums(backend)
-        with average.applied(backend.module) if average is not None else nullcontext():
-            ckpt = save(improved, informative, final=last_epoch)
+        with _kept_weights(average, backend.module):
+            ckpt = save(improved, informative, final=last_epoch or stopping)
             if last_epoch and not informative and rank == 0:  # the schedule's end is the model to keep
                 ckpt = str(save_checkpoint(backend, out / BEST, meta, extras))
         if s.schedule != "onecycle" and val is not None:
@@ -460,9 +461,7 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
                        elapsed, elapsed / max(epoch + 1 - start_epoch, 1) * (epochs - epoch - 1),
                        seen * world / max(elapsed, 1e-9), ckpt,
                        val_by_set=report.by_set if report and len(report.by_set) > 1 else None)
-        if informative and stale >= s.patience:
-            with average.applied(backend.module) if average is not None else nullcontext():
-                save(False, True, final=True)
+        if stopping:
             yield Progress("done", epoch + 1, epochs, step, total, epoch_loss, val, best, elapsed,
                            checkpoint=str(out / BEST),
                            message=f"{summary}; stopped early after epoch {epoch + 1}: no validation gain "
@@ -534,6 +533,11 @@ def _param_groups(backend: TorchBackend, params, s: TrainSettings) -> list[dict]
     rest = [p for p in params if id(p) not in ids]
     return [g for g in ({"params": rest, "lr": s.lr}, {"params": encoder, "lr": s.lr * s.encoder_lr_scale})
             if g["params"]]
+
+
+def _kept_weights(average: WeightAverage | None, module: torch.nn.Module):
+    """The weights to validate and save: the moving average while there is one."""
+    return average.applied(module) if average is not None else nullcontext()
 
 
 def _key(ex: Example) -> str:
