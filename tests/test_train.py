@@ -204,6 +204,29 @@ def test_weight_average_is_what_is_validated_and_saved(tiny_unet, small_benchmar
     assert meta["settings"]["weight_average"] == 0.9
 
 
+def test_validation_answers_from_both_views_when_the_model_is_set_to(tiny_unet, small_benchmark):
+    from napari_vlsm.core.metrics import dice
+
+    backend = T.load_for_training(str(tiny_unet), "cpu")
+    _, val_set = T.training_data([small_benchmark])
+    cache = T.PairCache(val_set, backend.input_size)
+    with torch.no_grad():  # centre the random model's logits, so that its masks are neither empty nor full
+        pixels = backend.preprocess([cache[i][0] for i in range(len(val_set))])
+        text = backend.encode_text([ex.prompts["p1"] for ex in val_set])
+        backend.module.head.bias -= backend.decode(backend.encode_image(pixels), text).median()
+    one_view = T.validate(backend, cache, val_set, "p1", 8)
+    backend.flip_average = True
+    two_views = T.validate(backend, cache, val_set, "p1", 8)
+    predictor = Predictor(backend)  # reads the same flag: the answer a user would get
+    expected = []
+    for i, ex in enumerate(val_set):
+        image, truth = cache[i]
+        predictor.set_image(image)
+        expected.append(dice(predictor.predict(ex.prompts["p1"]).masks[0], truth))
+    assert two_views.dice == pytest.approx(float(np.mean(expected)), abs=1e-6)
+    assert two_views.dice != pytest.approx(one_view.dice, abs=1e-6)
+
+
 def test_early_stop_writes_last_with_the_epoch_it_stopped_at(tiny_unet, small_benchmark, tmp_path):
     settings = T.TrainSettings(mode="full", epochs=40, lr=1e-2, batch_size=8, prompt_types=("p1",),
                                patience=1, augment=False)

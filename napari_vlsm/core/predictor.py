@@ -139,7 +139,7 @@ class Predictor:
         pixels = self.backend.preprocess(rgbs)
         views = [self.backend.encode_image(pixels)]
         if self.flip_average:
-            views.append(self.backend.encode_image(_mirror(pixels)))
+            views.append(self.backend.encode_image(mirror_batch(pixels)))
         return views
 
     def _decode(self, views: list, text) -> torch.Tensor:
@@ -149,7 +149,7 @@ class Predictor:
         return logits / len(views)
 
 
-def _mirror(pixels):
+def mirror_batch(pixels):
     """Left-right mirror of a batch (N, C, h, w): a torch tensor, or numpy for ONNX models."""
     if isinstance(pixels, torch.Tensor):
         return pixels.flip(-1)

@@ -42,6 +42,7 @@ from .device import cpu_threads
 from .errors import TrainingError
 from .file_names import CONFIG
 from .model_card import CARD_FILE, card_after_finetune, read_card
+from .predictor import mirror_batch
 from .prompts import SYNONYM_TYPE
 from .replay import REPLAY_DIR, replay_dir, replay_examples
 from .training_sets import TRAIN_PROMPT_TYPES, Example, PairCache, augment
@@ -217,7 +218,8 @@ class Validation:
 @torch.no_grad()
 def validate(backend: TorchBackend, cache: PairCache, examples, prompt_type: str, batch_size: int = 8,
              concepts: dict | None = None) -> Validation:
-    """Dice at the model's input size, threshold 0.5, one fixed prompt per image, per data set.
+    """Dice at the model's input size, threshold 0.5, one fixed prompt per image, per data set,
+    from the image and its mirror when the model is set to answer so (``flip_average``).
     Images without the object are asked for their set's class (``concepts``: group -> concept,
     from the training set), and each image is also asked for
     another concept, which should find nothing there."""
@@ -237,10 +239,16 @@ def validate(backend: TorchBackend, cache: PairCache, examples, prompt_type: str
             others = [c for c in names if c != own] if own else []
             if others:
                 cross.append((j, others[i % len(others)]))
-        feats = backend.encode_image(backend.preprocess(images))
+        pixels = backend.preprocess(images)
         text = backend.encode_text(prompts + [c for _, c in cross])
-        feats = [torch.cat([f, f[[j for j, _ in cross]]]) for f in feats] if cross else feats
-        logits = backend.decode(feats, text).float()
+        views = [pixels, mirror_batch(pixels)] if getattr(backend, "flip_average", False) else [pixels]
+        logits = 0
+        for v, view in enumerate(views):  # as the predictor answers: a mirrored view's logits mirrored back
+            feats = backend.encode_image(view)
+            feats = [torch.cat([f, f[[j for j, _ in cross]]]) for f in feats] if cross else feats
+            out = backend.decode(feats, text).float()
+            logits = logits + (out.flip(-1) if v else out)
+        logits = logits / len(views)
         for j, i in enumerate(idx):
             truth = cache[i][1]
             pred = _at(logits[j], truth.shape)
