@@ -72,6 +72,7 @@ def segment(
     from .core.errors import VLSMError
     from .core.folder_labeling import OutputLock, segment_files, write_report, write_sidecar
     from .core.imageio import list_images
+    from .core.model_card import card_for, unknown_words_note
     from .core.predictor import Predictor, clean_prompts
 
     if fmt not in ("png", "tif", "tiff"):
@@ -91,6 +92,9 @@ def segment(
     except OSError as exc:
         _fail(str(exc))
     backend = _load(model, device, dtype)
+    unknown = unknown_words_note(card_for(model), prompts)
+    if unknown:
+        console.print(f"Note: {escape(unknown)}", soft_wrap=True)
     predictor = Predictor(backend)
     bs = batch_size or (8 if backend.device.type == "cuda" else 1)
     counts = {"ok": 0, "skipped": 0, "failed": 0}

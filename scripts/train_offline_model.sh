@@ -27,11 +27,8 @@ SETS="$DATA/kvasir_seg $DATA/clinicdb $DATA/bkai_polyp $DATA/busi $DATA/colonosc
 install() {  # install() FOLDER: the model, its card, and (when it has none) a new replay sample
   rm -rf "$ASSET.tmp"
   cp -r "$1" "$ASSET.tmp"
-  # the card, with the negatives it was trained on (a later adapter's route table keeps them with the base)
-  .venv/bin/python -c "import json, sys; card = json.load(open(sys.argv[1])); \
-card['negatives'] = [l.strip() for l in open(sys.argv[2]) if l.strip() and not l.startswith('#')]; \
-json.dump(card, open(sys.argv[3], 'w'), indent=1)" scripts/default_model_card.json scripts/negative_prompts.txt \
-    "$ASSET.tmp/vlsm_card.json"
+  # the card: what it knows, the negatives and the words it was trained on
+  .venv/bin/python scripts/default_model_card.py "$ASSET.tmp" $SETS
   # answer from the image and its mirror, averaged (docs/offline_model.md: the gain, at twice the image cost)
   .venv/bin/python -c "import json, sys; c = json.load(open(sys.argv[1])); c['flip_average'] = True; \
 json.dump(c, open(sys.argv[1], 'w'), indent=2)" "$ASSET.tmp/config.json"

@@ -56,6 +56,15 @@ def test_segment_errors_are_messages_not_tracebacks(tmp_path, tiny_clipseg):
     assert res.exit_code == 2 and "p1 to p9" in res.output
 
 
+def test_segment_names_prompt_words_the_default_was_never_trained_on(tmp_path):
+    frame = sorted(SAMPLE_DATA.glob("kvasir_seg_*.jpg"))[0]
+    res = runner.invoke(app, ["segment", str(frame), "-p", "polyp in the nose", "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert "never trained on the word 'nose'" in res.output and "1 segmented" in res.output
+    res = runner.invoke(app, ["segment", str(frame), "-p", "polyp", "-o", str(tmp_path / "again")])
+    assert res.exit_code == 0 and "never trained" not in res.output
+
+
 def test_evaluate_real_validation_images(tmp_path, tiny_unet, kvasir):
     csv_path = tmp_path / "scores.csv"
     res = runner.invoke(app, ["evaluate", str(kvasir), "--model", str(tiny_unet), "--prompt-type", "p6",

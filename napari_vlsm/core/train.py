@@ -158,6 +158,17 @@ def _prompt_types(settings: TrainSettings) -> tuple:
     return tuple(settings.prompt_types) + ((SYNONYM_TYPE,) if settings.synonyms else ())
 
 
+def trained_prompts(examples, prompt_types, negatives=()) -> list[str]:
+    """Every prompt string a training run can draw: the examples' prompts of the types
+    trained (lists included) and the negatives."""
+    out = list(negatives)
+    for ex in examples:
+        for t in prompt_types:
+            value = ex.prompts.get(t)
+            out += value if isinstance(value, list) else [value] if isinstance(value, str) else []
+    return out
+
+
 def _make_batch(cache: PairCache, examples, idx, settings, rng, np_rng, backend):
     images, masks, prompts = [], [], []
     for i in idx:
@@ -378,7 +389,8 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
     extras = {REPLAY_DIR: replay} if replay else {}
     if card is not None:
         extras[CARD_FILE] = card_after_finetune(card, [ex.prompts.get("p1", "") for ex in train_set
-                                                       if isinstance(ex.prompts.get("p1"), str)])
+                                                       if isinstance(ex.prompts.get("p1"), str)],
+                                                trained_prompts(train_set, _prompt_types(s), s.negative_prompts))
     summary = _summary(n_distinct, len(train_set), len(replay_set), len(val_set), adapter)
     if rank == 0 and start_epoch < epochs and not any(train_cache[i][1].any() for i in range(len(train_set))):
         empty = ("every training mask is empty, so the model can only learn to find nothing; "

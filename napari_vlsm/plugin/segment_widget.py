@@ -27,7 +27,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.errors import VLSMError
-from ..core.model_card import card_for, describe_card, nothing_found_hint
+from ..core.model_card import card_for, describe_card, nothing_found_hint, unknown_words_note
 from ..core.prompts import CHOICES, build_prompt
 from . import label_writing
 from .planes import all_indices, current_index
@@ -330,12 +330,14 @@ class SegmentWidget(QWidget):
                                                  f"{describe(backend.device, backend.dtype)}"))
 
     def _result_message(self, result, target, engine: str) -> str:
+        card = card_for(self.session.spec)
         highest = max(float(p.max()) for p in result.probs.values())
         if highest < self.threshold_value:
-            return (f"Nothing above threshold {self.threshold_value:.2f} (highest probability {highest:.2f}) for "
-                    f"{', '.join(repr(p) for p in result.prompts)}. "
-                    + nothing_found_hint(card_for(self.session.spec), result.prompts))
-        return f"Wrote {len(result.probs)} plane(s) to '{target.name}' with {engine}."
+            text = (f"Nothing above threshold {self.threshold_value:.2f} (highest probability {highest:.2f}) for "
+                    f"{', '.join(repr(p) for p in result.prompts)}. " + nothing_found_hint(card, result.prompts))
+        else:
+            text = f"Wrote {len(result.probs)} plane(s) to '{target.name}' with {engine}."
+        return f"{text} {unknown_words_note(card, result.prompts)}".strip()
 
     def _add_probability_layer(self, image_layer, result):
         index, probs = next(iter(result.probs.items()))

@@ -1,0 +1,39 @@
+"""Write the default model's card (vlsm_card.json) into a model folder: the template
+scripts/default_model_card.json, the negatives it was trained on (a later adapter's route
+table keeps them with the base), and the vocabulary of every prompt it was trained on (the
+plugin names the words of a prompt the model never saw).
+
+    python scripts/default_model_card.py MODEL_FOLDER DATA_FOLDER [DATA_FOLDER ...]
+
+Used by scripts/train_offline_model.sh; the data folders are the training sets, whose train
+splits' prompts p1-p9 and scripts/synonyms.json's short forms are what the training drew from.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from napari_vlsm.core.concepts import add_synonyms
+from napari_vlsm.core.model_card import CARD_FILE, VOCABULARY, vocabulary
+from napari_vlsm.core.prompts import SYNONYM_TYPE
+from napari_vlsm.core.train import trained_prompts
+from napari_vlsm.core.training_sets import TRAIN_PROMPT_TYPES, benchmark_examples
+
+HERE = Path(__file__).resolve().parent
+
+
+def main(folder: str, data_dirs: list[str]) -> None:
+    card = json.loads((HERE / "default_model_card.json").read_text())
+    negatives = [line.strip() for line in (HERE / "negative_prompts.txt").read_text().splitlines()
+                 if line.strip() and not line.startswith("#")]
+    card["negatives"] = negatives
+    examples = [ex for d in data_dirs for ex in benchmark_examples(d, "train")]
+    add_synonyms(examples, json.loads((HERE / "synonyms.json").read_text()))
+    card[VOCABULARY] = vocabulary(trained_prompts(examples, (*TRAIN_PROMPT_TYPES, SYNONYM_TYPE), negatives))
+    (Path(folder) / CARD_FILE).write_text(json.dumps(card, indent=1))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    main(sys.argv[1], sys.argv[2:])
