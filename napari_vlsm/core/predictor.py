@@ -135,21 +135,29 @@ class Predictor:
         return out
 
     def _encode(self, rgbs: list[np.ndarray]) -> list:
-        """The image features of each view: the images, and their mirrors with ``flip_average``."""
-        pixels = self.backend.preprocess(rgbs)
-        views = [self.backend.encode_image(pixels)]
-        if self.flip_average:
-            views.append(self.backend.encode_image(mirror_batch(pixels)))
-        return views
+        return encode_views(self.backend, self.backend.preprocess(rgbs), self.flip_average)
 
     def _decode(self, views: list, text) -> torch.Tensor:
-        logits = self.backend.decode(views[0], text)
-        for feats in views[1:]:  # a mirrored view's logits are mirrored back
-            logits = logits + self.backend.decode(feats, text).flip(-1)
-        return logits / len(views)
+        return decode_views(self.backend, views, text)
 
 
-def mirror_batch(pixels):
+def encode_views(backend: Backend, pixels, flip_average: bool) -> list:
+    """The image features of each view: the images, and their mirrors with ``flip_average``."""
+    views = [backend.encode_image(pixels)]
+    if flip_average:
+        views.append(backend.encode_image(_mirror(pixels)))
+    return views
+
+
+def decode_views(backend: Backend, views: list, text) -> torch.Tensor:
+    """The logits averaged over the views of ``encode_views``, a mirrored view's mirrored back."""
+    logits = backend.decode(views[0], text)
+    for feats in views[1:]:
+        logits = logits + backend.decode(feats, text).flip(-1)
+    return logits / len(views)
+
+
+def _mirror(pixels):
     """Left-right mirror of a batch (N, C, h, w): a torch tensor, or numpy for ONNX models."""
     if isinstance(pixels, torch.Tensor):
         return pixels.flip(-1)

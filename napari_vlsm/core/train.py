@@ -42,7 +42,7 @@ from .device import cpu_threads
 from .errors import TrainingError
 from .file_names import CONFIG
 from .model_card import CARD_FILE, card_after_finetune, read_card
-from .predictor import mirror_batch
+from .predictor import decode_views, encode_views
 from .prompts import SYNONYM_TYPE
 from .replay import REPLAY_DIR, replay_dir, replay_examples
 from .training_sets import TRAIN_PROMPT_TYPES, Example, PairCache, augment
@@ -250,16 +250,11 @@ def validate(backend: TorchBackend, cache: PairCache, examples, prompt_type: str
             others = [c for c in names if c != own] if own else []
             if others:
                 cross.append((j, others[i % len(others)]))
-        pixels = backend.preprocess(images)
+        views = encode_views(backend, backend.preprocess(images), backend.flip_average)  # as the predictor
         text = backend.encode_text(prompts + [c for _, c in cross])
-        views = [pixels, mirror_batch(pixels)] if getattr(backend, "flip_average", False) else [pixels]
-        logits = 0
-        for v, view in enumerate(views):  # as the predictor answers: a mirrored view's logits mirrored back
-            feats = backend.encode_image(view)
-            feats = [torch.cat([f, f[[j for j, _ in cross]]]) for f in feats] if cross else feats
-            out = backend.decode(feats, text).float()
-            logits = logits + (out.flip(-1) if v else out)
-        logits = logits / len(views)
+        if cross:
+            views = [[torch.cat([f, f[[j for j, _ in cross]]]) for f in feats] for feats in views]
+        logits = decode_views(backend, views, text).float()
         for j, i in enumerate(idx):
             truth = cache[i][1]
             pred = _at(logits[j], truth.shape)
