@@ -160,3 +160,23 @@ def test_a_prompt_the_base_learned_as_absent_can_become_a_class(base, ultrasound
     assert "as adapter 1" in events[-1].message
     cfg = load_model(str(tmp_path / "run" / "best"), "cpu", "fp32").module.config
     assert dict(zip(cfg.route_prompts, cfg.route_owners))["kidney"] == 1
+
+
+def test_each_path_decodes_only_the_prompts_it_owns(base, ultrasound, polyp_image, tmp_path):
+    """An adapter's prompt costs one decoder pass, not the base's as well; a prompt's answer
+    does not depend on which other prompts are asked with it."""
+    list(T.finetune(str(base), [ultrasound], tmp_path / "run", T.TrainSettings(epochs=1), device="cpu"))
+    backend = load_model(str(tmp_path / "run" / "best"), "cpu", "fp32")
+    module = backend.module
+    calls = {"base": 0, "adapter": 0}
+    module.head.register_forward_hook(lambda *_: calls.__setitem__("base", calls["base"] + 1))
+    module.adapters[0].head.register_forward_hook(lambda *_: calls.__setitem__("adapter", calls["adapter"] + 1))
+    predictor = Predictor(backend, flip_average=False)
+    predictor.set_image(polyp_image)
+    alone = predictor.predict(["breast tumor"]).probs
+    assert calls == {"base": 0, "adapter": 1}
+    both = predictor.predict(["polyp", "breast tumor"]).probs
+    assert calls == {"base": 1, "adapter": 2}
+    np.testing.assert_allclose(both[1], alone[0], atol=1e-5)
+    np.testing.assert_allclose(both[0], predictor.predict(["polyp"]).probs[0], atol=1e-5)
+    assert not np.allclose(both[0], both[1], atol=1e-3)

@@ -188,15 +188,28 @@ class FilmUNetForSegmentation(PreTrainedModel):
 
     def decode(self, feats: list[torch.Tensor], text: torch.Tensor) -> torch.Tensor:
         levels = len(self.config.widths)
-        logits = ImagePath.decode(self, feats[:levels], text)
         if not self.adapters:
-            return logits
+            return ImagePath.decode(self, feats[:levels], text)
         owner = self.route(text)
-        tracing = torch.jit.is_tracing()  # an export keeps every path, chosen per prompt in the graph
-        for k, adapter in enumerate(self.adapters, 1):
-            if tracing or bool((owner == k).any()):
+        if torch.jit.is_tracing():  # an export keeps every path, chosen per prompt in the graph
+            logits = ImagePath.decode(self, feats[:levels], text)
+            for k, adapter in enumerate(self.adapters, 1):
                 own = ImagePath.decode(adapter, feats[k * levels:(k + 1) * levels], text)
                 logits = torch.where((owner == k)[:, None, None], own, logits)
+            return logits
+        # each path decodes only the prompts it owns: an adapter's prompt costs one decoder pass
+        logits = None
+        for k, path in enumerate(self.paths):
+            mine = owner == k
+            if not bool(mine.any()):
+                continue
+            own_feats = feats[k * levels:(k + 1) * levels]
+            if own_feats[0].shape[0] > 1:  # image i goes with prompt i
+                own_feats = [f[mine] for f in own_feats]
+            own = ImagePath.decode(path, own_feats, text[mine])
+            if logits is None:
+                logits = own.new_zeros((len(text), *own.shape[1:]))
+            logits[mine] = own
         return logits
 
     def forward(self, pixel_values, input_ids, attention_mask=None):
