@@ -24,6 +24,22 @@ REPORT_EVERY = 50  # results between report rewrites during a long segment run
 MODEL_HELP = "Model: 'default' (embedded offline model), a local folder, or a Hugging Face id."
 
 
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    """The per-image scores, written atomically; an unwritable path fails with a message."""
+    import io
+
+    from .core.atomic import atomic_write_text
+
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    try:
+        atomic_write_text(path, text.getvalue())
+    except OSError as exc:
+        _fail(f"Could not write the scores to {path}: {exc}. Choose another file with --csv.")
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
@@ -171,16 +187,13 @@ def evaluate(
     if not rows:
         _fail(f"No images were evaluated in {data_dir} ({split}).")
     summary = summarize(rows)
-    csv_out = csv_out or Path(f"evaluation_{data_dir.name}_{split}_{prompt_type}.csv")
-    with open(csv_out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
     table = Table(title=f"{data_dir.name} / {split} / {prompt_type}")
     for col in ("images", "mean Dice", "mean IoU"):
         table.add_column(col, justify="right")
     table.add_row(str(summary["n"]), f"{summary['dice']:.4f}", f"{summary['iou']:.4f}")
-    Console().print(table)
+    Console().print(table)  # before the file, so the scores are seen even when it cannot be written
+    csv_out = csv_out or Path(f"evaluation_{data_dir.name}_{split}_{prompt_type}.csv")
+    _write_csv(csv_out, rows)
     console.print(f"Per-image scores in {csv_out}")
 
 

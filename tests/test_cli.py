@@ -76,6 +76,14 @@ def test_evaluate_real_validation_images(tmp_path, tiny_unet, kvasir):
     assert all("located in" in r["prompt"] for r in rows)
 
 
+def test_evaluate_shows_the_scores_when_the_csv_cannot_be_written(tmp_path, tiny_unet, kvasir):
+    (tmp_path / "a_file").write_text("")
+    res = runner.invoke(app, ["evaluate", str(kvasir), "--model", str(tiny_unet), "--limit", "2",
+                              "--csv", str(tmp_path / "a_file" / "scores.csv")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "mean Dice" in res.output and "Could not write the scores" in res.output and "--csv" in res.output
+
+
 def test_models_lists_default_and_given_folders(tiny_clipseg):
     res = runner.invoke(app, ["models", "--folder", str(tiny_clipseg.parent)])
     assert res.exit_code == 0, res.output
