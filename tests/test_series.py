@@ -138,6 +138,65 @@ def test_training_every_n_images_swaps_the_model_in_between_images(qtbot, docks,
     wait(qtbot, seg)
     assert seg.model_spec == fine.last_model != base
     assert "model: " + seg.model_spec in series.progress.text()
+    # a run started from the Finetune dock afterwards is used at once, not from the next image
+    first = seg.model_spec
+    fine.start()
+    qtbot.waitUntil(lambda: fine.worker is None, timeout=120000)
+    assert seg.model_spec == fine.last_model != first and not fine.pending_model
+
+
+def test_moving_on_while_segmenting_writes_the_result_to_no_other_image(qtbot, docks, folder, monkeypatch):
+    """Next or Previous before the running segmentation ends: its result belongs to the image left
+    behind, so it is dropped (never written over the mask shown now), and the image shown gets
+    its own segmentation."""
+    from napari_vlsm.plugin import label_writing
+
+    viewer, seg, fine, series = docks
+    written = []
+    write = label_writing.write_result
+    monkeypatch.setattr(label_writing, "write_result", lambda *a: written.append(a[2].data) or write(*a))
+    series.open(folder)
+    assert seg.worker is not None  # image 0 is being segmented
+    labels = viewer.layers["series labels"]
+    labels.data[10:60, 20:90] = 1  # the annotator does not wait for it
+    labels.metadata["vlsm_labels"] = {1: "polyp"}
+    assert series.next()
+    wait(qtbot, seg)  # image 0's run ends, then image 1's runs
+    s = Series(folder)
+    assert len(written) == 1 and written[0] is labels.data and series.index == 1
+    saved0 = read_image(s.masks[s.images[0]])
+    assert saved0[10:60, 20:90].all() and saved0.sum() == 50 * 70
+
+    labels.data[:] = 0
+    labels.data[100:150, 100:150] = 1
+    assert series.next()
+    assert seg.worker is not None  # image 2 is being segmented
+    series.previous()  # back to image 1, whose saved mask is shown
+    wait(qtbot, seg)
+    assert len(written) == 1 and "changed while segmenting" in seg.status.text()
+    assert np.array_equal(labels.data, read_image(s.masks[s.images[1]]))
+    assert labels.data[100:150, 100:150].all() and labels.data.sum() == 50 * 50
+
+
+def test_revisiting_an_image_replaces_its_training_examples(qtbot, docks, folder, monkeypatch):
+    viewer, seg, fine, series = docks
+    monkeypatch.setattr(series, "_confirm", lambda q: True)  # yes, replace the saved mask
+    series.auto_segment.setChecked(False)
+    series.open(folder)
+    labels = viewer.layers["series labels"]
+    labels.data[10:60, 20:90] = 1
+    labels.data[100:120, 100:120] = 2
+    labels.metadata["vlsm_labels"] = {1: "polyp", 2: "instrument"}
+    assert series.next()
+    assert sorted(e["mask_name"] for e in read_index(fine.folder)) == [
+        f"{series.series.images[0].stem}-1.png", f"{series.series.images[0].stem}-2.png"]
+    series.previous()
+    labels.data[labels.data == 2] = 0  # not an instrument after all
+    assert series.next()
+    entries = read_index(fine.folder)
+    assert [e["mask_name"] for e in entries] == [f"{series.series.images[0].stem}-1.png"]
+    assert sorted(p.name for p in (fine.folder / "masks").iterdir()) == [entries[0]["mask_name"]]
+    assert fine.examples.count() == 1
 
 
 def test_the_three_docks_fit_a_1600_by_1000_screen(make_napari_viewer):

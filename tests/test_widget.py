@@ -138,6 +138,7 @@ def test_rgb_stack_is_segmented_per_frame(qtbot, widget, polyp_image):
     ("missing model", "models pull CIDAS/not-here"),
     ("bad image", "NaN or infinite"),
     ("wrong target", "has shape"),
+    ("pyramid", "multiscale (pyramid)"),
 ])
 def test_errors_are_notifications_and_layers_stay_untouched(qtbot, widget, polyp_image, monkeypatch, setup, message):
     shown = []
@@ -147,7 +148,8 @@ def test_errors_are_notifications_and_layers_stay_untouched(qtbot, widget, polyp
         data = polyp_image.astype(np.float32)
         if setup == "bad image":
             data[0, 0, 0] = np.nan
-        viewer.add_image(data, name="frame")
+        viewer.add_image([data, data[::2, ::2]] if setup == "pyramid" else data, name="frame",
+                         multiscale=setup == "pyramid")
     mine = viewer.add_labels(np.ones((20, 20), np.uint8), name="mine")
     if setup == "wrong target":
         widget.mode_combo.setCurrentIndex(widget.mode_combo.findData("fill"))
@@ -160,6 +162,22 @@ def test_errors_are_notifications_and_layers_stay_untouched(qtbot, widget, polyp
     assert any(message in m for m in shown), shown
     assert [ly.name for ly in viewer.layers if ly._type_string == "labels"] == ["mine"]
     assert (mine.data == 1).all()
+
+
+def test_fill_into_an_8_bit_layer_whose_labels_reach_255_widens_it(qtbot, widget, polyp_image):
+    """A 0/255 mask from disk, opened as Labels: the prompt's new label 256 does not fit in 8 bits."""
+    viewer = widget.viewer
+    viewer.add_image(polyp_image, name="frame")
+    mask = np.zeros(polyp_image.shape[:2], np.uint8)
+    mask[:20, :20] = 255
+    layer = viewer.add_labels(mask, name="mask from disk")
+    widget.mode_combo.setCurrentIndex(widget.mode_combo.findData("fill"))
+    widget.target_combo.setCurrentText("mask from disk")
+    segment(qtbot, widget)
+    assert layer.data.dtype == np.uint16 and (layer.data[:20, :20] == 255).all()
+    assert layer.metadata["vlsm_labels"] == {256: "polyp"} and (layer.data == 256).any()
+    assert set(np.unique(layer.data)) == {0, 255, 256}
+    assert widget.status.text().startswith("Wrote 1 plane(s)")
 
 
 def test_gui_stays_responsive_during_full_size_inference(qtbot, make_napari_viewer, tmp_path_factory, polyp_image):

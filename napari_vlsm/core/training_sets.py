@@ -150,7 +150,8 @@ class PairCache:
 
 def write_benchmark_example(folder, name: str, image: np.ndarray, mask: np.ndarray, prompt: str,
                             split: str = "train") -> dict:
-    """Append one (image, mask, prompt) to a training-set folder in the benchmark's format.
+    """Add one (image, mask, prompt) to a training-set folder in the benchmark's format, in
+    place of an example of the same ``name`` (the same image stored again after an edit).
     The image is stored losslessly (PNG, or TIFF for non-8-bit data); the index is
     rewritten atomically so an interrupted write loses nothing already stored."""
     from .imageio import write_image, write_mask
@@ -163,11 +164,21 @@ def write_benchmark_example(folder, name: str, image: np.ndarray, mask: np.ndarr
     mask_path = folder / "masks" / f"{name}.png"
     write_mask(mask_path, np.asarray(mask).astype(bool).astype(np.uint8) * 255)
     write_image(img_path, image)
-    entries = read_index(folder, split)
+    earlier = read_index(folder, split)
+    entries = [e for e in earlier if e["mask_name"] != mask_path.name]
     entry = {"img_name": img_path.name, "mask_name": mask_path.name, "cat": 0, "prompts": {"p1": prompt}}
-    entries.append(entry)
-    write_index(folder, entries, split)
+    write_index(folder, entries + [entry], split)
+    for e in earlier:
+        if e["mask_name"] == mask_path.name and e["img_name"] != img_path.name:  # stored as PNG before, TIFF now
+            _delete_inside(folder / "images", e["img_name"])
     return entry
+
+
+def _delete_inside(sub: Path, name: str) -> None:
+    """Delete ``sub/name``, never a file outside ``sub`` (a name from an index could be '../x')."""
+    path = (sub / name).resolve()
+    if path.parent == sub.resolve():
+        path.unlink(missing_ok=True)
 
 
 def read_index(folder, split: str = "train") -> list[dict]:
@@ -190,6 +201,4 @@ def remove_example(folder, img_name: str, split: str = "train") -> None:
     for e in entries:
         if e["img_name"] == img_name:
             for sub, key in (("images", "img_name"), ("masks", "mask_name")):
-                path = (folder / sub / e[key]).resolve()
-                if path.parent == (folder / sub).resolve():  # never outside the training set
-                    path.unlink(missing_ok=True)
+                _delete_inside(folder / sub, e[key])

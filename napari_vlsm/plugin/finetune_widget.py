@@ -32,7 +32,7 @@ from ..core.file_names import CONFIG
 from ..core.train import SMALL_SET, TARGET_STEPS, TRAIN_MODES_OFFERED, TrainSettings, finetune
 from ..core.training_sets import read_index, remove_example, write_benchmark_example
 from .label_writing import check_target
-from .planes import current_index, plane
+from .planes import check_single_scale, current_index, plane
 from .qt_helpers import ask, fill_layer_combo, on_layers_changed, scrolling_layout, sibling
 from .segment_widget import SegmentWidget
 from .training_plot import CurvePlot
@@ -213,6 +213,7 @@ class FinetuneWidget(QWidget):
             return show_error("Type the prompt this label stands for, for example 'polyp'.")
         image_layer, labels_layer = self.viewer.layers[img_name], self.viewer.layers[lab_name]
         try:
+            check_single_scale(image_layer)
             check_target(labels_layer, image_layer)
         except ValueError as exc:
             return show_error(str(exc))
@@ -311,7 +312,7 @@ class FinetuneWidget(QWidget):
         best = out / BEST
         if not (best / CONFIG).exists():
             return show_warning("Training ended before any checkpoint was written.")
-        if self.defer_activation:
+        if self.defer_activation:  # a run the image series started: its model comes in between images
             self.pending_model = str(best)
             self.status.setText(f"New model {best} is ready; it is used from the next image.")
             return
@@ -356,6 +357,7 @@ class FinetuneWidget(QWidget):
 
     def _cleanup(self):
         self.worker = None
+        self.defer_activation = False  # only the run the image series started waits for the next image
         if self.pbar is not None:
             self.pbar.close()
             self.pbar = None

@@ -49,6 +49,14 @@ def label_values(target, prompts: list[str], created: bool) -> list[int]:
     return values
 
 
+def widen_for(target, value: int) -> None:
+    """Give ``target`` an integer type that holds ``value`` (an 8-bit layer whose labels go up
+    to 255 cannot take a new label 256); its labels stay as they are."""
+    dtype = np.dtype(target.data.dtype)
+    if np.issubdtype(dtype, np.integer) and value > np.iinfo(dtype).max:
+        target.data = np.asarray(target.data).astype(np.uint16 if value <= np.iinfo(np.uint16).max else np.uint32)
+
+
 def planned_plane(before: np.ndarray, labels: np.ndarray, mode: str) -> np.ndarray:
     """What the plane should become: ``labels``, or (fill) ``labels`` only where it was 0."""
     return np.where(before == 0, labels, before) if mode == "fill" else labels
@@ -129,6 +137,7 @@ def write_result(viewer, image_layer, target, probs_by_index: dict, prompts: lis
     if created:
         target = new_labels_layer(viewer, image_layer, layer_name(image_layer, prompts))
     values = label_values(target, prompts, created)
+    widen_for(target, max(values))
     write_mode = "fill" if mode == "fill" else "replace"
     for index, probs in probs_by_index.items():
         before = plane(target, index).copy()

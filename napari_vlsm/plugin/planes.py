@@ -8,6 +8,14 @@ from itertools import product
 import numpy as np
 
 
+def check_single_scale(layer) -> None:
+    """Refuse a multiscale (pyramid) layer: its array is the coarsest level, not the image."""
+    if getattr(layer, "multiscale", False):
+        raise ValueError(f"'{layer.name}' is a multiscale (pyramid) image, which is not supported. Open one "
+                         "level as a plain image layer (for example viewer.add_image(layer.data[0]) for the "
+                         "full resolution) and choose that.")
+
+
 def spatial_shape(layer) -> tuple[int, ...]:
     """Data shape without the colour axis of an RGB(A) layer."""
     shape = tuple(layer.data.shape)

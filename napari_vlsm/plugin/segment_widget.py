@@ -30,7 +30,7 @@ from ..core.errors import VLSMError
 from ..core.model_card import card_for, describe_card, nothing_found_hint, unknown_words_note
 from ..core.prompts import CHOICES, build_prompt
 from . import label_writing
-from .planes import all_indices, current_index
+from .planes import all_indices, check_single_scale, current_index
 from .qt_helpers import PROBABILITY_KEY, fill_layer_combo, is_probability_map, on_layers_changed, scrolling_layout
 from .session import SegmentSession
 
@@ -236,6 +236,10 @@ class SegmentWidget(QWidget):
             return show_error("No image layer: open an image (File > Open, or a sample) and choose it above.")
         if not self.prompts:
             return show_error("The prompt is empty: type what to segment, for example 'polyp'.")
+        try:
+            check_single_scale(layer)
+        except ValueError as exc:
+            return show_error(str(exc))
         if self.mode != "new":
             target = self._target_layer()
             if target is None:
@@ -250,10 +254,11 @@ class SegmentWidget(QWidget):
             [current_index(layer, self.viewer.dims.point)]
         self._remember(self.prompt_edit.toPlainText().strip())
         mode, target = self.mode, (self._target_layer() if self.mode != "new" else None)
+        segmented = (layer.data, None if target is None else target.data)  # what the result belongs to
         worker = thread_worker(self.session.segment, progress={"total": len(indices), "desc": "Segmenting"},
                                ignore_errors=True)(
             self.model_spec, self.device_combo.currentText(), layer, indices, self.prompts)
-        worker.returned.connect(lambda result: self._write(result, layer, mode, target))
+        worker.returned.connect(lambda result: self._write(result, layer, mode, target, segmented))
         worker.errored.connect(self._failed)
         worker.finished.connect(self._done)
         self.worker = worker
@@ -303,14 +308,21 @@ class SegmentWidget(QWidget):
         name = self.target_combo.currentText()
         return self.viewer.layers[name] if name in self.viewer.layers else None
 
-    def _write(self, result, image_layer, mode: str, target):
-        """Put the probabilities of a finished run into Labels (on the GUI thread)."""
+    def _write(self, result, image_layer, mode: str, target, segmented=None):
+        """Put the probabilities of a finished run into Labels (on the GUI thread), unless the
+        image or the Labels layer was given other data meanwhile (the image series' Previous and
+        Next swap both): then the result belongs to nothing on screen and is dropped."""
         for msg in result.messages:
             show_warning(msg)
         if not result.probs:
             return
         if target is not None and target not in self.viewer.layers:
             return show_error(f"The Labels layer '{target.name}' was removed while segmenting; nothing was written.")
+        if segmented is not None and (image_layer.data is not segmented[0]
+                                      or (target is not None and target.data is not segmented[1])):
+            self.status.setText(f"'{image_layer.name}' or its Labels layer changed while segmenting, so the result "
+                                "was not written; press Segment to segment what is shown now.")
+            return
         target, write = label_writing.write_result(self.viewer, image_layer, target, result.probs, result.prompts,
                                                    self.threshold_value, mode)
         target.metadata.update(vlsm_model=self.session.spec, vlsm_prompts=list(result.prompts),

@@ -25,7 +25,7 @@ from qtpy.QtWidgets import (
 
 from ..core import mask_edits
 from ..core.series import Series
-from ..core.training_sets import write_benchmark_example
+from ..core.training_sets import read_index, remove_example, write_benchmark_example
 from .finetune_widget import FinetuneWidget
 from .label_writing import use_bright_colours, write_plane
 from .qt_helpers import ask, scrolling_layout, sibling
@@ -177,6 +177,10 @@ class SeriesWidget(QWidget):
         if seg is None or not seg.prompts:
             self.status.setText("To segment each image, open Text-prompt segmentation and type the prompts there.")
             return
+        if seg.worker is not None:  # still segmenting the image left behind: this one's turn comes next
+            index = self.index
+            seg.worker.finished.connect(lambda: self.index == index and self._segment())
+            return
         seg.image_combo.setCurrentText(IMAGE_LAYER)
         seg.mode_combo.setCurrentIndex(seg.mode_combo.findData("replace"))
         seg._refresh_layers()
@@ -228,12 +232,17 @@ class SeriesWidget(QWidget):
     def _after_done(self, labels):
         fine = sibling(self, FinetuneWidget)
         names = self._prompt_names()
-        if fine is not None and self.to_training.isChecked() and labels.any():
+        if fine is not None and self.to_training.isChecked():
+            stem = self.series.images[self.index].stem
+            present = [int(v) for v in np.unique(labels[labels != 0])]
+            for e in read_index(fine.folder):  # a label cleared on a second visit leaves the training set
+                value = e["mask_name"][len(stem) + 1:-len(".png")]
+                if e["mask_name"].startswith(f"{stem}-") and value.isdigit() and int(value) not in present:
+                    remove_example(fine.folder, e["img_name"])
             image = np.asarray(self.viewer.layers[IMAGE_LAYER].data)
-            for value in np.unique(labels[labels != 0]):
-                name = f"{self.series.images[self.index].stem}-{int(value)}"
-                write_benchmark_example(fine.folder, name, image, labels == value,
-                                        names.get(int(value), fine.prompt_edit.text() or "object"))
+            for value in present:  # in place of what an earlier visit stored
+                write_benchmark_example(fine.folder, f"{stem}-{value}", image, labels == value,
+                                        names.get(value, fine.prompt_edit.text() or "object"))
             fine._refresh_examples()
         self.saved_since_training += 1
         every = self.train_every.value()
