@@ -15,9 +15,9 @@
 #   in OUT/stage1, set to answer from the image and its mirror. Stage 2: STAGE2_EPOCHS (12) more
 #   from it, one-cycle to 4e-4 with another shuffle (seed 1), no replay (the full sets train);
 #   its last epoch is installed, with stage 1's training.json kept as training_stage1.json.
-#   ASSET=folder installs elsewhere (a candidate to compare first). Time: stage 1 58.5 min on the
-#   2-core AMD EPYC with AVX-512 of the session that made it; stage 2 51.5 min on the slower Zen 2
-#   EPYC of the next (about 25 min on the first by its speed ratio); docs/offline_model.md.
+#   ASSET=folder installs elsewhere (a candidate to compare first). Time: 95.2 min for the whole
+#   script on a 2-core AMD EPYC with AVX-512 (Zen 5); about 170 min on a Zen 2 EPYC without it
+#   (use EPOCHS=20 STAGE2_EPOCHS=8 there); docs/offline_model.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
