@@ -45,6 +45,7 @@ class SegmentWidget(QWidget):
         self.viewer = viewer
         self.session = SegmentSession()
         self.worker = None
+        self._when_done: list = []  # calls waiting for the running segmentation to end
         self._build()
         self._wire()
         self._refresh_layers()
@@ -275,6 +276,17 @@ class SegmentWidget(QWidget):
     def _done(self):
         self.worker = None
         self._set_running(False)
+        calls, self._when_done = self._when_done, []
+        for call in calls:
+            call()
+
+    def when_done(self, call) -> None:
+        """Call ``call`` once the running segmentation has ended (at once when none runs).
+        Connecting to the worker's own signal could miss an end already on its way."""
+        if self.worker is None:
+            call()
+        else:
+            self._when_done.append(call)
 
     def _set_running(self, running: bool):
         for w in (self.segment_btn, self.mode_combo, self.target_combo, self.model_combo, self.device_combo):

@@ -179,7 +179,7 @@ class SeriesWidget(QWidget):
             return
         if seg.worker is not None:  # still segmenting the image left behind: this one's turn comes next
             index = self.index
-            seg.worker.finished.connect(lambda: self.index == index and self._segment())
+            seg.when_done(lambda: self.index == index and self._segment())
             return
         seg.image_combo.setCurrentText(IMAGE_LAYER)
         seg.mode_combo.setCurrentIndex(seg.mode_combo.findData("replace"))
