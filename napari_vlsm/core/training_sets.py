@@ -181,6 +181,25 @@ def _delete_inside(sub: Path, name: str) -> None:
         path.unlink(missing_ok=True)
 
 
+def remove_label_examples(folder, stem: str, keep: list[int], split: str = "train") -> None:
+    """Drop the examples ``{stem}-{value}`` (one image's labels, as the image series names them)
+    whose value is not in ``keep``: a label cleared since it was stored."""
+    folder = Path(folder)
+    entries = read_index(folder, split)
+    prefix = f"{stem}-"
+
+    def stale(e) -> bool:
+        value = Path(e["mask_name"]).stem[len(prefix):]
+        return e["mask_name"].startswith(prefix) and value.isdigit() and int(value) not in keep
+
+    gone = [e for e in entries if stale(e)]
+    if gone:
+        write_index(folder, [e for e in entries if not stale(e)], split)
+        for e in gone:
+            _delete_inside(folder / "images", e["img_name"])
+            _delete_inside(folder / "masks", e["mask_name"])
+
+
 def read_index(folder, split: str = "train") -> list[dict]:
     path = Path(folder) / "anns" / f"{split}.json"
     return load_annotations(path) if path.exists() else []

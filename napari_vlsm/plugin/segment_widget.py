@@ -320,7 +320,7 @@ class SegmentWidget(QWidget):
         name = self.target_combo.currentText()
         return self.viewer.layers[name] if name in self.viewer.layers else None
 
-    def _write(self, result, image_layer, mode: str, target, segmented=None):
+    def _write(self, result, image_layer, mode: str, target, segmented: tuple):
         """Put the probabilities of a finished run into Labels (on the GUI thread), unless the
         image or the Labels layer was given other data meanwhile (the image series' Previous and
         Next swap both): then the result belongs to nothing on screen and is dropped."""
@@ -330,8 +330,7 @@ class SegmentWidget(QWidget):
             return
         if target is not None and target not in self.viewer.layers:
             return show_error(f"The Labels layer '{target.name}' was removed while segmenting; nothing was written.")
-        if segmented is not None and (image_layer.data is not segmented[0]
-                                      or (target is not None and target.data is not segmented[1])):
+        if image_layer.data is not segmented[0] or (target is not None and target.data is not segmented[1]):
             self.status.setText(f"'{image_layer.name}' or its Labels layer changed while segmenting, so the result "
                                 "was not written; press Segment to segment what is shown now.")
             return

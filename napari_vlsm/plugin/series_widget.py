@@ -25,7 +25,7 @@ from qtpy.QtWidgets import (
 
 from ..core import mask_edits
 from ..core.series import Series
-from ..core.training_sets import read_index, remove_example, write_benchmark_example
+from ..core.training_sets import remove_label_examples, write_benchmark_example
 from .finetune_widget import FinetuneWidget
 from .label_writing import use_bright_colours, write_plane
 from .qt_helpers import ask, scrolling_layout, sibling
@@ -235,10 +235,7 @@ class SeriesWidget(QWidget):
         if fine is not None and self.to_training.isChecked():
             stem = self.series.images[self.index].stem
             present = [int(v) for v in np.unique(labels[labels != 0])]
-            for e in read_index(fine.folder):  # a label cleared on a second visit leaves the training set
-                value = e["mask_name"][len(stem) + 1:-len(".png")]
-                if e["mask_name"].startswith(f"{stem}-") and value.isdigit() and int(value) not in present:
-                    remove_example(fine.folder, e["img_name"])
+            remove_label_examples(fine.folder, stem, present)  # a label cleared on a second visit
             image = np.asarray(self.viewer.layers[IMAGE_LAYER].data)
             for value in present:  # in place of what an earlier visit stored
                 write_benchmark_example(fine.folder, f"{stem}-{value}", image, labels == value,
