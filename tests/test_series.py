@@ -209,3 +209,25 @@ def test_the_three_docks_fit_a_1600_by_1000_screen(make_napari_viewer):
     assert sum(d.minimumSizeHint().height() for d in docks) < 1000 - 150
     assert max(d.minimumSizeHint().width() for d in docks) < 480
     assert window.minimumSizeHint().height() <= 1000
+
+
+def test_images_that_share_a_stem_keep_their_own_training_examples(qtbot, docks, tmp_path, kvasir):
+    viewer, seg, fine, series = docks
+    folder = tmp_path / "same_stem"
+    folder.mkdir()
+    first, second = sorted((kvasir / "images").iterdir())[:2]
+    shutil.copy(first, folder / "a.png")  # read by content, whatever the name says
+    shutil.copy(second, folder / "a.jpg")
+    series.auto_segment.setChecked(False)
+    series.open(folder)
+    boxes = [(slice(10, 60), slice(20, 90)), (slice(100, 140), slice(100, 150))]
+    for box in boxes:
+        labels = viewer.layers["series labels"]
+        labels.data[box] = 1
+        labels.metadata["vlsm_labels"] = {1: "polyp"}
+        assert series.next()
+    entries = read_index(fine.folder)
+    assert len(entries) == 2, entries  # the second image's pair did not replace the first's
+    stored = [read_image(fine.folder / "masks" / e["mask_name"]) > 0 for e in entries]
+    assert sorted(int(m[boxes[0]].all()) for m in stored) == [0, 1]
+    assert sorted(int(m[boxes[1]].all()) for m in stored) == [0, 1]

@@ -68,8 +68,12 @@ class Series:
             self._ahead = {i + 1: self._pool.submit(read_image, self.images[i + 1])}
         return image
 
+    def mask_path(self, i: int) -> Path:
+        """Where image ``i``'s mask goes: its own name even where two images share a stem."""
+        return self.masks[self.images[i]]
+
     def saved_mask(self, i: int) -> np.ndarray | None:
-        path = self.masks[self.images[i]]
+        path = self.mask_path(i)
         return read_image(path) if path.exists() and path.stat().st_size > 0 else None
 
     def would_replace(self, i: int, labels: np.ndarray) -> bool:
@@ -80,7 +84,7 @@ class Series:
     def save(self, i: int, labels: np.ndarray, prompts: dict[int, str], done: bool = True) -> Path:
         """Write image ``i``'s mask (atomically) and ``labels.json``; mark it done. A saved
         mask that differs is first kept in ``.previous/``, so no save loses one."""
-        target = self.masks[self.images[i]]
+        target = self.mask_path(i)
         if self.would_replace(i, labels):
             keep = self.out_dir / PREVIOUS / target.name
             keep.parent.mkdir(parents=True, exist_ok=True)

@@ -209,7 +209,7 @@ class SeriesWidget(QWidget):
     def save(self, done: bool) -> bool:
         s, labels = self.series, np.asarray(self.labels_layer.data)
         if done and s.would_replace(self.index, labels) and not self._confirm(
-                f"{s.masks[s.images[self.index]].name} was saved before and differs from what is shown. Replace it? "
+                f"{s.mask_path(self.index).name} was saved before and differs from what is shown. Replace it? "
                 "(the previous version is kept in .previous/)"):
             return False
         try:
@@ -233,7 +233,7 @@ class SeriesWidget(QWidget):
         fine = sibling(self, FinetuneWidget)
         names = self._prompt_names()
         if fine is not None and self.to_training.isChecked():
-            stem = self.series.images[self.index].stem
+            stem = self.series.mask_path(self.index).stem  # unique where image stems collide (a.png, a.jpg)
             present = [int(v) for v in np.unique(labels[labels != 0])]
             remove_label_examples(fine.folder, stem, present)  # a label cleared on a second visit
             image = np.asarray(self.viewer.layers[IMAGE_LAYER].data)
