@@ -4,6 +4,7 @@ written outside --out, and a Predictor that never answers for the wrong image.""
 import json
 import os
 import shutil
+import time
 import warnings
 
 import numpy as np
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 
 from napari_vlsm.cli import app
 from napari_vlsm.core import train as T
+from napari_vlsm.core.checkpoint import new_run_folder
 from napari_vlsm.core.errors import ModelNotFoundError, TrainingError, VLSMError
 from napari_vlsm.core.folder_labeling import OutputLock
 from napari_vlsm.core.imageio import list_images, read_image
@@ -49,6 +51,14 @@ def test_finetune_never_replaces_an_existing_run_without_resume(tiny_unet, small
     res = cli("finetune", small_benchmark, "-m", tiny_unet, "-o", out, "--epochs", "1")
     assert res.exit_code == 2 and "already holds a training run" in res.output and "--resume" in res.output
     assert (out / "best" / "model.safetensors").read_bytes() == before
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr(time, "strftime", lambda fmt: "20261202-101010")
+    folders = [new_run_folder(tmp_path / "models") for _ in range(3)]
+    assert [f.name for f in folders] == ["finetune-20261202-101010", "finetune-20261202-101010-2",
+                                         "finetune-20261202-101010-3"]
+    assert all(f.is_dir() and not any(f.iterdir()) for f in folders)
 
 
 def test_an_interrupted_checkpoint_swap_is_repaired_on_resume(tiny_unet, small_benchmark, tmp_path):

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from .atomic import apply_umask
@@ -28,6 +29,22 @@ def check_writable(out_dir) -> Path:
         raise OSError(f"Cannot write checkpoints to {out}: {exc.strerror or exc}. "
                       "Choose a writable folder with free space.") from exc
     return out
+
+
+def new_run_folder(parent, prefix: str = "finetune") -> Path:
+    """A folder for a new training run in ``parent``, named by the time it started and never
+    one that exists (two runs started in one second get ``-2``, ``-3``): created, empty."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    base = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1, 1000):
+        out = parent / (base if n == 1 else f"{base}-{n}")
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            continue
+    raise OSError(f"Too many training runs named {base} in {parent}.")
 
 
 def save_checkpoint(backend, target, metadata: dict, extras: dict | None = None) -> Path:

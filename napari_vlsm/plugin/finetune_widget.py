@@ -26,7 +26,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..core.checkpoint import BEST
+from ..core.checkpoint import BEST, new_run_folder
 from ..core.errors import VLSMError
 from ..core.file_names import CONFIG
 from ..core.train import SMALL_SET, TARGET_STEPS, TRAIN_MODES_OFFERED, TrainSettings, finetune
@@ -268,7 +268,11 @@ class FinetuneWidget(QWidget):
             return show_error("The training set is empty: add an image and its corrected labels first.")
         seg = self.segment_widget()
         spec = seg.model_spec if seg else "default"
-        out = self.folder.parent / "models" / time.strftime("finetune-%Y%m%d-%H%M%S")
+        try:
+            out = new_run_folder(self.folder.parent / "models")
+        except OSError as exc:
+            return show_error(f"Cannot create a folder for the new model: {exc}. Choose a writable training "
+                              "set folder.")
         self.plot.clear()
         job = thread_worker(_finetune_with_summary, ignore_errors=True)(
             spec, [self.folder], out, settings, val_split="none", metadata={"source": "napari widget"})
