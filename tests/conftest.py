@@ -24,6 +24,9 @@ def data_root() -> Path:
     return SHARED_DATA if (SHARED_DATA / "kvasir_seg" / "anns").exists() else FIXTURE_DATA
 SAMPLE_DATA = ROOT / "sample_data"
 TINY_UNET = dict(widths=[4, 8, 16], image_size=64, text_dim=16, text_layers=1, text_heads=2)
+# the EfficientNet-Lite0 encoder has one shape; the text side and the input stay tiny
+TINY_EFFICIENTNET_UNET = dict(encoder="efficientnet_lite0", widths=[16, 24, 40, 112, 320], image_size=64,
+                              text_dim=16, text_layers=1, text_heads=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +41,14 @@ def tiny_unet(tmp_path_factory) -> Path:
     from napari_vlsm.core.random_models import build_random_film_unet
 
     return build_random_film_unet(tmp_path_factory.mktemp("models") / "tiny_unet", **TINY_UNET)
+
+
+@pytest.fixture(scope="session")
+def tiny_efficientnet_unet(tmp_path_factory) -> Path:
+    from napari_vlsm.core.random_models import build_random_film_unet
+
+    return build_random_film_unet(tmp_path_factory.mktemp("models") / "tiny_efficientnet_unet",
+                                  **TINY_EFFICIENTNET_UNET)
 
 
 @pytest.fixture(scope="session")

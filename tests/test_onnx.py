@@ -15,7 +15,7 @@ from napari_vlsm.core.predictor import Predictor
 PROMPTS = ["polyp", "one small pink circle polyp, located in right of the image"]
 
 
-@pytest.fixture(scope="module", params=["tiny_clipseg", "tiny_unet"])
+@pytest.fixture(scope="module", params=["tiny_clipseg", "tiny_unet", "tiny_efficientnet_unet"])
 def exported(request, tmp_path_factory):
     src = request.getfixturevalue(request.param)
     out = tmp_path_factory.mktemp("onnx") / request.param

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
+from . import efficientnet_lite
 from .backend import TRAIN_MODES, TorchBackend
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_normalize
 
@@ -35,7 +36,11 @@ class FilmUNetConfig(PretrainedConfig):
     def __init__(self, widths=(8, 16, 32, 64, 256), image_size=256, text_dim=64, text_layers=2,
                  text_heads=4, vocab_size=49408, max_position_embeddings=77, eos_token_id=49407,
                  image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, adapters=0, route_prompts=(),
-                 route_owners=(), flip_average=False, **kwargs):
+                 route_owners=(), flip_average=False, encoder="unet", **kwargs):
+        # "unet": the UNet encoder below, widths its levels' channels from full resolution down;
+        # "efficientnet_lite0": that network (ImageNet weights to start from), its levels'
+        # channels as widths, from half resolution down (logits upsampled 2x)
+        self.encoder = encoder
         self.widths = list(widths)
         self.flip_average = flip_average          # predict on the image and its mirror, average the logits
         self.adapters = adapters                  # image paths of classes taught after the base
@@ -101,8 +106,21 @@ class TextBlock(nn.Module):
         return x + self.linear2(F.relu(self.linear1(self.norm2(x))))
 
 
-def image_encoder(w: list[int]) -> nn.ModuleList:
+def image_encoder(config: FilmUNetConfig) -> nn.Module:
+    if config.encoder == efficientnet_lite.NAME:
+        if tuple(config.widths) != efficientnet_lite.CHANNELS:
+            raise ValueError(f"The {config.encoder} encoder's levels have {efficientnet_lite.CHANNELS} channels; "
+                             f"the config's widths are {tuple(config.widths)}.")
+        return efficientnet_lite.EfficientNetLite0Encoder()
+    if config.encoder != "unet":
+        raise ValueError(f"Unknown image encoder {config.encoder!r}: 'unet' or '{efficientnet_lite.NAME}'.")
+    w = config.widths
     return nn.ModuleList([conv_block(3, w[0])] + [conv_block(a, b) for a, b in zip(w, w[1:])])
+
+
+def output_stride(config: FilmUNetConfig) -> int:
+    """How much smaller than the input the top level (and so the head's logits) is."""
+    return 2 if config.encoder == efficientnet_lite.NAME else 1
 
 
 def image_decoder(w: list[int], text_dim: int) -> tuple[nn.ModuleList, nn.ModuleList, nn.ModuleList, nn.Conv2d]:
@@ -120,10 +138,13 @@ class ImagePath(nn.Module):
 
     def __init__(self, config: FilmUNetConfig):
         super().__init__()
-        self.encoder = image_encoder(config.widths)
+        self.encoder = image_encoder(config)
         self.films, self.ups, self.decoder, self.head = image_decoder(config.widths, config.text_dim)
+        self.output_stride = output_stride(config)
 
     def encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        if not isinstance(self.encoder, nn.ModuleList):
+            return self.encoder(pixel_values)
         feats, x = [], pixel_values
         for i, block in enumerate(self.encoder):
             x = block(x if i == 0 else F.max_pool2d(x, 2))
@@ -143,7 +164,10 @@ class ImagePath(nn.Module):
         for up, block, film, skip in zip(self.ups, self.decoder, self.films[1:], reversed(feats[:-1])):
             x = block(torch.cat([up(x), skip], dim=1))
             x = ImagePath._film(x, film, text)
-        return self.head(x)[:, 0]
+        logits = self.head(x)
+        if self.output_stride > 1:
+            logits = F.interpolate(logits, scale_factor=self.output_stride, mode="bilinear", align_corners=False)
+        return logits[:, 0]
 
 
 class FilmUNetForSegmentation(PreTrainedModel):
@@ -155,9 +179,10 @@ class FilmUNetForSegmentation(PreTrainedModel):
         super().__init__(config)
         # the base path's parts sit on the model itself (ImagePath's names), so weight names and
         # the order of random initialisation stay as they were before adapters
-        self.encoder = image_encoder(config.widths)
+        self.encoder = image_encoder(config)
         self.text_encoder = TextEncoder(config)
         self.films, self.ups, self.decoder, self.head = image_decoder(config.widths, config.text_dim)
+        self.output_stride = output_stride(config)
         self.adapters = nn.ModuleList([ImagePath(config) for _ in range(config.adapters)])
         if config.route_prompts:
             self.register_buffer("route_embeddings", torch.zeros(len(config.route_prompts), config.text_dim))
