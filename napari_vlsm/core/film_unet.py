@@ -25,8 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from . import efficientnet_lite
 from .backend import TRAIN_MODES, TorchBackend
+from .efficientnet_lite import CHANNELS as EFFICIENTNET_CHANNELS
+from .efficientnet_lite import NAME as EFFICIENTNET_LITE0
+from .efficientnet_lite import EfficientNetLite0Encoder
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_normalize
 
 
@@ -107,20 +109,20 @@ class TextBlock(nn.Module):
 
 
 def image_encoder(config: FilmUNetConfig) -> nn.Module:
-    if config.encoder == efficientnet_lite.NAME:
-        if tuple(config.widths) != efficientnet_lite.CHANNELS:
-            raise ValueError(f"The {config.encoder} encoder's levels have {efficientnet_lite.CHANNELS} channels; "
+    if config.encoder == EFFICIENTNET_LITE0:
+        if tuple(config.widths) != EFFICIENTNET_CHANNELS:
+            raise ValueError(f"The {config.encoder} encoder's levels have {EFFICIENTNET_CHANNELS} channels; "
                              f"the config's widths are {tuple(config.widths)}.")
-        return efficientnet_lite.EfficientNetLite0Encoder()
+        return EfficientNetLite0Encoder()
     if config.encoder != "unet":
-        raise ValueError(f"Unknown image encoder {config.encoder!r}: 'unet' or '{efficientnet_lite.NAME}'.")
+        raise ValueError(f"Unknown image encoder {config.encoder!r}: 'unet' or '{EFFICIENTNET_LITE0}'.")
     w = config.widths
     return nn.ModuleList([conv_block(3, w[0])] + [conv_block(a, b) for a, b in zip(w, w[1:])])
 
 
 def output_stride(config: FilmUNetConfig) -> int:
     """How much smaller than the input the top level (and so the head's logits) is."""
-    return 2 if config.encoder == efficientnet_lite.NAME else 1
+    return 2 if config.encoder == EFFICIENTNET_LITE0 else 1
 
 
 def image_decoder(w: list[int], text_dim: int) -> tuple[nn.ModuleList, nn.ModuleList, nn.ModuleList, nn.Conv2d]:
