@@ -80,3 +80,19 @@ def test_the_packages_imagenet_weights_fit_the_encoder():
     assert not torch.equal(before, encoder._blocks[15]._project_conv.weight)
     # trained batch norms: running statistics gathered on ImageNet, not the fresh 0 / 1
     assert not torch.allclose(encoder._bn0.running_var, torch.ones(32))
+
+
+def test_a_round_of_the_shared_network_on_the_pretrained_encoder_uses_a_gentler_rate(
+        tiny_efficientnet_unet, tiny_unet, small_benchmark, tmp_path):
+    from napari_vlsm.core.checkpoint import read_metadata
+    from napari_vlsm.core.train import TrainSettings, finetune
+
+    settings = TrainSettings(epochs=1, batch_size=4)
+    runs = {}
+    for name, model in (("pretrained", tiny_efficientnet_unet), ("unet", tiny_unet)):
+        list(finetune(str(model), [small_benchmark], tmp_path / name, settings, device="cpu"))
+        runs[name] = read_metadata(tmp_path / name / "best")["settings"]["lr"]
+    assert runs == {"pretrained": 3e-4, "unet": 1e-3}
+    # an adapter (a class new to the model) cannot make the base forget: it keeps the faster rate
+    backend = load_model(tiny_efficientnet_unet, "cpu", "fp32")
+    assert TrainSettings().learning_rate(backend, adapter=True) == 1e-3

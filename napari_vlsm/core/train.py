@@ -86,11 +86,12 @@ class TrainSettings:
     threads: int | None = None     # CPU threads for torch (None: the cores this process may use)
     weight_average: float = 0.0    # decay of a moving average of the weights, validated and saved (0: off)
 
-    def learning_rate(self, backend=None) -> float:
+    def learning_rate(self, backend=None, adapter: bool = False) -> float:
+        """The given rate, or the backend's default for the mode (for an adapter's round, its own)."""
         if self.lr is not None:
             return self.lr
         table = backend.default_lr if backend is not None else TorchBackend.default_lr
-        return table.get(self.mode, 1e-4)
+        return table.get("adapter" if adapter and "adapter" in table else self.mode, 1e-4)
 
     def replay_share(self, adapter: int | None) -> float:
         """Half of each batch for the shared network (old classes keep being answered); an
@@ -362,7 +363,7 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
 
         for t in backend.module.state_dict().values():
             dist.broadcast(t, 0)
-    s = replace(s, lr=s.learning_rate(backend))
+    s = replace(s, lr=s.learning_rate(backend, adapter=bool(adapter)))
     groups = _param_groups(backend, params, s)
     opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
     average = WeightAverage(backend.module, s.weight_average) if s.weight_average else None
