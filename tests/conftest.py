@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from napari_vlsm.core import efficientnet_lite
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 FIXTURE_DATA = ROOT / "tests" / "data"  # a few real pairs, committed; see tests/data/README.md
@@ -25,8 +27,9 @@ def data_root() -> Path:
 SAMPLE_DATA = ROOT / "sample_data"
 TINY_UNET = dict(widths=[4, 8, 16], image_size=64, text_dim=16, text_layers=1, text_heads=2)
 # the EfficientNet-Lite0 encoder has one shape; the text side and the input stay tiny
-TINY_EFFICIENTNET_UNET = dict(encoder="efficientnet_lite0", widths=[16, 24, 40, 112, 320], image_size=64,
-                              text_dim=16, text_layers=1, text_heads=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+TINY_EFFICIENTNET_UNET = dict(encoder=efficientnet_lite.NAME, widths=efficientnet_lite.CHANNELS, image_size=64,
+                              text_dim=16, text_layers=1, text_heads=2, image_mean=efficientnet_lite.IMAGE_MEAN,
+                              image_std=efficientnet_lite.IMAGE_STD)
 
 
 @pytest.fixture(scope="session")

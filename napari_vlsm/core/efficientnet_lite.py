@@ -62,6 +62,8 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLite0Encoder(nn.Module):
+    output_stride = 2  # the top level is half the input's size
+
     def __init__(self):
         super().__init__()
         self._conv_stem, self._bn0 = SameConv(3, 32, 3, 2), _bn(32)

@@ -120,11 +120,6 @@ def image_encoder(config: FilmUNetConfig) -> nn.Module:
     return nn.ModuleList([conv_block(3, w[0])] + [conv_block(a, b) for a, b in zip(w, w[1:])])
 
 
-def output_stride(config: FilmUNetConfig) -> int:
-    """How much smaller than the input the top level (and so the head's logits) is."""
-    return 2 if config.encoder == EFFICIENTNET_LITE0 else 1
-
-
 def image_decoder(w: list[int], text_dim: int) -> tuple[nn.ModuleList, nn.ModuleList, nn.ModuleList, nn.Conv2d]:
     """One FiLM (scale, shift) per decoder level, bottleneck included; up-convolutions;
     decoder blocks; the 1x1 head."""
@@ -142,7 +137,6 @@ class ImagePath(nn.Module):
         super().__init__()
         self.encoder = image_encoder(config)
         self.films, self.ups, self.decoder, self.head = image_decoder(config.widths, config.text_dim)
-        self.output_stride = output_stride(config)
 
     def encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         if not isinstance(self.encoder, nn.ModuleList):
@@ -167,8 +161,9 @@ class ImagePath(nn.Module):
             x = block(torch.cat([up(x), skip], dim=1))
             x = ImagePath._film(x, film, text)
         logits = self.head(x)
-        if self.output_stride > 1:
-            logits = F.interpolate(logits, scale_factor=self.output_stride, mode="bilinear", align_corners=False)
+        stride = getattr(self.encoder, "output_stride", 1)  # the UNet encoder's top level is full size
+        if stride > 1:
+            logits = F.interpolate(logits, scale_factor=stride, mode="bilinear", align_corners=False)
         return logits[:, 0]
 
 
@@ -184,7 +179,6 @@ class FilmUNetForSegmentation(PreTrainedModel):
         self.encoder = image_encoder(config)
         self.text_encoder = TextEncoder(config)
         self.films, self.ups, self.decoder, self.head = image_decoder(config.widths, config.text_dim)
-        self.output_stride = output_stride(config)
         self.adapters = nn.ModuleList([ImagePath(config) for _ in range(config.adapters)])
         if config.route_prompts:
             self.register_buffer("route_embeddings", torch.zeros(len(config.route_prompts), config.text_dim))
