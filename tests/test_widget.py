@@ -295,3 +295,48 @@ def test_renamed_layers_and_a_model_that_fails_to_load(qtbot, widget, polyp_imag
     segment(qtbot, widget)
     assert widget.model_spec == before and widget.model_combo.findData(str(tmp_path / "broken")) < 0
     assert "Could not load" in widget.status.text()
+
+
+@pytest.fixture
+def docked(make_napari_viewer, tiny_clipseg):
+    """The segmentation dock as napari opens it from the Plugins menu."""
+    viewer = make_napari_viewer()
+    _, w = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation")
+    w.add_model(str(tiny_clipseg))
+    return w
+
+
+def test_fill_mode_leaves_what_the_annotator_erased_empty(qtbot, docked, polyp_image):
+    viewer = docked.viewer
+    viewer.add_image(polyp_image, name="frame")
+    docked.threshold.setValue(5)  # low threshold: the model claims most pixels
+    segment(qtbot, docked)
+    (labels,) = labels_layers(viewer)
+    before = labels.data.copy()
+    labels.brush_size = 40
+    labels.paint(np.argwhere(before)[len(np.argwhere(before)) // 2], 0)  # the annotator erases a false
+    erased = before != labels.data                                        # positive: erased, not empty
+    assert erased.sum() > 100
+    docked.mode_combo.setCurrentIndex(docked.mode_combo.findData("fill"))
+    docked.target_combo.setCurrentText(labels.name)
+    segment(qtbot, docked, "polyp\nmucosa")
+    assert not labels.data[erased].any()  # only pixels nobody touched were filled
+    labels.data[:] = 0  # untouched zeros (not painted) are filled as before
+    docked.threshold.setValue(6)
+    segment(qtbot, docked)
+    assert labels.data.any()
+
+
+def test_the_status_names_the_prompt_that_found_nothing(qtbot, docked, polyp_image):
+    from napari_vlsm.plugin.session import PlaneProbabilities
+
+    viewer = docked.viewer
+    viewer.add_image(polyp_image, name="frame")
+    segment(qtbot, docked, "polyp\nmucosa")
+    (labels,) = labels_layers(viewer)
+    probs = np.zeros((2, 8, 8), np.float32)
+    probs[0, 2:4, 2:4] = 0.9  # polyp found, mucosa nowhere above 0.5
+    probs[1] = 0.3
+    text = docked._result_message(PlaneProbabilities(["polyp", "mucosa"], {(): probs}), labels, "CLIPSeg on cpu")
+    assert text.startswith("Wrote 1 plane(s)") and "Nothing above threshold 0.50 for 'mucosa'." in text
+    assert "'polyp'" not in text

@@ -30,6 +30,7 @@ class LabelWrite:
     values: list                   # label value of each prompt
     before: np.ndarray             # the plane before the write
     written: np.ndarray            # the plane as the write left it
+    keep: np.ndarray | None = None  # the annotator's pixels the write left as they were
 
 
 def label_values(target, prompts: list[str], created: bool) -> list[int]:
@@ -57,9 +58,70 @@ def widen_for(target, value: int) -> None:
         target.data = np.asarray(target.data).astype(np.uint16 if value <= np.iinfo(np.uint16).max else np.uint32)
 
 
-def planned_plane(before: np.ndarray, labels: np.ndarray, mode: str) -> np.ndarray:
-    """What the plane should become: ``labels``, or (fill) ``labels`` only where it was 0."""
-    return np.where(before == 0, labels, before) if mode == "fill" else labels
+def planned_plane(before: np.ndarray, labels: np.ndarray, mode: str, keep: np.ndarray | None = None) -> np.ndarray:
+    """What the plane should become: ``labels``, or (fill) ``labels`` only where it was 0;
+    either way the pixels in ``keep`` (the annotator's own) stay as they are."""
+    planned = np.where(before == 0, labels, before) if mode == "fill" else labels
+    return planned if keep is None or not keep.any() else np.where(keep, before, planned)
+
+
+def forget_history(layer) -> None:
+    """Start the layer's undo history afresh: after its data was swapped for another image's,
+    undo must not bring back pixels of the image before. napari clears the history when a
+    layer stops being editable (it has no public call for it alone); the tool is kept."""
+    mode = layer.mode
+    layer.editable = False
+    layer.editable = True
+    layer.mode = mode
+
+
+def _key(layer):
+    """A layer's identity that survives napari's plugin proxies (a new wrapper on each access)."""
+    return getattr(layer, "unique_id", None) or id(layer)
+
+
+class EditTracker:
+    """Which pixels the annotator painted, erased or filled in each watched Labels layer since
+    the plugin last wrote a result there (napari's ``paint`` event carries each undo step's
+    indices), so "only where still 0" never refills what was erased on purpose."""
+
+    def __init__(self):
+        self._touched: dict[int, np.ndarray] = {}
+        self._watched: set[int] = set()
+
+    def watch(self, layer) -> None:
+        if _key(layer) in self._watched:
+            return
+        self._watched.add(_key(layer))
+        layer.events.paint.connect(lambda event: self._record(layer, event.value))
+        layer.events.data.connect(lambda event: self._touched.pop(_key(layer), None))  # another image
+
+    def _record(self, layer, atoms) -> None:
+        touched = self._touched.get(_key(layer))
+        if touched is None or touched.shape != layer.data.shape:
+            touched = self._touched[_key(layer)] = np.zeros(layer.data.shape, bool)
+        for atom in atoms:
+            if isinstance(atom, tuple) and len(atom) == 3 and not hasattr(atom, "slice_key"):
+                touched[tuple(atom[0])] = True  # data_setitem: (indices, old values, new values)
+            elif atom.mask is None:
+                touched[atom.slice_key] = True  # the brush, fill or polygon: a box and its mask
+            else:
+                touched[atom.slice_key] |= atom.mask
+
+    def touched(self, layer, index: tuple):
+        """The plane's pixels touched since the last result, or None when there are none."""
+        touched = self._touched.get(_key(layer))
+        if touched is None:
+            return None
+        return touched[index] if index else touched
+
+    def forget(self, layer, index: tuple) -> None:
+        touched = self._touched.get(_key(layer))
+        if touched is not None:
+            if index:
+                touched[index] = False
+            else:
+                del self._touched[_key(layer)]
 
 
 def new_labels_layer(viewer, image_layer, name: str):
@@ -129,10 +191,11 @@ def to_labels(probs: np.ndarray, values: list[int], threshold: float, dtype) -> 
 
 
 def write_result(viewer, image_layer, target, probs_by_index: dict, prompts: list[str], threshold: float,
-                 mode: str):
+                 mode: str, keep: dict | None = None):
     """Write one run's probabilities: into a new Labels layer (``target`` None) or into
-    ``target`` by ``mode`` ("fill" or "replace"). Returns (layer, LabelWrite of a single
-    plane for re-thresholding, or None)."""
+    ``target`` by ``mode`` ("fill" or "replace"), leaving the pixels ``keep[index]`` (the
+    annotator's strokes) as they are. Returns (layer, LabelWrite of a single plane for
+    re-thresholding, or None)."""
     created = target is None
     if created:
         target = new_labels_layer(viewer, image_layer, layer_name(image_layer, prompts))
@@ -142,12 +205,19 @@ def write_result(viewer, image_layer, target, probs_by_index: dict, prompts: lis
     for index, probs in probs_by_index.items():
         before = plane(target, index).copy()
         labels = to_labels(probs, values, threshold, target.data.dtype)
-        written = write_plane(target, index, planned_plane(before, labels, write_mode))
+        kept = (keep or {}).get(index)
+        written = write_plane(target, index, planned_plane(before, labels, write_mode, kept))
     set_label_names(target, dict(zip(values, prompts)))
     if created:
         use_bright_colours(target, values)
     single = len(probs_by_index) == 1
-    return target, (LabelWrite(target, index, write_mode, values, before, written) if single else None)
+    return target, (LabelWrite(target, index, write_mode, values, before, written, kept) if single else None)
+
+
+def edited_since(target, snapshots: dict) -> dict:
+    """For each plane index, the pixels of ``target`` that differ from ``snapshots[index]``
+    (the plane when the run was asked for): strokes made while it ran."""
+    return {index: plane(target, index) != snap for index, snap in snapshots.items()}
 
 
 def rethreshold(write: LabelWrite, probs: np.ndarray, threshold: float) -> bool:
@@ -156,5 +226,5 @@ def rethreshold(write: LabelWrite, probs: np.ndarray, threshold: float) -> bool:
     if not np.array_equal(plane(write.layer, write.index), write.written):
         return False
     labels = to_labels(probs, write.values, threshold, write.layer.data.dtype)
-    write.written = write_plane(write.layer, write.index, planned_plane(write.before, labels, write.mode))
+    write.written = write_plane(write.layer, write.index, planned_plane(write.before, labels, write.mode, write.keep))
     return True

@@ -30,7 +30,7 @@ from ..core.errors import VLSMError
 from ..core.model_card import card_for, describe_card, nothing_found_hint, unknown_words_note
 from ..core.prompts import CHOICES, build_prompt
 from . import label_writing
-from .planes import all_indices, check_single_scale, current_index
+from .planes import all_indices, check_single_scale, current_index, plane
 from .qt_helpers import PROBABILITY_KEY, fill_layer_combo, is_probability_map, on_layers_changed, scrolling_layout
 from .session import SegmentSession
 
@@ -46,6 +46,7 @@ class SegmentWidget(QWidget):
         self.session = SegmentSession()
         self.worker = None
         self._when_done: list = []  # calls waiting for the running segmentation to end
+        self.edits = label_writing.EditTracker()  # what the annotator touched since the last result
         self._build()
         self._wire()
         self._refresh_layers()
@@ -160,6 +161,9 @@ class SegmentWidget(QWidget):
         self.cancel_btn.clicked.connect(self.cancel)
 
     def _refresh_layers(self, *_):
+        for layer in self.viewer.layers:
+            if isinstance(layer, napari.layers.Labels):
+                self.edits.watch(layer)
         fill_layer_combo(self.image_combo, self.viewer, napari.layers.Image)
         fill_layer_combo(self.target_combo, self.viewer, napari.layers.Labels)
         self.target_combo.setEnabled(self.mode != "new")
@@ -256,6 +260,8 @@ class SegmentWidget(QWidget):
         self._remember(self.prompt_edit.toPlainText().strip())
         mode, target = self.mode, (self._target_layer() if self.mode != "new" else None)
         segmented = (layer.data, None if target is None else target.data)  # what the result belongs to
+        if target is not None:  # the planes as asked for: strokes made while it runs are kept
+            segmented += ({i: plane(target, i).copy() for i in indices},)
         worker = thread_worker(self.session.segment, progress={"total": len(indices), "desc": "Segmenting"},
                                ignore_errors=True)(
             self.model_spec, self.device_combo.currentText(), layer, indices, self.prompts)
@@ -334,8 +340,16 @@ class SegmentWidget(QWidget):
             self.status.setText(f"'{image_layer.name}' or its Labels layer changed while segmenting, so the result "
                                 "was not written; press Segment to segment what is shown now.")
             return
+        keep = {} if target is None else label_writing.edited_since(target, segmented[2])
+        if target is not None and mode == "fill":  # erased since the last result is not empty
+            for index in keep:
+                touched = self.edits.touched(target, index)
+                if touched is not None:
+                    keep[index] |= touched
         target, write = label_writing.write_result(self.viewer, image_layer, target, result.probs, result.prompts,
-                                                   self.threshold_value, mode)
+                                                   self.threshold_value, mode, keep)
+        for index in result.probs:
+            self.edits.forget(target, index)
         target.metadata.update(vlsm_model=self.session.spec, vlsm_prompts=list(result.prompts),
                                vlsm_threshold=self.threshold_value, vlsm_image=image_layer.name)
         self.session.last = result if write is not None else None  # the slider re-thresholds one plane
@@ -349,17 +363,24 @@ class SegmentWidget(QWidget):
         backend = self.session.backend
         from ..core.device import describe
 
+        kept = int(sum(int(k.sum()) for k in keep.values()))
         self.status.setText(self._result_message(result, target, f"{backend.name} on "
-                                                 f"{describe(backend.device, backend.dtype)}"))
+                                                 f"{describe(backend.device, backend.dtype)}", kept))
 
-    def _result_message(self, result, target, engine: str) -> str:
+    def _result_message(self, result, target, engine: str, kept: int = 0) -> str:
         card = card_for(self.session.spec)
-        highest = max(float(p.max()) for p in result.probs.values())
-        if highest < self.threshold_value:
-            text = (f"Nothing above threshold {self.threshold_value:.2f} (highest probability {highest:.2f}) for "
-                    f"{', '.join(repr(p) for p in result.prompts)}. " + nothing_found_hint(card, result.prompts))
+        highest = [max(float(p[i].max()) for p in result.probs.values()) for i in range(len(result.prompts))]
+        empty = [p for p, h in zip(result.prompts, highest) if h < self.threshold_value]
+        if len(empty) == len(result.prompts):
+            text = (f"Nothing above threshold {self.threshold_value:.2f} (highest probability {max(highest):.2f}) "
+                    f"for {', '.join(repr(p) for p in result.prompts)}. " + nothing_found_hint(card, result.prompts))
         else:
             text = f"Wrote {len(result.probs)} plane(s) to '{target.name}' with {engine}."
+            if empty:
+                text += (f" Nothing above threshold {self.threshold_value:.2f} for "
+                         f"{', '.join(repr(p) for p in empty)}.")
+        if kept:
+            text += f" Kept {kept} pixel(s) you edited while it ran."
         return f"{text} {unknown_words_note(card, result.prompts)}".strip()
 
     def _add_probability_layer(self, image_layer, result):
@@ -385,4 +406,5 @@ class SegmentWidget(QWidget):
         if not label_writing.rethreshold(write, last.probs[write.index], self.threshold_value):
             self.status.setText("The layer was edited since; press Segment to apply the new threshold.")
             return
+        self.edits.forget(write.layer, write.index)
         write.layer.metadata["vlsm_threshold"] = self.threshold_value
