@@ -3,6 +3,7 @@ Next, close and resume, nothing saved is lost; quick mask edits."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,6 +193,7 @@ def test_revisiting_an_image_replaces_its_training_examples(qtbot, docks, folder
         f"{series.series.images[0].stem}-1.png", f"{series.series.images[0].stem}-2.png"]
     series.previous()
     labels.data[labels.data == 2] = 0  # not an instrument after all
+    labels.metadata["vlsm_labels"] = {1: "polyp"}
     assert series.next()
     entries = read_index(fine.folder)
     assert [e["mask_name"] for e in entries] == [f"{series.series.images[0].stem}-1.png"]
@@ -231,3 +233,126 @@ def test_images_that_share_a_stem_keep_their_own_training_examples(qtbot, docks,
     stored = [read_image(fine.folder / "masks" / e["mask_name"]) > 0 for e in entries]
     assert sorted(int(m[boxes[0]].all()) for m in stored) == [0, 1]
     assert sorted(int(m[boxes[1]].all()) for m in stored) == [0, 1]
+
+
+# ---------- nothing the annotator does is lost ----------
+
+def stroke(layer, centre, value, size=9):
+    """A brush stroke as the annotator paints it (napari's own paint: one undo step)."""
+    layer.brush_size = size
+    layer.paint(centre, value)
+
+
+def test_undo_stays_within_the_image_shown(docks, folder):
+    viewer, seg, fine, series = docks
+    series.auto_segment.setChecked(False)
+    series.open(folder)
+    labels = viewer.layers["series labels"]
+    stroke(labels, (40, 40), 1)
+    labels.metadata["vlsm_labels"] = {1: "polyp"}
+    assert series.next()
+    assert not labels.data.any()  # image 2 has no mask yet
+    for _ in range(3):
+        labels.undo()
+    for _ in range(3):
+        labels.redo()
+    assert not labels.data.any()  # image 1's stroke did not come back on image 2
+    stroke(labels, (100, 100), 1)
+    labels.undo()
+    assert not labels.data.any()  # undo of image 2's own stroke still works
+    labels.redo()
+    assert labels.data[100, 100] == 1
+
+
+def test_strokes_painted_while_segmenting_are_kept(qtbot, docks, folder):
+    viewer, seg, fine, series = docks
+    series.open(folder)
+    assert seg.worker is not None  # the automatic segmentation of image 1 runs
+    labels = viewer.layers["series labels"]
+    stroke(labels, (40, 40), 5)  # the annotator does not wait for it
+    painted = labels.data == 5
+    wait(qtbot, seg)
+    assert labels.metadata["vlsm_model"] == seg.model_spec  # the result was written ...
+    assert (labels.data[painted] == 5).all()  # ... around the stroke
+    assert f"Kept {int(painted.sum())} pixel(s) you edited" in seg.status.text()
+
+
+@pytest.mark.parametrize("close", ["viewer.close()", "the window's close button"])
+def test_closing_napari_saves_the_edits_of_the_image_shown(docks, folder, close):
+    viewer, seg, fine, series = docks
+    series.auto_segment.setChecked(False)
+    series.open(folder)
+    stroke(viewer.layers["series labels"], (60, 60), 1)
+    path = series.series.mask_path(0)
+    assert not path.exists()
+    viewer.close() if close == "viewer.close()" else viewer.window._qt_window.close()
+    assert read_image(path)[60, 60] == 1
+    assert Series(folder).n_done == 0  # saved, not marked done
+
+
+def test_an_image_emptied_by_the_annotator_is_a_negative_for_its_prompt(docks, folder):
+    viewer, seg, fine, series = docks
+    series.auto_segment.setChecked(False)
+    series.open(folder)
+    labels = viewer.layers["series labels"]
+    labels.metadata["vlsm_labels"] = {1: "polyp", 2: "instrument"}
+    stroke(labels, (40, 40), 1)  # a polyp; no instrument in this image
+    assert series.next()
+    labels.metadata["vlsm_labels"] = {1: "polyp"}  # a false positive, erased: nothing here
+    assert series.next()
+    stems = [p.stem for p in series.series.images[:2]]
+    entries = {e["mask_name"]: e for e in read_index(fine.folder)}
+    assert sorted(entries) == sorted([f"{stems[0]}-1.png", f"{stems[0]}-2.png", f"{stems[1]}-1.png"])
+    assert entries[f"{stems[0]}-2.png"]["prompts"]["p1"] == "instrument"
+    assert entries[f"{stems[1]}-1.png"]["prompts"]["p1"] == "polyp"
+    assert not read_image(fine.folder / "masks" / f"{stems[1]}-1.png").any()
+    assert read_image(fine.folder / "masks" / f"{stems[0]}-1.png").any()
+
+
+def test_replacing_what_this_session_saved_asks_nothing(docks, folder, monkeypatch):
+    viewer, seg, fine, series = docks
+    asked = []
+    monkeypatch.setattr(series, "_confirm", lambda q: asked.append(q) or True)
+    series.auto_segment.setChecked(False)
+    series.open(folder)
+    labels = viewer.layers["series labels"]
+    assert series.next()
+    stroke(labels, (40, 40), 1)
+    series.previous()  # image 2's edits are saved quietly
+    assert series.next() and series.index == 1
+    stroke(labels, (120, 120), 1)
+    assert series.next() and series.index == 2
+    assert asked == []  # the file held what this session wrote: nothing of anyone else's is replaced
+    saved = read_image(series.series.mask_path(1))
+    assert saved[40, 40] == 1 and saved[120, 120] == 1
+    assert not (series.series.out_dir / ".previous").exists()
+
+
+def test_back_to_the_previous_model_sticks_and_trainings_build_on_each_other(qtbot, docks, folder):
+    viewer, seg, fine, series = docks
+    series.train_every.setValue(1)
+    fine.epochs.setValue(1)
+    series.auto_segment.setChecked(False)
+    series.open(folder)
+    base = seg.model_spec
+    labels = viewer.layers["series labels"]
+    labels.metadata["vlsm_labels"] = {1: "polyp"}
+
+    def annotate_and_next():
+        stroke(labels, (60, 60), 1, size=30)
+        assert series.next()
+
+    annotate_and_next()  # training 1 starts from the model in use
+    qtbot.waitUntil(lambda: fine.worker is None, timeout=120000)
+    first = fine.pending_model
+    assert first and seg.model_spec == base  # waits for the next image
+    annotate_and_next()  # training 2 starts from the first's model, now in use
+    assert seg.model_spec == first
+    qtbot.waitUntil(lambda: fine.worker is None, timeout=120000)
+    second = fine.pending_model
+    assert json.loads((Path(second) / "training.json").read_text())["base_model"] == first
+    fine.use_previous_model()
+    assert seg.model_spec == base and not fine.pending_model
+    annotate_and_next()
+    assert seg.model_spec == base  # Back won over the model that was waiting
+    qtbot.waitUntil(lambda: fine.worker is None, timeout=120000)  # the third run, from base

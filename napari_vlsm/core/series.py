@@ -47,6 +47,7 @@ class Series:
         self.out_dir = Path(out_dir) if out_dir else self.folder / DEFAULT_OUT
         self.masks = mask_paths(self.out_dir, self.images, "png")
         self.done: set[str] = set(self._read_progress())
+        self._wrote: dict[int, tuple] = {}  # what this session wrote for each image, as the file's stat
         self._pool = ThreadPoolExecutor(1)
         self._ahead: dict[int, Future] = {}
 
@@ -77,7 +78,11 @@ class Series:
         return read_image(path) if path.exists() and path.stat().st_size > 0 else None
 
     def would_replace(self, i: int, labels: np.ndarray) -> bool:
-        """True when a saved mask exists for image ``i`` and differs from ``labels``."""
+        """True when image ``i`` has a saved mask that this session did not write (an earlier
+        session's, or the command line's) and that differs from ``labels``. Replacing what this
+        session wrote itself (auto-save, Previous) needs no question."""
+        if self._wrote.get(i) is not None and self._wrote[i] == _stat(self.mask_path(i)):
+            return False
         saved = self.saved_mask(i)
         return saved is not None and not np.array_equal(saved, np.asarray(labels).astype(saved.dtype))
 
@@ -90,6 +95,7 @@ class Series:
             keep.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(target, keep)
         path = write_mask(target, np.asarray(labels))
+        self._wrote[i] = _stat(path)
         atomic_write_text(self.out_dir / SIDECAR, json.dumps(
             {"labels": {str(k): v for k, v in sorted(prompts.items())}, "background": 0}, indent=1))
         if done:
@@ -105,3 +111,11 @@ class Series:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _stat(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns

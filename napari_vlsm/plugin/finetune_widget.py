@@ -349,7 +349,12 @@ class FinetuneWidget(QWidget):
             self._activate(spec)
 
     def use_previous_model(self):
+        """Back to the model used before the last one came in; a model still waiting for the
+        next image is dropped, so Back sticks."""
         seg = self.segment_widget()
+        if self.pending_model:
+            self.status.setText(f"Not switching to {self.pending_model}; it stays on disk.")
+            self.pending_model = None
         if seg is not None and self.previous_model:
             seg.add_model(self.previous_model, select=True)
             self.back_btn.setEnabled(False)

@@ -63,3 +63,19 @@ def fill_layer_combo(combo, viewer, kind) -> None:
     if current:
         combo.setCurrentText(current)
     combo.blockSignals(False)
+
+
+def on_window_close(widget, callback):
+    """Call ``callback`` when the window holding ``widget`` is about to close (before napari
+    tears its layers down). The watcher lives as long as ``widget``; returned so it is kept."""
+    from qtpy.QtCore import QEvent, QObject
+
+    class CloseWatcher(QObject):
+        def eventFilter(self, obj, event):
+            if event.type() == QEvent.Type.Close:
+                callback()
+            return False
+
+    watcher = CloseWatcher(widget)
+    widget.window().installEventFilter(watcher)
+    return watcher

@@ -27,8 +27,8 @@ from ..core import mask_edits
 from ..core.series import Series
 from ..core.training_sets import remove_label_examples, write_benchmark_example
 from .finetune_widget import FinetuneWidget
-from .label_writing import use_bright_colours, write_plane
-from .qt_helpers import ask, scrolling_layout, sibling
+from .label_writing import forget_history, use_bright_colours, write_plane
+from .qt_helpers import ask, on_window_close, scrolling_layout, sibling
 from .segment_widget import SegmentWidget
 
 IMAGE_LAYER, LABELS_LAYER = "series image", "series labels"
@@ -48,6 +48,8 @@ class SeriesWidget(QWidget):
         self.timer.setInterval(AUTOSAVE_MS)
         self.timer.timeout.connect(self.autosave)
         self.timer.start()
+        self._closing = None
+        viewer.layers.events.removing.connect(self._before_removal)  # viewer.close() removes layers first
 
     # ---------- layout ----------
     def _build(self):
@@ -131,6 +133,7 @@ class SeriesWidget(QWidget):
             self.autosave()
             self.series.close()
         self.series = series
+        self._closing = self._closing or on_window_close(self, self.autosave)  # closing napari saves first
         self.folder_edit.setText(str(series.folder))
         self.out_label.setText(str(series.out_dir))
         self.show(series.first_undone())
@@ -145,6 +148,7 @@ class SeriesWidget(QWidget):
         self._set_layer(IMAGE_LAYER, image, "image", rgb=image.ndim == 3 and image.shape[-1] in (3, 4))
         self._set_layer(LABELS_LAYER, labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16),
                         "labels")
+        forget_history(self.labels_layer)  # undo stays within the image shown
         self.loaded = self.labels_layer.data.copy()
         fine = sibling(self, FinetuneWidget)
         if fine is not None:
@@ -229,26 +233,41 @@ class SeriesWidget(QWidget):
         if not np.array_equal(self.labels_layer.data, self.loaded):
             self.save(done=False)
 
+    def _before_removal(self, event) -> None:
+        if self.viewer.layers[event.index].name == LABELS_LAYER:
+            self.autosave()
+
     def _after_done(self, labels):
         fine = sibling(self, FinetuneWidget)
-        names = self._prompt_names()
         if fine is not None and self.to_training.isChecked():
-            stem = self.series.mask_path(self.index).stem  # unique where image stems collide (a.png, a.jpg)
-            present = [int(v) for v in np.unique(labels[labels != 0])]
-            remove_label_examples(fine.folder, stem, present)  # a label cleared on a second visit
-            image = np.asarray(self.viewer.layers[IMAGE_LAYER].data)
-            for value in present:  # in place of what an earlier visit stored
-                write_benchmark_example(fine.folder, f"{stem}-{value}", image, labels == value,
-                                        names.get(value, fine.prompt_edit.text() or "object"))
-            fine._refresh_examples()
+            self._store_pairs(fine, labels)
         self.saved_since_training += 1
         every = self.train_every.value()
         if fine is not None and every and self.saved_since_training >= every and fine.worker is None:
             self.saved_since_training = 0
+            fine.activate_pending()  # between images: each training builds on the one before
             fine.defer_activation = True
             fine.start()
             self.status.setText("Training on the corrections in the background; the new model is used from the "
                                 "next image after it finishes.")
+
+    def _store_pairs(self, fine, labels) -> None:
+        """One training pair per label: the label's mask for each label present, and an empty
+        mask (a negative: "nothing here") for each prompt asked for but absent, so erasing a
+        false positive teaches too."""
+        names = self._prompt_names()
+        if not names:
+            seg = sibling(self, SegmentWidget)
+            names = dict(enumerate(seg.prompts if seg is not None else [], start=1))
+        stem = self.series.mask_path(self.index).stem  # unique where image stems collide (a.png, a.jpg)
+        present = [int(v) for v in np.unique(labels[labels != 0])]
+        values = sorted(set(present) | set(names))
+        remove_label_examples(fine.folder, stem, values)  # a label cleared on a second visit
+        image = np.asarray(self.viewer.layers[IMAGE_LAYER].data)
+        for value in values:  # in place of what an earlier visit stored
+            write_benchmark_example(fine.folder, f"{stem}-{value}", image, labels == value,
+                                    names.get(value, fine.prompt_edit.text() or "object"))
+        fine._refresh_examples()
 
     def _prompt_names(self) -> dict[int, str]:
         names = self.labels_layer.metadata.get("vlsm_labels") or {}
