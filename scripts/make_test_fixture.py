@@ -15,9 +15,9 @@ NAMED = {"kvasir_seg": ["cju0qkwl35piu0993l0dewei2.jpg"]}
 for name, (n_train, n_val) in TAKE.items():
     for split, n in (("train", n_train), ("val", n_val)):
         rows = json.loads((SRC / name / "anns" / f"{split}.json").read_text())
-        if name == "busi":  # tumours and normal images both
-            rows = [r for r in rows if "normal" not in r["img_name"]][: n - 2] + \
-                   [r for r in rows if "normal" in r["img_name"]][:2]
+        if name == "busi":  # tumours and normal images both; every normal val image, so the
+            normal = [r for r in rows if "normal" in r["img_name"]]  # "gives nothing" bound means the same here
+            rows = [r for r in rows if "normal" not in r["img_name"]][: n - 2] + (normal if split == "val" else normal[:2])
         else:
             rows = rows[:n]
         if split == "train":
