@@ -101,3 +101,24 @@ def test_masks_of_images_sharing_a_name_do_not_overwrite(tmp_path, tiny_unet):
                               "--model", str(tiny_unet), "-o", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
     assert len(list((tmp_path / "out").glob("*.png"))) == 3
+
+
+def test_a_folder_of_links_is_read_through_and_never_written_through(tmp_path, tiny_unet):
+    from napari_vlsm.core.series import Series
+
+    store, links, out = tmp_path / "store", tmp_path / "links", tmp_path / "out"
+    store.mkdir()
+    links.mkdir()
+    out.mkdir()
+    for p in sorted(SAMPLE_DATA.glob("*.jpg"))[:2]:
+        shutil.copy(p, store / p.name)
+        (links / p.name).symlink_to(store / p.name)  # a data set kept as a folder of links
+    first = sorted(SAMPLE_DATA.glob("*.jpg"))[0]
+    decoy = tmp_path / "decoy.png"
+    decoy.write_bytes(b"not to be touched")
+    (out / f"{first.stem}.png").symlink_to(decoy)  # a link where a mask goes
+    res = runner.invoke(app, ["segment", str(links), "-p", "polyp", "-o", str(out), "-m", str(tiny_unet)])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{p.stem}.png" for p in store.iterdir())
+    assert decoy.read_bytes() == b"not to be touched" and not (out / f"{first.stem}.png").is_symlink()
+    assert len(Series(links)) == 2  # the image series opens it too

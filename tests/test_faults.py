@@ -228,9 +228,9 @@ def test_links_and_sub_folders_of_an_input_folder_are_reported(tmp_path, polyp_i
     (folder / "nested").mkdir()
     notes = []
     found = list_images([folder], notes)
-    assert [p.name for p in found] == ["a.png", "inside.png"]
+    assert [p.name for p in found] == ["a.png", "inside.png", "outside.png"]  # links are read through
     text = "\n".join(notes)
-    assert "outside.png: links outside" in text and "loop.png: a broken or looping link" in text
+    assert "loop.png: a broken or looping link" in text and "outside" not in text
     assert "1 sub-folder(s) not searched (nested)" in text
 
 

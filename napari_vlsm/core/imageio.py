@@ -30,26 +30,23 @@ def read_image(path) -> np.ndarray:
 
 
 def list_images(paths, notes: list | None = None) -> list[Path]:
-    """Expand files and folders (not recursive) into a sorted list of image files. What is
-    left out of a folder is said in ``notes``: sub-folders, and links that are broken, loop,
-    or point outside the folder (never followed there)."""
+    """Expand files and folders (not recursive) into a sorted list of image files. Links are
+    followed for reading, wherever they point (data sets are often folders of links); what is
+    left out of a folder is said in ``notes``: sub-folders, and links that are broken or loop.
+    Nothing is ever written through a link (see ``folder_labeling``)."""
     found: list[Path] = []
     notes = notes if notes is not None else []
     for p in map(Path, paths):
         if not p.is_dir():
             found.append(p)
             continue
-        root = p.resolve()
         subdirs = []
         for q in sorted(p.iterdir()):
             if q.is_symlink():
                 try:
-                    target = q.resolve(strict=True)
+                    q.resolve(strict=True)
                 except (OSError, RuntimeError):
                     notes.append(f"{q}: a broken or looping link, left out")
-                    continue
-                if root not in target.parents:
-                    notes.append(f"{q}: links outside {p} (to {target}), left out")
                     continue
             if q.is_dir():
                 subdirs.append(q.name)
