@@ -18,10 +18,11 @@ app = typer.Typer(help="Text-prompted segmentation of 2D medical images with vis
 models_app = typer.Typer(help="List and fetch models.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
 console = Console(stderr=True, soft_wrap=True)  # paths in messages stay whole
-THREADS_HELP = "CPU threads for torch (default: training uses the cores this process may use)."
+THREADS_HELP = "CPU threads for torch (default: the cores this process may use)."
 REPORT_EVERY = 50  # results between report rewrites during a long segment run
 
-MODEL_HELP = "Model: 'default' (embedded offline model), a local folder, or a Hugging Face id."
+MODEL_HELP = ("Model: 'default' (embedded offline model), a local folder (Hugging Face format, or an ONNX export "
+              "from export-onnx), or a Hugging Face id.")
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -75,7 +76,8 @@ def segment(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the masks and labels.json."),
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
     threshold: float = typer.Option(0.5, min=0.0, max=1.0),
-    resume: bool = typer.Option(False, help="Skip images whose mask already exists."),
+    resume: bool = typer.Option(False, help="Go on from an earlier run into --out: the images its report lists as "
+                                            "done (with their mask still there) are skipped; same prompts only."),
     fmt: str = typer.Option("png", "--format", help="Mask format: png or tif."),
     batch_size: int = typer.Option(0, help="Images per model call (0: 8 on GPU, 1 on CPU)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
@@ -86,7 +88,7 @@ def segment(
     _set_threads(threads)
     from .core.checkpoint import check_writable
     from .core.errors import VLSMError
-    from .core.folder_labeling import OutputLock, segment_files, write_report, write_sidecar
+    from .core.folder_labeling import OutputLock, check_resume, segment_files, write_report, write_sidecar
     from .core.imageio import list_images
     from .core.model_card import card_for, unknown_words_note
     from .core.predictor import Predictor, clean_prompts
@@ -97,6 +99,9 @@ def segment(
         prompts = clean_prompts(prompt)
     except ValueError as exc:
         _fail(str(exc))
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:  # before anything is loaded or written
+        _fail(f"No such file or folder: {', '.join(missing)}. Check the path.")
     notes: list[str] = []
     files = list_images(paths, notes)
     for note in notes:
@@ -104,8 +109,10 @@ def segment(
     if not files:
         _fail("No images found in " + ", ".join(map(str, paths)) + ".")
     try:
-        check_writable(out)
-    except OSError as exc:
+        check_writable(out, "masks")
+        if resume:
+            check_resume(out, prompts)
+    except (OSError, ValueError) as exc:
         _fail(str(exc))
     backend = _load(model, device, dtype)
     unknown = unknown_words_note(card_for(model), prompts)
@@ -147,12 +154,12 @@ def evaluate(
     data_dir: Path = typer.Argument(..., help="Folder in the benchmark's format (images/, masks/, anns/)."),
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
     prompt_type: str = typer.Option("p1", help="Benchmark prompt type, p1 to p9."),
-    split: str = typer.Option("val"),
+    split: str = typer.Option("val", help="Which anns/<split>.json to score: val, test or train."),
     threshold: float = typer.Option(0.5, min=0.0, max=1.0),
     csv_out: Path | None = typer.Option(None, "--csv",
                                            help="Per-image CSV (default: evaluation_<folder>_<split>_<type>.csv)."),
     limit: int | None = typer.Option(None, help="Only the first N images."),
-    device: str = typer.Option("auto"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
     dtype: str = typer.Option("auto", help="auto, fp32, bf16, fp16."),
     threads: int | None = typer.Option(None, min=1, help=THREADS_HELP),
 ):
@@ -281,7 +288,7 @@ def finetune(
     negatives_file: Path | None = typer.Option(None, help="File of such prompts, one per line (# comments)."),
     negative_fraction: float = typer.Option(0.25, min=0.0, max=1.0,
                                             help="Share of each batch also decoded with a negative prompt."),
-    synonyms: Path | None = typer.Option(None, help="JSON {data folder name: [extra prompts]} such as "
+    synonyms: Path | None = typer.Option(None, help="JSON {data folder name: \\[extra prompts]} such as "
                                                        "\"breast tumor\", trained like the folder's own prompts."),
     repeat: list[str] = typer.Option([], help="FOLDER=N: draw that training folder's examples N times an "
                                               "epoch (oversample a small set of a pooled run)."),
@@ -388,7 +395,7 @@ def export_onnx(
     except ImportError:
         _fail("Exporting needs the onnx packages: pip install 'napari-vlsm[onnx]' (or [gpu] for onnxruntime-gpu).")
     try:
-        check_writable(out_dir)
+        check_writable(out_dir, "the ONNX model")
     except OSError as exc:
         _fail(str(exc))
     backend = _load(model, "cpu", "fp32")

@@ -103,7 +103,7 @@ def test_resume_with_other_prompts_is_refused_and_labels_json_kept(tiny_unet, im
     assert cli("segment", images, "-p", "polyp", "-o", out, "-m", tiny_unet).exit_code == 0
     before = (out / "labels.json").read_text()
     res = cli("segment", images, "-p", "polyp", "-p", "instrument", "-o", out, "-m", tiny_unet, "--resume")
-    assert res.exit_code == 2 and "same prompts" in res.output
+    assert res.exit_code == 2 and "--resume; for the new prompts, write to a new --out" in " ".join(res.output.split())
     assert (out / "labels.json").read_text() == before
 
 
@@ -273,3 +273,43 @@ def test_huge_images_are_reduced_before_any_full_size_copy(tiny_unet):
     pred = Predictor(load_model(tiny_unet, device="cpu"))
     pred.set_image(big)
     assert pred.predict("polyp").masks.shape == (1, 3000, 2500)
+
+
+# ---------- inputs checked before anything is loaded ----------
+
+def test_a_mistyped_input_fails_before_the_model_loads(tmp_path):
+    res = CliRunner().invoke(app, ["segment", str(tmp_path / "imgaes"), "-p", "polyp", "-o", str(tmp_path / "o"),
+                                   "-m", str(tmp_path / "no_model_here")])
+    assert res.exit_code == 2 and "No such file or folder" in res.output and "imgaes" in res.output
+    assert "Cannot load model" not in res.output and not (tmp_path / "o").exists()
+
+
+def test_a_resume_with_other_prompts_is_refused_first_with_advice_that_works(tiny_unet, tmp_path, polyp_image):
+    Image.fromarray(polyp_image).save(tmp_path / "a.png")
+    out = tmp_path / "o"
+    args = ["segment", str(tmp_path / "a.png"), "-o", str(out)]
+    assert CliRunner().invoke(app, args + ["-p", "polyp", "-m", str(tiny_unet)]).exit_code == 0
+    res = CliRunner().invoke(app, args + ["-p", "tumour", "--resume", "-m", str(tmp_path / "no_model_here")])
+    assert res.exit_code == 2 and "Cannot load model" not in res.output
+    assert '-p "polyp" --resume' in " ".join(res.output.split())
+    again = CliRunner().invoke(app, args + ["-p", "polyp", "--resume", "-m", str(tiny_unet)])
+    assert again.exit_code == 0 and "1 skipped" in again.output
+
+
+def test_a_stack_is_called_a_stack_not_256_channels():
+    from napari_vlsm.core.preprocess import validate_image
+
+    with pytest.raises(ValueError, match=r"4 planes of 256x256 \(a stack, or channels first\)"):
+        validate_image(np.zeros((4, 256, 256), np.uint8))
+
+
+@pytest.mark.parametrize("command, words", [
+    (["finetune"], ["[extra prompts]"]),
+    (["segment"], ["ONNX", "report"]),
+    (["evaluate"], ["anns/<split>.json", "cuda:1"]),
+])
+def test_help_says_what_the_options_do(command, words):
+    res = CliRunner().invoke(app, command + ["--help"], env={"COLUMNS": "250"})
+    text = " ".join(res.output.split())
+    assert res.exit_code == 0 and all(w in text for w in words), text
+    assert "training uses" not in text

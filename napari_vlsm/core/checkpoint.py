@@ -17,8 +17,9 @@ from .atomic import apply_umask
 from .file_names import BEST, LAST, METADATA  # noqa: F401  (re-exported for callers)
 
 
-def check_writable(out_dir) -> Path:
-    """Create ``out_dir`` if needed and prove a file can be written there."""
+def check_writable(out_dir, what: str = "checkpoints") -> Path:
+    """Create ``out_dir`` if needed and prove a file can be written there (``what``: what
+    goes there, for the message)."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -26,7 +27,7 @@ def check_writable(out_dir) -> Path:
         os.close(fd)
         os.remove(probe)
     except OSError as exc:
-        raise OSError(f"Cannot write checkpoints to {out}: {exc.strerror or exc}. "
+        raise OSError(f"Cannot write {what} to {out}: {exc.strerror or exc}. "
                       "Choose a writable folder with free space.") from exc
     return out
 

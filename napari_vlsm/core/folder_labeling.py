@@ -29,19 +29,27 @@ class FileOutcome:
     areas: tuple = ()    # pixels per label value 1..P
 
 
+def check_resume(out_dir: Path, prompts: list[str]) -> None:
+    """Refuse to resume into a folder whose masks were made for other prompts (ValueError)."""
+    path = Path(out_dir) / SIDECAR
+    labels = {str(i + 1): p for i, p in enumerate(prompts)}
+    try:
+        before = json.loads(path.read_text()).get("labels")
+    except (OSError, ValueError, AttributeError):
+        return
+    if before is not None and before != labels:
+        prompt_args = " ".join(f"-p {json.dumps(v)}" for _, v in sorted(before.items(), key=lambda kv: int(kv[0])))
+        raise ValueError(f"{path} says the masks there were made for {before}, not {labels}. To go on with "
+                         f"them, run with {prompt_args} --resume; for the new prompts, write to a new --out.")
+
+
 def write_sidecar(out_dir: Path, prompts: list[str], model: str, threshold: float, resume: bool = False) -> Path:
     """labels.json: which label value stands for which prompt, and how the masks were made.
     A resumed run must use the prompts the masks already on disk were made with."""
     path = Path(out_dir) / SIDECAR
     labels = {str(i + 1): p for i, p in enumerate(prompts)}
-    if resume and path.exists():
-        try:
-            before = json.loads(path.read_text()).get("labels")
-        except (OSError, ValueError, AttributeError):
-            before = None
-        if before is not None and before != labels:
-            raise ValueError(f"{path} says the masks there were made for {before}, not {labels}. Resume with the "
-                             "same prompts, or write to a new --out.")
+    if resume:
+        check_resume(out_dir, prompts)
     return atomic_write_text(path, json.dumps({"labels": labels, "background": 0, "model": model,
                                                "threshold": threshold}, indent=1))
 

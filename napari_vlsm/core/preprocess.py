@@ -42,8 +42,9 @@ def validate_image(image) -> np.ndarray:
         )
     if arr.ndim == 3 and arr.shape[-1] > 4:
         raise ValueError(
-            f"The image has {arr.shape[-1]} channels (shape {arr.shape}); at most 4 (RGBA) are supported. "
-            "If this is a stack, pick one slice; if channels come first, move them last."
+            f"The image has shape {arr.shape}: {arr.shape[0]} planes of {arr.shape[1]}x{arr.shape[2]} (a stack, or "
+            "channels first), not an (H, W, C) image with at most 4 channels. Pick one slice; if channels "
+            "come first, move them last."
         )
     if arr.dtype.kind not in "biuf":
         raise ValueError(f"Images of dtype {arr.dtype} are not supported; use an integer or float array.")
