@@ -209,6 +209,17 @@ def test_finetune_segment_and_export_with_the_documented_commands(hub, converted
     assert np.abs(a.predict(prompts).probs - b.predict(prompts).probs).max() < 1e-3
 
 
+def test_a_converted_folder_with_its_card_finetunes_as_documented(converted, data_sets, tmp_path):
+    """models convert, then finetune DATA --model OUT (adapters auto): the card once sent it
+    down the FiLM-UNet's adapter path (AttributeError: no route_prompts)."""
+    assert (converted / "vlsm_card.json").exists()
+    data = small_copy(data_sets / "kvasir_seg", tmp_path / "kvasir_seg", 2, 1)
+    res = runner.invoke(app, ["finetune", str(data), "--model", str(converted), "--epochs", "1", "--batch-size", "1",
+                              "--out", str(tmp_path / "run"), "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert load_model(str(tmp_path / "run" / "best"), device="cpu").name == "BiomedCLIPSeg"
+
+
 def test_open_clip_folder_as_encoders_and_lora_and_full_training(hub, data_sets, tmp_path):
     import shutil
 

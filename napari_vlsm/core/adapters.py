@@ -47,7 +47,9 @@ def plan_adapter(backend, train_set: list[Example], replay_set: list[Example], c
     class), or None for the shared recipe. A prompt the base was only taught as absent (a
     negative, "wound") may become a class of its own."""
     module = backend.module
-    if mode == "off" or not hasattr(module, "add_adapter") or not (replay_set or card):
+    # the FiLM-UNet's own adapters (a routing table in its config); transformers models have an
+    # unrelated add_adapter (PEFT), so that name alone says nothing
+    if mode == "off" or not hasattr(module.config, "route_prompts") or not (replay_set or card):
         return None
     owner = {p.casefold(): o for p, o in zip(module.config.route_prompts, module.config.route_owners)}
     known = {p.casefold() for p in _base_classes(replay_set, card)} - {p for p, o in owner.items() if o}
