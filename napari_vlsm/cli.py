@@ -19,6 +19,9 @@ models_app = typer.Typer(help="List and fetch models.", invoke_without_command=T
 app.add_typer(models_app, name="models")
 console = Console(stderr=True, soft_wrap=True)  # paths in messages stay whole
 THREADS_HELP = "CPU threads for torch (default: the cores this process may use)."
+VAL_DICE_NOTE = ("val Dice is training's own check: at the model's input size, images without the object asked "
+                 "for their set's class (so they count against false masks); 'evaluate' scores full-size masks "
+                 "with each image's own prompt, and its number differs.")
 REPORT_EVERY = 50  # results between report rewrites during a long segment run
 
 MODEL_HELP = ("Model: 'default' (embedded offline model), a local folder (Hugging Face format, or an ONNX export "
@@ -194,7 +197,8 @@ def evaluate(
     if not rows:
         _fail(f"No images were evaluated in {data_dir} ({split}).")
     summary = summarize(rows)
-    table = Table(title=f"{data_dir.name} / {split} / {prompt_type}")
+    table = Table(title=f"{data_dir.name} / {split} / {prompt_type}",
+                  caption=f"full-size masks, each image asked with its own {prompt_type} prompt")
     for col in ("images", "mean Dice", "mean IoU"):
         table.add_column(col, justify="right")
     table.add_row(str(summary["n"]), f"{summary['dice']:.4f}", f"{summary['iou']:.4f}")
@@ -335,11 +339,15 @@ def finetune(
                            info=f"epoch {ev.epoch}/{ev.epochs} loss {ev.loss:.3f}"
                                 + (f" best Dice {ev.best_dice:.3f}" if ev.best_dice is not None else ""))
                 if ev.kind == "epoch" and rank0:
+                    if ev.epoch == 1 and ev.val_dice is not None:
+                        console.print(VAL_DICE_NOTE, soft_wrap=True)
                     val = f"{ev.val_dice:.4f}" if ev.val_dice is not None else "-"
                     console.print(f"epoch {ev.epoch}: loss {ev.loss:.4f}  val Dice {val}  "
                                   f"{ev.images_per_s:.1f} img/s" + ("  (saved best)" if ev.checkpoint else ""))
                     if ev.val_by_set:
                         console.print("  " + "  ".join(f"{k} {v:.3f}" for k, v in ev.val_by_set.items()))
+                if ev.kind == "done":  # an early stop ends the bar where it stopped, with nothing remaining
+                    bar.update(task, total=ev.step, completed=ev.step)
                 if ev.kind == "done" and rank0:
                     console.print(f"{ev.message}\nBest model: {ev.checkpoint}", soft_wrap=True)
     except (TrainingError, VLSMError, OSError, ValueError, ImportError) as exc:

@@ -122,3 +122,15 @@ def test_a_folder_of_links_is_read_through_and_never_written_through(tmp_path, t
     assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{p.stem}.png" for p in store.iterdir())
     assert decoy.read_bytes() == b"not to be touched" and not (out / f"{first.stem}.png").is_symlink()
     assert len(Series(links)) == 2  # the image series opens it too
+
+
+def test_finetune_and_evaluate_each_name_what_their_dice_measures(tmp_path, tiny_unet, small_benchmark):
+    res = runner.invoke(app, ["finetune", str(small_benchmark), "--model", str(tiny_unet), "--out",
+                              str(tmp_path / "run"), "--epochs", "1", "--batch-size", "2", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "val Dice is training's own check" in text and "'evaluate' scores full-size masks" in text
+    res = runner.invoke(app, ["evaluate", str(small_benchmark), "--model", str(tmp_path / "run" / "best"),
+                              "--csv", str(tmp_path / "s.csv")])
+    assert res.exit_code == 0, res.output
+    assert "each image asked with its own p1 prompt" in " ".join(res.output.split())

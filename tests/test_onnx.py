@@ -87,3 +87,10 @@ def test_export_keeps_flip_averaging(tmp_path, polyp_image):
     for p in (ours, ref):
         p.set_image(polyp_image)
     np.testing.assert_allclose(ours.predict(PROMPTS).probs, ref.predict(PROMPTS).probs, atol=2e-4)
+
+
+def test_export_of_the_default_prints_no_exporter_noise(tmp_path, recwarn):
+    from napari_vlsm.core.onnx_export import export
+
+    export(load_model("default", device="cpu"), tmp_path / "onnx")
+    assert not [w for w in recwarn if "Constant folding" in str(w.message)]

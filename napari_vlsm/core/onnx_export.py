@@ -72,6 +72,7 @@ def export(backend: TorchBackend, out_dir, opset: int = 18) -> list[Path]:
     with warnings.catch_warnings():  # the tracer's notes on Python-side shape checks are not the user's concern
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")  # a strided slice stays a Slice
         torch.onnx.export(_ImageEncoder(backend), (pixels,), enc_path, input_names=["pixel_values"],
                           output_names=names, dynamic_axes={"pixel_values": {0: "batch"}, **feat_axes},
                           opset_version=opset, dynamo=False)
