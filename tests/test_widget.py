@@ -340,3 +340,19 @@ def test_the_status_names_the_prompt_that_found_nothing(qtbot, docked, polyp_ima
     text = docked._result_message(PlaneProbabilities(["polyp", "mucosa"], {(): probs}), labels, "CLIPSeg on cpu")
     assert text.startswith("Wrote 1 plane(s)") and "Nothing above threshold 0.50 for 'mucosa'." in text
     assert "'polyp'" not in text
+
+
+def test_the_slider_moves_on_after_an_undo_of_a_threshold(qtbot, docked, polyp_image):
+    viewer = docked.viewer
+    viewer.add_image(polyp_image, name="frame")
+    segment(qtbot, docked)
+    (labels,) = labels_layers(viewer)
+    probs = docked.session.last.probs[()][0]
+    docked.threshold.setValue(80)
+    labels.undo()  # Ctrl+Z: back to the 0.50 mask
+    np.testing.assert_array_equal(labels.data > 0, probs >= 0.5)
+    docked.threshold.setValue(30)  # not refused: the layer holds what threshold 0.50 wrote
+    np.testing.assert_array_equal(labels.data > 0, probs >= 0.3)
+    labels.data_setitem((np.array([0]), np.array([0])), 7)  # a real edit still stops the slider
+    docked.threshold.setValue(60)
+    assert labels.data[0, 0] == 7 and "edited since" in docked.status.text()

@@ -5,7 +5,8 @@ a new threshold to the last write. No Qt here; the widget calls these."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,6 +32,11 @@ class LabelWrite:
     before: np.ndarray             # the plane before the write
     written: np.ndarray            # the plane as the write left it
     keep: np.ndarray | None = None  # the annotator's pixels the write left as they were
+    thresholds: dict = field(default_factory=dict)  # digest of each plane it wrote -> its threshold
+
+
+def digest(array: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(array).data, digest_size=16).digest()
 
 
 def label_values(target, prompts: list[str], created: bool) -> list[int]:
@@ -211,7 +217,9 @@ def write_result(viewer, image_layer, target, probs_by_index: dict, prompts: lis
     if created:
         use_bright_colours(target, values)
     single = len(probs_by_index) == 1
-    return target, (LabelWrite(target, index, write_mode, values, before, written, kept) if single else None)
+    if not single:
+        return target, None
+    return target, LabelWrite(target, index, write_mode, values, before, written, kept, {digest(written): threshold})
 
 
 def edited_since(target, snapshots: dict) -> dict:
@@ -222,9 +230,14 @@ def edited_since(target, snapshots: dict) -> dict:
 
 def rethreshold(write: LabelWrite, probs: np.ndarray, threshold: float) -> bool:
     """Apply a new threshold to the last write; False (nothing changed) when the plane was
-    edited since, so an annotator's correction is never overwritten."""
-    if not np.array_equal(plane(write.layer, write.index), write.written):
-        return False
+    edited since, so an annotator's correction is never overwritten. An undo back to what an
+    earlier threshold wrote is not an edit."""
+    current = plane(write.layer, write.index)
+    if not np.array_equal(current, write.written):
+        if digest(current) not in write.thresholds:  # an edit, not an undo back to an earlier threshold
+            return False
+        write.written = current.copy()
     labels = to_labels(probs, write.values, threshold, write.layer.data.dtype)
     write.written = write_plane(write.layer, write.index, planned_plane(write.before, labels, write.mode, write.keep))
+    write.thresholds[digest(write.written)] = threshold
     return True
