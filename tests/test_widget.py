@@ -356,3 +356,16 @@ def test_the_slider_moves_on_after_an_undo_of_a_threshold(qtbot, docked, polyp_i
     labels.data_setitem((np.array([0]), np.array([0])), 7)  # a real edit still stops the slider
     docked.threshold.setValue(60)
     assert labels.data[0, 0] == 7 and "edited since" in docked.status.text()
+
+
+def test_the_status_line_never_keeps_a_stale_result(qtbot, docked, polyp_image):
+    viewer = docked.viewer
+    viewer.add_image(polyp_image, name="frame")
+    segment(qtbot, docked)
+    (labels,) = labels_layers(viewer)
+    assert f"to '{labels.name}'" in docked.status.text()
+    viewer.layers.remove(labels)
+    assert "Wrote" not in docked.status.text() and "was removed" in docked.status.text()
+    docked.prompt_edit.setPlainText("")
+    assert docked.run() is None
+    assert docked.status.text().startswith("The prompt is empty")

@@ -150,6 +150,7 @@ class SegmentWidget(QWidget):
     def _wire(self):
         on_layers_changed(self.viewer, self._refresh_layers)
         self.viewer.layers.selection.events.active.connect(self._follow_selection)
+        self.viewer.layers.events.removed.connect(self._forget_removed)
         self.history_combo.textActivated.connect(self.prompt_edit.setPlainText)
         self.add_prompt_btn.clicked.connect(self._add_built_prompt)
         self.browse_btn.clicked.connect(self._browse_model)
@@ -238,23 +239,23 @@ class SegmentWidget(QWidget):
         """Check the inputs, then segment in a background worker."""
         layer = self.image_layer()
         if layer is None:
-            return show_error("No image layer: open an image (File > Open, or a sample) and choose it above.")
+            return self._refuse("No image layer: open an image (File > Open, or a sample) and choose it above.")
         if not self.prompts:
-            return show_error("The prompt is empty: type what to segment, for example 'polyp'.")
+            return self._refuse("The prompt is empty: type what to segment, for example 'polyp'.")
         try:
             check_single_scale(layer)
         except ValueError as exc:
-            return show_error(str(exc))
+            return self._refuse(str(exc))
         if self.mode != "new":
             target = self._target_layer()
             if target is None:
-                return show_error("Choose the Labels layer to write into, or write to a new Labels layer.")
+                return self._refuse("Choose the Labels layer to write into, or write to a new Labels layer.")
             try:
                 label_writing.check_target(target, layer)
             except ValueError as exc:
-                return show_error(str(exc))
+                return self._refuse(str(exc))
         if self.worker is not None:
-            return show_warning("A segmentation is already running; wait for it or press Cancel.")
+            return self._refuse("A segmentation is already running; wait for it or press Cancel.")
         indices = all_indices(layer) if self.all_slices.isChecked() else \
             [current_index(layer, self.viewer.dims.point)]
         self._remember(self.prompt_edit.toPlainText().strip())
@@ -273,6 +274,15 @@ class SegmentWidget(QWidget):
         self.status.setText(f"Segmenting {len(indices)} plane(s) of '{layer.name}'…")
         worker.start()
         return worker
+
+    def _refuse(self, message: str) -> None:
+        """An input problem: a notification, and the status line says the same (not an old result)."""
+        show_error(message)
+        self.status.setText(message)
+
+    def _forget_removed(self, event) -> None:
+        if f"'{event.value.name}'" in self.status.text():  # never point at a layer that is gone
+            self.status.setText(f"'{event.value.name}' was removed.")
 
     def cancel(self):
         if self.worker is not None:
