@@ -201,16 +201,23 @@ def test_revisiting_an_image_replaces_its_training_examples(qtbot, docks, folder
     assert fine.examples.count() == 1
 
 
-def test_the_three_docks_fit_a_1600_by_1000_screen(make_napari_viewer):
-    viewer = make_napari_viewer()
-    docks = [viewer.window.add_plugin_dock_widget("napari-vlsm", name)[0]
-             for name in ("Text-prompt segmentation", "Finetune", "Image series")]
+def test_the_three_docks_fit_a_1600_by_1000_screen(make_napari_viewer, qtbot, tmp_path):
+    """Opened from the Plugins menu one after the other, the docks share tabs: each gets the
+    column's full height, so "Save, next" is on screen without scrolling."""
+    viewer = make_napari_viewer(show=True)
     window = viewer.window._qt_window
     window.resize(1600, 1000)
-    # docked one above the other on the right, their minimum heights together fit the screen
-    assert sum(d.minimumSizeHint().height() for d in docks) < 1000 - 150
-    assert max(d.minimumSizeHint().width() for d in docks) < 480
-    assert window.minimumSizeHint().height() <= 1000
+    opened = [viewer.window.add_plugin_dock_widget("napari-vlsm", name)
+              for name in ("Text-prompt segmentation", "Finetune", "Image series")]
+    (seg_dock, seg), (fine_dock, fine), (series_dock, series) = opened
+    qtbot.waitUntil(lambda: len(window.tabifiedDockWidgets(seg_dock)) == 2, timeout=5000)
+    assert set(window.tabifiedDockWidgets(seg_dock)) == {fine_dock, series_dock}
+    qtbot.waitUntil(lambda: series.isVisible() and not series.next_btn.visibleRegion().isEmpty(), timeout=5000)
+    assert series_dock.height() > 600  # not squeezed into a third of the column
+    window.grab().save(str(tmp_path / "docks.png"))
+    button = series.next_btn
+    assert not button.visibleRegion().isEmpty() and button.visibleRegion().boundingRect().width() == button.width()
+    assert max(d.minimumSizeHint().width() for d, _ in opened) < 480
 
 
 def test_images_that_share_a_stem_keep_their_own_training_examples(qtbot, docks, tmp_path, kvasir):

@@ -33,7 +33,7 @@ from ..core.train import SMALL_SET, TARGET_STEPS, TRAIN_MODES_OFFERED, TrainSett
 from ..core.training_sets import read_index, remove_example, write_benchmark_example
 from .label_writing import check_target
 from .planes import check_single_scale, current_index, plane
-from .qt_helpers import ask, fill_layer_combo, on_layers_changed, scrolling_layout, sibling
+from .qt_helpers import ask, join_tabs, fill_layer_combo, on_layers_changed, scrolling_layout, sibling
 from .segment_widget import SegmentWidget
 from .training_plot import CurvePlot
 
@@ -65,6 +65,7 @@ class FinetuneWidget(QWidget):
         self.defer_activation = False  # set by the image series: new models come in between images
         self.pending_model: str | None = None
         self._build()
+        join_tabs(self, SegmentWidget)
         self._wire()
         self._refresh_layers()
         self._refresh_examples()

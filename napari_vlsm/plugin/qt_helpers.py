@@ -79,3 +79,32 @@ def on_window_close(widget, callback):
     watcher = CloseWatcher(widget)
     widget.window().installEventFilter(watcher)
     return watcher
+
+
+def join_tabs(widget, *classes) -> None:
+    """Once ``widget`` is docked, put its dock in tabs with the dock of the first widget of
+    ``classes`` open in the same window (three docks stacked in one column leave each too
+    little height)."""
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QDockWidget, QMainWindow
+
+    def dock_of(w):
+        while w is not None and not isinstance(w, QDockWidget):
+            w = w.parentWidget()
+        return w
+
+    def join():
+        try:
+            others = [sibling(widget, cls) for cls in classes]
+            mine, theirs = dock_of(widget), dock_of(next((o for o in others if o is not None), None))
+            window = widget.window()
+        except RuntimeError:  # closed before the event loop came round
+            return
+        if mine is None or theirs is None or mine is theirs or not isinstance(window, QMainWindow):
+            return
+        if theirs.isFloating() or mine in window.tabifiedDockWidgets(theirs):
+            return
+        window.tabifyDockWidget(theirs, mine)
+        QTimer.singleShot(0, mine.raise_)  # the newest tab in front, once the tabs exist
+
+    QTimer.singleShot(0, join)

@@ -28,7 +28,7 @@ from ..core.series import Series
 from ..core.training_sets import remove_label_examples, write_benchmark_example
 from .finetune_widget import FinetuneWidget
 from .label_writing import forget_history, use_bright_colours, write_plane
-from .qt_helpers import ask, on_window_close, scrolling_layout, sibling
+from .qt_helpers import ask, join_tabs, on_window_close, scrolling_layout, sibling
 from .segment_widget import SegmentWidget
 
 IMAGE_LAYER, LABELS_LAYER = "series image", "series labels"
@@ -44,6 +44,7 @@ class SeriesWidget(QWidget):
         self.loaded: np.ndarray | None = None  # the mask as shown or last saved, to see edits
         self.saved_since_training = 0
         self._build()
+        join_tabs(self, FinetuneWidget, SegmentWidget)
         self.timer = QTimer(self)
         self.timer.setInterval(AUTOSAVE_MS)
         self.timer.timeout.connect(self.autosave)
@@ -64,9 +65,12 @@ class SeriesWidget(QWidget):
         self.out_label = QLabel("")
         self.out_label.setWordWrap(True)
         form.addRow("Masks go to", self.out_label)
-        self.auto_segment = QCheckBox("Segment each new image with the prompts of Text-prompt segmentation")
+        # short labels, the rest on hover: a checkbox does not wrap, and would widen the dock
+        self.auto_segment = QCheckBox("Segment each new image")
+        self.auto_segment.setToolTip("With the prompts typed in Text-prompt segmentation")
         self.auto_segment.setChecked(True)
-        self.to_training = QCheckBox("Add each saved pair to the Finetune training set")
+        self.to_training = QCheckBox("Add each saved pair to training")
+        self.to_training.setToolTip("Each saved image and mask joins the Finetune dock's training set")
         self.to_training.setChecked(True)
         self.train_every = QSpinBox()
         self.train_every.setRange(0, 1000)
