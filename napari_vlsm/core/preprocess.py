@@ -40,11 +40,16 @@ def validate_image(image) -> np.ndarray:
             f"The image has shape {arr.shape}; give one 2D slice, (H, W) or (H, W, C). "
             "For a stack, segment one slice at a time."
         )
-    if arr.ndim == 3 and arr.shape[-1] > 4:
+    if arr.ndim == 3 and arr.shape[-1] > 4 and arr.shape[0] < arr.shape[-1]:  # (N, H, W): planes first
         raise ValueError(
             f"The image has shape {arr.shape}: {arr.shape[0]} planes of {arr.shape[1]}x{arr.shape[2]} (a stack, or "
             "channels first), not an (H, W, C) image with at most 4 channels. Pick one slice; if channels "
             "come first, move them last."
+        )
+    if arr.ndim == 3 and arr.shape[-1] > 4:
+        raise ValueError(
+            f"The image has {arr.shape[-1]} channels (shape {arr.shape}); at most 4 (RGBA) are supported. "
+            "If this is a stack, pick one slice; if channels come first, move them last."
         )
     if arr.dtype.kind not in "biuf":
         raise ValueError(f"Images of dtype {arr.dtype} are not supported; use an integer or float array.")
