@@ -50,7 +50,7 @@ def run_viewer(model: str, out: Path, interactive: bool) -> list[Path]:
     viewer.open_sample("napari-vlsm", "kvasir_polyp")
     # opened as the Plugins menu opens them
     viewer.window.add_plugin_dock_widget("napari-vlsm", "Finetune")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation", tabify=True)
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation", tabify=True)
     widget.add_model(model)
     viewer.layers.selection.active = viewer.layers[0]
     widget.prompt_edit.setPlainText(PROMPT)
@@ -65,6 +65,7 @@ def run_viewer(model: str, out: Path, interactive: bool) -> list[Path]:
         raise VLSMError(f"Segmentation failed: {widget.status.text()}")
     written = [write_mask(out / f"{sample_frame().stem}_mask.png", labels[-1].data)]
     shot = out / "napari_vlsm_demo.png"
+    dock.raise_()  # the tab with the result in front (the Finetune dock joined the tabs first)
     end = time.time() + 0.5  # let the status bar finish redrawing (it was caught mid-update)
     while time.time() < end:
         QApplication.processEvents()
