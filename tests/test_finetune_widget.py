@@ -119,3 +119,24 @@ def test_training_errors_are_notifications(qtbot, widgets, monkeypatch):
     fine.lr.setText("fast")
     fine.start()
     assert any("not a number" in m for m in shown)
+
+
+def test_closing_napari_during_a_training_run_raises_nothing(qtbot, make_napari_viewer, tiny_unet, tmp_path,
+                                                            polyp_image):
+    from napari_vlsm.core.training_sets import write_benchmark_example
+
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation")
+    _, fine = viewer.window.add_plugin_dock_widget("napari-vlsm", "Finetune")
+    seg.add_model(str(tiny_unet))
+    fine.folder_edit.setText(str(tmp_path / "set"))
+    mask = np.zeros(polyp_image.shape[:2], bool)
+    mask[60:120, 60:120] = True
+    write_benchmark_example(fine.folder, "a", polyp_image, mask, "polyp")
+    fine.epochs.setValue(50)
+    job = fine.start()
+    assert job is not None
+    qtbot.wait(300)
+    viewer.close()  # Qt errors from the run's end reaching deleted widgets would fail this test
+    qtbot.waitUntil(lambda: not job.is_running, timeout=120000)
+    qtbot.wait(200)

@@ -33,7 +33,7 @@ from ..core.train import SMALL_SET, TARGET_STEPS, TRAIN_MODES_OFFERED, TrainSett
 from ..core.training_sets import read_index, remove_example, write_benchmark_example
 from .label_writing import check_target
 from .planes import check_single_scale, current_index, plane
-from .qt_helpers import ask, join_tabs, fill_layer_combo, on_layers_changed, scrolling_layout, sibling
+from .qt_helpers import ask, join_tabs, on_window_close, fill_layer_combo, on_layers_changed, scrolling_layout, sibling
 from .segment_widget import SegmentWidget
 from .training_plot import CurvePlot
 
@@ -283,6 +283,7 @@ class FinetuneWidget(QWidget):
         job.finished.connect(self._cleanup)
         job.aborted.connect(lambda: self._stopped(out))
         self.worker = job
+        self._closing = getattr(self, "_closing", None) or on_window_close(self, self._window_closing)
         self.pbar = progress(total=0, desc="Finetuning")
         self.train_btn.setEnabled(False)
         self.stop_btn.setEnabled(True)
@@ -293,6 +294,19 @@ class FinetuneWidget(QWidget):
     def stop(self):
         if self.worker is not None:
             self.worker.quit()
+
+    def _window_closing(self) -> None:
+        """napari is closing during a run: stop it (the last good checkpoint stays on disk) and
+        cut it off from this dock, whose widgets are about to go."""
+        job, self.worker = self.worker, None
+        if job is None:
+            return
+        for signal in (job.yielded, job.returned, job.errored, job.finished, job.aborted):
+            signal.disconnect()
+        job.quit()
+        if self.pbar is not None:
+            self.pbar.close()
+            self.pbar = None
 
     def _on_progress(self, ev):
         if self.worker is None:  # an event still queued after the worker finished
