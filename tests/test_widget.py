@@ -1,8 +1,10 @@
 """The segmentation widget in a real napari viewer (under Xvfb through pytest-xvfb)."""
 
+import shutil
+
 import numpy as np
 import pytest
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import Qt, QTimer
 
 from napari_vlsm.plugin.segment_widget import SegmentWidget
 
@@ -369,3 +371,17 @@ def test_the_status_line_never_keeps_a_stale_result(qtbot, docked, polyp_image):
     docked.prompt_edit.setPlainText("")
     assert docked.run() is None
     assert docked.status.text().startswith("The prompt is empty")
+
+
+def test_finetuned_runs_are_told_apart_in_the_model_chooser(docked, tmp_path, tiny_clipseg):
+    runs = []
+    for name in ("finetune-20261203-0810", "finetune-20261203-0905"):
+        run = tmp_path / "a" / "very" / "long" / "path" / "napari-vlsm" / "models" / name / "best"
+        shutil.copytree(tiny_clipseg, run)
+        runs.append(run)
+        docked.add_model(str(run))
+    combo = docked.model_combo
+    shown = [combo.itemText(combo.findData(str(r))) for r in runs]
+    assert shown == ["finetune-20261203-0810/best", "finetune-20261203-0905/best"]
+    assert combo.itemData(combo.findData(str(runs[1])), Qt.ItemDataRole.ToolTipRole) == str(runs[1])
+    assert docked.model_spec == str(runs[1]) and combo.toolTip() == str(runs[1])

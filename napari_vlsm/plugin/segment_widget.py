@@ -39,6 +39,17 @@ OTHER_MODELS_NOTE = ("For a general model run 'napari-vlsm models pull CIDAS/cli
 HISTORY_SIZE = 20
 
 
+def short_model_name(spec: str) -> str:
+    """A model folder by its last two parts (``finetune-20261203-0810/best``), so runs that
+    share a long parent path stay apart in a narrow chooser; ids and 'default' as they are."""
+    from pathlib import Path
+
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return spec
+    return "/".join(path.parts[-2:]) if len(path.parts) > 2 else spec
+
+
 class SegmentWidget(QWidget):
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__()
@@ -186,12 +197,14 @@ class SegmentWidget(QWidget):
 
     def add_model(self, spec: str, select: bool = True):
         """Add a model (folder or id) to the chooser, optionally making it the active one."""
-        i = self.model_combo.findData(spec)
+        i = self.model_combo.findData(str(spec))
         if i < 0:
-            self.model_combo.addItem(str(spec), str(spec))
+            self.model_combo.addItem(short_model_name(str(spec)), str(spec))
             i = self.model_combo.count() - 1
+            self.model_combo.setItemData(i, str(spec), Qt.ItemDataRole.ToolTipRole)  # the full path on hover
         if select:
             self.model_combo.setCurrentIndex(i)
+            self.model_combo.setToolTip(str(spec))
 
     def _browse_model(self):
         folder = QFileDialog.getExistingDirectory(self, "Model folder (config.json + safetensors, or ONNX export)")
