@@ -29,10 +29,14 @@ class FileOutcome:
     areas: tuple = ()    # pixels per label value 1..P
 
 
+def _label_table(prompts: list[str]) -> dict[str, str]:
+    return {str(i + 1): p for i, p in enumerate(prompts)}
+
+
 def check_resume(out_dir: Path, prompts: list[str]) -> None:
     """Refuse to resume into a folder whose masks were made for other prompts (ValueError)."""
     path = Path(out_dir) / SIDECAR
-    labels = {str(i + 1): p for i, p in enumerate(prompts)}
+    labels = _label_table(prompts)
     try:
         before = json.loads(path.read_text()).get("labels")
     except (OSError, ValueError, AttributeError):
@@ -46,10 +50,9 @@ def check_resume(out_dir: Path, prompts: list[str]) -> None:
 def write_sidecar(out_dir: Path, prompts: list[str], model: str, threshold: float, resume: bool = False) -> Path:
     """labels.json: which label value stands for which prompt, and how the masks were made.
     A resumed run must use the prompts the masks already on disk were made with."""
-    path = Path(out_dir) / SIDECAR
-    labels = {str(i + 1): p for i, p in enumerate(prompts)}
     if resume:
         check_resume(out_dir, prompts)
+    path, labels = Path(out_dir) / SIDECAR, _label_table(prompts)
     return atomic_write_text(path, json.dumps({"labels": labels, "background": 0, "model": model,
                                                "threshold": threshold}, indent=1))
 

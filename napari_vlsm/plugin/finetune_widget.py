@@ -64,6 +64,7 @@ class FinetuneWidget(QWidget):
         self.previous_model: str | None = None
         self.defer_activation = False  # set by the image series: new models come in between images
         self.pending_model: str | None = None
+        self._closing = None  # watches the window once a run starts
         self._build()
         join_tabs(self, SegmentWidget)
         self._wire()
@@ -283,7 +284,7 @@ class FinetuneWidget(QWidget):
         job.finished.connect(self._cleanup)
         job.aborted.connect(lambda: self._stopped(out))
         self.worker = job
-        self._closing = getattr(self, "_closing", None) or on_window_close(self, self._window_closing)
+        self._closing = self._closing or on_window_close(self, self._window_closing)
         self.pbar = progress(total=0, desc="Finetuning")
         self.train_btn.setEnabled(False)
         self.stop_btn.setEnabled(True)

@@ -107,7 +107,7 @@ class EditTracker:
         if touched is None or touched.shape != layer.data.shape:
             touched = self._touched[_key(layer)] = np.zeros(layer.data.shape, bool)
         for atom in atoms:
-            if isinstance(atom, tuple) and len(atom) == 3 and not hasattr(atom, "slice_key"):
+            if not hasattr(atom, "slice_key"):
                 touched[tuple(atom[0])] = True  # data_setitem: (indices, old values, new values)
             elif atom.mask is None:
                 touched[atom.slice_key] = True  # the brush, fill or polygon: a box and its mask
@@ -222,10 +222,19 @@ def write_result(viewer, image_layer, target, probs_by_index: dict, prompts: lis
     return target, LabelWrite(target, index, write_mode, values, before, written, kept, {digest(written): threshold})
 
 
-def edited_since(target, snapshots: dict) -> dict:
-    """For each plane index, the pixels of ``target`` that differ from ``snapshots[index]``
-    (the plane when the run was asked for): strokes made while it ran."""
-    return {index: plane(target, index) != snap for index, snap in snapshots.items()}
+def pixels_to_keep(target, snapshots: dict, edits: EditTracker, mode: str) -> tuple[dict, int]:
+    """What a result must leave alone in each plane of ``target``: the pixels that differ from
+    ``snapshots[index]`` (the plane when the run was asked for: strokes made while it ran)
+    and, in fill mode, every pixel touched since the last result (erased is not empty).
+    Returns ({index: mask}, how many pixels were edited while it ran)."""
+    keep, edited = {}, 0
+    for index, snap in snapshots.items():
+        keep[index] = plane(target, index) != snap
+        edited += int(keep[index].sum())
+        touched = edits.touched(target, index) if mode == "fill" else None
+        if touched is not None:
+            keep[index] |= touched
+    return keep, edited
 
 
 def rethreshold(write: LabelWrite, probs: np.ndarray, threshold: float) -> bool:

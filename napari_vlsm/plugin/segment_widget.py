@@ -204,7 +204,6 @@ class SegmentWidget(QWidget):
             self.model_combo.setItemData(i, str(spec), Qt.ItemDataRole.ToolTipRole)  # the full path on hover
         if select:
             self.model_combo.setCurrentIndex(i)
-            self.model_combo.setToolTip(str(spec))
 
     def _browse_model(self):
         folder = QFileDialog.getExistingDirectory(self, "Model folder (config.json + safetensors, or ONNX export)")
@@ -213,6 +212,7 @@ class SegmentWidget(QWidget):
 
     def _model_changed(self, *_):
         spec = self.model_spec
+        self.model_combo.setToolTip(spec)  # the chooser shows a short name
         card = card_for(spec)
         self.model_info.setText(describe_card(card) + ("" if spec != "default" else " " + OTHER_MODELS_NOTE)
                                 if card else f"Model: {spec}")
@@ -363,12 +363,7 @@ class SegmentWidget(QWidget):
             self.status.setText(f"'{image_layer.name}' or its Labels layer changed while segmenting, so the result "
                                 "was not written; press Segment to segment what is shown now.")
             return
-        keep = {} if target is None else label_writing.edited_since(target, segmented[2])
-        if target is not None and mode == "fill":  # erased since the last result is not empty
-            for index in keep:
-                touched = self.edits.touched(target, index)
-                if touched is not None:
-                    keep[index] |= touched
+        keep, kept = ({}, 0) if target is None else label_writing.pixels_to_keep(target, segmented[2], self.edits, mode)
         target, write = label_writing.write_result(self.viewer, image_layer, target, result.probs, result.prompts,
                                                    self.threshold_value, mode, keep)
         for index in result.probs:
@@ -386,7 +381,6 @@ class SegmentWidget(QWidget):
         backend = self.session.backend
         from ..core.device import describe
 
-        kept = int(sum(int(k.sum()) for k in keep.values()))
         self.status.setText(self._result_message(result, target, f"{backend.name} on "
                                                  f"{describe(backend.device, backend.dtype)}", kept))
 
