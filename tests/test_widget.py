@@ -29,6 +29,12 @@ def wait_done(qtbot, w, timeout=60000):
     qtbot.waitUntil(lambda: w.worker is None, timeout=timeout)
 
 
+def set_threshold(qtbot, w, value: int):
+    """Move the slider and wait until the new threshold's plane is worked out and written."""
+    w.threshold.setValue(value)
+    qtbot.waitUntil(lambda: w.thresholding is None, timeout=10000)
+
+
 def labels_layers(viewer):
     return [ly for ly in viewer.layers if ly._type_string == "labels"]
 
@@ -69,10 +75,10 @@ def test_threshold_slider_rethresholds_without_running_the_model(qtbot, widget, 
     module = widget.session.predictor.backend.module
     for part in (module.clip.vision_model.embeddings, module.decoder):
         part.register_forward_hook(lambda *a: calls.append(1))
-    widget.threshold.setValue(80)
+    set_threshold(qtbot, widget, 80)
     assert calls == []
     np.testing.assert_array_equal(labels.data > 0, probs >= 0.8)
-    widget.threshold.setValue(20)
+    set_threshold(qtbot, widget, 20)
     np.testing.assert_array_equal(labels.data > 0, probs >= 0.2)
 
 
@@ -89,7 +95,7 @@ def test_fill_mode_never_overwrites_annotations(qtbot, widget, polyp_image):
     assert (target.data[:128] == 7).all()
     assert target.metadata["vlsm_labels"] == {8: "polyp"}  # a new value: 7 keeps its meaning
     assert set(np.unique(target.data[128:])) <= {0, 8} and target.data[128:].any()
-    widget.threshold.setValue(60)  # re-threshold: still only unlabelled pixels change
+    set_threshold(qtbot, widget, 60)  # re-threshold: still only unlabelled pixels change
     assert (target.data[:128] == 7).all() and set(np.unique(target.data)) <= {0, 7, 8}
     assert len(labels_layers(viewer)) == 1
 
@@ -265,6 +271,7 @@ def test_a_slider_drag_is_one_undo_step_and_says_when_it_cannot_apply(qtbot, wid
     assert widget.threshold_label.text() == "0.80"
     np.testing.assert_array_equal(labels.data > 0, probs >= 0.5)  # nothing applied while dragging
     widget.threshold.setSliderDown(False)
+    qtbot.waitUntil(lambda: widget.thresholding is None)
     np.testing.assert_array_equal(labels.data > 0, probs >= 0.8)
     labels.undo()  # one step back is the mask at 0.5 again
     np.testing.assert_array_equal(labels.data > 0, probs >= 0.5)
@@ -324,7 +331,7 @@ def test_fill_mode_leaves_what_the_annotator_erased_empty(qtbot, docked, polyp_i
     segment(qtbot, docked, "polyp\nmucosa")
     assert not labels.data[erased].any()  # only pixels nobody touched were filled
     labels.data[:] = 0  # untouched zeros (not painted) are filled as before
-    docked.threshold.setValue(6)
+    set_threshold(qtbot, docked, 6)
     segment(qtbot, docked)
     assert labels.data.any()
 
@@ -339,7 +346,7 @@ def test_the_status_names_the_prompt_that_found_nothing(qtbot, docked, polyp_ima
     probs = np.zeros((2, 8, 8), np.float32)
     probs[0, 2:4, 2:4] = 0.9  # polyp found, mucosa nowhere above 0.5
     probs[1] = 0.3
-    text = docked._result_message(PlaneProbabilities(["polyp", "mucosa"], {(): probs}), labels, "CLIPSeg on cpu")
+    text = docked._result_message(PlaneProbabilities(["polyp", "mucosa"], probs={(): probs}), labels, "CLIPSeg on cpu")
     assert text.startswith("Wrote 1 plane(s)") and "Nothing above threshold 0.50 for 'mucosa'." in text
     assert "'polyp'" not in text
 
@@ -350,14 +357,57 @@ def test_the_slider_moves_on_after_an_undo_of_a_threshold(qtbot, docked, polyp_i
     segment(qtbot, docked)
     (labels,) = labels_layers(viewer)
     probs = docked.session.last.probs[()][0]
-    docked.threshold.setValue(80)
-    labels.undo()  # Ctrl+Z: back to the 0.50 mask
+    set_threshold(qtbot, docked, 80)
+    labels.undo()  # Ctrl+Z: back to the 0.50 mask, and the slider says so
     np.testing.assert_array_equal(labels.data > 0, probs >= 0.5)
-    docked.threshold.setValue(30)  # not refused: the layer holds what threshold 0.50 wrote
+    qtbot.waitUntil(lambda: docked.threshold_label.text() == "0.50")
+    assert docked.threshold.value() == 50
+    labels.redo()
+    qtbot.waitUntil(lambda: docked.threshold_label.text() == "0.80")
+    labels.undo()
+    qtbot.waitUntil(lambda: docked.threshold.value() == 50)
+    set_threshold(qtbot, docked, 30)  # not refused: the layer holds what threshold 0.50 wrote
     np.testing.assert_array_equal(labels.data > 0, probs >= 0.3)
     labels.data_setitem((np.array([0]), np.array([0])), 7)  # a real edit still stops the slider
-    docked.threshold.setValue(60)
+    set_threshold(qtbot, docked, 60)
     assert labels.data[0, 0] == 7 and "edited since" in docked.status.text()
+
+
+def test_thresholding_is_never_done_on_the_gui_thread(qtbot, docked, polyp_image, monkeypatch):
+    import threading
+
+    from napari_vlsm.plugin import label_writing
+
+    on_gui_thread = []
+    combine = label_writing.combine_labels
+
+    def spy(*args):
+        on_gui_thread.append(threading.current_thread() is threading.main_thread())
+        return combine(*args)
+
+    monkeypatch.setattr(label_writing, "combine_labels", spy)
+    viewer = docked.viewer
+    viewer.add_image(polyp_image, name="frame")
+    segment(qtbot, docked, "polyp\nmucosa")
+    (labels,) = labels_layers(viewer)
+    probs = docked.session.last.probs[()]
+    set_threshold(qtbot, docked, 70)
+    assert on_gui_thread == [False, False]  # the result and the slider, each worked out in a worker
+    np.testing.assert_array_equal(labels.data, combine(probs, 0.7))
+
+
+def test_slider_moves_made_while_a_threshold_is_worked_out_end_at_the_last(qtbot, docked, polyp_image):
+    viewer = docked.viewer
+    viewer.add_image(polyp_image, name="frame")
+    segment(qtbot, docked)
+    (labels,) = labels_layers(viewer)
+    probs = docked.session.last.probs[()][0]
+    for value in (60, 70, 40):  # released faster than each is written
+        docked.threshold.setValue(value)
+    qtbot.waitUntil(lambda: docked.thresholding is None and np.array_equal(labels.data > 0, probs >= 0.4))
+    qtbot.wait(300)
+    np.testing.assert_array_equal(labels.data > 0, probs >= 0.4)
+    assert docked.threshold_label.text() == "0.40" and labels.metadata["vlsm_threshold"] == 0.4
 
 
 def test_the_status_line_never_keeps_a_stale_result(qtbot, docked, polyp_image):

@@ -19,12 +19,19 @@ def logits_to_probs(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 
 def combine_labels(probs: np.ndarray, value: float = 0.5) -> np.ndarray:
     """One label image from P probability maps: label i+1 where prompt i is the most likely
-    of those at or above the threshold, 0 where none is."""
+    of those at or above the threshold, 0 where none is. Worked in bands of rows, so a very
+    large image needs no full-size index array (argmax gives int64)."""
     probs = np.asarray(probs)
     if probs.ndim == 2:
         probs = probs[None]
-    best = probs.argmax(axis=0)
-    dtype = np.uint8 if probs.shape[0] < 255 else np.uint16
-    labels = (best + 1).astype(dtype)
-    labels[probs.max(axis=0) < value] = 0
+    labels = np.zeros(probs.shape[1:], np.uint8 if probs.shape[0] < 255 else np.uint16)
+    if probs.shape[0] == 1:
+        np.greater_equal(probs[0], value, out=labels, casting="unsafe")
+        return labels
+    band = max(1, 2**22 // max(1, probs.shape[-1]))  # rows per band: about 4M pixels
+    for top in range(0, probs.shape[1], band):
+        chunk = probs[:, top: top + band]
+        best = chunk.argmax(axis=0) + 1
+        best[chunk.max(axis=0) < value] = 0
+        labels[top: top + band] = best
     return labels

@@ -30,21 +30,22 @@ class LabelWrite:
     mode: str                      # "replace" or "fill"
     values: list                   # label value of each prompt
     before: np.ndarray             # the plane before the write
-    written: np.ndarray            # the plane as the write left it
+    dtype: np.dtype                # the layer's
+    written: bytes                 # digest of the plane as the write left it
     keep: np.ndarray | None = None  # the annotator's pixels the write left as they were
     thresholds: dict = field(default_factory=dict)  # digest of each plane it wrote -> its threshold
 
 
 def digest(array: np.ndarray) -> bytes:
-    return hashlib.blake2b(np.ascontiguousarray(array).data, digest_size=16).digest()
+    """A plane's fingerprint, to tell an undo back to an earlier threshold from an edit (SHA-1:
+    the fastest exact hash in hashlib here, and nothing adversarial is at stake)."""
+    return hashlib.sha1(np.ascontiguousarray(array).data, usedforsecurity=False).digest()
 
 
-def label_values(target, prompts: list[str], created: bool) -> list[int]:
-    """The label value for each prompt: 1..P in a new layer; in an existing layer the value
-    a prompt already has there, else values above every label in use, so the annotator's
-    labels keep their meaning."""
-    if created:
-        return list(range(1, len(prompts) + 1))
+def label_values(target, prompts: list[str]) -> list[int]:
+    """The label value for each prompt in an existing layer: the value a prompt already has
+    there, else values above every label in use, so the annotator's labels keep their meaning
+    (a new layer's values are 1..P)."""
     known = {name: int(v) for v, name in target.metadata.get("vlsm_labels", {}).items()}
     top = max([int(np.max(target.data, initial=0))] + list(known.values()))
     values = []
@@ -81,7 +82,7 @@ def forget_history(layer) -> None:
     layer.mode = mode
 
 
-def _key(layer):
+def layer_key(layer):
     """A layer's identity that survives napari's plugin proxies (a new wrapper on each access)."""
     return getattr(layer, "unique_id", None) or id(layer)
 
@@ -96,16 +97,16 @@ class EditTracker:
         self._watched: set[int] = set()
 
     def watch(self, layer) -> None:
-        if _key(layer) in self._watched:
+        if layer_key(layer) in self._watched:
             return
-        self._watched.add(_key(layer))
+        self._watched.add(layer_key(layer))
         layer.events.paint.connect(lambda event: self._record(layer, event.value))
-        layer.events.data.connect(lambda event: self._touched.pop(_key(layer), None))  # another image
+        layer.events.data.connect(lambda event: self._touched.pop(layer_key(layer), None))  # another image
 
     def _record(self, layer, atoms) -> None:
-        touched = self._touched.get(_key(layer))
+        touched = self._touched.get(layer_key(layer))
         if touched is None or touched.shape != layer.data.shape:
-            touched = self._touched[_key(layer)] = np.zeros(layer.data.shape, bool)
+            touched = self._touched[layer_key(layer)] = np.zeros(layer.data.shape, bool)
         for atom in atoms:
             if not hasattr(atom, "slice_key"):
                 touched[tuple(atom[0])] = True  # data_setitem: (indices, old values, new values)
@@ -116,25 +117,25 @@ class EditTracker:
 
     def touched(self, layer, index: tuple):
         """The plane's pixels touched since the last result, or None when there are none."""
-        touched = self._touched.get(_key(layer))
+        touched = self._touched.get(layer_key(layer))
         if touched is None:
             return None
         return touched[index] if index else touched
 
     def forget(self, layer, index: tuple) -> None:
-        touched = self._touched.get(_key(layer))
+        touched = self._touched.get(layer_key(layer))
         if touched is not None:
             if index:
                 touched[index] = False
             else:
-                del self._touched[_key(layer)]
+                del self._touched[layer_key(layer)]
 
 
-def new_labels_layer(viewer, image_layer, name: str):
-    """An empty Labels layer over ``image_layer``: same spatial shape, scale, translate, affine."""
-    shape = spatial_shape(image_layer)
-    dtype = np.uint8
-    return viewer.add_labels(np.zeros(shape, dtype), name=name, scale=image_layer.scale,
+def new_labels_layer(viewer, image_layer, name: str, data: np.ndarray | None = None):
+    """A Labels layer over ``image_layer`` (same spatial shape, scale, translate, affine),
+    empty or holding ``data``."""
+    data = np.zeros(spatial_shape(image_layer), np.uint8) if data is None else data
+    return viewer.add_labels(data, name=name, scale=image_layer.scale,
                              translate=image_layer.translate, affine=image_layer.affine,
                              rotate=image_layer.rotate, shear=image_layer.shear)
 
@@ -146,9 +147,9 @@ def check_target(target, image_layer) -> None:
                          "or write into a new one.")
 
 
-def write_plane(target, index: tuple, labels: np.ndarray) -> np.ndarray:
+def write_plane(target, index: tuple, labels: np.ndarray) -> None:
     """Make the plane of ``target`` at ``index`` equal ``labels``, through ``data_setitem``
-    (one undo entry that brings the old content back); return the plane as written."""
+    (one undo entry that brings the old content back)."""
     current = plane(target, index)
     if labels.shape != current.shape:
         raise ValueError(f"Result shape {labels.shape} does not match the layer plane {current.shape}.")
@@ -157,7 +158,6 @@ def write_plane(target, index: tuple, labels: np.ndarray) -> np.ndarray:
         rows, cols = np.nonzero(change)
         idx = tuple(np.full(rows.shape, i) for i in index) + (rows, cols)
         target.data_setitem(idx, labels[change].astype(target.data.dtype, copy=False))
-    return plane(target, index).copy()
 
 
 def set_label_names(target, names: dict[int, str]) -> None:
@@ -190,36 +190,50 @@ def layer_name(image_layer, prompts: list[str]) -> str:
     return f"{image_layer.name} · {text[:40] + '…' if len(text) > 40 else text}"
 
 
-def to_labels(probs: np.ndarray, values: list[int], threshold: float, dtype) -> np.ndarray:
-    """(P, H, W) probabilities -> one label plane: prompt i's value where it is the most
-    likely at or above ``threshold``, 0 where none is."""
-    return np.array([0] + list(values), dtype=dtype)[combine_labels(probs, threshold)]
+def choose(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """(P, H, W) probabilities -> which prompt each pixel is (1..P, 0 for none): the slow part
+    of a write, done off the GUI thread; the label values are applied when it lands."""
+    return combine_labels(probs, threshold)
 
 
-def write_result(viewer, image_layer, target, probs_by_index: dict, prompts: list[str], threshold: float,
+def to_labels(choice: np.ndarray, values: list[int], dtype) -> np.ndarray:
+    """A plane of prompt numbers (0..P) -> the label value of each prompt, 0 where none is."""
+    if list(values) == list(range(1, len(values) + 1)):
+        return choice.astype(dtype, copy=False)  # a new layer's values are the prompt numbers
+    return np.array([0] + list(values), dtype=dtype)[choice]
+
+
+def write_result(viewer, image_layer, target, choices: dict, prompts: list[str], threshold: float,
                  mode: str, keep: dict | None = None):
-    """Write one run's probabilities: into a new Labels layer (``target`` None) or into
-    ``target`` by ``mode`` ("fill" or "replace"), leaving the pixels ``keep[index]`` (the
-    annotator's strokes) as they are. Returns (layer, LabelWrite of a single plane for
-    re-thresholding, or None)."""
+    """Write one run's result (``choices[index]``: ``choose`` at ``threshold``): into a new
+    Labels layer (``target`` None) or into ``target`` by ``mode`` ("fill" or "replace"),
+    leaving the pixels ``keep[index]`` (the annotator's strokes) as they are. Returns (layer,
+    LabelWrite of a single plane for re-thresholding, or None)."""
     created = target is None
-    if created:
-        target = new_labels_layer(viewer, image_layer, layer_name(image_layer, prompts))
-    values = label_values(target, prompts, created)
-    widen_for(target, max(values))
     write_mode = "fill" if mode == "fill" else "replace"
-    for index, probs in probs_by_index.items():
-        before = plane(target, index).copy()
-        labels = to_labels(probs, values, threshold, target.data.dtype)
-        kept = (keep or {}).get(index)
-        written = write_plane(target, index, planned_plane(before, labels, write_mode, kept))
+    if created:  # filled before napari sees it: no undo entry (and its index arrays) for a new layer
+        values = list(range(1, len(prompts) + 1))
+        data = np.zeros(spatial_shape(image_layer), np.uint8 if len(prompts) < 255 else np.uint16)
+        for index, choice in choices.items():
+            data[index] = to_labels(choice, values, data.dtype)
+        target = new_labels_layer(viewer, image_layer, layer_name(image_layer, prompts), data)
+        before, kept = np.zeros(data.shape[-2:], data.dtype), None  # untouched zeros take no memory
+    else:
+        values = label_values(target, prompts)
+        widen_for(target, max(values))
+        for index, choice in choices.items():
+            before = plane(target, index).copy()
+            kept = (keep or {}).get(index)
+            write_plane(target, index, planned_plane(before, to_labels(choice, values, target.data.dtype),
+                                                     write_mode, kept))
     set_label_names(target, dict(zip(values, prompts)))
     if created:
         use_bright_colours(target, values)
-    single = len(probs_by_index) == 1
-    if not single:
+    if len(choices) != 1:
         return target, None
-    return target, LabelWrite(target, index, write_mode, values, before, written, kept, {digest(written): threshold})
+    written = digest(plane(target, index))
+    return target, LabelWrite(target, index, write_mode, values, before, target.data.dtype, written, kept,
+                              {written: threshold})
 
 
 def pixels_to_keep(target, snapshots: dict, edits: EditTracker, mode: str) -> tuple[dict, int]:
@@ -237,16 +251,28 @@ def pixels_to_keep(target, snapshots: dict, edits: EditTracker, mode: str) -> tu
     return keep, edited
 
 
-def rethreshold(write: LabelWrite, probs: np.ndarray, threshold: float) -> bool:
-    """Apply a new threshold to the last write; False (nothing changed) when the plane was
-    edited since, so an annotator's correction is never overwritten. An undo back to what an
-    earlier threshold wrote is not an edit."""
-    current = plane(write.layer, write.index)
-    if not np.array_equal(current, write.written):
-        if digest(current) not in write.thresholds:  # an edit, not an undo back to an earlier threshold
-            return False
-        write.written = current.copy()
-    labels = to_labels(probs, write.values, threshold, write.layer.data.dtype)
-    write.written = write_plane(write.layer, write.index, planned_plane(write.before, labels, write.mode, write.keep))
-    write.thresholds[digest(write.written)] = threshold
+def plan_threshold(write: LabelWrite, probs: np.ndarray, threshold: float) -> tuple[np.ndarray, bytes]:
+    """The plane the last write would leave at ``threshold``, and its digest. Reads only what
+    the write fixed (the plane before, the kept pixels), so it runs off the GUI thread."""
+    labels = to_labels(choose(probs, threshold), write.values, write.dtype)
+    planned = planned_plane(write.before, labels, write.mode, write.keep)
+    return planned, digest(planned)
+
+
+def rethreshold(write: LabelWrite, planned: tuple[np.ndarray, bytes], threshold: float) -> bool:
+    """Write ``planned`` (from ``plan_threshold``) over the last write; False (nothing changed)
+    when the plane was edited since, so an annotator's correction is never overwritten. An
+    undo back to what an earlier threshold wrote is not an edit."""
+    current = digest(plane(write.layer, write.index))
+    if current != write.written and current not in write.thresholds:  # an edit, not an undo to an earlier threshold
+        return False
+    write_plane(write.layer, write.index, planned[0])
+    write.written = planned[1]
+    write.thresholds[planned[1]] = threshold
     return True
+
+
+def threshold_shown(write: LabelWrite) -> float | None:
+    """The threshold whose result the plane holds now (after an undo, an earlier one), or
+    None when it holds an edit."""
+    return write.thresholds.get(digest(plane(write.layer, write.index)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import napari
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_warning
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -58,6 +58,12 @@ class SegmentWidget(QWidget):
         self.worker = None
         self._when_done: list = []  # calls waiting for the running segmentation to end
         self.edits = label_writing.EditTracker()  # what the annotator touched since the last result
+        self.thresholding = None  # the worker planning a new threshold's plane
+        self._wanted_threshold = None  # the slider's latest value while that worker runs
+        self._watched_layers: set = set()
+        self._undo_timer = QTimer(self)  # after edits settle: does the plane hold an earlier threshold?
+        self._undo_timer.setSingleShot(True)
+        self._undo_timer.setInterval(250)
         self._build()
         self._wire()
         self._refresh_layers()
@@ -167,6 +173,7 @@ class SegmentWidget(QWidget):
         self.browse_btn.clicked.connect(self._browse_model)
         self.model_combo.currentIndexChanged.connect(self._model_changed)
         self.threshold.valueChanged.connect(self._rethreshold)
+        self._undo_timer.timeout.connect(self._show_threshold_of_plane)
         self.threshold.sliderMoved.connect(lambda v: self.threshold_label.setText(f"{v / 100:.2f}"))
         self.mode_combo.currentIndexChanged.connect(self._refresh_layers)
         self.segment_btn.clicked.connect(self.run)
@@ -278,7 +285,7 @@ class SegmentWidget(QWidget):
             segmented += ({i: plane(target, i).copy() for i in indices},)
         worker = thread_worker(self.session.segment, progress={"total": len(indices), "desc": "Segmenting"},
                                ignore_errors=True)(
-            self.model_spec, self.device_combo.currentText(), layer, indices, self.prompts)
+            self.model_spec, self.device_combo.currentText(), layer, indices, self.prompts, self.threshold_value)
         worker.returned.connect(lambda result: self._write(result, layer, mode, target, segmented))
         worker.errored.connect(self._failed)
         worker.finished.connect(self._done)
@@ -364,8 +371,12 @@ class SegmentWidget(QWidget):
                                 "was not written; press Segment to segment what is shown now.")
             return
         keep, kept = ({}, 0) if target is None else label_writing.pixels_to_keep(target, segmented[2], self.edits, mode)
-        target, write = label_writing.write_result(self.viewer, image_layer, target, result.probs, result.prompts,
+        if result.threshold != self.threshold_value:  # the slider moved while it ran
+            result.choices = {i: label_writing.choose(p, self.threshold_value) for i, p in result.probs.items()}
+        target, write = label_writing.write_result(self.viewer, image_layer, target, result.choices, result.prompts,
                                                    self.threshold_value, mode, keep)
+        result.choices = {}  # written; the probabilities stay for the slider
+        self._follow_undo(target)
         for index in result.probs:
             self.edits.forget(target, index)
         target.metadata.update(vlsm_model=self.session.spec, vlsm_prompts=list(result.prompts),
@@ -412,7 +423,8 @@ class SegmentWidget(QWidget):
                                   metadata={PROBABILITY_KEY: True})
 
     def _rethreshold(self, value: int):
-        """Apply a new threshold to the last probabilities, without running the model."""
+        """Apply a new threshold to the last probabilities, without running the model. The new
+        plane is worked out in a worker; only the write itself is on the GUI thread."""
         self.threshold_label.setText(f"{value / 100:.2f}")
         last, write = self.session.last, self.session.last_write
         if last is None or write is None or write.layer not in self.viewer.layers:
@@ -420,8 +432,48 @@ class SegmentWidget(QWidget):
                 self.status.setText(f"Threshold {value / 100:.2f} applies to the next Segment (the slider "
                                     "re-thresholds a single segmented plane only).")
             return
-        if not label_writing.rethreshold(write, last.probs[write.index], self.threshold_value):
+        self._wanted_threshold = self.threshold_value
+        if self.thresholding is None:
+            self._plan_threshold()
+
+    def _plan_threshold(self):
+        last, write, threshold = self.session.last, self.session.last_write, self._wanted_threshold
+        worker = thread_worker(label_writing.plan_threshold)(write, last.probs[write.index], threshold)
+        worker.returned.connect(lambda planned: self._apply_threshold(write, planned, threshold))
+        worker.errored.connect(self._failed)
+        worker.finished.connect(lambda: self._threshold_planned(threshold))
+        self.thresholding = worker
+        worker.start()
+
+    def _apply_threshold(self, write, planned, threshold: float):
+        if write is not self.session.last_write or write.layer not in self.viewer.layers or self.worker is not None:
+            return  # a newer result, a removed layer, or a run whose result will replace it
+        if not label_writing.rethreshold(write, planned, threshold):
             self.status.setText("The layer was edited since; press Segment to apply the new threshold.")
             return
         self.edits.forget(write.layer, write.index)
-        write.layer.metadata["vlsm_threshold"] = self.threshold_value
+        write.layer.metadata["vlsm_threshold"] = threshold
+
+    def _threshold_planned(self, threshold: float):
+        self.thresholding = None
+        if self._wanted_threshold != threshold and self.session.last_write is not None:
+            self._plan_threshold()  # the slider moved on while this one was worked out
+
+    def _follow_undo(self, layer) -> None:
+        key = label_writing.layer_key(layer)
+        if key not in self._watched_layers:
+            self._watched_layers.add(key)
+            layer.events.set_data.connect(lambda event: self._undo_timer.start())
+
+    def _show_threshold_of_plane(self):
+        """After an undo or redo the plane may hold an earlier threshold's result: the slider says which."""
+        write = self.session.last_write
+        if write is None or write.layer not in self.viewer.layers or self.thresholding is not None:
+            return
+        shown = label_writing.threshold_shown(write)
+        if shown is not None and shown != self.threshold_value:
+            self.threshold.blockSignals(True)
+            self.threshold.setValue(round(shown * 100))
+            self.threshold.blockSignals(False)
+            self.threshold_label.setText(f"{shown:.2f}")
+            self._wanted_threshold = shown

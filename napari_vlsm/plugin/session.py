@@ -8,17 +8,20 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..core.predictor import Predictor, clean_prompts
-from .label_writing import LabelWrite
+from .label_writing import LabelWrite, choose
 from .planes import plane, plane_key
 
 
 @dataclass
 class PlaneProbabilities:
-    """Probabilities per plane index for one run."""
+    """Probabilities per plane index for one run, and which prompt each pixel is at the
+    threshold the run was asked with (worked out in the worker, not on the GUI thread)."""
 
     prompts: list[str]
     probs: dict = field(default_factory=dict)  # index -> (P, H, W)
     messages: list[str] = field(default_factory=list)
+    threshold: float = 0.5
+    choices: dict = field(default_factory=dict)  # index -> (H, W) prompt numbers, 0 for none
 
 
 class SegmentSession:
@@ -43,11 +46,12 @@ class SegmentSession:
             self.predictor, self.spec, self.device, self._key = Predictor(backend), spec, device, None
         return self.predictor.backend
 
-    def segment(self, spec: str, device: str, layer, indices: list[tuple], prompts: list[str]):
+    def segment(self, spec: str, device: str, layer, indices: list[tuple], prompts: list[str],
+                threshold: float = 0.5):
         """Generator: yields (done, total) per plane; returns a PlaneProbabilities. Cancelling the worker
         stops it between planes."""
         prompts = clean_prompts(prompts)
-        result = PlaneProbabilities(prompts)
+        result = PlaneProbabilities(prompts, threshold=threshold)
         try:
             self.ensure_model(spec, device)
             for n, index in enumerate(indices):
@@ -62,6 +66,7 @@ class SegmentSession:
             for n, index in enumerate(i for i in indices if i not in result.probs):
                 result.probs[index] = self._predict_plane(layer, index, prompts)
                 yield n + 1, len(indices)
+        result.choices = {index: choose(probs, threshold) for index, probs in result.probs.items()}
         return result
 
     def _predict_plane(self, layer, index, prompts) -> np.ndarray:
