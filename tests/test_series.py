@@ -201,12 +201,14 @@ def test_revisiting_an_image_replaces_its_training_examples(qtbot, docks, folder
     assert fine.examples.count() == 1
 
 
-def test_the_three_docks_fit_a_1600_by_1000_screen(make_napari_viewer, qtbot, tmp_path):
+@pytest.mark.parametrize("screen", [(1600, 1000), (1500, 950)])
+def test_the_three_docks_fit_a_laptop_screen(make_napari_viewer, qtbot, tmp_path, screen):
     """Opened from the Plugins menu one after the other, the docks share tabs: each gets the
-    column's full height, so "Save, next" is on screen without scrolling."""
+    column's full height, so "Save, next" is on screen without scrolling, and no dock is
+    narrower than its controls (its buttons are whole, not cut at the side)."""
     viewer = make_napari_viewer(show=True)
     window = viewer.window._qt_window
-    window.resize(1600, 1000)
+    window.resize(*screen)
     opened = [viewer.window.add_plugin_dock_widget("napari-vlsm", name)
               for name in ("Text-prompt segmentation", "Finetune", "Image series")]
     (seg_dock, seg), (fine_dock, fine), (series_dock, series) = opened
@@ -218,6 +220,10 @@ def test_the_three_docks_fit_a_1600_by_1000_screen(make_napari_viewer, qtbot, tm
     button = series.next_btn
     assert not button.visibleRegion().isEmpty() and button.visibleRegion().boundingRect().width() == button.width()
     assert max(d.minimumSizeHint().width() for d, _ in opened) < 480
+    seg_dock.raise_()
+    qtbot.waitUntil(lambda: seg.isVisible() and not seg.cancel_btn.visibleRegion().isEmpty(), timeout=5000)
+    for button in (seg.segment_btn, seg.cancel_btn, seg.browse_btn):
+        assert button.visibleRegion().boundingRect().width() == button.width(), button.text()
 
 
 def test_images_that_share_a_stem_keep_their_own_training_examples(qtbot, docks, tmp_path, kvasir):

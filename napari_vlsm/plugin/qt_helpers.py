@@ -22,13 +22,23 @@ def on_layers_changed(viewer, callback) -> None:
 def scrolling_layout(widget):
     """Give ``widget`` a scroll area and return the layout inside it, so a dock taller than
     the screen scrolls instead of pushing its last controls off the bottom."""
+    from qtpy.QtCore import QSize, Qt
     from qtpy.QtWidgets import QFrame, QScrollArea, QVBoxLayout, QWidget
 
+    class VerticalScroll(QScrollArea):
+        """Scrolls up and down only: never narrower than its controls, so none is cut at the side."""
+
+        def minimumSizeHint(self):
+            inner = self.widget().minimumSizeHint()
+            return QSize(inner.width() + self.verticalScrollBar().sizeHint().width(),
+                         super().minimumSizeHint().height())
+
     inner = QWidget()
-    scroll = QScrollArea()
+    scroll = VerticalScroll()
     scroll.setWidget(inner)
     scroll.setWidgetResizable(True)
     scroll.setFrameShape(QFrame.Shape.NoFrame)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
     outer = QVBoxLayout(widget)
     outer.setContentsMargins(0, 0, 0, 0)
     outer.addWidget(scroll)
