@@ -35,6 +35,14 @@ def set_threshold(qtbot, w, value: int):
     qtbot.waitUntil(lambda: w.thresholding is None, timeout=10000)
 
 
+def segmented_frame(qtbot, w, image):
+    """Segment ``image`` for 'polyp' into a new layer: (that Labels layer, the probabilities)."""
+    w.viewer.add_image(image, name="frame")
+    segment(qtbot, w)
+    (labels,) = labels_layers(w.viewer)
+    return labels, w.session.last.probs[()][0]
+
+
 def labels_layers(viewer):
     return [ly for ly in viewer.layers if ly._type_string == "labels"]
 
@@ -352,11 +360,7 @@ def test_the_status_names_the_prompt_that_found_nothing(qtbot, docked, polyp_ima
 
 
 def test_the_slider_moves_on_after_an_undo_of_a_threshold(qtbot, docked, polyp_image):
-    viewer = docked.viewer
-    viewer.add_image(polyp_image, name="frame")
-    segment(qtbot, docked)
-    (labels,) = labels_layers(viewer)
-    probs = docked.session.last.probs[()][0]
+    labels, probs = segmented_frame(qtbot, docked, polyp_image)
     set_threshold(qtbot, docked, 80)
     labels.undo()  # Ctrl+Z: back to the 0.50 mask, and the slider says so
     np.testing.assert_array_equal(labels.data > 0, probs >= 0.5)
@@ -397,11 +401,7 @@ def test_thresholding_is_never_done_on_the_gui_thread(qtbot, docked, polyp_image
 
 
 def test_slider_moves_made_while_a_threshold_is_worked_out_end_at_the_last(qtbot, docked, polyp_image):
-    viewer = docked.viewer
-    viewer.add_image(polyp_image, name="frame")
-    segment(qtbot, docked)
-    (labels,) = labels_layers(viewer)
-    probs = docked.session.last.probs[()][0]
+    labels, probs = segmented_frame(qtbot, docked, polyp_image)
     for value in (60, 70, 40):  # released faster than each is written
         docked.threshold.setValue(value)
     qtbot.waitUntil(lambda: docked.thresholding is None and np.array_equal(labels.data > 0, probs >= 0.4))
