@@ -182,3 +182,31 @@ def test_images_without_the_object_are_asked_for_their_own_class(pooled):
     concepts = concept_of(examples)
     assert T._val_prompt(tumour, False, "p1", concepts, rng) == "tumor in the breast ultrasound image."
     assert T._val_prompt(tumour, True, "p1", concepts, rng) == tumour.prompts["p1"]
+
+
+def test_a_finetune_asks_images_without_the_object_for_their_own_class(data_sets, tiny_unet, tmp_path, monkeypatch):
+    rows = json.loads((data_sets / "busi" / "anns" / "train.json").read_text())
+    normal = [r for r in rows if r["prompts"]["p1"].startswith("No tumor")][:2]
+    tumour = [r for r in rows if r["prompts"]["p1"].startswith("Tumor")][:4]
+    folder = tmp_path / "busi"
+    for sub, key in (("images", "img_name"), ("masks", "mask_name")):
+        (folder / sub).mkdir(parents=True)
+        for r in normal + tumour:
+            (folder / sub / r[key]).write_bytes((data_sets / "busi" / sub / r[key]).read_bytes())
+    (folder / "anns").mkdir()
+    (folder / "anns" / "train.json").write_text(json.dumps(normal + tumour))
+    asked = []  # (the image's own p1, the prompt asked, whether its target has the object)
+    real = T._loss
+
+    def spy(backend, pixels, target, prompts, settings, rng, negatives, batch):
+        asked.extend((ex.prompts["p1"], p, bool(t.any())) for ex, p, t in zip(batch, prompts, target))
+        return real(backend, pixels, target, prompts, settings, rng, negatives, batch)
+
+    monkeypatch.setattr(T, "_loss", spy)
+    s = T.TrainSettings(epochs=4, batch_size=6, crop=0)  # whole images: only the normal ones are empty
+    assert list(T.finetune(str(tiny_unet), [folder], tmp_path / "run", s, device="cpu"))[-1].kind == "done"
+    on_normal = [(p, has) for own, p, has in asked if own.startswith("No tumor")]
+    assert len(on_normal) == 8 and not any(has for _, has in on_normal)
+    for_tumour = [p for p, _ in on_normal if "tumor" in p.lower() and not p.startswith("No ")]
+    assert 0 < len(for_tumour) < 8  # about half are asked for the tumour, with an empty target
+    assert all(p.startswith("No tumor") for p in {p for p, _ in on_normal} - set(for_tumour))
