@@ -134,6 +134,37 @@ def test_replay_sample_is_mixed_into_every_batch_and_travels_with_checkpoints(ti
     assert "mixed with 8 replay pair(s)" in events[-1].message
 
 
+def test_the_replay_share_given_on_the_command_line_is_the_share_of_each_batch(tiny_unet, data_sets, tmp_path,
+                                                                            monkeypatch):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from napari_vlsm.cli import app
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_unet, base)
+    write_replay_sample([small_copy(data_sets / "kvasir_seg", tmp_path / "data" / "kvasir_seg", 4, 0)], base,
+                        per_set=4)
+    mine = small_copy(data_sets / "kvasir_seg", tmp_path / "mine", 12, 0)  # polyps: the base's class, no adapter
+    (mine / "anns" / "val.json").unlink()
+    batches = []
+    real = T._make_batch
+
+    def spy(cache, examples, idx, *args):
+        batches.append([examples[i].group for i in idx])
+        return real(cache, examples, idx, *args)
+
+    monkeypatch.setattr(T, "_make_batch", spy)
+    res = CliRunner().invoke(app, ["finetune", str(mine), "--model", str(base), "--out", str(tmp_path / "run"),
+                                   "--epochs", "2", "--batch-size", "8", "--replay-fraction", "0.25",
+                                   "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert len(batches) == 4 and all(len(b) == 8 and b.count("kvasir_seg") == 2 for b in batches), batches
+    meta = json.loads((tmp_path / "run" / "last" / "training.json").read_text())
+    assert meta["settings"]["replay_fraction"] == 0.25 and meta["adapter"] is None
+
+
 def test_resume_after_adding_examples_trains_a_new_round_on_the_same_validation_set(tiny_unet, data_sets, tmp_path):
     src = data_sets / "busi"
     folder = small_copy(src, tmp_path / "mine", 10, 0)
