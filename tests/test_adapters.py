@@ -122,6 +122,19 @@ def test_a_known_class_or_adapters_off_trains_the_shared_network(base, data_sets
     assert load_model(str(tmp_path / "run" / "best"), "cpu", "fp32").module.config.adapters == 0
 
 
+def test_a_mix_of_known_and_new_classes_trains_the_shared_network(base, ultrasound, data_sets, tmp_path):
+    polyps = small_copy(data_sets / "kvasir_seg", tmp_path / "mine", 3, 0)
+    (polyps / "anns" / "val.json").unlink()
+    events = list(T.finetune(str(base), [polyps, ultrasound], tmp_path / "run", T.TrainSettings(epochs=1),
+                             device="cpu"))
+    assert "adapter" not in events[-1].message and "mixed with 4 replay pair(s)" in events[-1].message
+    trained = load_model(str(tmp_path / "run" / "best"), "cpu", "fp32").module
+    assert trained.config.adapters == 0 and len(trained.adapters) == 0 and not trained.config.route_prompts
+    assert json.loads((tmp_path / "run" / "best" / "training.json").read_text())["adapter"] is None
+    before, after = load_model(str(base), "cpu", "fp32").module.state_dict(), trained.state_dict()
+    assert set(before) == set(after) and any(not torch.equal(before[k], after[k]) for k in before)
+
+
 def test_adapters_off_from_the_command_line(base, ultrasound, tmp_path):
     res = CliRunner().invoke(app, ["finetune", str(ultrasound), "--model", str(base), "--out", str(tmp_path / "run"),
                                    "--epochs", "1", "--adapters", "off", "--device", "cpu"])

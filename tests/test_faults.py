@@ -6,6 +6,7 @@ import os
 import shutil
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,6 +73,39 @@ def test_an_interrupted_checkpoint_swap_is_repaired_on_resume(tiny_unet, small_b
     shutil.rmtree(out / "last")
     with pytest.raises(TrainingError, match="no last/ checkpoint"):
         list(T.finetune(str(tiny_unet), [small_benchmark], out, T.TrainSettings(epochs=3), resume=True))
+
+
+def test_a_rename_that_fails_during_the_checkpoint_swap_loses_no_checkpoint(tiny_unet, small_benchmark, tmp_path,
+                                                                         monkeypatch):
+    out, scores = tmp_path / "run", iter([0.2, 0.5])
+
+    def scripted(*args, **kwargs):
+        dice = next(scores)
+        return T.Validation(dice, {small_benchmark.name: dice}, None)
+
+    monkeypatch.setattr(T, "validate", scripted)
+    list(T.finetune(str(tiny_unet), [small_benchmark], out, T.TrainSettings(epochs=1), device="cpu"))
+    before = (out / "best" / "model.safetensors").read_bytes()
+    real_replace, failed = os.replace, []
+
+    def failing(src, dst, *args, **kwargs):
+        if not failed and Path(dst) == out / "best" and "-tmp-" in Path(src).name:
+            failed.append(src)
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="Input/output error"):  # epoch 2 improves, and its best/ swap fails
+        list(T.finetune(str(tiny_unet), [small_benchmark], out, T.TrainSettings(epochs=2), resume=True))
+    assert failed
+    monkeypatch.setattr(os, "replace", real_replace)
+    events = list(T.finetune(str(tiny_unet), [small_benchmark], out, T.TrainSettings(epochs=2), resume=True))
+    assert "already complete" in events[-1].message  # last/ was written before the failure
+    meta = json.loads((out / "best" / "training.json").read_text())
+    assert meta["epochs_done"] == 1 and meta["best_val_dice"] == 0.2
+    assert (out / "best" / "model.safetensors").read_bytes() == before
+    assert not list(out.glob(".*-old-*")) and not list(out.glob(".*-tmp-*"))
+    load_model(out / "best", "cpu", "fp32")
 
 
 def test_disk_full_during_segment_keeps_a_whole_report_and_says_what_was_done(tiny_unet, images, tmp_path,

@@ -35,6 +35,19 @@ def test_matches_stock_pipeline(tiny_clipseg, clipseg, polyp_image):
     assert ref.std() > 1e-3  # a random model still gives a non-trivial map
 
 
+def test_prompts_that_share_a_first_word_get_their_own_answers(clipseg, polyp_image):
+    pred = Predictor(clipseg)
+    pred.set_image(polyp_image)
+    asked = {p: pred.predict(p).probs[0] for p in ("polyp", "polyp border")}
+    for p in ("polyp", "polyp border"):
+        fresh = Predictor(clipseg)
+        fresh.set_image(polyp_image)
+        np.testing.assert_allclose(asked[p], fresh.predict(p).probs[0], atol=1e-5)
+    assert np.abs(asked["polyp"] - asked["polyp border"]).max() > 1e-3
+    np.testing.assert_allclose(pred.predict(["polyp border", "polyp"]).probs, [asked["polyp border"], asked["polyp"]],
+                               atol=1e-5)
+
+
 def test_second_prompt_reuses_image_features(clipseg, polyp_image):
     calls = count_encoder_calls(clipseg)
     pred = Predictor(clipseg)

@@ -134,6 +134,37 @@ def test_replay_sample_is_mixed_into_every_batch_and_travels_with_checkpoints(ti
     assert "mixed with 8 replay pair(s)" in events[-1].message
 
 
+def test_the_replay_share_given_on_the_command_line_is_the_share_of_each_batch(tiny_unet, data_sets, tmp_path,
+                                                                            monkeypatch):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from napari_vlsm.cli import app
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_unet, base)
+    write_replay_sample([small_copy(data_sets / "kvasir_seg", tmp_path / "data" / "kvasir_seg", 4, 0)], base,
+                        per_set=4)
+    mine = small_copy(data_sets / "kvasir_seg", tmp_path / "mine", 12, 0)  # polyps: the base's class, no adapter
+    (mine / "anns" / "val.json").unlink()
+    batches = []
+    real = T._make_batch
+
+    def spy(cache, examples, idx, *args):
+        batches.append([examples[i].group for i in idx])
+        return real(cache, examples, idx, *args)
+
+    monkeypatch.setattr(T, "_make_batch", spy)
+    res = CliRunner().invoke(app, ["finetune", str(mine), "--model", str(base), "--out", str(tmp_path / "run"),
+                                   "--epochs", "2", "--batch-size", "8", "--replay-fraction", "0.25",
+                                   "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert len(batches) == 4 and all(len(b) == 8 and b.count("kvasir_seg") == 2 for b in batches), batches
+    meta = json.loads((tmp_path / "run" / "last" / "training.json").read_text())
+    assert meta["settings"]["replay_fraction"] == 0.25 and meta["adapter"] is None
+
+
 def test_resume_after_adding_examples_trains_a_new_round_on_the_same_validation_set(tiny_unet, data_sets, tmp_path):
     src = data_sets / "busi"
     folder = small_copy(src, tmp_path / "mine", 10, 0)
@@ -182,3 +213,31 @@ def test_images_without_the_object_are_asked_for_their_own_class(pooled):
     concepts = concept_of(examples)
     assert T._val_prompt(tumour, False, "p1", concepts, rng) == "tumor in the breast ultrasound image."
     assert T._val_prompt(tumour, True, "p1", concepts, rng) == tumour.prompts["p1"]
+
+
+def test_a_finetune_asks_images_without_the_object_for_their_own_class(data_sets, tiny_unet, tmp_path, monkeypatch):
+    rows = json.loads((data_sets / "busi" / "anns" / "train.json").read_text())
+    normal = [r for r in rows if r["prompts"]["p1"].startswith("No tumor")][:2]
+    tumour = [r for r in rows if r["prompts"]["p1"].startswith("Tumor")][:4]
+    folder = tmp_path / "busi"
+    for sub, key in (("images", "img_name"), ("masks", "mask_name")):
+        (folder / sub).mkdir(parents=True)
+        for r in normal + tumour:
+            (folder / sub / r[key]).write_bytes((data_sets / "busi" / sub / r[key]).read_bytes())
+    (folder / "anns").mkdir()
+    (folder / "anns" / "train.json").write_text(json.dumps(normal + tumour))
+    asked = []  # (the image's own p1, the prompt asked, whether its target has the object)
+    real = T._loss
+
+    def spy(backend, pixels, target, prompts, settings, rng, negatives, batch):
+        asked.extend((ex.prompts["p1"], p, bool(t.any())) for ex, p, t in zip(batch, prompts, target))
+        return real(backend, pixels, target, prompts, settings, rng, negatives, batch)
+
+    monkeypatch.setattr(T, "_loss", spy)
+    s = T.TrainSettings(epochs=4, batch_size=6, crop=0)  # whole images: only the normal ones are empty
+    assert list(T.finetune(str(tiny_unet), [folder], tmp_path / "run", s, device="cpu"))[-1].kind == "done"
+    on_normal = [(p, has) for own, p, has in asked if own.startswith("No tumor")]
+    assert len(on_normal) == 8 and not any(has for _, has in on_normal)
+    for_tumour = [p for p, _ in on_normal if "tumor" in p.lower() and not p.startswith("No ")]
+    assert 0 < len(for_tumour) < 8  # about half are asked for the tumour, with an empty target
+    assert all(p.startswith("No tumor") for p in {p for p, _ in on_normal} - set(for_tumour))

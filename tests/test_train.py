@@ -65,15 +65,53 @@ def test_stop_keeps_last_good_checkpoint(tiny_unet, small_benchmark, tmp_path):
     load_model(tmp_path / "best")
 
 
+def weights_of(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(a: dict, b: dict) -> list[str]:
+    """The names of the tensors that differ between two sets of weights."""
+    return sorted(k for k in set(a) | set(b) if k not in a or k not in b or not torch.equal(a[k], b[k]))
+
+
 def test_closing_the_generator_midway_leaves_checkpoints_loadable(tiny_unet, small_benchmark, tmp_path):
-    gen = T.finetune(str(tiny_unet), [small_benchmark], tmp_path, T.TrainSettings(epochs=3, batch_size=4))
+    backend = T.load_for_training(str(tiny_unet), "cpu")
+    train_set, val_set = T.training_data([small_benchmark])
+    gen = T.train(backend, train_set, val_set, tmp_path / "run", T.TrainSettings(epochs=3, batch_size=4))
     for ev in gen:
         if ev.kind == "epoch":
             break
-    next(gen)  # one step into epoch 2
+    after_epoch_1 = weights_of(backend.module)
+    assert next(gen).kind == "step"  # one step into epoch 2
     gen.close()  # what napari's worker.quit() does
-    assert not [p for p in tmp_path.iterdir() if "-tmp-" in p.name]
-    load_model(tmp_path / "best")
+    assert changed(weights_of(backend.module), after_epoch_1)  # that step changed the weights
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best", "last"]
+    for name in ("best", "last"):
+        assert json.loads((tmp_path / "run" / name / "training.json").read_text())["epochs_done"] == 1
+        assert changed(weights_of(load_model(tmp_path / "run" / name, "cpu", "fp32").module), after_epoch_1) == []
+
+
+def test_best_keeps_the_epoch_with_the_highest_validation_dice(tiny_unet, small_benchmark, tmp_path, monkeypatch):
+    scores, validated = iter([0.2, 0.5, 0.3]), []
+
+    def scripted(backend, *args, **kwargs):
+        validated.append(weights_of(backend.module))
+        dice = next(scores)
+        return T.Validation(dice, {small_benchmark.name: dice}, None)
+
+    monkeypatch.setattr(T, "validate", scripted)
+    settings = T.TrainSettings(mode="full", epochs=3, lr=1e-2, batch_size=8, patience=100)
+    events = run(T.finetune(str(tiny_unet), [small_benchmark], tmp_path / "run", settings, device="cpu"))
+    assert [e.val_dice for e in events if e.kind == "epoch"] == [0.2, 0.5, 0.3]
+    assert events[-1].kind == "done" and events[-1].best_dice == 0.5
+    assert events[-1].checkpoint == str(tmp_path / "run" / "best")
+    best, last = (json.loads((tmp_path / "run" / name / "training.json").read_text()) for name in ("best", "last"))
+    assert best["epochs_done"] == 2 and best["best_val_dice"] == 0.5
+    assert last["epochs_done"] == 3 and last["best_val_dice"] == 0.5
+    best_weights = weights_of(load_model(tmp_path / "run" / "best", "cpu", "fp32").module)
+    last_weights = weights_of(load_model(tmp_path / "run" / "last", "cpu", "fp32").module)
+    assert changed(best_weights, validated[1]) == [] and changed(last_weights, validated[2]) == []
+    assert changed(best_weights, last_weights)
 
 
 def test_nan_loss_stops_with_message_and_keeps_checkpoint(tiny_unet, small_benchmark, tmp_path, monkeypatch):

@@ -116,8 +116,13 @@ def test_replace_mode_is_undoable(qtbot, widget, polyp_image):
     target = viewer.add_labels(user.copy(), name="mine")
     widget.mode_combo.setCurrentIndex(widget.mode_combo.findData("replace"))
     widget.target_combo.setCurrentText("mine")
+    widget.threshold.setValue(30)  # the random model claims part of the image, the square included
     segment(qtbot, widget)
-    assert not np.array_equal(target.data, user)
+    probs = widget.session.last.probs[()][0]
+    written = np.where(probs >= 0.3, 4, 0)  # polyp gets 4, above the layer's 3; the rest is replaced by 0
+    assert written[100:150, 100:150].any() and not written[100:150, 100:150].all()
+    np.testing.assert_array_equal(target.data, written)
+    assert target.metadata["vlsm_labels"] == {4: "polyp"}
     target.undo()
     np.testing.assert_array_equal(target.data, user)
 

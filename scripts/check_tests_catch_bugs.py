@@ -1,0 +1,135 @@
+"""Put known bugs into the code one at a time and check that a test fails on each (issue 30).
+
+Each bug is a textual search/replace in one source file (the search text must occur exactly
+once). For each: the file is changed, the tests named for it run in a pytest subprocess, and
+the file is put back byte for byte (mtime too) whatever happens. A bug is caught when those
+tests fail (pytest exit status 1). First the same tests run on the unchanged code and must
+pass, else a failure would say nothing. Prints a table; exits 1 when a bug is not caught.
+
+Run from the repository root (or anywhere: paths are the repository's):
+    python scripts/check_tests_catch_bugs.py            # every bug
+    python scripts/check_tests_catch_bugs.py 1 3        # bugs 1 and 3 only
+    python scripts/check_tests_catch_bugs.py --no-baseline
+
+Before splitting or moving code, add a row here for a bug the change could introduce.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Bug:
+    name: str
+    file: str       # relative to the repository root
+    search: str
+    replace: str
+    tests: tuple    # pytest node ids
+
+
+BUGS = [
+    Bug("best/ chosen with val < best (the worst epoch kept)", "napari_vlsm/core/train.py",
+        "improved = val > best if informative else", "improved = val < best if informative else",
+        ("tests/test_train.py::test_best_keeps_the_epoch_with_the_highest_validation_dice",)),
+    Bug("best/ also replaced on the final save", "napari_vlsm/core/train.py",
+        "out / BEST, meta, extras)) if improved else None", "out / BEST, meta, extras)) if improved or final else None",
+        ("tests/test_train.py::test_best_keeps_the_epoch_with_the_highest_validation_dice",)),
+    Bug("checkpoint swap non-atomic (remove the target, then rename)", "napari_vlsm/core/checkpoint.py",
+        "            os.replace(target, old)\n", "            shutil.rmtree(target)\n",
+        ("tests/test_faults.py::test_a_rename_that_fails_during_the_checkpoint_swap_loses_no_checkpoint",)),
+    Bug("images without the object no longer asked for their own class", "napari_vlsm/core/train.py",
+        "                _ask_own_class_where_absent(target, prompts, [pool[i] for i in idx], negatives, rng)\n",
+        "                pass\n",
+        ("tests/test_recipe.py::test_a_finetune_asks_images_without_the_object_for_their_own_class",)),
+    Bug("--replay-fraction ignored (always the default share)", "napari_vlsm/core/train.py",
+        "        if self.replay_fraction is not None:\n", "        if False:\n",
+        ("tests/test_recipe.py::test_the_replay_share_given_on_the_command_line_is_the_share_of_each_batch",)),
+    Bug("a mix of known and new classes gets an adapter (all, not any)", "napari_vlsm/core/adapters.py",
+        "if not prompts or any(p in known for p in prompts):", "if not prompts or all(p in known for p in prompts):",
+        ("tests/test_adapters.py::test_a_mix_of_known_and_new_classes_trains_the_shared_network",)),
+    Bug("text-embedding cache answered by the prompt's first word", "napari_vlsm/core/predictor.py",
+        "return torch.stack([torch.as_tensor(self._text_cache[p]) for p in prompts])",
+        "return torch.stack([torch.as_tensor(next(v for k, v in self._text_cache.items() "
+        "if k.split()[0] == p.split()[0])) for p in prompts])",
+        ("tests/test_predictor.py::test_prompts_that_share_a_first_word_get_their_own_answers",)),
+    Bug("a checkpoint written after every step (closing midway keeps half an epoch)", "napari_vlsm/core/train.py",
+        '            yield Progress("step", epoch,',
+        '            save(True, True, final=True); yield Progress("step", epoch,',
+        ("tests/test_train.py::test_closing_the_generator_midway_leaves_checkpoints_loadable",)),
+    Bug("replace mode writes like fill (the annotator's labels stay)", "napari_vlsm/plugin/label_writing.py",
+        '    write_mode = "fill" if mode == "fill" else "replace"', '    write_mode = "fill"',
+        ("tests/test_widget.py::test_replace_mode_is_undoable",)),
+]
+
+
+def run_tests(tests) -> int:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PYTHONDONTWRITEBYTECODE": "1",  # no cached bytecode of a changed file outlives the change
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", "1"),
+           "QT_QPA_PLATFORM": os.environ.get("QT_QPA_PLATFORM", "offscreen")}
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    return subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+
+
+def check(bug: Bug) -> tuple[str, bool, int]:
+    """(file:line, caught, pytest's exit status) for one bug, the file restored afterwards."""
+    path = ROOT / bug.file
+    original = path.read_bytes()
+    stat = path.stat()
+    text = original.decode()
+    count = text.count(bug.search)
+    assert count == 1, f"{bug.file}: the search text of '{bug.name}' occurs {count} times, not once"
+    where = f"{bug.file}:{text[:text.index(bug.search)].count(chr(10)) + 1}"
+    try:
+        path.write_text(text.replace(bug.search, bug.replace))
+        rc = run_tests(bug.tests)
+    finally:
+        path.write_bytes(original)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    return where, rc == 1, rc
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("only", nargs="*", type=int, help="numbers of the bugs to check (default: all)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip running the tests on the unchanged code")
+    args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still puts the file back (finally)
+    chosen = [(i, b) for i, b in enumerate(BUGS, 1) if not args.only or i in args.only]
+    t0 = time.time()
+    if not args.no_baseline:
+        tests = list(dict.fromkeys(t for _, b in chosen for t in b.tests))
+        rc = run_tests(tests)
+        if rc != 0:
+            print(f"The tests fail on the unchanged code (pytest exit status {rc}); fix that first:\n  "
+                  + "\n  ".join(tests))
+            return 2
+    rows = []
+    for i, bug in chosen:
+        where, caught, rc = check(bug)
+        rows.append((str(i), bug.name, where, " ".join(t.split("::")[-1] for t in bug.tests),
+                     "yes" if caught else f"NO (pytest exit {rc})"))
+        print(f"{i}. {bug.name}: {'caught' if caught else 'NOT caught'}", flush=True)
+    head = ("#", "bug", "where", "test", "caught")
+    widths = [max(len(r[k]) for r in rows + [head]) for k in range(len(head))]
+    print()
+    for r in [head, tuple("-" * w for w in widths)] + rows:
+        print(" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    missed = [r for r in rows if r[-1] != "yes"]
+    print(f"\n{len(rows) - len(missed)} of {len(rows)} bugs caught in {time.time() - t0:.0f} s.")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
