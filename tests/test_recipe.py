@@ -101,14 +101,8 @@ def test_a_validation_dice_of_zero_everywhere_never_picks_the_checkpoint(tiny_un
     assert all(np.array_equal(best[k].numpy(), last[k].numpy()) for k in best)  # the schedule's end
 
 
-def test_replay_sample_is_mixed_into_every_batch_and_travels_with_checkpoints(tiny_unet, pooled, tmp_path,
-                                                                             monkeypatch):
-    import shutil
-
-    base = tmp_path / "base"
-    shutil.copytree(tiny_unet, base)
-    write_replay_sample([pooled[0], pooled[2]], base, per_set=4)
-    assert len(replay_examples(base / REPLAY_DIR)) == 8
+def record_batch_groups(monkeypatch) -> list:
+    """The data set ("group") of each example in every training batch, as training draws them."""
     batches = []
     real = T._make_batch
 
@@ -117,6 +111,18 @@ def test_replay_sample_is_mixed_into_every_batch_and_travels_with_checkpoints(ti
         return real(cache, examples, idx, *args)
 
     monkeypatch.setattr(T, "_make_batch", spy)
+    return batches
+
+
+def test_replay_sample_is_mixed_into_every_batch_and_travels_with_checkpoints(tiny_unet, pooled, tmp_path,
+                                                                             monkeypatch):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_unet, base)
+    write_replay_sample([pooled[0], pooled[2]], base, per_set=4)
+    assert len(replay_examples(base / REPLAY_DIR)) == 8
+    batches = record_batch_groups(monkeypatch)
     asked_absent = []
     real_draw = NegativePrompts.draw
     monkeypatch.setattr(NegativePrompts, "draw", lambda self, ex, rng: asked_absent.append(ex.group)
@@ -148,14 +154,7 @@ def test_the_replay_share_given_on_the_command_line_is_the_share_of_each_batch(t
                         per_set=4)
     mine = small_copy(data_sets / "kvasir_seg", tmp_path / "mine", 12, 0)  # polyps: the base's class, no adapter
     (mine / "anns" / "val.json").unlink()
-    batches = []
-    real = T._make_batch
-
-    def spy(cache, examples, idx, *args):
-        batches.append([examples[i].group for i in idx])
-        return real(cache, examples, idx, *args)
-
-    monkeypatch.setattr(T, "_make_batch", spy)
+    batches = record_batch_groups(monkeypatch)
     res = CliRunner().invoke(app, ["finetune", str(mine), "--model", str(base), "--out", str(tmp_path / "run"),
                                    "--epochs", "2", "--batch-size", "8", "--replay-fraction", "0.25",
                                    "--device", "cpu"])
