@@ -70,7 +70,7 @@ def clipseg_steps(args):
     from napari_vlsm.core.random_models import build_random_clipseg
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    folder = build_random_clipseg(Path(tempfile.mkdtemp()) / "rd64", "rd64")
+    folder = build_random_clipseg(Path(tempfile.mkdtemp()) / "rd64", shape="rd64")
     b = args.clipseg_batch
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (256, 256, 3), dtype=np.uint8) for _ in range(b)]

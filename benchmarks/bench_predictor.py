@@ -114,7 +114,7 @@ def main():
     batch = args.batch or (64 if cuda else 4)
     n_files = args.folder_images or (512 if cuda else 12)
     work = Path(tempfile.mkdtemp(prefix="vlsm-bench-"))
-    folder = build_random_clipseg(work / "rd64", "rd64")
+    folder = build_random_clipseg(work / "rd64", shape="rd64")
     files = sorted(DATA.glob("*.jpg"))[:n_files]
     image = read_image(files[0])
     images = [read_image(f) for f in files[:batch]]

@@ -223,6 +223,20 @@ def models(ctx: typer.Context, folders: list[Path] = typer.Option([], "--folder"
     Console().print(table)
 
 
+@models_app.command("families")
+def models_families():
+    """The model families napari-vlsm runs: what each trains and how a fresh one starts."""
+    from .core.families import families
+
+    table = Table(title="Model families")
+    for col in ("family", "model_type", "training modes", "correction adapters", "fresh start"):
+        table.add_column(col)
+    for f in families():
+        fresh = f"{f.new_spec}: {f.new_help}" if f.new_spec else "-"
+        table.add_row(f.name, f.model_type, ", ".join(f.train_modes), "yes" if f.adapters else "no", fresh)
+    Console().print(table)
+
+
 @models_app.command("pull")
 def models_pull(model_id: str = typer.Argument(..., help="Hugging Face id, e.g. CIDAS/clipseg-rd64-refined or "
                                                           "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"),
@@ -268,10 +282,11 @@ def finetune(
     data: list[Path] = typer.Argument(...,
                                       help="Training folders: benchmark layout, or images/ + masks/ with --prompt."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder (best/ and last/ inside)."),
-    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP + " 'new:film-unet' starts from scratch; "
-                              "'new:biomedclipseg' puts a new CLIPSeg decoder on BiomedCLIP's encoders (--encoders)."),
-    encoders: Path | None = typer.Option(None, help="For new:biomedclipseg: BiomedCLIP's open_clip folder "
-                                                       "(see 'models pull') or a BiomedCLIPSeg model folder."),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP + " 'new:FAMILY' starts a fresh model "
+                              "('napari-vlsm models families' lists them)."),
+    encoders: Path | None = typer.Option(None, help="For a new:FAMILY that starts from pretrained encoders "
+                                                       "(new:biomedclipseg: BiomedCLIP's open_clip folder, see "
+                                                       "'models pull', or a BiomedCLIPSeg model folder)."),
     train_mode: str = typer.Option("auto", "--train",
                                    help="auto (full for the FiLM-UNet, decoder for CLIPSeg), decoder, full or lora."),
     epochs: int | None = typer.Option(None, min=1, help="Default: enough epochs for about 250 steps."),
@@ -316,9 +331,9 @@ def finetune(
 
     if adapters not in ADAPTER_MODES:
         _fail(f"--adapters is {' or '.join(ADAPTER_MODES)}, not {adapters!r}.")
-    if encoders is not None and model != "new:biomedclipseg":
-        _fail("--encoders goes with --model new:biomedclipseg (a new decoder on those encoders); "
-              f"--model {model} brings its own.")
+    if encoders is not None and not model.startswith("new:"):
+        _fail("--encoders goes with a fresh model such as --model new:biomedclipseg (a new decoder on those "
+              f"encoders); --model {model} brings its own.")
     distributed = init_distributed()
     negatives = list(negative_prompt) + (_read_lines(negatives_file) if negatives_file else [])
     settings = TrainSettings(mode=train_mode, epochs=epochs, lr=lr, batch_size=batch_size, val_fraction=val_fraction,

@@ -10,7 +10,7 @@ import argparse
 import torch
 
 from napari_vlsm.core import efficientnet_lite as E
-from napari_vlsm.core.registry import new_film_unet
+from napari_vlsm.core.film_unet import new_film_unet
 
 
 def main():

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from napari_vlsm.core import efficientnet_lite
+from napari_vlsm.core.random_models import TINY_FILM_UNET
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -29,7 +30,7 @@ def data_root() -> Path:
         return FIXTURE_DATA
     return SHARED_DATA if (SHARED_DATA / "kvasir_seg" / "anns").exists() else FIXTURE_DATA
 SAMPLE_DATA = ROOT / "sample_data"
-TINY_UNET = dict(widths=[4, 8, 16], image_size=64, text_dim=16, text_layers=1, text_heads=2)
+TINY_UNET = TINY_FILM_UNET
 # the EfficientNet-Lite0 encoder has one shape; the text side and the input stay tiny
 TINY_EFFICIENTNET_UNET = dict(encoder=efficientnet_lite.NAME, widths=efficientnet_lite.CHANNELS, image_size=64,
                               text_dim=16, text_layers=1, text_heads=2, image_mean=efficientnet_lite.IMAGE_MEAN,
@@ -40,7 +41,7 @@ TINY_EFFICIENTNET_UNET = dict(encoder=efficientnet_lite.NAME, widths=efficientne
 def tiny_clipseg(tmp_path_factory) -> Path:
     from napari_vlsm.core.random_models import build_random_clipseg
 
-    return build_random_clipseg(tmp_path_factory.mktemp("models") / "tiny_clipseg", "tiny")
+    return build_random_clipseg(tmp_path_factory.mktemp("models") / "tiny_clipseg", shape="tiny")
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from napari_vlsm.core.loading import load_model
 from napari_vlsm.core.open_clip_convert import PICKLED_WEIGHTS, convert, read_open_clip
 from napari_vlsm.core.predictor import Predictor
 from napari_vlsm.core.random_models import build_random_open_clip
-from napari_vlsm.core.registry import new_biomedclipseg
+from napari_vlsm.core.biomedclipseg import new_biomedclipseg
 
 from .conftest import small_copy
 
@@ -186,7 +186,7 @@ def test_finetune_segment_and_export_with_the_documented_commands(hub, converted
     assert meta["settings"]["mode"] == "decoder" and meta["settings"]["lr"] == 2e-4
     trained = load_model(str(run / "best"), device="cpu")
     assert trained.name == "BiomedCLIPSeg"
-    start = new_biomedclipseg(converted, device="cpu")  # where new:biomedclipseg starts (seed 0)
+    start = new_biomedclipseg(encoders=converted, device="cpu")  # where new:biomedclipseg starts (seed 0)
     for (name, p), q in zip(trained.module.named_parameters(), start.module.parameters()):
         changed = not torch.equal(p, q)
         assert changed == name.startswith("decoder."), name  # encoders frozen, the decoder trained
@@ -230,7 +230,7 @@ def test_open_clip_folder_as_encoders_and_lora_and_full_training(hub, data_sets,
     for f in hub[1].iterdir():
         shutil.copy(f, side_by_side / f.name)
     data = small_copy(data_sets / "busi", tmp_path / "busi", 2, 1)
-    start = new_biomedclipseg(side_by_side, device="cpu")
+    start = new_biomedclipseg(encoders=side_by_side, device="cpu")
     encoders = {n: p for n, p in start.module.named_parameters() if n.startswith(("vision.", "text."))}
     for mode in ("lora", "full"):
         settings = TrainSettings(mode=mode, epochs=1, batch_size=2, threads=1, lr=1e-3)
@@ -288,7 +288,7 @@ def test_wrong_inputs_get_messages(hub, converted, tmp_path):
         load_model(str(hub[0]))
     res = runner.invoke(app, ["finetune", str(tmp_path), "--model", "default", "--encoders", str(hub[0]),
                               "--out", str(tmp_path / "run")])
-    assert res.exit_code != 0 and "--encoders goes with --model new:biomedclipseg" in res.output
+    assert res.exit_code != 0 and "--encoders goes with a fresh model" in res.output
     res = runner.invoke(app, ["models", "convert", str(hub[0]), "--out", str(converted), "--text-tower", str(hub[1])])
     assert res.exit_code != 0 and "not empty" in res.output
     res = runner.invoke(app, ["models", "convert", str(hub[0]), "--out", str(tmp_path / "m"),

@@ -46,11 +46,12 @@ def plan_adapter(backend, train_set: list[Example], replay_set: list[Example], c
     """The adapter a run trains (an existing one's number, or the next number for a new
     class), or None for the shared recipe. A prompt the base was only taught as absent (a
     negative, "wound") may become a class of its own."""
+    from .families import family_of_backend
+
+    family = family_of_backend(backend)
+    if mode == "off" or not (family and family.adapters) or not (replay_set or card):
+        return None  # only a family that has adapters (a routing table in its config) gets one
     module = backend.module
-    # the FiLM-UNet's own adapters (a routing table in its config); transformers models have an
-    # unrelated add_adapter (PEFT), so that name alone says nothing
-    if mode == "off" or not hasattr(module.config, "route_prompts") or not (replay_set or card):
-        return None
     owner = {p.casefold(): o for p, o in zip(module.config.route_prompts, module.config.route_owners)}
     known = {p.casefold() for p in _base_classes(replay_set, card)} - {p for p, o in owner.items() if o}
     prompts = [p.casefold() for p in example_prompts(train_set)]

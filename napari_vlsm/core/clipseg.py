@@ -16,6 +16,7 @@ import torch
 from transformers import CLIPSegForImageSegmentation
 
 from .backend import TRAIN_MODES, TorchBackend
+from .families import Family
 
 LORA_TARGETS = ["q_proj", "v_proj"]
 
@@ -113,3 +114,60 @@ def merged_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     finally:
         for layer in lora_layers:
             layer.unmerge()
+
+
+def clipseg_config(shape: str = "tiny"):
+    """A CLIPSeg config: "rd64" is ``CIDAS/clipseg-rd64-refined``'s shape (ViT-B/16, 352x352,
+    reduce_dim 64, 150.7 M parameters: random weights of it measure speed offline), "tiny" one
+    for tests."""
+    from transformers import CLIPSegConfig
+
+    if shape == "rd64":
+        text = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8)
+        vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                      image_size=352, patch_size=16)
+        return CLIPSegConfig(text_config=text, vision_config=vision, projection_dim=512, reduce_dim=64,
+                             extract_layers=[3, 6, 9], use_complex_transposed_convolution=True)
+    if shape == "tiny":
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      image_size=64, patch_size=16)
+        return CLIPSegConfig(text_config=text, vision_config=vision, projection_dim=32, reduce_dim=16,
+                             extract_layers=[0, 1], decoder_num_attention_heads=2,
+                             decoder_intermediate_size=32, use_complex_transposed_convolution=True)
+    raise ValueError(f"Unknown shape {shape!r}; use 'tiny' or 'rd64'.")
+
+
+def build_random_clipseg(folder, seed: int = 0, shape: str = "tiny") -> Path:
+    """Write a random CLIPSeg of ``shape`` with a real CLIP tokenizer and processor to ``folder``."""
+    from transformers import CLIPSegForImageSegmentation
+
+    from .loading import quiet_transformers
+    from .processors import clipseg_image_processor, load_tokenizer
+
+    quiet_transformers()
+    torch.manual_seed(seed)
+    config = clipseg_config(shape)
+    model = CLIPSegForImageSegmentation(config).eval()
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    load_tokenizer(folder).save_pretrained(folder)
+    clipseg_image_processor(config.vision_config.image_size).save_pretrained(folder)
+    return folder
+
+
+def load(folder, device, dtype, source: str = "") -> ClipSegBackend:
+    from .loading import strict_from_pretrained
+    from .processors import load_image_processor, load_tokenizer
+
+    module = strict_from_pretrained(CLIPSegForImageSegmentation, folder)
+    processor = load_image_processor(folder, module.config.vision_config.image_size)
+    return ClipSegBackend(module, load_tokenizer(folder), processor, device, dtype, source)
+
+
+def onnx_meta(backend) -> dict:
+    return {"preprocess": "image_processor"}  # the saved preprocessor_config.json
+
+
+FAMILY = Family(model_type="clipseg", name=ClipSegBackend.name, load=load, build_random=build_random_clipseg,
+                onnx_meta=onnx_meta)

@@ -29,6 +29,7 @@ from .backend import TRAIN_MODES, TorchBackend
 from .efficientnet_lite import CHANNELS as EFFICIENTNET_CHANNELS
 from .efficientnet_lite import NAME as EFFICIENTNET_LITE0
 from .efficientnet_lite import EfficientNetLite0Encoder
+from .families import Family
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_normalize
 
 
@@ -320,3 +321,52 @@ class FilmUNetBackend(TorchBackend):
     def save(self, folder) -> None:
         self.module.save_pretrained(Path(folder))
         self.tokenizer.save_pretrained(Path(folder))
+
+
+# a FiLM-UNet small enough for tests: 64 px, widths 4-16, a one-layer text encoder
+TINY_FILM_UNET = dict(widths=[4, 8, 16], image_size=64, text_dim=16, text_layers=1, text_heads=2)
+
+
+def build_random_film_unet(folder, seed: int = 0, **config) -> Path:
+    """Write a random FiLM-UNet (default shape, or ``config`` overrides) to ``folder``."""
+    from .film_unet import FilmUNetConfig, FilmUNetForSegmentation
+    from .processors import load_tokenizer
+
+    torch.manual_seed(seed)
+    model = FilmUNetForSegmentation(FilmUNetConfig(**config)).eval()
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    load_tokenizer(folder).save_pretrained(folder)
+    return folder
+
+
+def load(folder, device, dtype, source: str = "") -> FilmUNetBackend:
+    from .loading import strict_from_pretrained
+    from .processors import load_tokenizer
+
+    return FilmUNetBackend(strict_from_pretrained(FilmUNetForSegmentation, folder), load_tokenizer(folder),
+                           device, dtype, source)
+
+
+def new_film_unet(device="auto", encoders=None, seed: int = 0, **config) -> FilmUNetBackend:
+    """A freshly initialised FiLM-UNet with the CLIP tokenizer, for training from scratch."""
+    from .device import pick_device
+    from .processors import load_tokenizer
+
+    torch.manual_seed(seed)
+    module = FilmUNetForSegmentation(FilmUNetConfig(**config))
+    return FilmUNetBackend(module, load_tokenizer(), pick_device(device), torch.float32, "new:film-unet")
+
+
+def onnx_meta(backend: FilmUNetBackend) -> dict:
+    cfg = backend.module.config
+    return {"preprocess": "resize_normalize", "image_mean": list(cfg.image_mean), "image_std": list(cfg.image_std)}
+
+
+def _build_random(folder, seed: int = 0) -> Path:
+    return build_random_film_unet(folder, seed=seed, **TINY_FILM_UNET)
+
+
+FAMILY = Family(model_type=FilmUNetConfig.model_type, name=FilmUNetBackend.name, load=load,
+                build_random=_build_random, onnx_meta=onnx_meta, new=new_film_unet, new_key="film-unet",
+                new_help="a FiLM-UNet from scratch", train_modes=("decoder", "full"), adapters=True)

@@ -26,8 +26,8 @@ import torch
 from .backend import Backend
 from .device import pick_device, pick_dtype
 from .errors import ModelNotFoundError, UnsafeWeightsError
+from .families import load_folder
 from .file_names import BEST, CONFIG, ENCODER_ONNX
-from .processors import load_image_processor, load_tokenizer
 
 DEFAULT_SPEC = "default"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -176,29 +176,4 @@ def load_model(spec: str | os.PathLike | None = None, device=None, dtype=None) -
         return OnnxBackend(folder, device=dev, source=str(spec or DEFAULT_SPEC))
     check_safetensors(folder)
     config = read_config(folder)
-    dt = pick_dtype(dev, dtype)
-    kind = config.get("model_type")
-    source = str(spec or DEFAULT_SPEC)
-    if kind == "clipseg":
-        from transformers import CLIPSegForImageSegmentation
-
-        from .clipseg import ClipSegBackend
-
-        module = strict_from_pretrained(CLIPSegForImageSegmentation, folder)
-        processor = load_image_processor(folder, module.config.vision_config.image_size)
-        return ClipSegBackend(module, load_tokenizer(folder), processor, dev, dt, source)
-    if kind == "vlsm_film_unet":
-        from .film_unet import FilmUNetBackend, FilmUNetForSegmentation
-
-        module = strict_from_pretrained(FilmUNetForSegmentation, folder)
-        return FilmUNetBackend(module, load_tokenizer(folder), dev, dt, source)
-    if kind == "vlsm_biomedclipseg":
-        from .biomedclipseg import BiomedClipSegBackend, BiomedClipSegForImageSegmentation, biomedclip_processor
-
-        module = strict_from_pretrained(BiomedClipSegForImageSegmentation, folder)
-        processor = biomedclip_processor(folder, module.config)
-        return BiomedClipSegBackend(module, load_tokenizer(folder, own=True), processor, dev, dt, source)
-    raise ModelNotFoundError(
-        f"{folder} holds a {kind!r} model; napari-vlsm supports CLIPSeg ('clipseg'), BiomedCLIPSeg "
-        "('vlsm_biomedclipseg') and its own FiLM-UNet ('vlsm_film_unet')."
-    )
+    return load_folder(folder, config.get("model_type"), dev, pick_dtype(dev, dtype), str(spec or DEFAULT_SPEC))

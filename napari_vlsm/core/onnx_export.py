@@ -45,12 +45,9 @@ class _PromptDecoder(nn.Module):
 
 
 def preprocess_meta(backend: TorchBackend) -> dict:
-    from .clipseg import ClipSegBackend
+    from .families import family_of_backend
 
-    if isinstance(backend, ClipSegBackend):
-        return {"preprocess": "image_processor"}
-    cfg = backend.module.config
-    return {"preprocess": "resize_normalize", "image_mean": list(cfg.image_mean), "image_std": list(cfg.image_std)}
+    return family_of_backend(backend).onnx_meta(backend)
 
 
 def export(backend: TorchBackend, out_dir, opset: int = 18) -> list[Path]:

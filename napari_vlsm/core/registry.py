@@ -6,10 +6,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .families import family_of
 from .file_names import CONFIG, ENCODER_ONNX
 from .loading import DEFAULT_SPEC, FETCH_PATTERNS, converted_dir, converted_root, default_model_dir
 
-SUPPORTED = {"clipseg": "CLIPSeg", "vlsm_film_unet": "FiLM-UNet", "vlsm_biomedclipseg": "BiomedCLIPSeg"}
 
 
 @dataclass
@@ -23,9 +23,18 @@ def _kind(folder: Path) -> str | None:
     if (folder / ENCODER_ONNX).exists():
         return "ONNX"
     try:
-        return SUPPORTED.get(json.loads((folder / CONFIG).read_text()).get("model_type"))
+        family = family_of(json.loads((folder / CONFIG).read_text()).get("model_type"))
     except (OSError, ValueError):
         return None
+    return family.name if family else None
+
+
+def _default_kind() -> str:
+    """The embedded default's family and what its card says it knows."""
+    from .model_card import read_card
+
+    knows = ", ".join(m["classes"] for m in read_card(default_model_dir()).get("knows", []))
+    return f"{_kind(default_model_dir())} (embedded default{': ' + knows if knows else ''})"
 
 
 def cached_models() -> list[ModelEntry]:
@@ -49,7 +58,7 @@ def cached_models() -> list[ModelEntry]:
 
 
 def find_models(folders=()) -> list[ModelEntry]:
-    found = [ModelEntry(DEFAULT_SPEC, "FiLM-UNet (embedded default: polyps, breast tumours)", str(default_model_dir()))]
+    found = [ModelEntry(DEFAULT_SPEC, _default_kind(), str(default_model_dir()))]
     found += cached_models()
     pulled = converted_root()
     if pulled.is_dir():  # open_clip models converted by pull, listed under their hub id
@@ -84,46 +93,3 @@ def pull(model_id: str, out=None) -> Path:
     text = Path(snapshot_download(text_repo, allow_patterns=TEXT_TOWER_FILES))
     return convert(path, out, text_dir=text)
 
-
-
-
-def new_biomedclipseg(encoders, device="auto", seed: int = 0):
-    """BiomedCLIP's encoders with a new (random) CLIPSeg decoder, for finetuning: ``encoders``
-    is an open_clip folder (converted in memory) or a BiomedCLIPSeg model folder (its decoder
-    is replaced)."""
-    from .errors import ModelNotFoundError
-    from .open_clip_convert import build_from_open_clip, is_open_clip_folder
-
-    if encoders is None:
-        raise ModelNotFoundError("new:biomedclipseg needs --encoders FOLDER: BiomedCLIP's open_clip files "
-                                 "(napari-vlsm models pull microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 "
-                                 "on an online machine) or a BiomedCLIPSeg model folder.")
-    folder = Path(encoders)
-    if is_open_clip_folder(folder):
-        return build_from_open_clip(folder, seed=seed, device=device)
-    import torch
-
-    from .biomedclipseg import new_decoder
-    from .loading import load_model
-
-    backend = load_model(str(folder), device=device, dtype="fp32")
-    if backend.name != "BiomedCLIPSeg":
-        raise ModelNotFoundError(f"{folder} holds a {backend.name} model; --encoders takes BiomedCLIP's "
-                                 "open_clip files or a BiomedCLIPSeg folder.")
-    torch.manual_seed(seed)
-    backend.module.decoder = new_decoder(backend.module.config.sub_configs_built()[2]).to(backend.device)
-    backend.source = "new:biomedclipseg"
-    return backend
-
-
-def new_film_unet(device="auto", **config):
-    """A freshly initialised FiLM-UNet with the CLIP tokenizer, for training from scratch."""
-    import torch
-
-    from .device import pick_device
-    from .film_unet import FilmUNetBackend, FilmUNetConfig, FilmUNetForSegmentation
-    from .processors import load_tokenizer
-
-    module = FilmUNetForSegmentation(FilmUNetConfig(**config))
-    return FilmUNetBackend(module, load_tokenizer(), pick_device(device), torch.float32,
-                           "new:film-unet")

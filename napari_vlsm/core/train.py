@@ -50,8 +50,6 @@ from .weight_average import WeightAverage
 
 TARGET_STEPS = 250   # optimiser steps of a round when epochs are not given
 TRAIN_MODES_OFFERED = ("auto", "decoder", "full", "lora")
-NEW_FILM_UNET = "new:film-unet"
-NEW_BIOMEDCLIPSEG = "new:biomedclipseg"  # BiomedCLIP encoders (--encoders) with a new CLIPSeg decoder
 SMALL_SET = 100      # below this many examples, all of them train (no validation hold-out)
 NO_SYNC = os.environ.get("NAPARI_VLSM_NO_GRAD_SYNC") == "1"  # diagnostic: ranks drift apart (tests show it)
 CHECKPOINT_EVERY_S = 30  # a short round saves at its end; a long one also every this often
@@ -133,6 +131,20 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     t = target.flatten(1)
     dice = 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)
     return bce + dice.mean()
+
+
+def check_mode(backend: TorchBackend, mode: str) -> str:
+    """The training mode to run ('auto': the model's own), refused with the family's modes
+    when the family has no such mode."""
+    from .families import family_of_backend
+
+    if mode == "auto":
+        return backend.default_train_mode
+    family = family_of_backend(backend)
+    modes = family.train_modes if family else ("decoder", "full", "lora")
+    if mode not in modes:
+        raise TrainingError(f"{backend.name} cannot be trained in mode {mode!r}; its modes are {', '.join(modes)}.")
+    return mode
 
 
 def check_examples(train_set: list[Example], val_set: list[Example]) -> None:
@@ -328,8 +340,7 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
     schedule when the training set is unchanged, a new round of it when examples were added.
     """
     s = settings or TrainSettings()
-    if s.mode == "auto":
-        s = replace(s, mode=backend.default_train_mode)
+    s = replace(s, mode=check_mode(backend, s.mode))
     check_examples(train_set, val_set)
     n_distinct = len(train_set)
     train_set = oversample(add_synonyms(train_set, s.synonyms), s.repeat)
@@ -622,17 +633,13 @@ def training_data(data_dirs, val_split: str = "val", val_fraction: float | None 
 
 
 def load_for_training(spec: str, device="auto", encoders=None) -> TorchBackend:
-    """The model to finetune, in fp32: a spec for load_model, 'new:film-unet', or
-    'new:biomedclipseg' with the folder of its ``encoders``."""
-    if spec == NEW_FILM_UNET:
-        from .registry import new_film_unet
-
-        return new_film_unet(device)
-    if spec == NEW_BIOMEDCLIPSEG:
-        from .registry import new_biomedclipseg
-
-        return new_biomedclipseg(encoders, device)
+    """The model to finetune, in fp32: a spec for load_model, or a family's 'new:KEY' (with
+    the pretrained ``encoders`` where the family starts from them)."""
+    from .families import NEW_PREFIX, new_backend
     from .loading import load_model
+
+    if str(spec).startswith(NEW_PREFIX):
+        return new_backend(spec, device, encoders)
 
     backend = load_model(spec, device=device, dtype="fp32")
     if not isinstance(backend, TorchBackend):
