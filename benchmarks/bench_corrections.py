@@ -37,11 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 from common import machine  # noqa: E402
 
-from napari_vlsm.core.loading import load_model  # noqa: E402
-from napari_vlsm.core.metrics import dice  # noqa: E402
-from napari_vlsm.core.predictor import Predictor  # noqa: E402
-from napari_vlsm.core.replay import REPLAY_DIR, write_replay_sample  # noqa: E402
-from napari_vlsm.core.training_sets import benchmark_examples  # noqa: E402
+from napari_vlsm.core.models.loading import load_model  # noqa: E402
+from napari_vlsm.core.images.metrics import dice  # noqa: E402
+from napari_vlsm.core.inference.predictor import Predictor  # noqa: E402
+from napari_vlsm.core.data.replay import REPLAY_DIR, write_replay_sample  # noqa: E402
+from napari_vlsm.core.data.training_sets import benchmark_examples  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -66,8 +66,8 @@ def stock_rate(folder, device, inputs, masks, amp, steps) -> float:
 
 
 def clipseg_steps(args):
-    from napari_vlsm.core.loading import load_model
-    from napari_vlsm.core.random_models import build_random_clipseg
+    from napari_vlsm.core.models.loading import load_model
+    from napari_vlsm.core.models.random_models import build_random_clipseg
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     folder = build_random_clipseg(Path(tempfile.mkdtemp()) / "rd64", shape="rd64")

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 CHILD = r"""
 import json, resource, sys, time
 import numpy as np
-from napari_vlsm.core import predictor as P
-from napari_vlsm.core.loading import load_model
+from napari_vlsm.core.inference import predictor as P
+from napari_vlsm.core.models.loading import load_model
 
 side, model, reduce = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
 if not reduce:  # the pipeline before: no early reduction

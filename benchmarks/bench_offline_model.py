@@ -34,11 +34,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import machine, timed  # noqa: E402
 
-from napari_vlsm.core.loading import load_model, resolve_folder  # noqa: E402
-from napari_vlsm.core.metrics import dice  # noqa: E402
-from napari_vlsm.core.predictor import Predictor  # noqa: E402
-from napari_vlsm.core.prompts import pick_prompt  # noqa: E402
-from napari_vlsm.core.training_sets import benchmark_examples  # noqa: E402
+from napari_vlsm.core.models.loading import load_model, resolve_folder  # noqa: E402
+from napari_vlsm.core.images.metrics import dice  # noqa: E402
+from napari_vlsm.core.inference.predictor import Predictor  # noqa: E402
+from napari_vlsm.core.data.prompts import pick_prompt  # noqa: E402
+from napari_vlsm.core.data.training_sets import benchmark_examples  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TYPES = [f"p{i}" for i in range(1, 10)]

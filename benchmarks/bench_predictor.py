@@ -33,12 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from common import PeakMemory, machine, sync, timed  # noqa: E402
 
-from napari_vlsm.core.folder_labeling import segment_files  # noqa: E402
-from napari_vlsm.core.imageio import read_image, write_mask  # noqa: E402
-from napari_vlsm.core.loading import load_model  # noqa: E402
-from napari_vlsm.core.postprocess import combine_labels, logits_to_probs  # noqa: E402
-from napari_vlsm.core.predictor import Predictor  # noqa: E402
-from napari_vlsm.core.random_models import build_random_clipseg  # noqa: E402
+from napari_vlsm.core.inference.folder_labeling import segment_files  # noqa: E402
+from napari_vlsm.core.images.imageio import read_image, write_mask  # noqa: E402
+from napari_vlsm.core.models.loading import load_model  # noqa: E402
+from napari_vlsm.core.images.postprocess import combine_labels, logits_to_probs  # noqa: E402
+from napari_vlsm.core.inference.predictor import Predictor  # noqa: E402
+from napari_vlsm.core.models.random_models import build_random_clipseg  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kvasir_seg" / "images"
 PROMPTS = [f"one small pink circle polyp number {i}" for i in range(1000)]
@@ -50,7 +50,7 @@ class Stock:
     def __init__(self, folder, device, autocast=False):
         from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-        from napari_vlsm.core.processors import load_image_processor, load_tokenizer
+        from napari_vlsm.core.models.processors import load_image_processor, load_tokenizer
 
         self.model = CLIPSegForImageSegmentation.from_pretrained(folder).to(device).eval()
         self.proc = CLIPSegProcessor(image_processor=load_image_processor(Path(folder), 352),
@@ -139,7 +139,7 @@ def main():
         rows.append(("ours torch bf16 + compile", *ours_rows(pred, image, images, files, work / "o3", batch)))
     del_cache()
     if not args.no_onnx:
-        from napari_vlsm.core.onnx_export import export
+        from napari_vlsm.core.models.onnx_export import export
 
         t = time.perf_counter()
         export(load_model(folder, "cpu", "fp32"), work / "onnx")
@@ -174,7 +174,7 @@ class Uncached:
 
 
 def biomedclipseg_rows(work, device, image, images, files, batch):
-    from napari_vlsm.core.random_models import build_random_biomedclipseg
+    from napari_vlsm.core.models.random_models import build_random_biomedclipseg
 
     t = time.perf_counter()
     folder = build_random_biomedclipseg(work / "biomedclipseg", "base")

@@ -13,6 +13,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from napari_vlsm.core.training.settings import SMALL_SET, TARGET_STEPS, TrainSettings
+
 app = typer.Typer(help="Text-prompted segmentation of 2D medical images with vision-language models.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 models_app = typer.Typer(help="List and fetch models.", invoke_without_command=True)
@@ -23,6 +25,7 @@ VAL_DICE_NOTE = ("val Dice is training's own check: at the model's input size, i
                  "for their set's class (so they count against false masks); 'evaluate' scores full-size masks "
                  "with each image's own prompt, and its number differs.")
 REPORT_EVERY = 50  # results between report rewrites during a long segment run
+RECIPE = TrainSettings()  # finetune's defaults and the numbers in its help come from the one recipe
 
 MODEL_HELP = ("Model: 'default' (embedded offline model), a local folder (Hugging Face format, or an ONNX export "
               "from export-onnx), or a Hugging Face id.")
@@ -32,7 +35,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     """The per-image scores, written atomically; an unwritable path fails with a message."""
     import io
 
-    from .core.atomic import atomic_write_text
+    from napari_vlsm.core.atomic import atomic_write_text
 
     text = io.StringIO(newline="")
     w = csv.DictWriter(text, fieldnames=list(rows[0]))
@@ -63,8 +66,8 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _load(spec: str, device: str, dtype: str = "auto"):
-    from .core.errors import VLSMError
-    from .core.loading import load_model
+    from napari_vlsm.core.errors import VLSMError
+    from napari_vlsm.core.models.loading import load_model
 
     try:
         return load_model(spec, device=device, dtype=dtype)
@@ -89,12 +92,12 @@ def segment(
 ):
     """Segment images with text prompts; one label mask per image."""
     _set_threads(threads)
-    from .core.checkpoint import check_writable
-    from .core.errors import VLSMError
-    from .core.folder_labeling import OutputLock, check_resume, segment_files, write_report, write_sidecar
-    from .core.imageio import list_images
-    from .core.model_card import card_for, unknown_words_note
-    from .core.predictor import Predictor, clean_prompts
+    from napari_vlsm.core.training.checkpoint import check_writable
+    from napari_vlsm.core.errors import VLSMError
+    from napari_vlsm.core.inference.folder_labeling import OutputLock, check_resume, segment_files, write_report, write_sidecar
+    from napari_vlsm.core.images.imageio import list_images
+    from napari_vlsm.core.models.model_card import card_for, unknown_words_note
+    from napari_vlsm.core.inference.predictor import Predictor, clean_prompts
 
     if fmt not in ("png", "tif", "tiff"):
         _fail(f"--format must be png or tif, not {fmt!r}.")
@@ -168,9 +171,9 @@ def evaluate(
 ):
     """Mean Dice and IoU against the ground-truth masks."""
     _set_threads(threads)
-    from .core.evaluate import evaluate as run_eval
-    from .core.evaluate import summarize
-    from .core.predictor import Predictor
+    from napari_vlsm.core.inference.evaluate import evaluate as run_eval
+    from napari_vlsm.core.inference.evaluate import summarize
+    from napari_vlsm.core.inference.predictor import Predictor
 
     if prompt_type not in [f"p{i}" for i in range(1, 10)]:
         _fail(f"--prompt-type must be one of p1 to p9 (p0 is the empty prompt), not {prompt_type!r}.")
@@ -178,7 +181,7 @@ def evaluate(
         _fail(f"{data_dir} has no anns/{split}.json: expected the benchmark's layout (images/, masks/, anns/).")
     predictor = Predictor(_load(model, device, dtype))
     rows = []
-    from .core.prompts import load_annotations
+    from napari_vlsm.core.data.prompts import load_annotations
 
     try:
         n = len(load_annotations(data_dir / "anns" / f"{split}.json"))
@@ -213,7 +216,7 @@ def models(ctx: typer.Context, folders: list[Path] = typer.Option([], "--folder"
     """List the models found: the embedded default, the HF cache, and folders given."""
     if ctx.invoked_subcommand:
         return
-    from .core.registry import find_models
+    from napari_vlsm.core.models.registry import find_models
 
     table = Table(title="Models")
     for col in ("spec", "kind", "where"):
@@ -226,7 +229,7 @@ def models(ctx: typer.Context, folders: list[Path] = typer.Option([], "--folder"
 @models_app.command("families")
 def models_families():
     """The model families napari-vlsm runs: what each trains and how a fresh one starts."""
-    from .core.families import families
+    from napari_vlsm.core.models.families import families
 
     table = Table(title="Model families")
     for col in ("family", "model_type", "training modes", "correction adapters", "fresh start"):
@@ -244,8 +247,8 @@ def models_pull(model_id: str = typer.Argument(..., help="Hugging Face id, e.g. 
                                                               "BiomedCLIPSeg folder goes.")):
     """Download a model (needs internet). BiomedCLIP's open_clip files are converted once to a
     BiomedCLIPSeg folder in safetensors, with a new decoder to finetune."""
-    from .core.errors import VLSMError
-    from .core.registry import pull
+    from napari_vlsm.core.errors import VLSMError
+    from napari_vlsm.core.models.registry import pull
 
     try:
         path = pull(model_id, out)
@@ -266,8 +269,8 @@ def models_convert(folder: Path = typer.Argument(..., help="open_clip files: ope
     """Turn BiomedCLIP's open_clip files into a BiomedCLIPSeg model folder (safetensors; its
     pickled weights are read once with torch.load(weights_only=True)). The decoder is new:
     finetune the folder before segmenting with it."""
-    from .core.errors import VLSMError
-    from .core.open_clip_convert import convert
+    from napari_vlsm.core.errors import VLSMError
+    from napari_vlsm.core.models.biomedclipseg.convert import convert
 
     try:
         path = convert(folder, out, text_dir=text_tower, seed=seed)
@@ -287,47 +290,50 @@ def finetune(
     encoders: Path | None = typer.Option(None, help="For a new:FAMILY that starts from pretrained encoders "
                                                        "(new:biomedclipseg: BiomedCLIP's open_clip folder, see "
                                                        "'models pull', or a BiomedCLIPSeg model folder)."),
-    train_mode: str = typer.Option("auto", "--train",
+    train_mode: str = typer.Option(RECIPE.mode, "--train",
                                    help="auto (full for the FiLM-UNet, decoder for CLIPSeg), decoder, full or lora."),
-    epochs: int | None = typer.Option(None, min=1, help="Default: enough epochs for about 250 steps."),
-    lr: float | None = typer.Option(None, help="Learning rate (default: the model's own for the mode)."),
-    batch_size: int = typer.Option(8, min=1),
+    epochs: int | None = typer.Option(RECIPE.epochs, min=1, help=f"Default: enough epochs for about {TARGET_STEPS} steps."),
+    lr: float | None = typer.Option(RECIPE.lr, help="Learning rate (default: the model's own for the mode)."),
+    batch_size: int = typer.Option(RECIPE.batch_size, min=1),
     val_split: str = typer.Option("val", help="Use anns/<this>.json as validation where it exists."),
     val_fraction: float | None = typer.Option(
-        None, min=0.0, max=0.9, help="Otherwise hold out this share (default: none below 100 examples, else 0.2)."),
+        RECIPE.val_fraction, min=0.0, max=0.9,
+        help=f"Otherwise hold out this share (default: none below {SMALL_SET} examples, else {RECIPE.holdout(SMALL_SET)})."),
     replay_fraction: float | None = typer.Option(
-        None, min=0.0, max=0.9, help="Share of each batch from the model's replay sample, if it has one (default: "
-                                      "0.5; 0.125 for an adapter, which sees them as negatives)."),
-    encoder_lr_scale: float = typer.Option(1.0, min=0.0, help="Image encoder's learning rate relative to the rest."),
-    anchor: float = typer.Option(0.0, min=0.0, help="L2 pull toward the starting weights (keeps what it knew)."),
-    adapters: str = typer.Option("auto", help="auto: a class new to a trained FiLM-UNet is learned on an adapter "
+        RECIPE.replay_fraction, min=0.0, max=0.9,
+        help=f"Share of each batch from the model's replay sample, if it has one (default: {RECIPE.replay_share(None)}; "
+             f"{RECIPE.replay_share(1)} for an adapter, which sees them as negatives)."),
+    encoder_lr_scale: float = typer.Option(RECIPE.encoder_lr_scale, min=0.0,
+                                           help="Image encoder's learning rate relative to the rest."),
+    anchor: float = typer.Option(RECIPE.anchor, min=0.0, help="L2 pull toward the starting weights (keeps what it knew)."),
+    adapters: str = typer.Option(RECIPE.adapters, help="auto: a class new to a trained FiLM-UNet is learned on an adapter "
                                               "of its own, the base unchanged; off: one shared network."),
     prompt: str | None = typer.Option(None, help="Prompt for plain image/mask folders."),
     negative_prompt: list[str] = typer.Option([], help="Prompt of something absent: trained to give an empty mask."),
     negatives_file: Path | None = typer.Option(None, help="File of such prompts, one per line (# comments)."),
-    negative_fraction: float = typer.Option(0.25, min=0.0, max=1.0,
+    negative_fraction: float = typer.Option(RECIPE.negative_fraction, min=0.0, max=1.0,
                                             help="Share of each batch also decoded with a negative prompt."),
     synonyms: Path | None = typer.Option(None, help="JSON {data folder name: \\[extra prompts]} such as "
                                                        "\"breast tumor\", trained like the folder's own prompts."),
     repeat: list[str] = typer.Option([], help="FOLDER=N: draw that training folder's examples N times an "
                                               "epoch (oversample a small set of a pooled run)."),
     crop: int | None = typer.Option(
-        None, help="Random crops of this side (default: the model's own, 160 for the FiLM-UNet; 0: none)."),
-    schedule: str = typer.Option("onecycle", help="onecycle or plateau."),
+        RECIPE.crop, help="Random crops of this side (default: the model's own, 160 for the FiLM-UNet; 0: none)."),
+    schedule: str = typer.Option(RECIPE.schedule, help="onecycle or plateau."),
     weight_average: float = typer.Option(
-        0.0, min=0.0, max=0.9999, help="Decay of a moving average of the weights (such as 0.998), which is "
+        RECIPE.weight_average, min=0.0, max=0.9999, help="Decay of a moving average of the weights (such as 0.998), which is "
                                       "validated and saved instead of the last step's weights; 0: off."),
-    patience: int = typer.Option(5),
-    seed: int = typer.Option(0),
-    threads: int | None = typer.Option(None, min=1, help=THREADS_HELP),
+    patience: int = typer.Option(RECIPE.patience),
+    seed: int = typer.Option(RECIPE.seed),
+    threads: int | None = typer.Option(RECIPE.threads, min=1, help=THREADS_HELP),
     resume: bool = typer.Option(False, help="Continue from OUT/last."),
     device: str = typer.Option("auto"),
 ):
     """Finetune a model on image/mask pairs; resumable; runs under torchrun for several GPUs."""
-    from .core.adapters import ADAPTER_MODES
-    from .core.errors import TrainingError, VLSMError
-    from .core.train import TrainSettings, init_distributed
-    from .core.train import finetune as run_finetune
+    from napari_vlsm.core.training.adapters import ADAPTER_MODES
+    from napari_vlsm.core.errors import TrainingError, VLSMError
+    from napari_vlsm.core.training.train import init_distributed
+    from napari_vlsm.core.training.train import finetune as run_finetune
 
     if adapters not in ADAPTER_MODES:
         _fail(f"--adapters is {' or '.join(ADAPTER_MODES)}, not {adapters!r}.")
@@ -410,8 +416,8 @@ def export_onnx(
     opset: int = typer.Option(18),
 ):
     """Export a model to two ONNX graphs (image encoder, prompt decoder) for onnxruntime."""
-    from .core.checkpoint import check_writable
-    from .core.onnx_export import export
+    from napari_vlsm.core.training.checkpoint import check_writable
+    from napari_vlsm.core.models.onnx_export import export
 
     try:
         import onnx  # noqa: F401  (the exporter needs it; say how to get it)
@@ -436,7 +442,7 @@ def demo(
     headless: bool = typer.Option(False, help="Do not open a window even if there is a display."),
 ):
     """Open a sample colonoscopy frame and segment it with the offline model (headless: files)."""
-    from .core.errors import VLSMError
+    from napari_vlsm.core.errors import VLSMError
     from .demo import run
 
     try:

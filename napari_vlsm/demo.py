@@ -12,10 +12,10 @@ import shutil
 import time
 from pathlib import Path
 
-from .core.errors import VLSMError
-from .core.imageio import write_mask
-from .core.loading import load_model
-from .core.predictor import Predictor
+from napari_vlsm.core.errors import VLSMError
+from napari_vlsm.core.images.imageio import write_mask
+from napari_vlsm.core.models.loading import load_model
+from napari_vlsm.core.inference.predictor import Predictor
 
 PROMPT = "polyp"
 
@@ -28,7 +28,7 @@ def sample_frame() -> Path:
 
 def segment_headless(model: str, out: Path) -> Path:
     """Core library only: read the frame, segment it, write the mask."""
-    from .core.imageio import read_image
+    from napari_vlsm.core.images.imageio import read_image
 
     image = read_image(sample_frame())
     predictor = Predictor(load_model(model))

@@ -13,11 +13,11 @@ import json
 import sys
 from pathlib import Path
 
-from napari_vlsm.core.concepts import add_synonyms
-from napari_vlsm.core.model_card import CARD_FILE, VOCABULARY, vocabulary
-from napari_vlsm.core.prompts import SYNONYM_TYPE
-from napari_vlsm.core.train import trained_prompts
-from napari_vlsm.core.training_sets import TRAIN_PROMPT_TYPES, benchmark_examples
+from napari_vlsm.core.data.concepts import add_synonyms
+from napari_vlsm.core.models.model_card import CARD_FILE, VOCABULARY, vocabulary
+from napari_vlsm.core.data.prompts import SYNONYM_TYPE
+from napari_vlsm.core.training.train import trained_prompts
+from napari_vlsm.core.data.training_sets import TRAIN_PROMPT_TYPES, benchmark_examples
 
 HERE = Path(__file__).resolve().parent
 

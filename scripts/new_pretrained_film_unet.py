@@ -9,8 +9,8 @@ import argparse
 
 import torch
 
-from napari_vlsm.core import efficientnet_lite as E
-from napari_vlsm.core.film_unet import new_film_unet
+from napari_vlsm.core.models import efficientnet_lite as E
+from napari_vlsm.core.models.film_unet import new_film_unet
 
 
 def main():

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_vlsm.core import efficientnet_lite
-from napari_vlsm.core.random_models import TINY_FILM_UNET
+from napari_vlsm.core.models import efficientnet_lite
+from napari_vlsm.core.models.random_models import TINY_FILM_UNET
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -39,21 +39,21 @@ TINY_EFFICIENTNET_UNET = dict(encoder=efficientnet_lite.NAME, widths=efficientne
 
 @pytest.fixture(scope="session")
 def tiny_clipseg(tmp_path_factory) -> Path:
-    from napari_vlsm.core.random_models import build_random_clipseg
+    from napari_vlsm.core.models.random_models import build_random_clipseg
 
     return build_random_clipseg(tmp_path_factory.mktemp("models") / "tiny_clipseg", shape="tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_unet(tmp_path_factory) -> Path:
-    from napari_vlsm.core.random_models import build_random_film_unet
+    from napari_vlsm.core.models.random_models import build_random_film_unet
 
     return build_random_film_unet(tmp_path_factory.mktemp("models") / "tiny_unet", **TINY_UNET)
 
 
 @pytest.fixture(scope="session")
 def tiny_efficientnet_unet(tmp_path_factory) -> Path:
-    from napari_vlsm.core.random_models import build_random_film_unet
+    from napari_vlsm.core.models.random_models import build_random_film_unet
 
     return build_random_film_unet(tmp_path_factory.mktemp("models") / "tiny_efficientnet_unet",
                                   **TINY_EFFICIENTNET_UNET)
@@ -72,8 +72,8 @@ def data_sets() -> Path:
 
 def mean_dice(backend, examples, prompt: str) -> float:
     """Mean Dice of ``backend``'s masks for ``prompt`` on the examples, through the Predictor."""
-    from napari_vlsm.core.metrics import dice
-    from napari_vlsm.core.predictor import Predictor
+    from napari_vlsm.core.images.metrics import dice
+    from napari_vlsm.core.inference.predictor import Predictor
 
     pred = Predictor(backend)
     scores = []
@@ -105,6 +105,6 @@ def small_benchmark(tmp_path, kvasir) -> Path:
 
 @pytest.fixture
 def polyp_image() -> np.ndarray:
-    from napari_vlsm.core.imageio import read_image
+    from napari_vlsm.core.images.imageio import read_image
 
     return read_image(sorted(SAMPLE_DATA.glob("kvasir_seg_*.jpg"))[0])

@@ -11,12 +11,12 @@ import torch
 from typer.testing import CliRunner
 
 from napari_vlsm.cli import app
-from napari_vlsm.core import train as T
-from napari_vlsm.core.imageio import read_image
-from napari_vlsm.core.loading import load_model
-from napari_vlsm.core.predictor import Predictor
-from napari_vlsm.core.replay import write_replay_sample
-from napari_vlsm.core.training_sets import benchmark_examples
+from napari_vlsm.core.training import train as T
+from napari_vlsm.core.images.imageio import read_image
+from napari_vlsm.core.models.loading import load_model
+from napari_vlsm.core.inference.predictor import Predictor
+from napari_vlsm.core.data.replay import write_replay_sample
+from napari_vlsm.core.data.training_sets import benchmark_examples
 
 from .conftest import mean_dice, small_copy
 
@@ -77,8 +77,8 @@ def test_a_new_class_gets_an_adapter_and_the_base_answers_as_before(base, ultras
 
 def test_the_adapter_learns_its_class(base, ultrasound, tmp_path):
     """A class the tiny model can learn in a test's time: a bright square on ultrasound images."""
-    from napari_vlsm.core.replay import REPLAY_DIR
-    from napari_vlsm.core.training_sets import Example
+    from napari_vlsm.core.data.replay import REPLAY_DIR
+    from napari_vlsm.core.data.training_sets import Example
 
     rng = np.random.default_rng(0)
     examples = []
@@ -161,8 +161,8 @@ def test_onnx_export_keeps_both_paths(base, ultrasound, polyp_image, tmp_path):
 
 
 def test_a_prompt_the_base_learned_as_absent_can_become_a_class(base, ultrasound, tmp_path):
-    from napari_vlsm.core.replay import REPLAY_DIR
-    from napari_vlsm.core.training_sets import Example
+    from napari_vlsm.core.data.replay import REPLAY_DIR
+    from napari_vlsm.core.data.training_sets import Example
 
     examples = [Example(*ex.load(), {"p1": "kidney"}, name=ex.name, group="mine")
                 for ex in benchmark_examples(ultrasound, "train")[:2]]

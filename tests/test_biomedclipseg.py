@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 
 from napari_vlsm.cli import app
 from napari_vlsm.core.errors import ModelNotFoundError, UnsafeWeightsError
-from napari_vlsm.core.loading import load_model
-from napari_vlsm.core.open_clip_convert import PICKLED_WEIGHTS, convert, read_open_clip
-from napari_vlsm.core.predictor import Predictor
-from napari_vlsm.core.random_models import build_random_open_clip
-from napari_vlsm.core.biomedclipseg import new_biomedclipseg
+from napari_vlsm.core.models.loading import load_model
+from napari_vlsm.core.models.biomedclipseg.convert import PICKLED_WEIGHTS, convert, read_open_clip
+from napari_vlsm.core.inference.predictor import Predictor
+from napari_vlsm.core.models.random_models import build_random_open_clip
+from napari_vlsm.core.models.biomedclipseg import new_biomedclipseg
 
 from .conftest import small_copy
 
@@ -223,7 +223,7 @@ def test_a_converted_folder_with_its_card_finetunes_as_documented(converted, dat
 def test_open_clip_folder_as_encoders_and_lora_and_full_training(hub, data_sets, tmp_path):
     import shutil
 
-    from napari_vlsm.core.train import TrainSettings, finetune
+    from napari_vlsm.core.training.train import TrainSettings, finetune
 
     side_by_side = tmp_path / "open_clip"
     shutil.copytree(hub[0], side_by_side)
@@ -249,8 +249,7 @@ def test_open_clip_folder_as_encoders_and_lora_and_full_training(hub, data_sets,
 def test_pull_fetches_the_text_tower_and_converts(hub, tmp_path, monkeypatch):
     import huggingface_hub
 
-    from napari_vlsm.core import registry
-
+    from napari_vlsm.core.models import registry
     repos = {"microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224": hub[0],
              "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract": hub[1]}
     asked = []
@@ -280,7 +279,7 @@ def test_pull_fetches_the_text_tower_and_converts(hub, tmp_path, monkeypatch):
 
 
 def test_wrong_inputs_get_messages(hub, converted, tmp_path):
-    from napari_vlsm.core.biomedclipseg import BiomedClipSegConfig
+    from napari_vlsm.core.models.biomedclipseg.model import BiomedClipSegConfig
 
     with pytest.raises(ValueError, match="needs at least 11"):
         BiomedClipSegConfig(vision_config={"num_hidden_layers": 8})

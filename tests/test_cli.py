@@ -6,7 +6,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from napari_vlsm.cli import app
-from napari_vlsm.core.imageio import read_image
+from napari_vlsm.core.images.imageio import read_image
 
 from .conftest import SAMPLE_DATA
 
@@ -104,7 +104,7 @@ def test_masks_of_images_sharing_a_name_do_not_overwrite(tmp_path, tiny_unet):
 
 
 def test_a_folder_of_links_is_read_through_and_never_written_through(tmp_path, tiny_unet):
-    from napari_vlsm.core.series import Series
+    from napari_vlsm.core.inference.series import Series
 
     store, links, out = tmp_path / "store", tmp_path / "links", tmp_path / "out"
     store.mkdir()
@@ -134,3 +134,18 @@ def test_finetune_and_evaluate_each_name_what_their_dice_measures(tmp_path, tiny
                               "--csv", str(tmp_path / "s.csv")])
     assert res.exit_code == 0, res.output
     assert "each image asked with its own p1 prompt" in " ".join(res.output.split())
+
+
+def test_finetune_options_take_their_defaults_from_the_recipe():
+    import dataclasses
+
+    import typer
+
+    from napari_vlsm.core.training.settings import TrainSettings
+
+    command = typer.main.get_command(app).commands["finetune"]
+    recipe = {f.name: getattr(TrainSettings(), f.name) for f in dataclasses.fields(TrainSettings)}
+    options = {("mode" if p.name == "train_mode" else p.name): p.default for p in command.params}
+    shared = set(recipe) & set(options) - {"repeat", "synonyms"}  # given as FOLDER=N pairs and a JSON file
+    assert {"mode", "batch_size", "patience", "negative_fraction", "schedule", "adapters", "seed"} <= shared
+    assert {k: options[k] for k in shared} == {k: recipe[k] for k in shared}

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_vlsm.core.imageio import read_image
-from napari_vlsm.core.training_sets import read_index
+from napari_vlsm.core.images.imageio import read_image
+from napari_vlsm.core.data.training_sets import read_index
 
 
 @pytest.fixture
@@ -110,7 +110,7 @@ def test_widget_and_command_line_share_one_recipe(menu_widgets):
     from typer.main import get_command
 
     from napari_vlsm.cli import app
-    from napari_vlsm.core.train import TrainSettings
+    from napari_vlsm.core.training.train import TrainSettings
 
     _, _, fine = menu_widgets
     widget = fine.settings()

@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from napari_vlsm.core.imageio import read_image
-from napari_vlsm.core.loading import default_model_dir, load_model
-from napari_vlsm.core.metrics import dice
-from napari_vlsm.core.predictor import Predictor
-from napari_vlsm.core.training_sets import benchmark_examples
+from napari_vlsm.core.images.imageio import read_image
+from napari_vlsm.core.models.loading import default_model_dir, load_model
+from napari_vlsm.core.images.metrics import dice
+from napari_vlsm.core.inference.predictor import Predictor
+from napari_vlsm.core.data.training_sets import benchmark_examples
 
 from .conftest import SAMPLE_DATA
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from napari_vlsm.core import efficientnet_lite as E
-from napari_vlsm.core.film_unet import FilmUNetConfig, FilmUNetForSegmentation
-from napari_vlsm.core.loading import load_model
-from napari_vlsm.core.predictor import Predictor
+from napari_vlsm.core.models import efficientnet_lite as E
+from napari_vlsm.core.models.film_unet import FilmUNetConfig, FilmUNetForSegmentation
+from napari_vlsm.core.models.loading import load_model
+from napari_vlsm.core.inference.predictor import Predictor
 
 from .conftest import TINY_EFFICIENTNET_UNET
 
@@ -84,8 +84,8 @@ def test_the_packages_imagenet_weights_fit_the_encoder():
 
 def test_a_round_of_the_shared_network_on_the_pretrained_encoder_uses_a_gentler_rate(
         tiny_efficientnet_unet, tiny_unet, small_benchmark, tmp_path):
-    from napari_vlsm.core.checkpoint import read_metadata
-    from napari_vlsm.core.train import TrainSettings, finetune
+    from napari_vlsm.core.training.checkpoint import read_metadata
+    from napari_vlsm.core.training.train import TrainSettings, finetune
 
     settings = TrainSettings(epochs=1, batch_size=4)
     runs = {}

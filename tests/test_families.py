@@ -1,5 +1,5 @@
 """Every registered model family passes the same checks: a new family is one module plus one
-registry line (core/families.py), and this file covers it with no new test code."""
+registry line (core/models/families.py), and this file covers it with no new test code."""
 
 import json
 import shutil
@@ -11,12 +11,12 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from napari_vlsm.cli import app
-from napari_vlsm.core import train as T
-from napari_vlsm.core.families import families, family_named
+from napari_vlsm.core.training import train as T
+from napari_vlsm.core.models.families import families, family_named
 from napari_vlsm.core.file_names import CONFIG
-from napari_vlsm.core.loading import load_model
-from napari_vlsm.core.model_card import CARD_FILE
-from napari_vlsm.core.predictor import Predictor
+from napari_vlsm.core.models.loading import load_model
+from napari_vlsm.core.models.model_card import CARD_FILE
+from napari_vlsm.core.inference.predictor import Predictor
 
 from .conftest import small_copy
 

@@ -16,14 +16,14 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from napari_vlsm.cli import app
-from napari_vlsm.core import train as T
-from napari_vlsm.core.checkpoint import new_run_folder
+from napari_vlsm.core.training import train as T
+from napari_vlsm.core.training.checkpoint import new_run_folder
 from napari_vlsm.core.errors import ModelNotFoundError, TrainingError, VLSMError
-from napari_vlsm.core.folder_labeling import OutputLock
-from napari_vlsm.core.imageio import list_images, read_image
-from napari_vlsm.core.loading import load_model
-from napari_vlsm.core.predictor import Predictor
-from napari_vlsm.core.preprocess import shrink_for_model
+from napari_vlsm.core.inference.folder_labeling import OutputLock
+from napari_vlsm.core.images.imageio import list_images, read_image
+from napari_vlsm.core.models.loading import load_model
+from napari_vlsm.core.inference.predictor import Predictor
+from napari_vlsm.core.images.preprocess import shrink_for_model
 
 runner = CliRunner()
 
@@ -110,7 +110,7 @@ def test_a_rename_that_fails_during_the_checkpoint_swap_loses_no_checkpoint(tiny
 
 def test_disk_full_during_segment_keeps_a_whole_report_and_says_what_was_done(tiny_unet, images, tmp_path,
                                                                                monkeypatch):
-    import napari_vlsm.core.folder_labeling as batch
+    import napari_vlsm.core.inference.folder_labeling as batch
 
     real, calls = batch.write_mask, []
 
@@ -242,7 +242,7 @@ def test_nan_weights_give_an_error_not_a_full_mask(tiny_unet, tmp_path, polyp_im
 
 
 def test_training_on_masks_that_are_all_empty_warns(tiny_unet, polyp_image, tmp_path):
-    from napari_vlsm.core.training_sets import Example
+    from napari_vlsm.core.data.training_sets import Example
 
     ex = Example(polyp_image, np.zeros(polyp_image.shape[:2], np.uint8), {"p1": "polyp"})
     with pytest.warns(UserWarning, match="Every training mask is empty"):
@@ -331,7 +331,7 @@ def test_a_resume_with_other_prompts_is_refused_first_with_advice_that_works(tin
 
 
 def test_a_stack_is_called_a_stack_not_256_channels():
-    from napari_vlsm.core.preprocess import validate_image
+    from napari_vlsm.core.images.preprocess import validate_image
 
     with pytest.raises(ValueError, match=r"4 planes of 256x256 \(a stack, or channels first\)"):
         validate_image(np.zeros((4, 256, 256), np.uint8))

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from qtpy.QtCore import QTimer
 
-from napari_vlsm.core.imageio import read_image
-from napari_vlsm.core.training_sets import read_index
+from napari_vlsm.core.images.imageio import read_image
+from napari_vlsm.core.data.training_sets import read_index
 from napari_vlsm.plugin.finetune_widget import FinetuneWidget
 from napari_vlsm.plugin.segment_widget import SegmentWidget
 
@@ -105,7 +105,7 @@ def test_stop_keeps_model_in_use_or_last_checkpoint(qtbot, widgets, polyp_image)
     qtbot.waitUntil(lambda: fine.worker is None, timeout=60000)
     assert "Stopped" in fine.status.text()
     assert seg.model_spec != base and seg.model_spec.endswith("best")  # the last good checkpoint
-    from napari_vlsm.core.loading import load_model
+    from napari_vlsm.core.models.loading import load_model
 
     load_model(seg.model_spec)
 
@@ -123,7 +123,7 @@ def test_training_errors_are_notifications(qtbot, widgets, monkeypatch):
 
 def test_closing_napari_during_a_training_run_raises_nothing(qtbot, make_napari_viewer, tiny_unet, tmp_path,
                                                             polyp_image):
-    from napari_vlsm.core.training_sets import write_benchmark_example
+    from napari_vlsm.core.data.training_sets import write_benchmark_example
 
     viewer = make_napari_viewer()
     _, seg = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation")

@@ -5,7 +5,7 @@ import torch
 
 from napari_vlsm.core.device import pick_device, pick_dtype
 from napari_vlsm.core.errors import ModelNotFoundError, UnsafeWeightsError
-from napari_vlsm.core.loading import load_model
+from napari_vlsm.core.models.loading import load_model
 
 
 def test_local_folder_loads_on_cpu_in_fp32(tiny_clipseg, tiny_unet):

@@ -38,7 +38,7 @@ def test_tiff_reader_and_label_writers(make_napari_viewer, tmp_path):
     from napari_vlsm.plugin.reader_writer import write_labels
 
     write_labels(str(tmp_path / "lab.png"), labels.data, {})
-    from napari_vlsm.core.imageio import read_image
+    from napari_vlsm.core.images.imageio import read_image
 
     np.testing.assert_array_equal(read_image(tmp_path / "lab.png"), labels.data)
     with pytest.raises(ValueError, match="TIFF"):

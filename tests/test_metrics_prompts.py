@@ -4,8 +4,8 @@ import random
 import numpy as np
 import pytest
 
-from napari_vlsm.core.metrics import dice, iou, mean_scores
-from napari_vlsm.core.prompts import build_prompt, load_annotations, pick_prompt, prompt_type_of
+from napari_vlsm.core.images.metrics import dice, iou, mean_scores
+from napari_vlsm.core.data.prompts import build_prompt, load_annotations, pick_prompt, prompt_type_of
 
 
 def test_dice_and_iou_on_hand_made_masks():

@@ -8,9 +8,9 @@ import sys
 
 import numpy as np
 
-from napari_vlsm.core import train as T
-from napari_vlsm.core.loading import default_model_dir
-from napari_vlsm.core.model_card import CARD_FILE, VOCABULARY, card_for, read_card, unknown_words, unknown_words_note
+from napari_vlsm.core.training import train as T
+from napari_vlsm.core.models.loading import default_model_dir
+from napari_vlsm.core.models.model_card import CARD_FILE, VOCABULARY, card_for, read_card, unknown_words, unknown_words_note
 
 from .conftest import ROOT as REPO
 from .conftest import SHARED_DATA

@@ -7,10 +7,10 @@ import torch
 from typer.testing import CliRunner
 
 from napari_vlsm.cli import app
-from napari_vlsm.core.loading import load_model
-from napari_vlsm.core.metrics import dice
-from napari_vlsm.core.onnx_backend import OnnxBackend
-from napari_vlsm.core.predictor import Predictor
+from napari_vlsm.core.models.loading import load_model
+from napari_vlsm.core.images.metrics import dice
+from napari_vlsm.core.models.onnx_backend import OnnxBackend
+from napari_vlsm.core.inference.predictor import Predictor
 
 PROMPTS = ["polyp", "one small pink circle polyp, located in right of the image"]
 
@@ -75,7 +75,7 @@ def test_bf16_path_agrees_with_fp32(tiny_unet, polyp_image):
 
 
 def test_export_keeps_flip_averaging(tmp_path, polyp_image):
-    from napari_vlsm.core.random_models import build_random_film_unet
+    from napari_vlsm.core.models.random_models import build_random_film_unet
 
     from .conftest import TINY_UNET
 
@@ -90,7 +90,7 @@ def test_export_keeps_flip_averaging(tmp_path, polyp_image):
 
 
 def test_export_of_the_default_prints_no_exporter_noise(tmp_path, recwarn):
-    from napari_vlsm.core.onnx_export import export
+    from napari_vlsm.core.models.onnx_export import export
 
     export(load_model("default", device="cpu"), tmp_path / "onnx")
     assert not [w for w in recwarn if "Constant folding" in str(w.message)]

@@ -3,9 +3,9 @@ import pytest
 import torch
 from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-from napari_vlsm.core.loading import load_model
-from napari_vlsm.core.postprocess import logits_to_probs
-from napari_vlsm.core.predictor import Predictor
+from napari_vlsm.core.models.loading import load_model
+from napari_vlsm.core.images.postprocess import logits_to_probs
+from napari_vlsm.core.inference.predictor import Predictor
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_masks_and_labels_follow_the_threshold_given(clipseg, polyp_image):
 @pytest.fixture(scope="module")
 def mirrored_unet(tmp_path_factory):
     """A tiny random FiLM-UNet whose config asks for flip averaging, saved and reloaded."""
-    from napari_vlsm.core.random_models import build_random_film_unet
+    from napari_vlsm.core.models.random_models import build_random_film_unet
 
     from .conftest import TINY_UNET
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from napari_vlsm.core.preprocess import to_rgb8
+from napari_vlsm.core.images.preprocess import to_rgb8
 
 
 @pytest.mark.parametrize("shape", [(40, 50), (40, 50, 1), (40, 50, 3), (40, 50, 4)])

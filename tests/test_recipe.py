@@ -7,10 +7,11 @@ import random
 import numpy as np
 import pytest
 
-from napari_vlsm.core import train as T
-from napari_vlsm.core.concepts import NegativePrompts, add_synonyms, concept_of
-from napari_vlsm.core.replay import REPLAY_DIR, replay_examples, write_replay_sample
-from napari_vlsm.core.training_sets import benchmark_examples
+from napari_vlsm.core.training import train as T
+from napari_vlsm.core.data.prompts import TRAIN_PROMPT_TYPES
+from napari_vlsm.core.data.concepts import NegativePrompts, add_synonyms, concept_of
+from napari_vlsm.core.data.replay import REPLAY_DIR, replay_examples, write_replay_sample
+from napari_vlsm.core.data.training_sets import benchmark_examples
 
 from .conftest import small_copy
 
@@ -27,7 +28,7 @@ def test_concepts_and_cross_negatives(pooled):
     concepts = concept_of(examples)
     assert concepts == {"kvasir_seg": "polyp", "colonoscopy_negatives": "polyp",
                         "busi": "tumor in the breast ultrasound image."}
-    neg = NegativePrompts(examples, T.TRAIN_PROMPT_TYPES, [])
+    neg = NegativePrompts(examples, TRAIN_PROMPT_TYPES, [])
     rng = random.Random(0)
     polyp_ex = next(ex for ex in examples if ex.group == "kvasir_seg")
     free_ex = next(ex for ex in examples if ex.group == "colonoscopy_negatives")
@@ -35,10 +36,10 @@ def test_concepts_and_cross_negatives(pooled):
     for _ in range(50):
         assert "breast" in neg.draw(polyp_ex, rng).lower() and "breast" in neg.draw(free_ex, rng).lower()
         assert "polyp" in neg.draw(busi_ex, rng).lower()
-    mixed = NegativePrompts(examples, T.TRAIN_PROMPT_TYPES, ["kidney"])
+    mixed = NegativePrompts(examples, TRAIN_PROMPT_TYPES, ["kidney"])
     drawn = {mixed.draw(polyp_ex, rng) for _ in range(200)}
     assert "kidney" in drawn and any("breast" in d.lower() for d in drawn)
-    assert not NegativePrompts(examples[:3], T.TRAIN_PROMPT_TYPES, [])  # one concept: nothing to draw
+    assert not NegativePrompts(examples[:3], TRAIN_PROMPT_TYPES, [])  # one concept: nothing to draw
 
 
 def test_synonyms_are_drawn_for_their_data_set_only(pooled):
@@ -194,7 +195,7 @@ def test_images_without_the_object_are_asked_for_their_own_class(pooled):
     import torch
 
     examples = [ex for d in pooled for ex in benchmark_examples(d, "train")]
-    negatives = NegativePrompts(examples, T.TRAIN_PROMPT_TYPES, [])
+    negatives = NegativePrompts(examples, TRAIN_PROMPT_TYPES, [])
     tumour = next(ex for ex in examples if ex.group == "busi" and ex.load()[1].any())
     polyp = next(ex for ex in examples if ex.group == "kvasir_seg")
     rng, asked = random.Random(0), []

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_vlsm.core import mask_edits
-from napari_vlsm.core.imageio import read_image
-from napari_vlsm.core.series import Series
-from napari_vlsm.core.training_sets import read_index
+from napari_vlsm.core.images import mask_edits
+from napari_vlsm.core.images.imageio import read_image
+from napari_vlsm.core.inference.series import Series
+from napari_vlsm.core.data.training_sets import read_index
 
 
 @pytest.fixture

@@ -57,3 +57,31 @@ def test_no_import_cycles():
 
     for m in sorted(g):
         visit(m)
+
+
+LAYERS = ["core", "images", "data", "models", "inference", "training"]  # lowest first
+
+
+def layer(module: str) -> int:
+    """core/'s own modules (errors, files, devices) are the ground floor; each sub-package a floor."""
+    parts = module.split(".")
+    return LAYERS.index(parts[2]) if len(parts) > 3 and parts[2] in LAYERS else 0
+
+
+def test_core_modules_import_only_their_own_layer_or_below():
+    g = graph()
+    public = {"napari_vlsm.core", "napari_vlsm.core.loading", "napari_vlsm.core.predictor"}  # the README's paths
+    upward = [f"{m} imports {n}" for m in g if m.startswith("napari_vlsm.core.") and m not in public
+              for n in g[m] if n.startswith("napari_vlsm.core") and layer(n) > layer(m)]
+    assert not upward, upward
+    assert {layer(m) for m in g if m.startswith("napari_vlsm.core.")} == set(range(len(LAYERS)))
+
+
+def test_the_readme_s_import_paths_work():
+    from napari_vlsm.core import Predictor as P0
+    from napari_vlsm.core import load_model as L0
+    from napari_vlsm.core.loading import load_model
+    from napari_vlsm.core.predictor import Predictor
+
+    assert load_model is L0 and Predictor is P0
+    assert "from napari_vlsm.core.loading import load_model" in (PACKAGE.parent / "README.md").read_text()

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from napari_vlsm.core import train as T
+from napari_vlsm.core.training import train as T
 from napari_vlsm.core.errors import TrainingError
-from napari_vlsm.core.loading import load_model
-from napari_vlsm.core.predictor import Predictor
-from napari_vlsm.core.training_sets import Example, benchmark_examples
+from napari_vlsm.core.models.loading import load_model
+from napari_vlsm.core.inference.predictor import Predictor
+from napari_vlsm.core.data.training_sets import Example, benchmark_examples
 
 from .conftest import mean_dice
 
@@ -132,7 +132,7 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tiny_unet, small_bench
 
 
 def test_failed_checkpoint_write_keeps_previous(tiny_unet, tmp_path):
-    from napari_vlsm.core.checkpoint import save_checkpoint
+    from napari_vlsm.core.training.checkpoint import save_checkpoint
 
     backend = load_model(tiny_unet)
     save_checkpoint(backend, tmp_path / "best", {"epoch": 1})
@@ -205,7 +205,7 @@ def test_distributed_two_processes_on_gloo(tiny_unet, small_benchmark, tmp_path,
 
 
 def test_weight_average_follows_its_formula_and_swaps_back():
-    from napari_vlsm.core.weight_average import WeightAverage
+    from napari_vlsm.core.training.weight_average import WeightAverage
 
     layer = torch.nn.BatchNorm1d(2)
     average = WeightAverage(layer, decay=0.5)
@@ -243,7 +243,7 @@ def test_weight_average_is_what_is_validated_and_saved(tiny_unet, small_benchmar
 
 
 def test_validation_answers_from_both_views_when_the_model_is_set_to(tiny_unet, small_benchmark):
-    from napari_vlsm.core.metrics import dice
+    from napari_vlsm.core.images.metrics import dice
 
     backend = T.load_for_training(str(tiny_unet), "cpu")
     _, val_set = T.training_data([small_benchmark])

@@ -202,7 +202,7 @@ def test_fill_into_an_8_bit_layer_whose_labels_reach_255_widens_it(qtbot, widget
 
 
 def test_gui_stays_responsive_during_full_size_inference(qtbot, make_napari_viewer, tmp_path_factory, polyp_image):
-    from napari_vlsm.core.random_models import build_random_clipseg
+    from napari_vlsm.core.models.random_models import build_random_clipseg
 
     rd64 = build_random_clipseg(tmp_path_factory.mktemp("rd64") / "rd64", shape="rd64")
     viewer = make_napari_viewer()

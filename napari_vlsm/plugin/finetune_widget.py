@@ -26,11 +26,11 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..core.checkpoint import BEST, new_run_folder
-from ..core.errors import VLSMError
-from ..core.file_names import CONFIG
-from ..core.train import SMALL_SET, TARGET_STEPS, TRAIN_MODES_OFFERED, TrainSettings, finetune
-from ..core.training_sets import read_index, remove_example, write_benchmark_example
+from napari_vlsm.core.training.checkpoint import BEST, new_run_folder
+from napari_vlsm.core.errors import VLSMError
+from napari_vlsm.core.file_names import CONFIG
+from napari_vlsm.core.training.train import SMALL_SET, TARGET_STEPS, TRAIN_MODES_OFFERED, TrainSettings, finetune
+from napari_vlsm.core.data.training_sets import read_index, remove_example, write_benchmark_example
 from .label_writing import check_target
 from .planes import check_single_scale, current_index, plane
 from .qt_helpers import ask, join_tabs, on_window_close, fill_layer_combo, on_layers_changed, scrolling_layout, sibling

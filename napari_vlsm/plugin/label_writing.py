@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..core.postprocess import combine_labels
+from napari_vlsm.core.images.postprocess import combine_labels
 from .planes import plane, spatial_shape
 
 MODES = ("new", "fill", "replace")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.imageio import read_image, write_mask
+from napari_vlsm.core.images.imageio import read_image, write_mask
 
 
 def get_reader(path):

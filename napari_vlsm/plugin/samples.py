@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.imageio import read_image
+from napari_vlsm.core.images.imageio import read_image
 
 
 def _sample_dir() -> Path:

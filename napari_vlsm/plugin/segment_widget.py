@@ -26,9 +26,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..core.errors import VLSMError
-from ..core.model_card import card_for, describe_card, nothing_found_hint, unknown_words_note
-from ..core.prompts import CHOICES, build_prompt
+from napari_vlsm.core.errors import VLSMError
+from napari_vlsm.core.models.model_card import card_for, describe_card, nothing_found_hint, unknown_words_note
+from napari_vlsm.core.data.prompts import CHOICES, build_prompt
 from . import label_writing
 from .planes import all_indices, check_single_scale, current_index, plane
 from .qt_helpers import PROBABILITY_KEY, fill_layer_combo, is_probability_map, on_layers_changed, scrolling_layout
@@ -193,7 +193,7 @@ class SegmentWidget(QWidget):
             self.image_combo.setCurrentText(layer.name)
 
     def _refresh_models(self):
-        from ..core.registry import find_models
+        from napari_vlsm.core.models.registry import find_models
 
         self.model_combo.blockSignals(True)
         self.model_combo.clear()
@@ -390,7 +390,7 @@ class SegmentWidget(QWidget):
         self.viewer.layers.selection.active = None
         self.viewer.layers.selection.active = target
         backend = self.session.backend
-        from ..core.device import describe
+        from napari_vlsm.core.device import describe
 
         self.status.setText(self._result_message(result, target, f"{backend.name} on "
                                                  f"{describe(backend.device, backend.dtype)}", kept))

@@ -23,9 +23,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..core import mask_edits
-from ..core.series import Series
-from ..core.training_sets import remove_label_examples, write_benchmark_example
+from napari_vlsm.core.images import mask_edits
+from napari_vlsm.core.inference.series import Series
+from napari_vlsm.core.data.training_sets import remove_label_examples, write_benchmark_example
 from .finetune_widget import FinetuneWidget
 from .label_writing import forget_history, use_bright_colours, write_plane
 from .qt_helpers import ask, join_tabs, on_window_close, scrolling_layout, sibling

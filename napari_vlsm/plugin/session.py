@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..core.predictor import Predictor, clean_prompts
+from napari_vlsm.core.inference.predictor import Predictor, clean_prompts
 from .label_writing import LabelWrite, choose
 from .planes import plane, plane_key
 
@@ -39,7 +39,7 @@ class SegmentSession:
 
     def ensure_model(self, spec: str, device: str = "auto"):
         """Load ``spec`` unless it is the model already loaded."""
-        from ..core.loading import load_model
+        from napari_vlsm.core.models.loading import load_model
 
         if self.predictor is None or spec != self.spec or device != self.device:
             backend = load_model(spec, device=device)

@@ -18,7 +18,7 @@ from importlib import import_module
 from pathlib import Path
 from typing import Callable
 
-from .errors import ModelNotFoundError
+from napari_vlsm.core.errors import ModelNotFoundError
 
 # the one registry line per family: the module (in this package) that defines its FAMILY
 FAMILY_MODULES = ("film_unet", "clipseg", "biomedclipseg")

@@ -16,6 +16,8 @@ import json
 import random
 from pathlib import Path
 
+TRAIN_PROMPT_TYPES = tuple(f"p{i}" for i in range(1, 10))  # the benchmark's nine prompt types
+
 PROMPT_TYPES = tuple(f"p{i}" for i in range(10))
 SYNONYM_TYPE = "syn"  # short forms a person would type, added for training (finetune --synonyms)
 ATTRIBUTES = ("number", "size", "colour", "shape", "class", "location", "description")

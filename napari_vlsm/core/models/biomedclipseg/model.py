@@ -6,7 +6,7 @@ goes through a two-layer projection to 512 dimensions. The benchmark (medvlsm,
 ``BiomedCLIPEncCLIPSegDec``) feeds the ViT's block outputs to a CLIPSeg rd64 decoder and the
 projected text embedding to its FiLM. Here the same network is rebuilt from transformers
 parts (``ViTModel`` for the timm trunk, ``BertModel`` for the text tower), so running it needs
-neither open_clip, timm nor torchvision; ``open_clip_convert.py`` maps the hub's weights onto it.
+neither open_clip, timm nor torchvision; ``convert.py`` maps the hub's weights onto it.
 
 The benchmark's block outputs: its list of hidden states starts after the first block (no
 embedding entry) yet is indexed at ``extract_layer + 1``, so for CLIPSeg's extract layers
@@ -35,9 +35,7 @@ from transformers import (
 )
 from transformers.models.clipseg.modeling_clipseg import CLIPSegDecoder
 
-from .clipseg import ClipSegBackend
-from .clipseg import onnx_meta as clipseg_onnx_meta
-from .families import Family
+from napari_vlsm.core.models.clipseg import ClipSegBackend
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # BiomedCLIP's preprocessing (open_clip_config.json)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -114,7 +112,7 @@ class BiomedClipSegForImageSegmentation(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module):
-        pass  # the parts initialise themselves; pretrained encoders arrive through open_clip_convert
+        pass  # the parts initialise themselves; pretrained encoders arrive through convert.py
 
     @property
     def feature_blocks(self) -> list[int]:
@@ -176,88 +174,8 @@ def biomedclip_image_processor(image_size: int, mean=OPENAI_MEAN, std=OPENAI_STD
 
 def biomedclip_processor(folder, config: BiomedClipSegConfig):
     """The folder's saved preprocessing, else BiomedCLIP's own from the model's config."""
-    from .processors import load_image_processor
+    from napari_vlsm.core.models.processors import load_image_processor
 
     if (Path(folder) / "preprocessor_config.json").exists():
         return load_image_processor(Path(folder), config.vision_config.get("image_size", 224))
     return biomedclip_image_processor(config.vision_config.get("image_size", 224), config.image_mean, config.image_std)
-
-
-_WORDS = ("polyp tumor tumour breast ultrasound image lesion in the of a an and with small large pink round oval "
-          "red white one two three left right top bottom center colonoscopy mucosa lung kidney liver skin "
-          "ulcer foot nucleus cell no").split()
-
-
-def wordpiece_vocab(size: int) -> list[str]:
-    """A WordPiece vocabulary of ``size`` entries: BERT's special tokens, some medical words,
-    letters and digits (so every word can be spelled), then filler."""
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-()")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + _WORDS + chars + ["##" + c for c in chars]
-    return vocab + [f"[unused{i}]" for i in range(size - len(vocab))]
-
-
-# BiomedCLIP's layout at toy widths: a 12-block ViT (the decoder reads blocks 4, 7, 10) at 64 px
-# and a 2-layer BERT on a small WordPiece vocabulary
-TINY_VISION = dict(hidden_size=48, num_hidden_layers=12, num_attention_heads=2, intermediate_size=96,
-                   image_size=64, patch_size=16)
-TINY_TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                 vocab_size=600, max_position_embeddings=272)
-
-
-def build_random(folder, seed: int = 0) -> Path:
-    """A tiny BiomedCLIPSeg model folder with random weights and a WordPiece tokenizer."""
-    import tempfile
-
-    from transformers import BertTokenizer
-
-    torch.manual_seed(seed)
-    config = BiomedClipSegConfig(vision_config=TINY_VISION, text_config=TINY_TEXT, projection_dim=32)
-    folder = Path(folder)
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab = Path(tmp) / "vocab.txt"
-        vocab.write_text("\n".join(wordpiece_vocab(TINY_TEXT["vocab_size"])) + "\n")
-        tokenizer = BertTokenizer(str(vocab), do_lower_case=True, model_max_length=config.context_length)
-        processor = biomedclip_image_processor(TINY_VISION["image_size"], config.image_mean, config.image_std)
-        BiomedClipSegBackend(BiomedClipSegForImageSegmentation(config).eval(), tokenizer, processor,
-                             torch.device("cpu"), torch.float32).save(folder)
-    return folder
-
-
-def load(folder, device, dtype, source: str = "") -> BiomedClipSegBackend:
-    from .loading import strict_from_pretrained
-    from .processors import load_tokenizer
-
-    module = strict_from_pretrained(BiomedClipSegForImageSegmentation, folder)
-    return BiomedClipSegBackend(module, load_tokenizer(folder, own=True), biomedclip_processor(folder, module.config),
-                                device, dtype, source)
-
-
-def new_biomedclipseg(device="auto", encoders=None, seed: int = 0) -> BiomedClipSegBackend:
-    """BiomedCLIP's encoders with a new (random) CLIPSeg decoder, for finetuning: ``encoders``
-    is an open_clip folder (converted in memory) or a BiomedCLIPSeg model folder (its decoder
-    is replaced)."""
-    from .errors import ModelNotFoundError
-    from .loading import load_model
-    from .open_clip_convert import build_from_open_clip, is_open_clip_folder
-
-    if encoders is None:
-        raise ModelNotFoundError("new:biomedclipseg needs --encoders FOLDER: BiomedCLIP's open_clip files "
-                                 "(napari-vlsm models pull microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 "
-                                 "on an online machine) or a BiomedCLIPSeg model folder.")
-    folder = Path(encoders)
-    if is_open_clip_folder(folder):
-        return build_from_open_clip(folder, seed=seed, device=device)
-    backend = load_model(str(folder), device=device, dtype="fp32")
-    if backend.name != BiomedClipSegBackend.name:
-        raise ModelNotFoundError(f"{folder} holds a {backend.name} model; --encoders takes BiomedCLIP's "
-                                 "open_clip files or a BiomedCLIPSeg folder.")
-    torch.manual_seed(seed)
-    backend.module.decoder = new_decoder(backend.module.config.sub_configs_built()[2]).to(backend.device)
-    backend.source = "new:biomedclipseg"
-    return backend
-
-
-FAMILY = Family(model_type=BiomedClipSegConfig.model_type, name=BiomedClipSegBackend.name, load=load,
-                build_random=build_random, onnx_meta=clipseg_onnx_meta, new=new_biomedclipseg,
-                new_key="biomedclipseg", new_help="a new CLIPSeg decoder on BiomedCLIP's encoders (--encoders)",
-                new_needs_encoders=True)

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backend import TorchBackend
-from .file_names import DECODER_ONNX, ENCODER_ONNX
+from napari_vlsm.core.models.backend import TorchBackend
+from napari_vlsm.core.file_names import DECODER_ONNX, ENCODER_ONNX
 
 META = "vlsm_onnx.json"
 
@@ -45,7 +45,7 @@ class _PromptDecoder(nn.Module):
 
 
 def preprocess_meta(backend: TorchBackend) -> dict:
-    from .families import family_of_backend
+    from napari_vlsm.core.models.families import family_of_backend
 
     return family_of_backend(backend).onnx_meta(backend)
 

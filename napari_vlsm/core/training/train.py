@@ -27,82 +27,30 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .adapters import AdapterView, adapter_parameters, plan_adapter, prepare_adapter
-from .backend import TorchBackend
-from .checkpoint import BEST, LAST, check_writable, read_metadata, recover_checkpoints, save_checkpoint
-from .concepts import NegativePrompts, add_synonyms
-from .device import cpu_threads
-from .errors import TrainingError
-from .file_names import CONFIG
-from .model_card import CARD_FILE, card_after_finetune, read_card
-from .predictor import decode_views, encode_views
-from .prompts import SYNONYM_TYPE
-from .replay import REPLAY_DIR, replay_dir, replay_examples
-from .training_sets import TRAIN_PROMPT_TYPES, Example, PairCache, augment
-from .weight_average import WeightAverage
+from napari_vlsm.core.training.adapters import AdapterView, adapter_parameters, plan_adapter, prepare_adapter
+from napari_vlsm.core.models.backend import TorchBackend
+from napari_vlsm.core.training.checkpoint import BEST, LAST, check_writable, read_metadata, recover_checkpoints, save_checkpoint
+from napari_vlsm.core.data.concepts import NegativePrompts, add_synonyms
+from napari_vlsm.core.device import cpu_threads
+from napari_vlsm.core.errors import TrainingError
+from napari_vlsm.core.file_names import CONFIG
+from napari_vlsm.core.models.model_card import CARD_FILE, card_after_finetune, read_card
+from napari_vlsm.core.inference.predictor import decode_views, encode_views
+from napari_vlsm.core.data.prompts import SYNONYM_TYPE
+from napari_vlsm.core.data.replay import REPLAY_DIR, replay_dir, replay_examples
+from napari_vlsm.core.data.training_sets import Example, PairCache, augment
+from napari_vlsm.core.training.settings import SMALL_SET, TARGET_STEPS, TRAIN_MODES_OFFERED, TrainSettings  # noqa: F401
+from napari_vlsm.core.training.weight_average import WeightAverage
 
-TARGET_STEPS = 250   # optimiser steps of a round when epochs are not given
-TRAIN_MODES_OFFERED = ("auto", "decoder", "full", "lora")
-SMALL_SET = 100      # below this many examples, all of them train (no validation hold-out)
 NO_SYNC = os.environ.get("NAPARI_VLSM_NO_GRAD_SYNC") == "1"  # diagnostic: ranks drift apart (tests show it)
 CHECKPOINT_EVERY_S = 30  # a short round saves at its end; a long one also every this often
-
-
-@dataclass
-class TrainSettings:
-    mode: str = "auto"             # auto (the backend's own) | decoder | full | lora
-    epochs: int | None = None      # None: enough for about TARGET_STEPS steps
-    lr: float | None = None        # None: the backend's default for the mode (default_lr)
-    batch_size: int = 8
-    weight_decay: float = 1e-3
-    val_fraction: float | None = None  # None: 0 below SMALL_SET examples, else 0.2
-    patience: int = 5              # epochs without validation gain before stopping
-    grad_clip: float = 1.0
-    augment: bool = True
-    crop: int | None = None        # random crops of this side (None: the model's default_crop; 0: none)
-    schedule: str = "onecycle"     # onecycle | plateau
-    replay_fraction: float | None = None  # share of each batch from the base's replay sample (None: see replay_share)
-    keep_norm_stats: bool = False  # keep the base's batch-norm statistics (measured: learns a new domain worse)
-    encoder_lr_scale: float = 1.0  # the image encoder's learning rate relative to the rest
-    anchor: float = 0.0            # L2 pull of the weights toward the starting model's (L2-SP)
-    adapters: str = "auto"         # auto: a class new to a trained FiLM-UNet gets its own adapter; off
-    prompt_types: tuple = TRAIN_PROMPT_TYPES
-    val_prompt_type: str = "p1"
-    negative_prompts: list = field(default_factory=list)  # prompts for absent things -> empty target
-    negative_fraction: float = 0.25  # share of each batch decoded again with a negative prompt
-    cross_negatives: bool = True     # prompts of one pooled concept are negatives on the others' images
-    synonyms: dict = field(default_factory=dict)  # data folder name -> extra prompts ("breast tumor")
-    repeat: dict = field(default_factory=dict)    # data folder name -> times its examples appear per epoch
-    seed: int = 0
-    threads: int | None = None     # CPU threads for torch (None: the cores this process may use)
-    weight_average: float = 0.0    # decay of a moving average of the weights, validated and saved (0: off)
-
-    def learning_rate(self, backend=None, adapter: bool = False) -> float:
-        """The given rate, or the backend's default for the mode (for an adapter's round, its own)."""
-        if self.lr is not None:
-            return self.lr
-        table = backend.default_lr if backend is not None else TorchBackend.default_lr
-        return table.get("adapter" if adapter and "adapter" in table else self.mode, 1e-4)
-
-    def replay_share(self, adapter: int | None) -> float:
-        """Half of each batch for the shared network (old classes keep being answered); an
-        eighth, as negatives, for an adapter (docs/corrections.md: the new class is learned
-        faster, at the price of the new word firing more often on the old domains)."""
-        if self.replay_fraction is not None:
-            return self.replay_fraction
-        return 0.125 if adapter else 0.5
-
-    def holdout(self, n_examples: int) -> float:
-        if self.val_fraction is not None:
-            return self.val_fraction
-        return 0.0 if n_examples < SMALL_SET else 0.2
 
 
 @dataclass
@@ -136,7 +84,7 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def check_mode(backend: TorchBackend, mode: str) -> str:
     """The training mode to run ('auto': the model's own), refused with the family's modes
     when the family has no such mode."""
-    from .families import family_of_backend
+    from napari_vlsm.core.models.families import family_of_backend
 
     if mode == "auto":
         return backend.default_train_mode
@@ -247,7 +195,7 @@ def validate(backend: TorchBackend, cache: PairCache, examples, prompt_type: str
     Images without the object are asked for their set's class (``concepts``: group -> concept,
     from the training set), and each image is also asked for
     another concept, which should find nothing there."""
-    from .metrics import dice
+    from napari_vlsm.core.images.metrics import dice
 
     backend.module.eval()
     rng = random.Random(0)
@@ -608,7 +556,7 @@ def training_data(data_dirs, val_split: str = "val", val_fraction: float | None 
     exists. Otherwise ``val_names`` ("folder/image" keys of an earlier run) are held out when
     given, so a resumed run is judged on the same images; else ``val_fraction`` of the
     examples (None: none below SMALL_SET examples in all, else 0.2)."""
-    from .training_sets import benchmark_examples, load_examples, split_examples
+    from napari_vlsm.core.data.training_sets import benchmark_examples, load_examples, split_examples
 
     loaded = []
     for d in map(Path, data_dirs):
@@ -635,8 +583,8 @@ def training_data(data_dirs, val_split: str = "val", val_fraction: float | None 
 def load_for_training(spec: str, device="auto", encoders=None) -> TorchBackend:
     """The model to finetune, in fp32: a spec for load_model, or a family's 'new:KEY' (with
     the pretrained ``encoders`` where the family starts from them)."""
-    from .families import NEW_PREFIX, new_backend
-    from .loading import load_model
+    from napari_vlsm.core.models.families import NEW_PREFIX, new_backend
+    from napari_vlsm.core.models.loading import load_model
 
     if str(spec).startswith(NEW_PREFIX):
         return new_backend(spec, device, encoders)
@@ -701,7 +649,7 @@ def check_run_folder(out_dir, resume: bool) -> None:
 
 def _folder_of(spec: str) -> Path | None:
     """The local folder behind a model spec, where there is one (no download)."""
-    from .loading import DEFAULT_SPEC, default_model_dir
+    from napari_vlsm.core.models.loading import DEFAULT_SPEC, default_model_dir
 
     if spec == DEFAULT_SPEC:
         return default_model_dir()

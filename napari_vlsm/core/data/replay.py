@@ -15,8 +15,8 @@ import random
 import shutil
 from pathlib import Path
 
-from .prompts import load_annotations
-from .training_sets import Example, benchmark_examples
+from napari_vlsm.core.data.prompts import load_annotations
+from napari_vlsm.core.data.training_sets import Example, benchmark_examples
 
 REPLAY_DIR = "replay"
 

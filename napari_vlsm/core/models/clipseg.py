@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from transformers import CLIPSegForImageSegmentation
 
-from .backend import TRAIN_MODES, TorchBackend
-from .families import Family
+from napari_vlsm.core.models.backend import TRAIN_MODES, TorchBackend
+from napari_vlsm.core.models.families import Family
 
 LORA_TARGETS = ["q_proj", "v_proj"]
 
@@ -142,8 +142,8 @@ def build_random_clipseg(folder, seed: int = 0, shape: str = "tiny") -> Path:
     """Write a random CLIPSeg of ``shape`` with a real CLIP tokenizer and processor to ``folder``."""
     from transformers import CLIPSegForImageSegmentation
 
-    from .loading import quiet_transformers
-    from .processors import clipseg_image_processor, load_tokenizer
+    from napari_vlsm.core.models.loading import quiet_transformers
+    from napari_vlsm.core.models.processors import clipseg_image_processor, load_tokenizer
 
     quiet_transformers()
     torch.manual_seed(seed)
@@ -157,8 +157,8 @@ def build_random_clipseg(folder, seed: int = 0, shape: str = "tiny") -> Path:
 
 
 def load(folder, device, dtype, source: str = "") -> ClipSegBackend:
-    from .loading import strict_from_pretrained
-    from .processors import load_image_processor, load_tokenizer
+    from napari_vlsm.core.models.loading import strict_from_pretrained
+    from napari_vlsm.core.models.processors import load_image_processor, load_tokenizer
 
     module = strict_from_pretrained(CLIPSegForImageSegmentation, folder)
     processor = load_image_processor(folder, module.config.vision_config.image_size)

@@ -13,8 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .atomic import apply_umask
-from .file_names import BEST, LAST, METADATA  # noqa: F401  (re-exported for callers)
+from napari_vlsm.core.atomic import apply_umask
+from napari_vlsm.core.file_names import BEST, LAST, METADATA  # noqa: F401  (re-exported for callers)
 
 
 def check_writable(out_dir, what: str = "checkpoints") -> Path:
@@ -52,7 +52,7 @@ def save_checkpoint(backend, target, metadata: dict, extras: dict | None = None)
     """Write ``backend``'s model and ``metadata`` to ``target`` atomically; ``extras`` maps
     names to folders copied in with it (the replay sample) or to dicts written as JSON (the
     model card)."""
-    from .loading import quiet_transformers
+    from napari_vlsm.core.models.loading import quiet_transformers
 
     quiet_transformers()
     target = Path(target)

@@ -26,7 +26,7 @@ def read_card(folder) -> dict:
 
 def card_for(spec: str | None) -> dict:
     """The card of a model spec that is the default or a local folder (nothing is fetched)."""
-    from .loading import DEFAULT_SPEC, default_model_dir
+    from napari_vlsm.core.models.loading import DEFAULT_SPEC, default_model_dir
 
     if spec is None or str(spec) == DEFAULT_SPEC:
         return read_card(default_model_dir())

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelNotFoundError
+from napari_vlsm.core.errors import ModelNotFoundError
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 PICKLED_WEIGHTS = "open_clip_pytorch_model.bin"
@@ -150,13 +150,13 @@ def build_from_open_clip(folder, text_dir=None, seed: int = 0, device="cpu"):
     decoder (random, ``seed``), in fp32, ready to finetune or save."""
     from transformers import AutoTokenizer, BertConfig
 
-    from .biomedclipseg import (
+    from napari_vlsm.core.models.biomedclipseg.model import (
         BiomedClipSegBackend,
         BiomedClipSegConfig,
         BiomedClipSegForImageSegmentation,
         biomedclip_image_processor,
     )
-    from .device import pick_device
+    from napari_vlsm.core.device import pick_device
 
     folder = Path(folder)
     cfg, state = read_open_clip(folder)
@@ -205,8 +205,8 @@ def _load_strict(part: torch.nn.Module, weights: dict, folder: Path) -> None:
 
 def convert(folder, out, text_dir=None, seed: int = 0) -> Path:
     """Write a BiomedCLIPSeg model folder (safetensors, tokenizer, processor, card) to ``out``."""
-    from .atomic import atomic_write_text
-    from .model_card import CARD_FILE
+    from napari_vlsm.core.atomic import atomic_write_text
+    from napari_vlsm.core.models.model_card import CARD_FILE
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):

@@ -13,8 +13,8 @@ from __future__ import annotations
 import random
 from collections import Counter, defaultdict
 
-from .prompts import SYNONYM_TYPE
-from .training_sets import Example
+from napari_vlsm.core.data.prompts import SYNONYM_TYPE
+from napari_vlsm.core.data.training_sets import Example
 
 
 def concept_of(examples: list[Example]) -> dict[str, str]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write
+from napari_vlsm.core.atomic import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MASK_SUFFIXES = (".png", ".tif", ".tiff")

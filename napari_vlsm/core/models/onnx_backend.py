@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backend import MAX_TOKENS, Backend
-from .file_names import DECODER_ONNX, ENCODER_ONNX
-from .onnx_export import META
+from napari_vlsm.core.models.backend import MAX_TOKENS, Backend
+from napari_vlsm.core.file_names import DECODER_ONNX, ENCODER_ONNX
+from napari_vlsm.core.models.onnx_export import META
 
 
 def providers_for(device: torch.device) -> tuple[list[str], str]:
@@ -34,7 +34,7 @@ class OnnxBackend(Backend):
         except ImportError as exc:
             raise ImportError("onnxruntime is not installed: pip install 'napari-vlsm[onnx]' "
                               "(or '[gpu]' for onnxruntime-gpu).") from exc
-        from .processors import load_image_processor, load_tokenizer
+        from napari_vlsm.core.models.processors import load_image_processor, load_tokenizer
 
         folder = Path(folder)
         self.meta = json.loads((folder / META).read_text())
@@ -60,7 +60,7 @@ class OnnxBackend(Backend):
     def preprocess(self, images: list[np.ndarray]) -> np.ndarray:
         if self.meta["preprocess"] == "image_processor":
             return self.image_processor(images=list(images), return_tensors="np")["pixel_values"].astype(np.float32)
-        from .preprocess import resize_normalize
+        from napari_vlsm.core.images.preprocess import resize_normalize
 
         return resize_normalize(images, self.input_size, self.meta["image_mean"], self.meta["image_std"]).numpy()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+from napari_vlsm.core.images.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
 def clip_tokenizer_dir() -> Path:
@@ -18,7 +18,7 @@ def load_tokenizer(folder: Path | None = None, own: bool = False):
     CLIP's) the CLIP BPE tokenizer shipped with the package."""
     from transformers import AutoTokenizer, CLIPTokenizer
 
-    from .errors import ModelNotFoundError
+    from napari_vlsm.core.errors import ModelNotFoundError
 
     names = ("vocab.json", "tokenizer.json", "vocab.txt")
     if folder is not None and any((folder / n).exists() for n in names):

@@ -6,9 +6,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .families import family_of
-from .file_names import CONFIG, ENCODER_ONNX
-from .loading import DEFAULT_SPEC, FETCH_PATTERNS, converted_dir, converted_root, default_model_dir
+from napari_vlsm.core.models.families import family_of
+from napari_vlsm.core.file_names import CONFIG, ENCODER_ONNX
+from napari_vlsm.core.models.loading import DEFAULT_SPEC, FETCH_PATTERNS, converted_dir, converted_root, default_model_dir
 
 
 
@@ -31,7 +31,7 @@ def _kind(folder: Path) -> str | None:
 
 def _default_kind() -> str:
     """The embedded default's family and what its card says it knows."""
-    from .model_card import read_card
+    from napari_vlsm.core.models.model_card import read_card
 
     knows = ", ".join(m["classes"] for m in read_card(default_model_dir()).get("knows", []))
     return f"{_kind(default_model_dir())} (embedded default{': ' + knows if knows else ''})"
@@ -75,7 +75,7 @@ def pull(model_id: str, out=None) -> Path:
     ``converted_dir(model_id)``), the only step that reads its pickled weights."""
     from huggingface_hub import snapshot_download
 
-    from .open_clip_convert import OPEN_CLIP_CONFIG, PICKLED_WEIGHTS, SAFE_WEIGHTS, TEXT_TOWER_FILES, convert
+    from napari_vlsm.core.models.biomedclipseg.convert import OPEN_CLIP_CONFIG, PICKLED_WEIGHTS, SAFE_WEIGHTS, TEXT_TOWER_FILES, convert
 
     path = Path(snapshot_download(model_id, allow_patterns=FETCH_PATTERNS + [OPEN_CLIP_CONFIG]))
     if not (path / OPEN_CLIP_CONFIG).exists():

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .film_unet import ImagePath
-from .training_sets import Example
+from napari_vlsm.core.models.film_unet import ImagePath
+from napari_vlsm.core.data.training_sets import Example
 
 ADAPTER_MODES = ("auto", "off")
 
@@ -46,7 +46,7 @@ def plan_adapter(backend, train_set: list[Example], replay_set: list[Example], c
     """The adapter a run trains (an existing one's number, or the next number for a new
     class), or None for the shared recipe. A prompt the base was only taught as absent (a
     negative, "wound") may become a class of its own."""
-    from .families import family_of_backend
+    from napari_vlsm.core.models.families import family_of_backend
 
     family = family_of_backend(backend)
     if mode == "off" or not (family and family.adapters) or not (replay_set or card):

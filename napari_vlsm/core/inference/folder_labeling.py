@@ -11,9 +11,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .atomic import atomic_write_text
-from .imageio import read_image, write_mask
-from .predictor import Predictor, clean_prompts
+from napari_vlsm.core.atomic import atomic_write_text
+from napari_vlsm.core.images.imageio import read_image, write_mask
+from napari_vlsm.core.inference.predictor import Predictor, clean_prompts
 
 SIDECAR = "labels.json"
 REPORT = "segment_report.csv"

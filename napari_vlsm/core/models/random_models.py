@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .biomedclipseg import wordpiece_vocab
-from .clipseg import build_random_clipseg, clipseg_config  # noqa: F401  (builders live with their family)
-from .film_unet import TINY_FILM_UNET, build_random_film_unet  # noqa: F401
+from napari_vlsm.core.models.biomedclipseg import wordpiece_vocab
+from napari_vlsm.core.models.clipseg import build_random_clipseg, clipseg_config  # noqa: F401  (builders live with their family)
+from napari_vlsm.core.models.film_unet import TINY_FILM_UNET, build_random_film_unet  # noqa: F401
 
 
 # BiomedCLIP's published shape: timm ViT-B/16 at 224, PubMedBERT (BERT-base, 30522 WordPieces),
@@ -86,7 +86,7 @@ def build_random_biomedclipseg(folder, shape: str = "tiny", seed: int = 0) -> Pa
     """A BiomedCLIPSeg model folder with random weights: ``shape`` open_clip files, converted."""
     import tempfile
 
-    from .open_clip_convert import convert
+    from napari_vlsm.core.models.biomedclipseg.convert import convert
 
     with tempfile.TemporaryDirectory() as tmp:
         return convert(build_random_open_clip(Path(tmp) / "open_clip", shape, seed), folder, seed=seed)

@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .imageio import IMAGE_SUFFIXES, MASK_SUFFIXES, read_image
-from .preprocess import to_rgb8
-from .prompts import load_annotations, pick_prompt
+from napari_vlsm.core.images.imageio import IMAGE_SUFFIXES, MASK_SUFFIXES, read_image
+from napari_vlsm.core.images.preprocess import to_rgb8
+from napari_vlsm.core.data.prompts import TRAIN_PROMPT_TYPES, load_annotations, pick_prompt  # noqa: F401
 
-TRAIN_PROMPT_TYPES = tuple(f"p{i}" for i in range(1, 10))
 
 
 @dataclass
@@ -154,7 +153,7 @@ def write_benchmark_example(folder, name: str, image: np.ndarray, mask: np.ndarr
     place of an example of the same ``name`` (the same image stored again after an edit).
     The image is stored losslessly (PNG, or TIFF for non-8-bit data); the index is
     rewritten atomically so an interrupted write loses nothing already stored."""
-    from .imageio import write_image, write_mask
+    from napari_vlsm.core.images.imageio import write_image, write_mask
 
     folder = Path(folder)
     image = np.asarray(image)
@@ -206,7 +205,7 @@ def read_index(folder, split: str = "train") -> list[dict]:
 
 
 def write_index(folder, entries: list[dict], split: str = "train") -> None:
-    from .atomic import atomic_write_text
+    from napari_vlsm.core.atomic import atomic_write_text
 
     atomic_write_text(Path(folder) / "anns" / f"{split}.json", json.dumps(entries, indent=1))
 

@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from .backend import TRAIN_MODES, TorchBackend
-from .efficientnet_lite import CHANNELS as EFFICIENTNET_CHANNELS
-from .efficientnet_lite import NAME as EFFICIENTNET_LITE0
-from .efficientnet_lite import EfficientNetLite0Encoder
-from .families import Family
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_normalize
+from napari_vlsm.core.models.backend import TRAIN_MODES, TorchBackend
+from napari_vlsm.core.models.efficientnet_lite import CHANNELS as EFFICIENTNET_CHANNELS
+from napari_vlsm.core.models.efficientnet_lite import NAME as EFFICIENTNET_LITE0
+from napari_vlsm.core.models.efficientnet_lite import EfficientNetLite0Encoder
+from napari_vlsm.core.models.families import Family
+from napari_vlsm.core.images.preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_normalize
 
 
 class FilmUNetConfig(PretrainedConfig):
@@ -329,8 +329,8 @@ TINY_FILM_UNET = dict(widths=[4, 8, 16], image_size=64, text_dim=16, text_layers
 
 def build_random_film_unet(folder, seed: int = 0, **config) -> Path:
     """Write a random FiLM-UNet (default shape, or ``config`` overrides) to ``folder``."""
-    from .film_unet import FilmUNetConfig, FilmUNetForSegmentation
-    from .processors import load_tokenizer
+    from napari_vlsm.core.models.film_unet import FilmUNetConfig, FilmUNetForSegmentation
+    from napari_vlsm.core.models.processors import load_tokenizer
 
     torch.manual_seed(seed)
     model = FilmUNetForSegmentation(FilmUNetConfig(**config)).eval()
@@ -341,8 +341,8 @@ def build_random_film_unet(folder, seed: int = 0, **config) -> Path:
 
 
 def load(folder, device, dtype, source: str = "") -> FilmUNetBackend:
-    from .loading import strict_from_pretrained
-    from .processors import load_tokenizer
+    from napari_vlsm.core.models.loading import strict_from_pretrained
+    from napari_vlsm.core.models.processors import load_tokenizer
 
     return FilmUNetBackend(strict_from_pretrained(FilmUNetForSegmentation, folder), load_tokenizer(folder),
                            device, dtype, source)
@@ -350,8 +350,8 @@ def load(folder, device, dtype, source: str = "") -> FilmUNetBackend:
 
 def new_film_unet(device="auto", encoders=None, seed: int = 0, **config) -> FilmUNetBackend:
     """A freshly initialised FiLM-UNet with the CLIP tokenizer, for training from scratch."""
-    from .device import pick_device
-    from .processors import load_tokenizer
+    from napari_vlsm.core.device import pick_device
+    from napari_vlsm.core.models.processors import load_tokenizer
 
     torch.manual_seed(seed)
     module = FilmUNetForSegmentation(FilmUNetConfig(**config))

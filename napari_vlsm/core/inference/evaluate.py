@@ -6,10 +6,10 @@ import random
 from pathlib import Path
 from typing import Iterator
 
-from .metrics import dice, iou
-from .predictor import Predictor
-from .prompts import pick_prompt
-from .training_sets import benchmark_examples
+from napari_vlsm.core.images.metrics import dice, iou
+from napari_vlsm.core.inference.predictor import Predictor
+from napari_vlsm.core.data.prompts import pick_prompt
+from napari_vlsm.core.data.training_sets import benchmark_examples
 
 
 def evaluate(predictor: Predictor, data_dir, prompt_type: str = "p1", split: str = "val",

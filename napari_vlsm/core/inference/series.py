@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write_text
-from .folder_labeling import SIDECAR, mask_paths
-from .imageio import list_images, read_image, write_mask
+from napari_vlsm.core.atomic import atomic_write_text
+from napari_vlsm.core.inference.folder_labeling import SIDECAR, mask_paths
+from napari_vlsm.core.images.imageio import list_images, read_image, write_mask
 
 PROGRESS = "series.json"
 PREVIOUS = ".previous"

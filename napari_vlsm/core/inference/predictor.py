@@ -1,0 +1,164 @@
+"""A Segment-Anything-style predictor: encode an image once, prompt it many times."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from napari_vlsm.core.models.backend import Backend
+from napari_vlsm.core.errors import VLSMError
+from napari_vlsm.core.images.postprocess import DEFAULT_THRESHOLD, combine_labels, logits_to_probs
+from napari_vlsm.core.images.preprocess import shrink_for_model, to_rgb8, validate_image
+
+TEXT_CACHE_SIZE = 1024
+
+
+@dataclass
+class Prediction:
+    """Per-prompt probabilities (P, H, W) at the image's size, and their masks."""
+
+    prompts: list[str]
+    probs: np.ndarray
+    threshold: float
+
+    @property
+    def masks(self) -> np.ndarray:
+        return self.probs >= self.threshold
+
+    @property
+    def labels(self) -> np.ndarray:
+        """One label image: value i+1 for prompt i (the most likely where they overlap)."""
+        return combine_labels(self.probs, self.threshold)
+
+
+def clean_prompts(prompts: str | list[str]) -> list[str]:
+    """Strip prompts and refuse empty ones with a clear message."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"Prompts must be a string or a list of strings, not {type(prompts).__name__}; "
+                         "for example 'polyp' or ['polyp', 'instrument'].")
+    cleaned = [str(p).strip() for p in prompts]
+    if not cleaned or any(not p for p in cleaned):
+        raise ValueError("The prompt is empty; type what to segment, for example 'polyp'.")
+    return cleaned
+
+
+def check_finite(logits: torch.Tensor) -> None:
+    if not torch.isfinite(logits).all():
+        raise VLSMError("The model produced NaN or infinite values, so its masks would be meaningless. Its weights "
+                        "are broken (a diverged training?): load another checkpoint, such as the run's best/.")
+
+
+class Predictor:
+    """``set_image`` runs the image encoder once; ``predict`` runs only text + decoder.
+
+    Text embeddings are cached per prompt string too, so switching back and forth
+    between prompts on a new image costs one decoder pass each.
+
+    Arguments: ``backend`` (from ``loading.load_model``); ``flip_average`` (None: the
+    backend's own setting, from its model's config): also encode the left-right mirror of the
+    image and average the two views' logits, at twice the cost (docs/offline_model.md measures
+    what it gains). Shapes: an image is (H, W) or (H, W, C), C in 1-4; ``predict`` returns
+    (P, H, W) probabilities for P prompts.
+    """
+
+    def __init__(self, backend: Backend, flip_average: bool | None = None):
+        self.backend = backend
+        self.flip_average = getattr(backend, "flip_average", False) if flip_average is None else bool(flip_average)
+        self._features = None
+        self._size: tuple[int, int] | None = None
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def has_image(self) -> bool:
+        return self._features is not None
+
+    @torch.inference_mode()
+    def set_image(self, image) -> None:
+        """Encode ``image``: (H, W) or (H, W, C) with C in 1-4, any integer or float dtype
+        (see ``preprocess``). Masks come back at (H, W). If this fails, no image is set."""
+        self.reset_image()
+        rgb = self._model_rgb(image)
+        self._features = self._encode([rgb])
+        self._size = np.shape(image)[:2]
+
+    def _model_rgb(self, image) -> np.ndarray:
+        arr = validate_image(image)
+        return to_rgb8(shrink_for_model(arr, max(self.backend.input_size)))
+
+    def reset_image(self) -> None:
+        self._features, self._size = None, None
+
+    @torch.inference_mode()
+    def text_embeddings(self, prompts: list[str]):
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if len(self._text_cache) + len(missing) > TEXT_CACHE_SIZE:
+            self._text_cache.clear()
+            missing = list(dict.fromkeys(prompts))
+        if missing:
+            for p, emb in zip(missing, self.backend.encode_text(missing)):
+                self._text_cache[p] = emb
+        return torch.stack([torch.as_tensor(self._text_cache[p]) for p in prompts])
+
+    @torch.inference_mode()
+    def predict(self, prompts: str | list[str], threshold: float = DEFAULT_THRESHOLD) -> Prediction:
+        """Probabilities (P, H, W) at the image's size for P prompts, from the cached image
+        features: runs only the text encoder (for prompts not seen before) and the decoder.
+        ``threshold`` makes the Prediction's masks and labels; the probabilities do not
+        depend on it."""
+        if self._features is None:
+            raise RuntimeError("No image is set; call set_image(image) first.")
+        prompts = clean_prompts(prompts)
+        logits = self._decode(self._features, self.text_embeddings(prompts))
+        check_finite(logits)
+        probs = logits_to_probs(logits, self._size)
+        return Prediction(prompts, probs, threshold)
+
+    @torch.inference_mode()
+    def predict_batch(self, images: list, prompts: str | list[str],
+                      threshold: float = DEFAULT_THRESHOLD) -> list[Prediction]:
+        """Several images (each as for ``set_image``) at once, every prompt on each: one
+        encoder pass for the batch; the cached image is left as it was."""
+        prompts = clean_prompts(prompts)
+        rgbs = [self._model_rgb(im) for im in images]
+        views = self._encode(rgbs)
+        text = self.text_embeddings(prompts)
+        out = []
+        for i, image in enumerate(images):
+            logits = self._decode([self.backend.select(feats, i) for feats in views], text)
+            check_finite(logits)
+            out.append(Prediction(prompts, logits_to_probs(logits, np.shape(image)[:2]),
+                                  threshold))
+        return out
+
+    def _encode(self, rgbs: list[np.ndarray]) -> list:
+        return encode_views(self.backend, self.backend.preprocess(rgbs), self.flip_average)
+
+    def _decode(self, views: list, text) -> torch.Tensor:
+        return decode_views(self.backend, views, text)
+
+
+def encode_views(backend: Backend, pixels, flip_average: bool) -> list:
+    """The image features of each view: the images, and their mirrors with ``flip_average``."""
+    views = [backend.encode_image(pixels)]
+    if flip_average:
+        views.append(backend.encode_image(_mirror(pixels)))
+    return views
+
+
+def decode_views(backend: Backend, views: list, text) -> torch.Tensor:
+    """The logits averaged over the views of ``encode_views``, a mirrored view's mirrored back."""
+    logits = backend.decode(views[0], text)
+    for feats in views[1:]:
+        logits = logits + backend.decode(feats, text).flip(-1)
+    return logits / len(views)
+
+
+def _mirror(pixels):
+    """Left-right mirror of a batch (N, C, h, w): a torch tensor, or numpy for ONNX models."""
+    if isinstance(pixels, torch.Tensor):
+        return pixels.flip(-1)
+    return np.ascontiguousarray(pixels[..., ::-1])

@@ -1,0 +1,64 @@
+"""The finetuning recipe's settings, one dataclass for the command line, the widget and the
+library: light to import (no torch), so the CLI reads its defaults and help numbers here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from napari_vlsm.core.data.prompts import TRAIN_PROMPT_TYPES
+
+TARGET_STEPS = 250   # optimiser steps of a round when epochs are not given
+TRAIN_MODES_OFFERED = ("auto", "decoder", "full", "lora")
+SMALL_SET = 100      # below this many examples, all of them train (no validation hold-out)
+
+
+@dataclass
+class TrainSettings:
+    mode: str = "auto"             # auto (the backend's own) | decoder | full | lora
+    epochs: int | None = None      # None: enough for about TARGET_STEPS steps
+    lr: float | None = None        # None: the backend's default for the mode (default_lr)
+    batch_size: int = 8
+    weight_decay: float = 1e-3
+    val_fraction: float | None = None  # None: 0 below SMALL_SET examples, else 0.2
+    patience: int = 5              # epochs without validation gain before stopping
+    grad_clip: float = 1.0
+    augment: bool = True
+    crop: int | None = None        # random crops of this side (None: the model's default_crop; 0: none)
+    schedule: str = "onecycle"     # onecycle | plateau
+    replay_fraction: float | None = None  # share of each batch from the base's replay sample (None: see replay_share)
+    keep_norm_stats: bool = False  # keep the base's batch-norm statistics (measured: learns a new domain worse)
+    encoder_lr_scale: float = 1.0  # the image encoder's learning rate relative to the rest
+    anchor: float = 0.0            # L2 pull of the weights toward the starting model's (L2-SP)
+    adapters: str = "auto"         # auto: a class new to a trained FiLM-UNet gets its own adapter; off
+    prompt_types: tuple = TRAIN_PROMPT_TYPES
+    val_prompt_type: str = "p1"
+    negative_prompts: list = field(default_factory=list)  # prompts for absent things -> empty target
+    negative_fraction: float = 0.25  # share of each batch decoded again with a negative prompt
+    cross_negatives: bool = True     # prompts of one pooled concept are negatives on the others' images
+    synonyms: dict = field(default_factory=dict)  # data folder name -> extra prompts ("breast tumor")
+    repeat: dict = field(default_factory=dict)    # data folder name -> times its examples appear per epoch
+    seed: int = 0
+    threads: int | None = None     # CPU threads for torch (None: the cores this process may use)
+    weight_average: float = 0.0    # decay of a moving average of the weights, validated and saved (0: off)
+
+    def learning_rate(self, backend=None, adapter: bool = False) -> float:
+        """The given rate, or the backend's default for the mode (for an adapter's round, its own)."""
+        if self.lr is not None:
+            return self.lr
+        from napari_vlsm.core.models.backend import TorchBackend
+
+        table = backend.default_lr if backend is not None else TorchBackend.default_lr
+        return table.get("adapter" if adapter and "adapter" in table else self.mode, 1e-4)
+
+    def replay_share(self, adapter: int | None) -> float:
+        """Half of each batch for the shared network (old classes keep being answered); an
+        eighth, as negatives, for an adapter (docs/corrections.md: the new class is learned
+        faster, at the price of the new word firing more often on the old domains)."""
+        if self.replay_fraction is not None:
+            return self.replay_fraction
+        return 0.125 if adapter else 0.5
+
+    def holdout(self, n_examples: int) -> float:
+        if self.val_fraction is not None:
+            return self.val_fraction
+        return 0.0 if n_examples < SMALL_SET else 0.2
