@@ -95,7 +95,7 @@ def run(model: str = "default", out: Path = Path("vlsm_demo"), headless: bool = 
     if shutil.which("Xvfb"):
 
         print("No display: running napari under Xvfb and saving a screenshot.")
-        with Display(visible=False, size=(1400, 900)):
+        with Display(visible=False, size=(1600, 1000)):  # larger than the window, so nothing is cut
             return run_viewer(model, out, interactive=False)
     print("No display and no Xvfb: running the pipeline without the viewer.")
     return [segment_headless(model, out)]

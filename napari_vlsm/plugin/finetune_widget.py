@@ -33,7 +33,16 @@ from napari_vlsm.core.training.train import SMALL_SET, TARGET_STEPS, TRAIN_MODES
 from napari_vlsm.core.data.training_sets import read_index, remove_example, write_benchmark_example
 from .label_writing import check_target
 from .planes import check_single_scale, current_index, plane
-from .qt_helpers import ask, join_tabs, on_window_close, fill_layer_combo, on_layers_changed, scrolling_layout, sibling
+from .qt_helpers import (
+    ask,
+    fill_layer_combo,
+    join_tabs,
+    name_combo,
+    on_layers_changed,
+    on_window_close,
+    scrolling_layout,
+    sibling,
+)
 from .segment_widget import SegmentWidget
 from .training_plot import CurvePlot
 
@@ -79,8 +88,8 @@ class FinetuneWidget(QWidget):
         row.addWidget(self.folder_edit, 1)
         row.addWidget(self.folder_btn)
         form.addRow("Training set", row)
-        self.image_combo = QComboBox()
-        self.labels_combo = QComboBox()
+        self.image_combo = name_combo()
+        self.labels_combo = name_combo()
         self.label_value = QSpinBox()
         self.label_value.setRange(1, 65535)
         self.prompt_edit = QLineEdit()

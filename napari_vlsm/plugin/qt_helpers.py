@@ -22,7 +22,7 @@ def on_layers_changed(viewer, callback) -> None:
 def scrolling_layout(widget):
     """Give ``widget`` a scroll area and return the layout inside it, so a dock taller than
     the screen scrolls instead of pushing its last controls off the bottom."""
-    from qtpy.QtCore import QSize, Qt
+    from qtpy.QtCore import QEvent, QSize, Qt
     from qtpy.QtWidgets import QFrame, QScrollArea, QVBoxLayout, QWidget
 
     class VerticalScroll(QScrollArea):
@@ -33,9 +33,16 @@ def scrolling_layout(widget):
             return QSize(inner.width() + self.verticalScrollBar().sizeHint().width(),
                          super().minimumSizeHint().height())
 
+        def eventFilter(self, watched, event):
+            # the controls grew (a long model name, a new status): the dock must learn the new minimum
+            if watched is self.widget() and event.type() == QEvent.Type.LayoutRequest:
+                self.updateGeometry()
+            return super().eventFilter(watched, event)
+
     inner = QWidget()
     scroll = VerticalScroll()
     scroll.setWidget(inner)
+    inner.installEventFilter(scroll)
     scroll.setWidgetResizable(True)
     scroll.setFrameShape(QFrame.Shape.NoFrame)
     scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
@@ -61,6 +68,17 @@ def sibling(widget, cls):
         return None
     found = window.findChildren(cls)
     return found[0] if found else None
+
+
+def name_combo(min_chars: int = 20):
+    """A chooser of names (layers, prompts) that does not widen its dock to the longest name:
+    it shows ``min_chars`` characters or more; the list it opens shows every name whole."""
+    from qtpy.QtWidgets import QComboBox
+
+    combo = QComboBox()
+    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(min_chars)
+    return combo
 
 
 def fill_layer_combo(combo, viewer, kind) -> None:

@@ -31,7 +31,14 @@ from napari_vlsm.core.models.model_card import card_for, describe_card, nothing_
 from napari_vlsm.core.data.prompts import CHOICES, build_prompt
 from . import label_writing
 from .planes import all_indices, check_single_scale, current_index, plane
-from .qt_helpers import PROBABILITY_KEY, fill_layer_combo, is_probability_map, on_layers_changed, scrolling_layout
+from .qt_helpers import (
+    PROBABILITY_KEY,
+    fill_layer_combo,
+    is_probability_map,
+    name_combo,
+    on_layers_changed,
+    scrolling_layout,
+)
 from .session import SegmentSession
 
 OTHER_MODELS_NOTE = ("For a general model run 'napari-vlsm models pull CIDAS/clipseg-rd64-refined' on a machine "
@@ -72,14 +79,14 @@ class SegmentWidget(QWidget):
     # ---------- layout ----------
     def _build(self):
         form = QFormLayout()
-        self.image_combo = QComboBox()
+        self.image_combo = name_combo()
         form.addRow("Image", self.image_combo)
 
         self.prompt_edit = QPlainTextEdit()
         self.prompt_edit.setPlaceholderText("polyp\n(one prompt per line: one label each)")
         self.prompt_edit.setMaximumHeight(70)
         form.addRow("Prompts", self.prompt_edit)
-        self.history_combo = QComboBox()
+        self.history_combo = name_combo()
         self.history_combo.setPlaceholderText("Recent and suggested prompts")
         self.history: list[str] = []
         self.suggestions: list[str] = []
@@ -137,7 +144,7 @@ class SegmentWidget(QWidget):
         for mode in label_writing.MODES:
             self.mode_combo.addItem(label_writing.MODE_LABELS[mode], mode)
         form.addRow("Write to", self.mode_combo)
-        self.target_combo = QComboBox()
+        self.target_combo = name_combo()
         form.addRow("Labels layer", self.target_combo)
         self.all_slices = QCheckBox("All slices of a stack")
         self.show_probs = QCheckBox("Also add the probability map")
