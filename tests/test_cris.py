@@ -324,9 +324,10 @@ def test_a_release_checkpoint_converts_and_loads(folder, tmp_path, monkeypatch):
         assert torch.equal(converted.forward(pixels, ["polyp"]), backend.forward(pixels, ["polyp"]))
     with pytest.raises(ModelNotFoundError, match="not empty"):
         convert_cris_checkpoint(ckpt, out)
-    # medvlsm's cris_best_single.pth: the bare state dict, no prefix
-    torch.save(backend.module.state_dict(), tmp_path / "single.pth")
-    assert read_release_checkpoint(tmp_path / "single.pth").keys() == backend.module.state_dict().keys()
+    # medvlsm's cris_best_single.pth: the bare state dict, no prefix; its Lightning module's: "net."
+    for prefix in ("", "net."):
+        torch.save({prefix + k: v for k, v in backend.module.state_dict().items()}, tmp_path / "single.pth")
+        assert read_release_checkpoint(tmp_path / "single.pth").keys() == backend.module.state_dict().keys()
     # a checkpoint with a tensor missing is refused by name
     del raw["state_dict"]["module.proj.txt.bias"]
     torch.save(raw, tmp_path / "cut.pth")

@@ -7,7 +7,8 @@ its ``cris_pretrain`` reads. Both are pickles. This module reads one ONCE with
 ``torch.load(weights_only=True)``, which rebuilds tensors and plain containers and refuses
 any other object, so the file cannot run code; a file that holds more than that is refused
 with ``UnsafeWeightsError``. The network's parameter names are CRIS's own (``cris.py``), so
-the only key mapping is dropping ``module.``. What is written is safetensors.
+the only key mapping is dropping ``module.`` (or ``net.``, the prefix of a state dict taken
+from medvlsm's Lightning module). What is written is safetensors.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ import torch
 from .errors import ModelNotFoundError, UnsafeWeightsError
 
 RELEASE_PREFIX = "module."  # DistributedDataParallel's
+# wrappers whose prefix is dropped when every key has it: DataParallel's, medvlsm's Lightning module's
+WRAPPER_PREFIXES = (RELEASE_PREFIX, "net.")
 
 
 def read_release_checkpoint(path) -> dict[str, torch.Tensor]:
     """The CRIS state dict of a release checkpoint (``{"state_dict": ...}`` or a bare state
-    dict, with or without ``module.``), under the names of ``CrisForImageSegmentation``."""
+    dict, its keys with or without ``module.`` / ``net.``), under the names of
+    ``CrisForImageSegmentation``."""
     path = Path(path)
     try:
         with warnings.catch_warnings():  # a TorchScript archive is refused below; torch's note on it is noise
@@ -48,7 +52,10 @@ def read_release_checkpoint(path) -> dict[str, torch.Tensor]:
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelNotFoundError(f"{path} holds no state dict of tensors; it is not a CRIS checkpoint.")
-    return {k.removeprefix(RELEASE_PREFIX): v for k, v in state.items()}
+    for prefix in WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
 
 
 def _count(state: dict, prefix: str, part: int) -> int:
