@@ -398,3 +398,29 @@ def test_family_spec_and_config_checks():
         cris.CrisConfig(vision_width=32)
     with pytest.raises(ValueError, match="must be equal"):
         cris.CrisConfig(vis_dim=256)
+
+
+def test_the_trainer_finetunes_it_with_a_last_batch_of_one(folder, data_sets, tmp_path):
+    from napari_vlsm.core.train import TrainSettings, train, training_data
+
+    from .conftest import small_copy
+
+    train_set, val_set = training_data([small_copy(data_sets / "kvasir_seg", tmp_path / "kvasir", 3, 1)])
+    backend = _backend(folder)
+    events = list(train(backend, train_set, val_set, tmp_path / "run", TrainSettings(epochs=1, batch_size=2,
+                                                                                     threads=1)))
+    assert events[-1].kind == "done"
+    trained = cris.load(tmp_path / "run" / "best", "cpu", torch.float32).module.state_dict()
+    start = _backend(folder).module.state_dict()
+    changed = {k for k in start if not torch.equal(start[k], trained[k])}
+    assert changed and all(k.startswith(("neck.", "decoder.", "proj.")) for k in changed)  # "decoder" by default
+
+
+def test_bf16_runs_and_agrees_with_fp32(folder, polyp_image):
+    probs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        p = Predictor(cris.load(folder, torch.device("cpu"), dtype))
+        p.set_image(polyp_image)
+        probs[dtype] = p.predict(PROMPTS).probs
+    assert np.isfinite(probs[torch.bfloat16]).all()
+    assert np.abs(probs[torch.float32] - probs[torch.bfloat16]).mean() < 0.05

@@ -117,7 +117,8 @@ class LayerNorm(nn.LayerNorm):
     """CLIP's LayerNorm: computed in fp32 whatever the input dtype."""
 
     def forward(self, x):
-        return super().forward(x.float()).to(x.dtype)
+        w, b = self.weight.float(), self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
 class QuickGELU(nn.Module):
