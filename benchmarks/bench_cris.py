@@ -27,15 +27,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import machine, timed  # noqa: E402
 
-from napari_vlsm.core.cris import (  # noqa: E402
+from napari_vlsm.core.models.cris.model import (  # noqa: E402
     SHAPES,
     CrisBackend,
     CrisConfig,
     CrisForImageSegmentation,
     unpack_text,
 )
-from napari_vlsm.core.predictor import Predictor  # noqa: E402
-from napari_vlsm.core.processors import load_tokenizer  # noqa: E402
+from napari_vlsm.core.inference.predictor import Predictor  # noqa: E402
+from napari_vlsm.core.models.processors import load_tokenizer  # noqa: E402
 
 
 def main() -> None:

@@ -280,6 +280,24 @@ def models_convert(folder: Path = typer.Argument(..., help="open_clip files: ope
                   f"napari-vlsm finetune DATA --model {path} --out RUN")
 
 
+@models_app.command("convert-cris")
+def models_convert_cris(checkpoint: Path = typer.Argument(..., help="A CRIS release checkpoint (a torch.save of "
+                                                                     "{'state_dict': ...}, e.g. best_model.pth)."),
+                        out: Path = typer.Option(..., "--out", "-o", help="New folder for the CRIS model."),
+                        image_size: int = typer.Option(416, help="Input side the checkpoint was trained at.")):
+    """Turn a CRIS release checkpoint into a CRIS model folder (safetensors). The file is read
+    once with torch.load(weights_only=True): tensors only; a pickle that holds code is refused."""
+    from napari_vlsm.core.errors import VLSMError
+    from napari_vlsm.core.models.cris.convert import convert_cris_checkpoint
+
+    try:
+        path = convert_cris_checkpoint(checkpoint, out, image_size=image_size)
+    except (VLSMError, OSError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(f"CRIS model written to {path}. Segment with it (--model {path}) or finetune it: "
+                  f"napari-vlsm finetune DATA --model {path} --out RUN")
+
+
 @app.command()
 def finetune(
     data: list[Path] = typer.Argument(...,

@@ -9,12 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_vlsm.core import cris
-from napari_vlsm.core.cris_convert import convert_cris_checkpoint, read_release_checkpoint, write_release_checkpoint
+from napari_vlsm.core.models import cris as cris_family
+from napari_vlsm.core.models.cris import model as cris
+from napari_vlsm.core.models.cris.convert import convert_cris_checkpoint, read_release_checkpoint, write_release_checkpoint
 from napari_vlsm.core.errors import ModelNotFoundError, UnsafeWeightsError
-from napari_vlsm.core.postprocess import logits_to_probs
-from napari_vlsm.core.predictor import Predictor
-from napari_vlsm.core.train import dice_bce_loss, train_mode
+from napari_vlsm.core.images.postprocess import logits_to_probs
+from napari_vlsm.core.inference.predictor import Predictor
+from napari_vlsm.core.models.loading import load_model
+from napari_vlsm.core.training.train import dice_bce_loss, train_mode
 
 PROMPTS = ["polyp", "a small pink polyp in the colon, left of the image"]
 
@@ -348,28 +350,28 @@ def test_a_checkpoint_holding_code_is_refused_and_never_run(folder, tmp_path):
     with pytest.raises(UnsafeWeightsError, match="not a plain weights file .*io.open.* nothing in it ran"):
         convert_cris_checkpoint(evil, tmp_path / "out")
     with pytest.raises(UnsafeWeightsError):
-        cris.new_cris("cpu", encoders=evil)
+        cris_family.new_cris("cpu", encoders=evil)
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
 def test_new_cris_from_a_checkpoint_or_a_folder(folder, tmp_path):
     ckpt = write_release_checkpoint(_backend(folder), tmp_path / "best_model.pth")
     for encoders in (ckpt, folder):
-        backend = cris.new_cris("cpu", encoders=encoders)
+        backend = cris_family.new_cris("cpu", encoders=encoders)
         assert backend.source == "new:cris" and backend.dtype == torch.float32
         assert backend.default_train_mode == "decoder" and backend.default_lr["decoder"] == 2e-5
     with pytest.raises(ModelNotFoundError, match="--encoders CKPT"):
-        cris.new_cris("cpu")
+        cris_family.new_cris("cpu")
     # CLIP's RN50.pt is a TorchScript archive, which torch.load(weights_only=True) does not run
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "RN50.pt")
     with pytest.raises(ModelNotFoundError, match="cannot be read as a CRIS checkpoint.*not CLIP's RN50.pt"):
-        cris.new_cris("cpu", encoders=tmp_path / "RN50.pt")
+        cris_family.new_cris("cpu", encoders=tmp_path / "RN50.pt")
 
 
 def test_onnx_export_matches_torch(folder, tmp_path, polyp_image):
-    from napari_vlsm.core.loading import load_model
-    from napari_vlsm.core.onnx_backend import OnnxBackend
-    from napari_vlsm.core.onnx_export import export
+    from napari_vlsm.core.models.loading import load_model
+    from napari_vlsm.core.models.onnx_backend import OnnxBackend
+    from napari_vlsm.core.models.onnx_export import export
 
     export(_backend(folder), tmp_path / "onnx")
     exported = load_model(tmp_path / "onnx")
@@ -387,7 +389,7 @@ def test_onnx_export_matches_torch(folder, tmp_path, polyp_image):
 
 
 def test_family_spec_and_config_checks():
-    fam = cris.FAMILY
+    fam = cris_family.FAMILY
     assert (fam.model_type, fam.name, fam.new_spec, fam.new_needs_encoders, fam.adapters) == \
         ("vlsm_cris", "CRIS", "new:cris", True, False)
     assert fam.train_modes == ("decoder", "full", "lora")
@@ -401,7 +403,7 @@ def test_family_spec_and_config_checks():
 
 
 def test_the_trainer_finetunes_it_with_a_last_batch_of_one(folder, data_sets, tmp_path):
-    from napari_vlsm.core.train import TrainSettings, train, training_data
+    from napari_vlsm.core.training.train import TrainSettings, train, training_data
 
     from .conftest import small_copy
 
@@ -424,3 +426,35 @@ def test_bf16_runs_and_agrees_with_fp32(folder, polyp_image):
         probs[dtype] = p.predict(PROMPTS).probs
     assert np.isfinite(probs[torch.bfloat16]).all()
     assert np.abs(probs[torch.float32] - probs[torch.bfloat16]).mean() < 0.05
+
+
+def test_the_documented_commands_on_a_release_shaped_checkpoint(folder, data_sets, tmp_path, polyp_image):
+    """models convert-cris, segment with the folder, and finetune new:cris --encoders CKPT, as
+    docs/model_families.md writes them."""
+    from typer.testing import CliRunner
+
+    from napari_vlsm.cli import app
+    from PIL import Image
+
+    from .conftest import small_copy
+
+    ckpt = write_release_checkpoint(_backend(folder), tmp_path / "best_model.pth")
+    runner = CliRunner()
+    res = runner.invoke(app, ["models", "convert-cris", str(ckpt), "--out", str(tmp_path / "cris"), "--image-size",
+                              str(cris.CrisConfig.from_pretrained(folder).image_size)])
+    assert res.exit_code == 0, res.output
+    assert load_model(tmp_path / "cris", "cpu").name == "CRIS"
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(polyp_image).save(images / "frame.png")
+    res = runner.invoke(app, ["segment", str(images), "-p", "polyp", "--model", str(tmp_path / "cris"),
+                              "--out", str(tmp_path / "masks")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "masks" / "frame.png").exists() or any((tmp_path / "masks").glob("frame*"))
+    data = small_copy(data_sets / "kvasir_seg", tmp_path / "kvasir", 3, 1)
+    res = runner.invoke(app, ["finetune", str(data), "--model", "new:cris", "--encoders", str(ckpt), "--epochs", "1",
+                              "--batch-size", "2", "--out", str(tmp_path / "run"), "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert load_model(tmp_path / "run" / "best", "cpu").name == "CRIS"
+    res = runner.invoke(app, ["models", "convert-cris", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "x")])
+    assert res.exit_code != 0 and "Traceback" not in res.output

@@ -21,7 +21,7 @@ from typing import Callable
 from napari_vlsm.core.errors import ModelNotFoundError
 
 # the one registry line per family: the module (in this package) that defines its FAMILY
-FAMILY_MODULES = ("film_unet", "clipseg", "biomedclipseg")
+FAMILY_MODULES = ("film_unet", "clipseg", "biomedclipseg", "cris")
 NEW_PREFIX = "new:"
 
 

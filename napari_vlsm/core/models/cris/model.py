@@ -41,8 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from .backend import TRAIN_MODES, TorchBackend
-from .families import Family
+from napari_vlsm.core.models.backend import TRAIN_MODES, TorchBackend
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the benchmark's img_mean / img_std for CRIS
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -594,7 +593,7 @@ class CrisBackend(TorchBackend):
         return s, s
 
     def preprocess(self, images):
-        from .preprocess import resize_normalize
+        from napari_vlsm.core.images.preprocess import resize_normalize
 
         cfg = self.module.config
         return resize_normalize(images, self.input_size, cfg.image_mean, cfg.image_std, self.device).to(self.dtype)
@@ -628,7 +627,7 @@ class CrisBackend(TorchBackend):
         return [p for p in m.parameters() if p.requires_grad]
 
     def save(self, folder) -> None:
-        from .clipseg import merged_state_dict
+        from napari_vlsm.core.models.clipseg import merged_state_dict
 
         folder = Path(folder)
         self.module.save_pretrained(folder, state_dict=merged_state_dict(self.module))
@@ -636,8 +635,8 @@ class CrisBackend(TorchBackend):
 
 
 def load(folder, device, dtype, source: str = "") -> CrisBackend:
-    from .loading import quiet_transformers, strict_from_pretrained
-    from .processors import load_tokenizer
+    from napari_vlsm.core.models.loading import quiet_transformers, strict_from_pretrained
+    from napari_vlsm.core.models.processors import load_tokenizer
 
     quiet_transformers()
     return CrisBackend(strict_from_pretrained(CrisForImageSegmentation, Path(folder)), load_tokenizer(Path(folder)),
@@ -647,8 +646,8 @@ def load(folder, device, dtype, source: str = "") -> CrisBackend:
 def build_random_cris(folder, seed: int = 0, shape: str = "tiny") -> Path:
     """Write a CRIS of ``shape`` ("tiny" for tests, "rn50" for the release shape) with random
     weights and the CLIP tokenizer to ``folder``."""
-    from .loading import quiet_transformers
-    from .processors import load_tokenizer
+    from napari_vlsm.core.models.loading import quiet_transformers
+    from napari_vlsm.core.models.processors import load_tokenizer
 
     quiet_transformers()
     if shape not in SHAPES:
@@ -659,37 +658,3 @@ def build_random_cris(folder, seed: int = 0, shape: str = "tiny") -> Path:
     module.save_pretrained(folder)
     load_tokenizer().save_pretrained(folder)
     return folder
-
-
-def new_cris(device="auto", encoders=None, seed: int = 0) -> CrisBackend:
-    """A CRIS to finetune, in fp32: ``encoders`` is a CRIS release checkpoint file (read once,
-    in memory, tensors only) or a converted CRIS folder. Every weight comes from it (CRIS is
-    finetuned whole from its RefCOCO training, as the benchmark does), so ``seed`` is unused."""
-    from .device import pick_device
-    from .errors import ModelNotFoundError
-
-    if encoders is None:
-        raise ModelNotFoundError("new:cris needs --encoders CKPT: a CRIS release checkpoint (CRIS.pytorch's "
-                                 "best_model.pth for RN50) or a folder made by napari-vlsm models convert-cris.")
-    path = Path(encoders).expanduser()
-    if path.is_dir():
-        backend = load(path, pick_device(device), torch.float32, str(path))
-    elif path.is_file():
-        from .cris_convert import backend_from_checkpoint
-
-        backend = backend_from_checkpoint(path, device=pick_device(device))
-    else:
-        raise ModelNotFoundError(f"No CRIS checkpoint or folder at {path}.")
-    backend.source = "new:cris"
-    return backend
-
-
-def onnx_meta(backend: CrisBackend) -> dict:
-    cfg = backend.module.config
-    return {"preprocess": "resize_normalize", "image_mean": list(cfg.image_mean), "image_std": list(cfg.image_std)}
-
-
-FAMILY = Family(model_type=CrisConfig.model_type, name=CrisBackend.name, load=load, build_random=build_random_cris,
-                onnx_meta=onnx_meta, new=new_cris, new_key="cris",
-                new_help="CRIS (CLIP RN50) from a release checkpoint (--encoders CKPT)", new_needs_encoders=True,
-                train_modes=("decoder", "full", "lora"), adapters=False)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelNotFoundError, UnsafeWeightsError
+from napari_vlsm.core.errors import ModelNotFoundError, UnsafeWeightsError
 
 RELEASE_PREFIX = "module."  # DistributedDataParallel's
 # wrappers whose prefix is dropped when every key has it: DataParallel's, medvlsm's Lightning module's
@@ -66,7 +66,7 @@ def config_from_state(state: dict, **overrides):
     """A CrisConfig read from the weights' shapes, CLIP's head conventions (text heads =
     width / 64, attention-pool heads = width * 32 / 64) and CRIS's 8 decoder heads;
     ``overrides`` for what the weights cannot tell."""
-    from .cris import CrisConfig
+    from napari_vlsm.core.models.cris.model import CrisConfig
 
     need = ["backbone.visual.layer1.0.conv1.weight", "backbone.visual.attnpool.positional_embedding",
             "backbone.text_projection", "backbone.positional_embedding", "neck.f1_v_proj.0.weight",
@@ -95,8 +95,8 @@ def config_from_state(state: dict, **overrides):
 
 def module_from_state(state: dict, source, **overrides):
     """A CrisForImageSegmentation holding ``state``; every tensor must fit, none may be left over."""
-    from .cris import CrisForImageSegmentation
-    from .loading import quiet_transformers
+    from napari_vlsm.core.models.cris.model import CrisForImageSegmentation
+    from napari_vlsm.core.models.loading import quiet_transformers
 
     quiet_transformers()
     module = CrisForImageSegmentation(config_from_state(state, **overrides))
@@ -115,8 +115,8 @@ def module_from_state(state: dict, source, **overrides):
 
 def backend_from_checkpoint(path, device="cpu", **overrides):
     """A CrisBackend (fp32) from a release checkpoint, with the CLIP tokenizer."""
-    from .cris import CrisBackend
-    from .processors import load_tokenizer
+    from napari_vlsm.core.models.cris.model import CrisBackend
+    from napari_vlsm.core.models.processors import load_tokenizer
 
     module = module_from_state(read_release_checkpoint(path), path, **overrides)
     return CrisBackend(module, load_tokenizer(), torch.device(device), torch.float32, str(path))
@@ -148,7 +148,7 @@ def write_release_checkpoint(backend_or_module, path, prefix: str = RELEASE_PREF
     CRIS.pytorch."""
     from collections import Counter
 
-    from .clipseg import merged_state_dict
+    from napari_vlsm.core.models.clipseg import merged_state_dict
 
     module = getattr(backend_or_module, "module", backend_or_module)
     state = {prefix + k: v.cpu() for k, v in merged_state_dict(module).items()}
