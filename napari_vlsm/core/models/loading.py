@@ -62,6 +62,15 @@ def converted_dir(model_id: str) -> Path:
     return converted_root() / model_id.replace("/", "--")
 
 
+def local_folder(spec: str | os.PathLike | None) -> Path | None:
+    """The folder on this machine behind a spec (the default, or a folder given), with nothing
+    fetched; None for a hub id or a missing path."""
+    if spec is None or str(spec) == DEFAULT_SPEC:
+        return default_model_dir()
+    path = Path(spec).expanduser()
+    return path if path.is_dir() else None
+
+
 def resolve_folder(spec: str | os.PathLike | None) -> Path:
     """The local folder a spec points at, fetching a hub id into the cache if allowed."""
     if spec is None or str(spec) == DEFAULT_SPEC:

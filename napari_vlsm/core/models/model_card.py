@@ -26,11 +26,9 @@ def read_card(folder) -> dict:
 
 def card_for(spec: str | None) -> dict:
     """The card of a model spec that is the default or a local folder (nothing is fetched)."""
-    from napari_vlsm.core.models.loading import DEFAULT_SPEC, default_model_dir
+    from napari_vlsm.core.models.loading import local_folder
 
-    if spec is None or str(spec) == DEFAULT_SPEC:
-        return read_card(default_model_dir())
-    return read_card(spec) if Path(spec).is_dir() else {}
+    return read_card(local_folder(spec))
 
 
 def describe_card(card: dict) -> str:
