@@ -11,7 +11,14 @@ trains the next model from the current one, as the widget does. After each round
 fixed test set of the new domain (its val split), Dice on Kvasir-SEG val with "polyp"
 (forgetting), and the share of new-domain images where "polyp" draws a mask over 1%.
 
-Arms: the recipe as shipped (replay sample mixed in) and the same without replay.
+Arms: the recipe as shipped (replay sample mixed in) and the same without replay; or, with
+``--orders``, the shipped recipe with the next images chosen in each order: ``random`` (a fixed
+permutation of the pool), ``name`` (the folder's order, as the series walked it), or the most
+uncertain first under the current model by each score of ``core/inference/uncertainty.py``.
+Each ordering row also has the stop signal: the Dice the series would estimate for the images
+not yet corrected (its proposals' agreement with the last 10 corrections) beside their true
+Dice under the same model. ``--score-check`` prints, for the base model, how well each score
+ranks the pool by its true error (Spearman), the cheap way to shortlist scores.
 
     python benchmarks/bench_corrections.py --base runs/polyp_base --replay-from \\
         ../shared/data/kvasir_seg ../shared/data/clinicdb --threads 2 --plot docs/corrections.png
@@ -42,6 +49,7 @@ from napari_vlsm.core.images.metrics import dice  # noqa: E402
 from napari_vlsm.core.inference.predictor import Predictor  # noqa: E402
 from napari_vlsm.core.data.replay import REPLAY_DIR, write_replay_sample  # noqa: E402
 from napari_vlsm.core.data.training_sets import benchmark_examples  # noqa: E402
+from napari_vlsm.core.inference.uncertainty import SCORES, estimate_dice, score_image  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -75,12 +83,48 @@ def add_corrections(folder: Path, examples, prompt: str) -> None:
     ann.write_text(json.dumps(rows))
 
 
-def run_arm(args, name: str, extra: list[str]) -> list[dict]:
-    work = Path(args.work) / name
+def uncertainty(model: str, examples, prompt: str) -> dict:
+    """Every score of each example under ``model`` (the two views compared, not averaged)."""
+    pred = Predictor(load_model(model, device="cpu", dtype="fp32"), flip_average=False)
+    return {ex.image: score_image(pred, ex.load()[0], prompt) for ex in examples}
+
+
+def choose(order: str, model: str, left: list, n: int, prompt: str) -> list:
+    """The next ``n`` images of ``left`` to correct, in ``order``."""
+    if order == "random":
+        return left[:n]
+    if order == "name":
+        return sorted(left, key=lambda ex: Path(ex.image).name)[:n]
+    scores = uncertainty(model, left, prompt)
+    return sorted(left, key=lambda ex: -scores[ex.image].value(order))[:n]
+
+
+def score_check(args) -> None:
+    """How well each score ranks the pool by the base model's error (Spearman's rho)."""
+    from scipy.stats import spearmanr
+
+    pool = benchmark_examples(Path(args.domain), "train")
+    scores = uncertainty(args.base_with_replay, pool, args.prompt)
+    pred = Predictor(load_model(args.base_with_replay, device="cpu", dtype="fp32"))
+    error = []
+    for ex in pool:
+        image, truth = ex.load()
+        pred.set_image(image)
+        error.append(1 - dice(pred.predict([args.prompt]).masks[0], truth))
+    print(f"\n| score | Spearman rho with 1 - Dice ({len(pool)} images of {Path(args.domain).name}, base model) |")
+    print("|---|---|")
+    for kind in SCORES:
+        rho = spearmanr([scores[ex.image].value(kind) for ex in pool], error).statistic
+        print(f"| {kind} | {rho:.3f} |")
+
+
+def run_arm(args, name: str, extra: list[str], order: str = "random") -> list[dict]:
+    work = Path(args.work) / name.replace(": ", "_")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     pool = benchmark_examples(Path(args.domain), "train")
     pool = [pool[i] for i in np.random.default_rng(args.seed).permutation(len(pool))]
+    agreements: list[float] = []
     test = benchmark_examples(Path(args.domain), "val")
     base_set = benchmark_examples(Path(args.forget_set), "val")
     model, rows = args.base_with_replay, []
@@ -94,9 +138,16 @@ def run_arm(args, name: str, extra: list[str]) -> list[dict]:
         if r == args.rounds:
             rows.append(row)
             break
-        batch = pool[r * args.per_round:(r + 1) * args.per_round]
+        batch = choose(order, model, pool, args.per_round, args.prompt)
+        pool = [ex for ex in pool if ex not in batch]
         effort = scores(pred, batch, [args.prompt])[args.prompt]
         row.update(effort_wrong=effort["wrong"], effort_1_minus_dice=1 - effort["dice"])
+        for ex in batch:  # what the series records: its proposal's agreement with the correction
+            image, truth = ex.load()
+            pred.set_image(image)
+            agreements.append(dice(pred.predict([args.prompt]).masks[0], truth))
+        left = scores(pred, pool[:args.estimate_sample], [args.prompt])[args.prompt]
+        row.update(estimated_dice=estimate_dice(agreements), true_dice_left=left["dice"])
         add_corrections(work / "corrections", batch, args.prompt)
         out = work / f"round{r + 1}"
         cmd = [sys.executable, "-m", "napari_vlsm.cli", "finetune", str(work / "corrections"), "--model", model,
@@ -134,6 +185,11 @@ def main():
     ap.add_argument("--arm", action="append", default=[],
                     help="NAME=FINETUNE ARGS, repeatable (default: 'replay=' (the CLI defaults) and "
                          "'no-replay=--replay-fraction 0').")
+    ap.add_argument("--orders", nargs="*", default=[],
+                    help=f"Orderings to compare with the shipped recipe: random, name, {', '.join(SCORES)}.")
+    ap.add_argument("--estimate-sample", type=int, default=60,
+                    help="Images not yet corrected on which the true Dice beside the estimate is measured.")
+    ap.add_argument("--score-check", action="store_true", help="Only rank the pool by each score (no training).")
     ap.add_argument("--work", default="runs/bench_corrections")
     ap.add_argument("--plot", default="")
     args = ap.parse_args()
@@ -152,8 +208,12 @@ def main():
         write_replay_sample(args.replay_from, base, per_set=args.replay_per_set)
     args.base_with_replay = str(base)
     print(f"Machine: {machine()}; finetune threads: {args.threads}")
+    if args.score_check:
+        return score_check(args)
     rows = []
-    for arm in args.arm or ["replay=", "no-replay=--replay-fraction 0"]:
+    for order in args.orders:
+        rows += run_arm(args, f"order: {order}", [], order)
+    for arm in args.arm or ([] if args.orders else ["replay=", "no-replay=--replay-fraction 0"]):
         name, _, extra = arm.partition("=")
         rows += run_arm(args, name, extra.split())
     (Path(args.work) / "results.json").write_text(json.dumps(rows, indent=1))
@@ -163,13 +223,13 @@ def main():
 def report(rows, plot_path=""):
     print()
     print("| arm | corrections | effort: wrong pixels | effort: 1 - Dice | test Dice | polyp Dice (Kvasir val) "
-          "| 'polyp' hits on new domain | new prompt hits on Kvasir | finetune s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| 'polyp' hits on new domain | new prompt hits on Kvasir | finetune s | estimated Dice left | true Dice left |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f = lambda k, fmt="{:.3f}": fmt.format(r[k]) if k in r else "-"  # noqa: E731
         print(f"| {r['arm']} | {r['corrections']} | {f('effort_wrong')} | {f('effort_1_minus_dice')} | "
               f"{f('test_dice')} | {f('base_dice')} | {f('polyp_on_domain')} | {f('new_on_base')} | "
-              f"{f('train_s', '{:.0f}')} |")
+              f"{f('train_s', '{:.0f}')} | {f('estimated_dice')} | {f('true_dice_left')} |")
     if plot_path:
         plot(rows, plot_path)
 

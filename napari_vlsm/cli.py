@@ -156,6 +156,71 @@ def segment(
 
 
 @app.command()
+def rank(
+    folder: Path = typer.Argument(..., help="Folder of images, or a data set with images/."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="What the annotators will mark, e.g. 'polyp'."),
+    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
+    out: Path = typer.Option(Path("ranked.csv"), "--out", "-o", help="CSV of the images, most uncertain first."),
+    score: str = typer.Option("flip", help="Uncertainty score: flip, prompts or margin (see docs/corrections.md)."),
+    masks: Path | None = typer.Option(None, help="The image series' mask folder, whose corrections give the "
+                                                 "estimate (default: FOLDER/vlsm_masks)."),
+    threshold: float = typer.Option(0.5, min=0.0, max=1.0),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
+    dtype: str = typer.Option("auto", help="auto, fp32, bf16, fp16."),
+    threads: int | None = typer.Option(None, min=1, help=THREADS_HELP),
+):
+    """Rank a folder's images by how unsure the model is of them, so annotators correct the
+    most uncertain first and `segment` labels the rest; the images an image series marked done
+    go last."""
+    _set_threads(threads)
+    from napari_vlsm.core.images.imageio import read_image
+    from napari_vlsm.core.inference.predictor import Predictor
+    from napari_vlsm.core.inference.series import DEFAULT_OUT, read_progress, series_images
+    from napari_vlsm.core.inference.uncertainty import estimate_dice
+    from napari_vlsm.core.inference.uncertainty import SCORES, score_image
+
+    if score not in SCORES:
+        _fail(f"--score is one of {', '.join(SCORES)}, not {score!r}.")
+    if not prompt.strip():
+        _fail("Give the prompt to rank by, e.g. -p polyp.")
+    try:
+        images = series_images(folder)
+    except OSError as exc:
+        _fail(str(exc))
+    progress = read_progress(masks or folder / DEFAULT_OUT)
+    done = set(progress.get("done", []))
+    predictor = Predictor(_load(model, device, dtype), flip_average=False)  # the two views are what is compared
+    rows, failed = [], []
+    with _progress() as bar:
+        task = bar.add_task("Scoring", total=len(images), info="")
+        for path in images:
+            try:
+                s = score_image(predictor, read_image(path), prompt.strip(), threshold)
+                rows.append({"image": str(path), "score": s.value(score), **s.as_dict(), "done": path.name in done})
+            except (OSError, ValueError, RuntimeError) as exc:
+                failed.append(path)
+                console.print(f"Skipped {escape(str(path))}: {escape(str(exc))}", soft_wrap=True)
+            bar.update(task, advance=1, info=path.name)
+    if not rows:
+        _fail("No image could be scored.")
+    rows.sort(key=lambda r: (r["done"], -r["score"]))
+    rows = [{"rank": k + 1, **r} for k, r in enumerate(rows)]
+    _write_csv(out, rows)
+    todo = [r for r in rows if not r["done"]]
+    console.print(f"{len(rows)} images ranked by {score} uncertainty ({len(todo)} not yet corrected), most "
+                  f"uncertain first, in {out}.", soft_wrap=True)
+    for r in todo[:5]:
+        console.print(f"  {r['rank']}. {Path(r['image']).name}  {score} {r['score']:.3f}", soft_wrap=True)
+    estimate = estimate_dice([a[1] for a in progress.get("agreements", []) if isinstance(a, list) and len(a) == 2])
+    if estimate is not None:
+        console.print(f"Estimated Dice on the images not yet corrected: {estimate:.2f} (how well the proposals "
+                      "agreed with the last corrections of the series; if that is good enough, label the rest with "
+                      "napari-vlsm segment).", soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
 def evaluate(
     data_dir: Path = typer.Argument(..., help="Folder in the benchmark's format (images/, masks/, anns/)."),
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),

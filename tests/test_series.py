@@ -32,6 +32,7 @@ def docks(make_napari_viewer, tiny_unet, tmp_path):
     seg.add_model(str(tiny_unet))
     seg.prompt_edit.setPlainText("polyp")
     fine.folder_edit.setText(str(tmp_path / "training_set"))
+    series.order_combo.setCurrentIndex(series.order_combo.findData("name"))  # these walk by name; see test_uncertainty
     return viewer, seg, fine, series
 
 

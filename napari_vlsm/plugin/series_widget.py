@@ -9,10 +9,12 @@ from pathlib import Path
 
 import napari
 import numpy as np
+from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
+    QComboBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
@@ -25,6 +27,7 @@ from qtpy.QtWidgets import (
 
 from napari_vlsm.core.images import mask_edits
 from napari_vlsm.core.inference.series import Series
+from napari_vlsm.core.inference.uncertainty import DEFAULT_SCORE, score_files
 from napari_vlsm.core.data.training_sets import remove_label_examples, write_benchmark_example
 from .finetune_widget import FinetuneWidget
 from .label_writing import forget_history, use_bright_colours, write_plane
@@ -33,6 +36,7 @@ from .segment_widget import SegmentWidget
 
 IMAGE_LAYER, LABELS_LAYER = "series image", "series labels"
 AUTOSAVE_MS = 60_000  # a crash loses at most the current image's last minute
+ORDERS = {"uncertain": "Most uncertain first", "name": "Name order"}
 
 
 class SeriesWidget(QWidget):
@@ -43,6 +47,10 @@ class SeriesWidget(QWidget):
         self.index = 0
         self.loaded: np.ndarray | None = None  # the mask as shown or last saved, to see edits
         self.saved_since_training = 0
+        self.scores: dict[int, float] = {}  # image index -> uncertainty under the model scored with
+        self._scored_with = None  # (model, prompt) of those scores
+        self.scoring = None  # the worker scoring the images not yet done
+        self.proposal: tuple[int, np.ndarray] | None = None  # (image, the model's mask as shown)
         self._build()
         join_tabs(self, FinetuneWidget, SegmentWidget)
         self.timer = QTimer(self)
@@ -78,6 +86,12 @@ class SeriesWidget(QWidget):
         form.addRow(self.auto_segment)
         form.addRow(self.to_training)
         form.addRow("Train on my corrections every", self.train_every)
+        self.order_combo = QComboBox()
+        for key, text in ORDERS.items():
+            self.order_combo.addItem(text, key)
+        self.order_combo.setToolTip("Next goes to the image the current model is least sure of (scored in the "
+                                    "background, again after each training), or to the next name")
+        form.addRow("Next image", self.order_combo)
         self.prev_btn = QPushButton("◀ Previous  (Alt+Left)")
         self.prev_btn.setShortcut("Alt+Left")
         self.next_btn = QPushButton("Save, next ▶  (Alt+Right)")
@@ -86,6 +100,7 @@ class SeriesWidget(QWidget):
         nav.addWidget(self.prev_btn)
         nav.addWidget(self.next_btn, 1)
         self.progress = QLabel("No folder open.")
+        self.progress.setWordWrap(True)
         self.keep_btn = QPushButton("Keep piece (click)")
         self.remove_btn = QPushButton("Remove piece (click)")
         self.fill_btn = QPushButton("Fill holes")
@@ -137,9 +152,10 @@ class SeriesWidget(QWidget):
             self.autosave()
             self.series.close()
         self.series = series
-        self._closing = self._closing or on_window_close(self, self.autosave)  # closing napari saves first
+        self._closing = self._closing or on_window_close(self, self._on_close)  # closing napari saves first
         self.folder_edit.setText(str(series.folder))
         self.out_label.setText(str(series.out_dir))
+        self.scores, self._scored_with = {}, None
         self.show(series.first_undone())
 
     def show(self, i: int) -> None:
@@ -157,6 +173,8 @@ class SeriesWidget(QWidget):
         fine = sibling(self, FinetuneWidget)
         if fine is not None:
             fine.activate_pending()  # a model trained meanwhile comes in between images
+        self.proposal = None
+        self._rescore_if_stale()
         self._report()
         if saved is None and self.auto_segment.isChecked():
             self._segment()
@@ -193,7 +211,15 @@ class SeriesWidget(QWidget):
         seg.mode_combo.setCurrentIndex(seg.mode_combo.findData("replace"))
         seg._refresh_layers()
         seg.target_combo.setCurrentText(LABELS_LAYER)
-        seg.run()
+        if seg.run() is not None:
+            index = self.index
+            seg.when_done(lambda: self._remember_proposal(index))
+
+    def _remember_proposal(self, index: int) -> None:
+        """The model's mask as it landed, before any correction: its agreement with the saved
+        mask is what estimates the model's Dice on the rest."""
+        if index == self.index and LABELS_LAYER in self.viewer.layers:
+            self.proposal = (index, np.asarray(self.labels_layer.data).copy())
 
     def next(self) -> bool:
         """Save the current mask (asking before replacing a different saved one), mark it done,
@@ -202,12 +228,75 @@ class SeriesWidget(QWidget):
             return False
         if not self.save(done=True):
             return False
-        if self.index + 1 < len(self.series):
-            self.show(self.index + 1)
+        following = self.next_index()
+        if following is not None:
+            self.show(following)
         else:
             self._report()
             self.status.setText(f"All {len(self.series)} images are done. Masks are in {self.series.out_dir}.")
         return True
+
+    def next_index(self) -> int | None:
+        """The image Next goes to: the most uncertain one not done (where scores are in), else the
+        next by name; None at the end of a name-ordered walk or when every image is done."""
+        s = self.series
+        undone = [i for i in range(len(s)) if i != self.index and s.images[i].name not in s.done]
+        if self.order_combo.currentData() == "uncertain":
+            scored = [i for i in undone if i in self.scores]
+            if scored:
+                return max(scored, key=lambda i: (self.scores[i], -i))
+            if undone:
+                return next((i for i in undone if i > self.index), undone[0])
+            return None
+        return self.index + 1 if self.index + 1 < len(s) else None
+
+    # ---------- uncertainty ----------
+    def _rescore_if_stale(self) -> None:
+        """Score the images not done under the current model and prompt, in a worker, when the
+        scores are of another model or prompt (a training finished, a new prompt was typed)."""
+        seg = sibling(self, SegmentWidget)
+        if self.series is None or seg is None or not seg.prompts or self.order_combo.currentData() != "uncertain":
+            return
+        key = (seg.model_spec, seg.prompts[0])
+        if key == self._scored_with:
+            return
+        self._stop_scoring()
+        self.scores, self._scored_with = {}, key
+        todo = [i for i, p in enumerate(self.series.images) if p.name not in self.series.done]
+        paths = [self.series.images[i] for i in todo]
+        backend = seg.session.backend if seg.session.spec == key[0] else None
+        # bound methods, not lambdas: Qt drops the connections when the dock is deleted
+        worker = thread_worker(self._scores_of, start_thread=False)(backend, key, todo, paths)
+        worker.yielded.connect(self._scored)
+        worker.returned.connect(self._scoring_ended)
+        self.scoring = worker
+        worker.start()
+
+    @staticmethod
+    def _scores_of(backend, key, indices, paths):
+        from napari_vlsm.core.models.loading import load_model
+
+        for k, score in score_files(backend or load_model(key[0]), paths, key[1]):
+            yield key, indices[k], score
+        return key
+
+    def _scored(self, item) -> None:
+        key, index, score = item
+        if key == self._scored_with and score is not None:
+            self.scores[index] = score.value(DEFAULT_SCORE)
+            if index == self.index or len(self.scores) % 10 == 0:
+                self._report()
+
+    def _scoring_ended(self, key) -> None:
+        if key == self._scored_with:
+            self.scoring = None
+            if self.series is not None:
+                self._report()
+
+    def _stop_scoring(self) -> None:
+        if self.scoring is not None:
+            self.scoring.quit()
+            self.scoring = None
 
     def previous(self) -> None:
         if self.series is not None and self.index > 0:
@@ -221,7 +310,8 @@ class SeriesWidget(QWidget):
                 "(the previous version is kept in .previous/)"):
             return False
         try:
-            s.save(self.index, labels, self._prompt_names(), done=done)
+            proposal = self.proposal[1] if self.proposal and self.proposal[0] == self.index else None
+            s.save(self.index, labels, self._prompt_names(), done=done, proposal=proposal)
         except OSError as exc:
             show_error(f"Could not save the mask: {exc}")
             return False
@@ -229,6 +319,10 @@ class SeriesWidget(QWidget):
         if done:
             self._after_done(labels)
         return True
+
+    def _on_close(self) -> None:
+        self._stop_scoring()
+        self.autosave()
 
     def autosave(self) -> None:
         """Save the current image's edits (not marking it done), if there are any."""
@@ -281,8 +375,16 @@ class SeriesWidget(QWidget):
         s = self.series
         seg = sibling(self, SegmentWidget)
         model = f" · model: {seg.model_spec}" if seg is not None else ""
-        self.progress.setText(f"{s.n_done} / {len(s)} done · image {self.index + 1}: {s.images[self.index].name}"
-                              + model)
+        text = f"{s.n_done} / {len(s)} done · image {self.index + 1}: {s.images[self.index].name}" + model
+        if self.index in self.scores:
+            text += f" · uncertainty {self.scores[self.index]:.2f}"
+        if self.scoring is not None:
+            text += f" · scoring the rest ({len(self.scores)} so far)"
+        estimate = s.estimate()
+        if estimate is not None:
+            text += (f"\nEstimated Dice on the images not done: {estimate:.2f} (the model's last proposals against "
+                     "your corrections). When that is good enough, label the rest with napari-vlsm segment.")
+        self.progress.setText(text)
 
     def _confirm(self, question: str) -> bool:
         return ask(self, question)

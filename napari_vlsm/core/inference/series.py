@@ -4,8 +4,10 @@ mask goes, reading ahead, saving without ever silently replacing a saved mask.
 Masks get the names and formats ``napari-vlsm segment`` gives them (``<stem>.png`` in the
 output folder, a suffix added where stems collide) and ``labels.json`` says what each label
 value means, so a folder annotated in napari and one labelled on the command line look the
-same. ``series.json`` in the output folder lists the images marked done; reopening the
-folder resumes at the first image not in it.
+same. ``series.json`` in the output folder lists the images marked done, and for each how
+well the model's proposal agreed with the saved correction (Dice): the last of those estimate
+how good the model is on the images still to do (``estimate``). Reopening the folder resumes
+at the first image not done.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import numpy as np
 from napari_vlsm.core.atomic import atomic_write_text
 from napari_vlsm.core.inference.folder_labeling import SIDECAR, mask_paths
 from napari_vlsm.core.images.imageio import list_images, read_image, write_mask
+from napari_vlsm.core.images.metrics import dice
+from napari_vlsm.core.inference.uncertainty import estimate_dice
 
 PROGRESS = "series.json"
 PREVIOUS = ".previous"
@@ -46,7 +50,9 @@ class Series:
         self.images = series_images(self.folder)
         self.out_dir = Path(out_dir) if out_dir else self.folder / DEFAULT_OUT
         self.masks = mask_paths(self.out_dir, self.images, "png")
-        self.done: set[str] = set(self._read_progress())
+        progress = read_progress(self.out_dir)
+        self.done: set[str] = set(progress.get("done", []))
+        self.agreements: list = [a for a in progress.get("agreements", []) if isinstance(a, list) and len(a) == 2]
         self._wrote: dict[int, tuple] = {}  # what this session wrote for each image, as the file's stat
         self._pool = ThreadPoolExecutor(1)
         self._ahead: dict[int, Future] = {}
@@ -86,9 +92,11 @@ class Series:
         saved = self.saved_mask(i)
         return saved is not None and not np.array_equal(saved, np.asarray(labels).astype(saved.dtype))
 
-    def save(self, i: int, labels: np.ndarray, prompts: dict[int, str], done: bool = True) -> Path:
+    def save(self, i: int, labels: np.ndarray, prompts: dict[int, str], done: bool = True,
+             proposal: np.ndarray | None = None) -> Path:
         """Write image ``i``'s mask (atomically) and ``labels.json``; mark it done. A saved
-        mask that differs is first kept in ``.previous/``, so no save loses one."""
+        mask that differs is first kept in ``.previous/``, so no save loses one. ``proposal``:
+        the model's mask as it was shown, whose agreement with the saved one is recorded."""
         target = self.mask_path(i)
         if self.would_replace(i, labels):
             keep = self.out_dir / PREVIOUS / target.name
@@ -99,18 +107,31 @@ class Series:
         atomic_write_text(self.out_dir / SIDECAR, json.dumps(
             {"labels": {str(k): v for k, v in sorted(prompts.items())}, "background": 0}, indent=1))
         if done:
-            self.done.add(self.images[i].name)
-            atomic_write_text(self.out_dir / PROGRESS, json.dumps({"done": sorted(self.done)}, indent=1))
+            name = self.images[i].name
+            self.done.add(name)
+            if proposal is not None and np.shape(proposal) == np.shape(labels):
+                self.agreements = [a for a in self.agreements if a[0] != name]
+                self.agreements.append([name, dice(np.asarray(proposal) != 0, np.asarray(labels) != 0)])
+            atomic_write_text(self.out_dir / PROGRESS, json.dumps(
+                {"done": sorted(self.done), "agreements": self.agreements}, indent=1))
         return path
 
-    def _read_progress(self) -> list[str]:
-        try:
-            return list(json.loads((self.out_dir / PROGRESS).read_text()).get("done", []))
-        except (OSError, ValueError, AttributeError):
-            return []
+    def estimate(self) -> float | None:
+        """The model's Dice on the images not yet done, estimated from its proposals' agreement
+        with the last corrections; None before any proposal was corrected."""
+        return estimate_dice([a[1] for a in self.agreements])
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def read_progress(out_dir) -> dict:
+    """``series.json`` of a series' mask folder: the images done and the agreements; {} if none."""
+    try:
+        progress = json.loads((Path(out_dir) / PROGRESS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return progress if isinstance(progress, dict) else {}
 
 
 def _stat(path: Path) -> tuple | None:

@@ -1,0 +1,94 @@
+"""How unsure the model is of an image, so annotators correct the images it gets wrong first.
+
+Three scores, each from what the predictor already gives (one encoder pass of the image and
+its mirror, a few cheap decoder passes):
+
+* ``flip``: 1 - Dice between the mask of the image and the mirrored mask of its mirror. A
+  model that knows where the object is answers the same for both views.
+* ``prompts``: mean 1 - Dice between the mask of the prompt and the masks of other phrasings of
+  the same class ("one breast tumor", "breast tumor in the image"): the medvlsm authors'
+  active-learning follow-up ranks images by how much masks from different prompts disagree.
+* ``margin``: the share of the image's candidate pixels (probability above threshold - 0.25)
+  whose probability is within 0.25 of the threshold: a mask drawn with a soft edge.
+
+Higher is less sure. ``DEFAULT_SCORE`` is the one ``benchmarks/bench_corrections.py`` found to
+reach the same test Dice with the fewest corrections (docs/corrections.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from napari_vlsm.core.images.metrics import dice
+
+SCORES = ("flip", "prompts", "margin")
+DEFAULT_SCORE = "flip"
+MARGIN = 0.25
+ESTIMATE_LAST = 10  # corrections the stop estimate averages over
+
+
+def phrasings(prompt: str) -> list[str]:
+    """The prompt and other phrasings of the same class that claim nothing more about the image."""
+    c = prompt.strip()
+    return list(dict.fromkeys([c, f"one {c}", f"{c} in the image", f"a {c}, located in the image"]))
+
+
+@dataclass
+class ImageScore:
+    flip: float
+    prompts: float
+    margin: float
+    area: float  # share of the image the prompt's mask covers
+
+    def value(self, kind: str = DEFAULT_SCORE) -> float:
+        if kind not in SCORES:
+            raise ValueError(f"Unknown uncertainty score {kind!r}; use one of {', '.join(SCORES)}.")
+        return float(getattr(self, kind))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def score_image(predictor, image, prompt: str, threshold: float = 0.5) -> ImageScore:
+    """Every score of one image for ``prompt``. ``predictor`` must not average views itself
+    (``Predictor(backend, flip_average=False)``): the two views are what is compared."""
+    image = np.asarray(image)
+    texts = phrasings(prompt)
+    view, mirror = predictor.predict_batch([image, image[:, ::-1]], texts, threshold)
+    probs = view.probs
+    mask = probs[0] > threshold
+    mirrored = mirror.probs[0][:, ::-1] > threshold
+    others = [1.0 - dice(mask, probs[k] > threshold) for k in range(1, len(texts))]
+    candidates = probs[0] > threshold - MARGIN
+    soft = np.abs(probs[0] - threshold) < MARGIN
+    return ImageScore(flip=1.0 - dice(mask, mirrored), prompts=float(np.mean(others)) if others else 0.0,
+                      margin=float((soft & candidates).sum() / max(int(candidates.sum()), 1)),
+                      area=float(mask.mean()))
+
+
+def most_uncertain_first(scores: dict, kind: str = DEFAULT_SCORE) -> list:
+    """The keys of ``scores`` (key -> ImageScore), most uncertain first; ties keep key order."""
+    return sorted(scores, key=lambda k: -scores[k].value(kind))
+
+
+def estimate_dice(agreements: list[float], last: int = ESTIMATE_LAST) -> float | None:
+    """The model's Dice on images not yet corrected, estimated from how well its proposals
+    agreed with the last corrections (Dice of proposal and saved mask); None before any."""
+    recent = [a for a in agreements if a is not None][-last:]
+    return float(np.mean(recent)) if recent else None
+
+
+def score_files(backend, paths, prompt: str, threshold: float = 0.5):
+    """Generator: (index, ImageScore or None when the file cannot be read) for each of
+    ``paths``, with one predictor that compares the two views. Closing it stops between images."""
+    from napari_vlsm.core.images.imageio import read_image
+    from napari_vlsm.core.inference.predictor import Predictor
+
+    predictor = Predictor(backend, flip_average=False)
+    for i, path in enumerate(paths):
+        try:
+            yield i, score_image(predictor, read_image(path), prompt, threshold)
+        except (OSError, ValueError):
+            yield i, None
