@@ -276,17 +276,45 @@ def _all_reduce_grads(params, world: int) -> None:
             p.grad /= world
 
 
-def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example], out_dir,
-          settings: TrainSettings | None = None, resume: bool = False, metadata: dict | None = None,
-          stop: threading.Event | None = None, replay: Path | None = None,
-          card: dict | None = None) -> Iterator[Progress]:
-    """Finetune ``backend`` in place; yield progress; keep checkpoints in ``out_dir``.
+@dataclass
+class RunPlan:
+    """What a run will do, settled before its first step. Batches hold ``n_new`` corrections
+    (indices into ``train_set``) and ``n_replay`` replay pairs (indices past it, into ``pool``)."""
+    settings: TrainSettings        # mode, replay share and learning rate resolved
+    train_set: list[Example]       # with synonyms and repeats
+    replay_set: list[Example]
+    pool: list[Example]            # train_set + replay_set: what a batch index points at
+    val_set: list[Example]
+    n_distinct: int                # training examples before repeats
+    negatives: NegativePrompts
+    out: Path
+    world: int                     # ranks of a distributed run, and this one's
+    rank: int
+    rng: random.Random             # this rank's draws (batches, prompts, negatives)
+    np_rng: np.random.Generator    # this rank's augmentation and crops
+    adapter: int | None            # the adapter trained (None: the shared network)
+    new_prompts: list[str]         # the adapter's prompts, asked of the replay images
+    params: list                   # the weights that learn
+    learner: object                # the backend, or the adapter's view of it
+    n_new: int
+    n_replay: int
+    steps_per_epoch: int
+    epochs: int
+    start_epoch: int               # > 0 when resumed on the same set
+    history: list                  # epochs of earlier rounds (and of this one as it goes)
+    round_no: int
 
-    ``replay``: a replay folder (see ``replay.py``) mixed into every batch and copied into
-    each checkpoint; ``card``: the base model's card (``model_card.py``), kept with the
-    prompts trained here added. With ``resume``, training goes on from ``out_dir/last``: the same
-    schedule when the training set is unchanged, a new round of it when examples were added.
-    """
+    @property
+    def total(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+
+def plan_run(backend: TorchBackend, train_set: list[Example], val_set: list[Example], out_dir,
+             settings: TrainSettings | None = None, resume: bool = False, replay: Path | None = None,
+             card: dict | None = None) -> RunPlan:
+    """Check the inputs and settle a run: the sets, the seeded random streams, the adapter (or
+    the shared network) and its weights, the batch split, the epochs and where to start.
+    Seeds the global RNGs before preparing the adapter, as a run's draws depend on that order."""
     s = settings or TrainSettings()
     s = replace(s, mode=check_mode(backend, s.mode))
     check_examples(train_set, val_set)
@@ -310,19 +338,41 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
         new_prompts = prepare_adapter(backend, adapter, train_set, replay_set, card or {}, s.negative_prompts)
         params, learner = adapter_parameters(backend, adapter), AdapterView(backend, adapter)
     else:
-        params, learner = backend.trainable_parameters(s.mode), backend
+        new_prompts, params, learner = [], backend.trainable_parameters(s.mode), backend
     s = replace(s, replay_fraction=s.replay_share(adapter))
+    s = replace(s, lr=s.learning_rate(backend, adapter=bool(adapter)))
     n_replay = min(int(round(s.batch_size * s.replay_fraction)), s.batch_size - 1) if replay_set else 0
     n_new = s.batch_size - n_replay
     steps_per_epoch = len(_batches(len(train_set), n_new, s.seed, world, rank))
     epochs = s.epochs or max(1, round(TARGET_STEPS / steps_per_epoch))
     start_epoch, history, round_no = _resume_point(out, resume, len(train_set), epochs)
+    return RunPlan(s, train_set, replay_set, pool, val_set, n_distinct, negatives, out, world, rank, rng, np_rng,
+                   adapter, new_prompts, params, learner, n_new, n_replay, steps_per_epoch, epochs, start_epoch,
+                   history, round_no)
+
+
+def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example], out_dir,
+          settings: TrainSettings | None = None, resume: bool = False, metadata: dict | None = None,
+          stop: threading.Event | None = None, replay: Path | None = None,
+          card: dict | None = None) -> Iterator[Progress]:
+    """Finetune ``backend`` in place; yield progress; keep checkpoints in ``out_dir``.
+
+    ``replay``: a replay folder (see ``replay.py``) mixed into every batch and copied into
+    each checkpoint; ``card``: the base model's card (``model_card.py``), kept with the
+    prompts trained here added. With ``resume``, training goes on from ``out_dir/last``: the same
+    schedule when the training set is unchanged, a new round of it when examples were added.
+    """
+    plan = plan_run(backend, train_set, val_set, out_dir, settings, resume, replay, card)
+    s, out, world, rank, rng, np_rng = plan.settings, plan.out, plan.world, plan.rank, plan.rng, plan.np_rng
+    train_set, replay_set, pool, negatives = plan.train_set, plan.replay_set, plan.pool, plan.negatives
+    adapter, new_prompts, params, learner = plan.adapter, plan.new_prompts, plan.params, plan.learner
+    n_replay, n_new, steps_per_epoch, epochs = plan.n_replay, plan.n_new, plan.steps_per_epoch, plan.epochs
+    start_epoch, history, round_no, n_distinct = plan.start_epoch, plan.history, plan.round_no, plan.n_distinct
     if world > 1:  # every rank starts from rank 0's weights
         import torch.distributed as dist
 
         for t in backend.module.state_dict().values():
             dist.broadcast(t, 0)
-    s = replace(s, lr=s.learning_rate(backend, adapter=bool(adapter)))
     groups = _param_groups(backend, params, s)
     opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
     average = WeightAverage(backend.module, s.weight_average) if s.weight_average else None
