@@ -42,7 +42,7 @@ BUGS = [
         "improved = val > best if informative else", "improved = val < best if informative else",
         ("tests/test_train.py::test_best_keeps_the_epoch_with_the_highest_validation_dice",)),
     Bug("best/ also replaced on the final save", "napari_vlsm/core/training/train.py",
-        "out / BEST, meta, extras)) if improved else None", "out / BEST, meta, extras)) if improved or final else None",
+        "return self.save_best() if improved else None", "return self.save_best() if improved or final else None",
         ("tests/test_train.py::test_best_keeps_the_epoch_with_the_highest_validation_dice",)),
     Bug("checkpoint swap non-atomic (remove the target, then rename)", "napari_vlsm/core/training/checkpoint.py",
         "            os.replace(target, old)\n", "            shutil.rmtree(target)\n",

@@ -351,6 +351,99 @@ def plan_run(backend: TorchBackend, train_set: list[Example], val_set: list[Exam
                    history, round_no)
 
 
+def _start_from_rank0(backend: TorchBackend, world: int) -> None:
+    """Every rank of a distributed run starts from rank 0's weights."""
+    if world > 1:
+        import torch.distributed as dist
+
+        for t in backend.module.state_dict().values():
+            dist.broadcast(t, 0)
+
+
+@dataclass
+class Optimisation:
+    """What changes the weights: the optimiser and what steps along with it."""
+    optimiser: torch.optim.Optimizer
+    schedule: object                   # OneCycleLR (a step per batch) or ReduceLROnPlateau (per epoch)
+    scaler: torch.amp.GradScaler       # fp16 loss scaling (off on the CPU and with bf16)
+    use_amp: bool                      # autocast, on CUDA
+    amp_dtype: torch.dtype
+    average: WeightAverage | None      # the moving average of the weights, validated and saved
+    start_weights: list | None         # the starting weights the anchor pulls toward
+
+
+def make_optimisation(backend: TorchBackend, plan: RunPlan) -> Optimisation:
+    """AdamW over the plan's weights (the image encoder at its own rate when set so), the
+    weight average and the anchor when set, the schedule fast-forwarded to the resume point,
+    and autocast (bf16, else fp16 with loss scaling) on CUDA."""
+    s = plan.settings
+    optimiser = torch.optim.AdamW(_param_groups(backend, plan.params, s), lr=s.lr, weight_decay=s.weight_decay)
+    average = WeightAverage(backend.module, s.weight_average) if s.weight_average else None
+    start_weights = [p.detach().clone() for p in plan.params] if s.anchor else None
+    schedule = _scheduler(optimiser, s.schedule, plan.total, done_steps=plan.start_epoch * plan.steps_per_epoch)
+    use_amp = backend.device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    return Optimisation(optimiser, schedule, scaler, use_amp, amp_dtype, average, start_weights)
+
+
+@dataclass
+class Checkpoints:
+    """A run's last/ and best/ and what goes into them: ``meta`` (training.json; the loop
+    keeps its history and epoch count up to date) and ``extras`` (the replay sample, the
+    model card). Only rank 0 writes."""
+    backend: TorchBackend
+    out: Path
+    rank: int
+    meta: dict
+    extras: dict
+    saved_at: float = -math.inf
+
+    def save(self, improved: bool, informative: bool, final: bool = False) -> str | None:
+        """last/ (and best/ when improved) at the end, when validation improved, and otherwise
+        every CHECKPOINT_EVERY_S: a short round is not slowed down by writing every epoch."""
+        due = final or time.time() - self.saved_at > CHECKPOINT_EVERY_S
+        if self.rank != 0 or not (due or (improved and informative)):
+            return None
+        self.saved_at = time.time()
+        save_checkpoint(self.backend, self.out / LAST, self.meta, self.extras)
+        return self.save_best() if improved else None
+
+    def save_best(self) -> str:
+        return str(save_checkpoint(self.backend, self.out / BEST, self.meta, self.extras))
+
+
+def _checkpoints(backend: TorchBackend, plan: RunPlan, metadata: dict | None, replay: Path | None,
+                 card: dict | None) -> Checkpoints:
+    """The run's checkpoints with their metadata (settings, sets, validation names, round,
+    adapter, history, and the caller's ``metadata``) and extras (the replay folder; the
+    card with the prompts trained here added)."""
+    s, train_set = plan.settings, plan.train_set
+    meta = {"base_model": backend.source, "settings": asdict(s), "train_examples": len(train_set),
+            "replay_examples": len(plan.replay_set), "val_examples": len(plan.val_set),
+            "val_names": [_key(e) for e in plan.val_set], "world_size": plan.world, "round": plan.round_no,
+            "adapter": plan.adapter, "history": plan.history, **(metadata or {})}
+    extras = {REPLAY_DIR: replay} if replay else {}
+    if card is not None:
+        extras[CARD_FILE] = card_after_finetune(card, [ex.prompts.get("p1", "") for ex in train_set
+                                                       if isinstance(ex.prompts.get("p1"), str)],
+                                                trained_prompts(train_set, _prompt_types(s), s.negative_prompts))
+    return Checkpoints(backend, plan.out, plan.rank, meta, extras)
+
+
+def _run_summary(plan: RunPlan, train_cache: PairCache) -> str:
+    """What the run trains on, for its last message, with a warning (also raised, pointing at
+    the caller of train()) when every training mask is empty."""
+    summary = _summary(plan.n_distinct, len(plan.train_set), len(plan.replay_set), len(plan.val_set), plan.adapter)
+    if plan.rank == 0 and plan.start_epoch < plan.epochs and not any(
+            train_cache[i][1].any() for i in range(len(plan.train_set))):
+        empty = ("every training mask is empty, so the model can only learn to find nothing; "
+                 "check the label value and the masks")
+        warnings.warn(empty[0].upper() + empty[1:] + ".", UserWarning, stacklevel=3)
+        summary += f" (warning: {empty})"
+    return summary
+
+
 def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example], out_dir,
           settings: TrainSettings | None = None, resume: bool = False, metadata: dict | None = None,
           stop: threading.Event | None = None, replay: Path | None = None,
@@ -368,51 +461,20 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
     adapter, new_prompts, params, learner = plan.adapter, plan.new_prompts, plan.params, plan.learner
     n_replay, n_new, steps_per_epoch, epochs = plan.n_replay, plan.n_new, plan.steps_per_epoch, plan.epochs
     start_epoch, history, round_no, n_distinct = plan.start_epoch, plan.history, plan.round_no, plan.n_distinct
-    if world > 1:  # every rank starts from rank 0's weights
-        import torch.distributed as dist
-
-        for t in backend.module.state_dict().values():
-            dist.broadcast(t, 0)
-    groups = _param_groups(backend, params, s)
-    opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
-    average = WeightAverage(backend.module, s.weight_average) if s.weight_average else None
-    start_weights = [p.detach().clone() for p in params] if s.anchor else None
-    size = backend.input_size
-    train_cache, val_cache = PairCache(pool, size), PairCache(val_set, size)
-    total = steps_per_epoch * epochs
-    sched = _scheduler(opt, s.schedule, total, done_steps=start_epoch * steps_per_epoch)
-    use_amp = backend.device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    _start_from_rank0(backend, world)
+    optim = make_optimisation(backend, plan)
+    opt, sched, scaler, use_amp, amp_dtype, average, start_weights = (
+        optim.optimiser, optim.schedule, optim.scaler, optim.use_amp, optim.amp_dtype, optim.average,
+        optim.start_weights)
+    train_cache, val_cache = PairCache(pool, backend.input_size), PairCache(val_set, backend.input_size)
+    total = plan.total
     # the validation set is kept across rounds (finetune passes its names back), so scores compare
     best = max((h["val_dice"] for h in history if h.get("val_dice")), default=-1.0)
     best_loss = min((h["loss"] for h in history if h.get("round", 1) == round_no), default=math.inf)
-    stale, step, t0, seen, saved_at = 0, start_epoch * steps_per_epoch, time.time(), 0, -math.inf
-    meta = {"base_model": backend.source, "settings": asdict(s), "train_examples": len(train_set),
-            "replay_examples": len(replay_set), "val_examples": len(val_set), "val_names": [_key(e) for e in val_set],
-            "world_size": world, "round": round_no, "adapter": adapter, "history": history, **(metadata or {})}
-    extras = {REPLAY_DIR: replay} if replay else {}
-    if card is not None:
-        extras[CARD_FILE] = card_after_finetune(card, [ex.prompts.get("p1", "") for ex in train_set
-                                                       if isinstance(ex.prompts.get("p1"), str)],
-                                                trained_prompts(train_set, _prompt_types(s), s.negative_prompts))
-    summary = _summary(n_distinct, len(train_set), len(replay_set), len(val_set), adapter)
-    if rank == 0 and start_epoch < epochs and not any(train_cache[i][1].any() for i in range(len(train_set))):
-        empty = ("every training mask is empty, so the model can only learn to find nothing; "
-                 "check the label value and the masks")
-        warnings.warn(empty[0].upper() + empty[1:] + ".", UserWarning, stacklevel=2)
-        summary += f" (warning: {empty})"
-
-    def save(improved: bool, informative: bool, final: bool = False) -> str | None:
-        """last/ (and best/ when improved) at the end, when validation improved, and otherwise
-        every CHECKPOINT_EVERY_S: a short round is not slowed down by writing every epoch."""
-        nonlocal saved_at
-        due = final or time.time() - saved_at > CHECKPOINT_EVERY_S
-        if rank != 0 or not (due or (improved and informative)):
-            return None
-        saved_at = time.time()
-        save_checkpoint(backend, out / LAST, meta, extras)
-        return str(save_checkpoint(backend, out / BEST, meta, extras)) if improved else None
+    stale, step, t0, seen = 0, start_epoch * steps_per_epoch, time.time(), 0
+    checkpoints = _checkpoints(backend, plan, metadata, replay, card)
+    meta = checkpoints.meta
+    summary = _run_summary(plan, train_cache)
 
     for epoch in range(start_epoch, epochs):
         train_mode(backend.module, s.keep_norm_stats)
@@ -476,9 +538,9 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
         if world > 1:  # every rank's weights, summarised, so a run can show they stayed identical
             meta["rank_weight_sums"] = _gather_weight_sums(backend)
         with _kept_weights(average, backend.module):
-            ckpt = save(improved, informative, final=last_epoch or stopping)
+            ckpt = checkpoints.save(improved, informative, final=last_epoch or stopping)
             if last_epoch and not informative and rank == 0:  # the schedule's end is the model to keep
-                ckpt = str(save_checkpoint(backend, out / BEST, meta, extras))
+                ckpt = checkpoints.save_best()
         if s.schedule != "onecycle" and val is not None:
             sched.step(val)
         elapsed = time.time() - t0
@@ -495,7 +557,7 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
     why = "the schedule was already complete" if start_epoch >= epochs else \
         f"finished the schedule ({step} steps, {epochs} epochs)"
     if not (out / BEST).exists() and rank == 0:  # a resumed run with nothing left to do
-        save_checkpoint(backend, out / BEST, meta, extras)
+        checkpoints.save_best()
     yield Progress("done", epochs, epochs, step, total, history[-1]["loss"] if history else float("nan"),
                    history[-1]["val_dice"] if history else None, best if best >= 0 else None,
                    time.time() - t0, checkpoint=str(out / BEST), message=f"{summary}; {why}.")
