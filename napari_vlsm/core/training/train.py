@@ -308,6 +308,11 @@ class RunPlan:
     def total(self) -> int:
         return self.steps_per_epoch * self.epochs
 
+    def batches(self, epoch: int) -> list[list[int]]:
+        """This rank's corrections of each batch of ``epoch``, shuffled anew each epoch and round."""
+        seed = self.settings.seed * 7919 + epoch + 1000 * (self.round_no - 1)
+        return _batches(len(self.train_set), self.n_new, seed, self.world, self.rank)
+
 
 def plan_run(backend: TorchBackend, train_set: list[Example], val_set: list[Example], out_dir,
              settings: TrainSettings | None = None, resume: bool = False, replay: Path | None = None,
@@ -444,6 +449,37 @@ def _run_summary(plan: RunPlan, train_cache: PairCache) -> str:
     return summary
 
 
+def _train_step(backend: TorchBackend, plan: RunPlan, optim: Optimisation, cache: PairCache, batch: list[int],
+                epoch: int, step: int) -> float:
+    """One optimiser step: this rank's corrections ``batch`` topped up with replay pairs and
+    shuffled, made into images, targets and prompts; their loss; the step (with the weight
+    average and a one-cycle schedule). The loss; a loss that is not finite stops the run."""
+    s, rng, n_train = plan.settings, plan.rng, len(plan.train_set)
+    idx = batch + [n_train + rng.randrange(len(plan.replay_set)) for _ in range(plan.n_replay)]
+    rng.shuffle(idx)  # negatives are drawn for the first images: corrections and replay alike
+    pixels, target, prompts = _make_batch(cache, plan.pool, idx, s, rng, plan.np_rng, backend)
+    examples = [plan.pool[i] for i in idx]
+    if plan.adapter:  # replay images ask for the new class, which is absent there
+        for j in (j for j, i in enumerate(idx) if i >= n_train):
+            target[j], prompts[j] = 0, rng.choice(plan.new_prompts)
+    else:
+        _ask_own_class_where_absent(target, prompts, examples, plan.negatives, rng)
+    with torch.autocast(backend.device.type, dtype=optim.amp_dtype, enabled=optim.use_amp):
+        loss = _loss(plan.learner, pixels, target, prompts, s, rng, None if plan.adapter else plan.negatives,
+                     examples)
+        if optim.start_weights is not None:
+            loss = loss + s.anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(plan.params, optim.start_weights))
+    if not torch.isfinite(loss):
+        raise TrainingError(f"The loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                            f"training stopped. {_stopped_message(plan.out)} Try a lower learning rate.")
+    _optimiser_step(loss, optim.optimiser, optim.scaler, plan.params, s.grad_clip, plan.world)
+    if optim.average is not None:
+        optim.average.update(backend.module)
+    if s.schedule == "onecycle":
+        optim.schedule.step()
+    return loss.item()
+
+
 def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example], out_dir,
           settings: TrainSettings | None = None, resume: bool = False, metadata: dict | None = None,
           stop: threading.Event | None = None, replay: Path | None = None,
@@ -456,17 +492,13 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
     schedule when the training set is unchanged, a new round of it when examples were added.
     """
     plan = plan_run(backend, train_set, val_set, out_dir, settings, resume, replay, card)
-    s, out, world, rank, rng, np_rng = plan.settings, plan.out, plan.world, plan.rank, plan.rng, plan.np_rng
-    train_set, replay_set, pool, negatives = plan.train_set, plan.replay_set, plan.pool, plan.negatives
-    adapter, new_prompts, params, learner = plan.adapter, plan.new_prompts, plan.params, plan.learner
-    n_replay, n_new, steps_per_epoch, epochs = plan.n_replay, plan.n_new, plan.steps_per_epoch, plan.epochs
-    start_epoch, history, round_no, n_distinct = plan.start_epoch, plan.history, plan.round_no, plan.n_distinct
+    s, out, world, rank, negatives = plan.settings, plan.out, plan.world, plan.rank, plan.negatives
+    steps_per_epoch, epochs, start_epoch, history, round_no = (plan.steps_per_epoch, plan.epochs, plan.start_epoch,
+                                                               plan.history, plan.round_no)
     _start_from_rank0(backend, world)
     optim = make_optimisation(backend, plan)
-    opt, sched, scaler, use_amp, amp_dtype, average, start_weights = (
-        optim.optimiser, optim.schedule, optim.scaler, optim.use_amp, optim.amp_dtype, optim.average,
-        optim.start_weights)
-    train_cache, val_cache = PairCache(pool, backend.input_size), PairCache(val_set, backend.input_size)
+    opt, sched, average = optim.optimiser, optim.schedule, optim.average
+    train_cache, val_cache = PairCache(plan.pool, backend.input_size), PairCache(val_set, backend.input_size)
     total = plan.total
     # the validation set is kept across rounds (finetune passes its names back), so scores compare
     best = max((h["val_dice"] for h in history if h.get("val_dice")), default=-1.0)
@@ -479,35 +511,15 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
     for epoch in range(start_epoch, epochs):
         train_mode(backend.module, s.keep_norm_stats)
         losses = []
-        for idx in _batches(len(train_set), n_new, s.seed * 7919 + epoch + 1000 * (round_no - 1), world, rank):
+        for batch in plan.batches(epoch):
             if stop is not None and stop.is_set():
                 yield Progress("stopped", epoch, epochs, step, total, float("nan"), best_dice=best,
                                elapsed=time.time() - t0, message=_stopped_message(out))
                 return
-            idx = idx + [len(train_set) + rng.randrange(len(replay_set)) for _ in range(n_replay)]
-            rng.shuffle(idx)  # negatives are drawn for the first images: corrections and replay alike
-            pixels, target, prompts = _make_batch(train_cache, pool, idx, s, rng, np_rng, backend)
-            if adapter:  # replay images ask for the new class, which is absent there
-                for j in (j for j, i in enumerate(idx) if i >= len(train_set)):
-                    target[j], prompts[j] = 0, rng.choice(new_prompts)
-            else:
-                _ask_own_class_where_absent(target, prompts, [pool[i] for i in idx], negatives, rng)
-            with torch.autocast(backend.device.type, dtype=amp_dtype, enabled=use_amp):
-                loss = _loss(learner, pixels, target, prompts, s, rng, None if adapter else negatives,
-                             [pool[i] for i in idx])
-                if start_weights is not None:
-                    loss = loss + s.anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start_weights))
-            if not torch.isfinite(loss):
-                raise TrainingError(f"The loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                                    f"training stopped. {_stopped_message(out)} Try a lower learning rate.")
-            _optimiser_step(loss, opt, scaler, params, s.grad_clip, world)
-            if average is not None:
-                average.update(backend.module)
-            if s.schedule == "onecycle":
-                sched.step()
+            loss = _train_step(backend, plan, optim, train_cache, batch, epoch, step)
             step += 1
-            seen += len(idx)
-            losses.append(loss.item())
+            seen += len(batch) + plan.n_replay
+            losses.append(loss)
             elapsed = time.time() - t0
             rate = elapsed / max(step - start_epoch * steps_per_epoch, 1)
             yield Progress("step", epoch, epochs, step, total, losses[-1], best_dice=best, elapsed=elapsed,
