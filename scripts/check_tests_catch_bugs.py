@@ -39,7 +39,7 @@ class Bug:
 
 BUGS = [
     Bug("best/ chosen with val < best (the worst epoch kept)", "napari_vlsm/core/training/train.py",
-        "improved = val > best if informative else", "improved = val < best if informative else",
+        "improved = val > self.best if informative else", "improved = val < self.best if informative else",
         ("tests/test_train.py::test_best_keeps_the_epoch_with_the_highest_validation_dice",)),
     Bug("best/ also replaced on the final save", "napari_vlsm/core/training/train.py",
         "return self.save_best() if improved else None", "return self.save_best() if improved or final else None",
@@ -66,8 +66,8 @@ BUGS = [
         "if k.split()[0] == p.split()[0])) for p in prompts])",
         ("tests/test_predictor.py::test_prompts_that_share_a_first_word_get_their_own_answers",)),
     Bug("a checkpoint written after every step (closing midway keeps half an epoch)", "napari_vlsm/core/training/train.py",
-        '            yield Progress("step", epoch,',
-        '            save(True, True, final=True); yield Progress("step", epoch,',
+        '            yield _step_progress(plan, run, epoch,',
+        '            checkpoints.save(True, True, final=True); yield _step_progress(plan, run, epoch,',
         ("tests/test_train.py::test_closing_the_generator_midway_leaves_checkpoints_loadable",)),
     Bug("replace mode writes like fill (the annotator's labels stay)", "napari_vlsm/plugin/label_writing.py",
         '    write_mode = "fill" if mode == "fill" else "replace"', '    write_mode = "fill"',

@@ -480,6 +480,119 @@ def _train_step(backend: TorchBackend, plan: RunPlan, optim: Optimisation, cache
     return loss.item()
 
 
+@dataclass
+class RunState:
+    """Where a run is: its step, the images it has seen, the best validation Dice (-1: none
+    yet) and the best loss of this round, the epochs since either improved, its start time."""
+    step: int
+    best: float
+    best_loss: float
+    t0: float
+    stale: int = 0
+    seen: int = 0
+
+    @classmethod
+    def start(cls, plan: RunPlan) -> RunState:
+        # the validation set is kept across rounds (finetune passes its names back), so scores compare
+        best = max((h["val_dice"] for h in plan.history if h.get("val_dice")), default=-1.0)
+        best_loss = min((h["loss"] for h in plan.history if h.get("round", 1) == plan.round_no), default=math.inf)
+        return cls(plan.start_epoch * plan.steps_per_epoch, best, best_loss, time.time())
+
+    @property
+    def best_dice(self) -> float | None:
+        return self.best if self.best >= 0 else None
+
+    def judge(self, val: float | None, epoch_loss: float) -> tuple[bool, bool]:
+        """(improved, informative) for an epoch, the best and stale count updated. A validation
+        Dice of 0 so far says nothing yet (a model that starts by predicting nothing on a new
+        class): until it moves, the training loss decides."""
+        informative = val is not None and (val > 0 or self.best > 0)
+        improved = val > self.best if informative else epoch_loss < self.best_loss
+        if improved:
+            self.best = val if informative else self.best
+            self.best_loss, self.stale = min(self.best_loss, epoch_loss), 0
+        else:
+            self.stale += 1
+        return improved, informative
+
+
+def _validate_epoch(backend: TorchBackend, plan: RunPlan, optim: Optimisation, val_cache: PairCache,
+                    losses: list[float]) -> tuple[float, float | None, Validation | None]:
+    """(mean training loss, validation Dice, the validation's report) of an epoch, on the
+    weights that are saved; a distributed run takes rank 0's numbers."""
+    s = plan.settings
+    epoch_loss = float(np.mean(losses)) if losses else float("nan")
+    with _kept_weights(optim.average, backend.module):
+        report = validate(backend, val_cache, plan.val_set, s.val_prompt_type, s.batch_size,
+                          plan.negatives.concepts) if plan.val_set else None
+    val = report.dice if report else None
+    if plan.world > 1:  # decisions (best, schedule, early stop) follow rank 0
+        val, epoch_loss = _from_rank0(val, epoch_loss, device=backend.device)
+    return epoch_loss, val, report
+
+
+def _end_epoch(backend: TorchBackend, plan: RunPlan, optim: Optimisation, run: RunState, checkpoints: Checkpoints,
+               val_cache: PairCache, epoch: int, losses: list[float]) -> tuple[Progress, bool]:
+    """Validate, record the epoch in the history, judge it (best, stale), save what is due
+    (the schedule's end is best/ when validation says nothing), step a plateau schedule. The
+    epoch's Progress, and whether to stop early (no validation gain for ``patience`` epochs)."""
+    s = plan.settings
+    epoch_loss, val, report = _validate_epoch(backend, plan, optim, val_cache, losses)
+    plan.history.append({"round": plan.round_no, "epoch": epoch + 1, "loss": epoch_loss, "val_dice": val,
+                         "val_dice_by_set": report.by_set if report else None,
+                         "val_cross_prompt_rate": report.cross_prompt_rate if report else None,
+                         "lr": optim.optimiser.param_groups[0]["lr"], "elapsed": time.time() - run.t0})
+    improved, informative = run.judge(val, epoch_loss)
+    last_epoch = epoch + 1 == plan.epochs
+    stopping = informative and run.stale >= s.patience
+    checkpoints.meta.update(epochs_done=epoch + 1, history=plan.history, best_val_dice=run.best_dice)
+    if plan.world > 1:  # every rank's weights, summarised, so a run can show they stayed identical
+        checkpoints.meta["rank_weight_sums"] = _gather_weight_sums(backend)
+    with _kept_weights(optim.average, backend.module):
+        ckpt = checkpoints.save(improved, informative, final=last_epoch or stopping)
+        if last_epoch and not informative and plan.rank == 0:  # the schedule's end is the model to keep
+            ckpt = checkpoints.save_best()
+    if s.schedule != "onecycle" and val is not None:
+        optim.schedule.step(val)
+    elapsed = time.time() - run.t0
+    return Progress("epoch", epoch + 1, plan.epochs, run.step, plan.total, epoch_loss, val, run.best_dice, elapsed,
+                    elapsed / max(epoch + 1 - plan.start_epoch, 1) * (plan.epochs - epoch - 1),
+                    run.seen * plan.world / max(elapsed, 1e-9), ckpt,
+                    val_by_set=report.by_set if report and len(report.by_set) > 1 else None), stopping
+
+
+def _step_progress(plan: RunPlan, run: RunState, epoch: int, loss: float) -> Progress:
+    elapsed = time.time() - run.t0
+    rate = elapsed / max(run.step - plan.start_epoch * plan.steps_per_epoch, 1)
+    return Progress("step", epoch, plan.epochs, run.step, plan.total, loss, best_dice=run.best, elapsed=elapsed,
+                    eta=rate * (plan.total - run.step), images_per_s=run.seen * plan.world / max(elapsed, 1e-9))
+
+
+def _stopped(plan: RunPlan, run: RunState, epoch: int) -> Progress:
+    return Progress("stopped", epoch, plan.epochs, run.step, plan.total, float("nan"), best_dice=run.best,
+                    elapsed=time.time() - run.t0, message=_stopped_message(plan.out))
+
+
+def _stopped_early(plan: RunPlan, run: RunState, epoch_end: Progress, summary: str) -> Progress:
+    return Progress("done", epoch_end.epoch, plan.epochs, run.step, plan.total, epoch_end.loss, epoch_end.val_dice,
+                    run.best, epoch_end.elapsed, checkpoint=str(plan.out / BEST),
+                    message=f"{summary}; stopped early after epoch {epoch_end.epoch}: no validation gain "
+                            f"for {plan.settings.patience} epochs.")
+
+
+def _finish(plan: RunPlan, run: RunState, checkpoints: Checkpoints, summary: str) -> Progress:
+    """The last Progress of a run through its schedule; best/ is written if a resumed run had
+    nothing left to do."""
+    why = "the schedule was already complete" if plan.start_epoch >= plan.epochs else \
+        f"finished the schedule ({run.step} steps, {plan.epochs} epochs)"
+    if not (plan.out / BEST).exists() and plan.rank == 0:  # a resumed run with nothing left to do
+        checkpoints.save_best()
+    history = plan.history
+    return Progress("done", plan.epochs, plan.epochs, run.step, plan.total,
+                    history[-1]["loss"] if history else float("nan"), history[-1]["val_dice"] if history else None,
+                    run.best_dice, time.time() - run.t0, checkpoint=str(plan.out / BEST), message=f"{summary}; {why}.")
+
+
 def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example], out_dir,
           settings: TrainSettings | None = None, resume: bool = False, metadata: dict | None = None,
           stop: threading.Event | None = None, replay: Path | None = None,
@@ -492,87 +605,30 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
     schedule when the training set is unchanged, a new round of it when examples were added.
     """
     plan = plan_run(backend, train_set, val_set, out_dir, settings, resume, replay, card)
-    s, out, world, rank, negatives = plan.settings, plan.out, plan.world, plan.rank, plan.negatives
-    steps_per_epoch, epochs, start_epoch, history, round_no = (plan.steps_per_epoch, plan.epochs, plan.start_epoch,
-                                                               plan.history, plan.round_no)
-    _start_from_rank0(backend, world)
+    _start_from_rank0(backend, plan.world)
     optim = make_optimisation(backend, plan)
-    opt, sched, average = optim.optimiser, optim.schedule, optim.average
-    train_cache, val_cache = PairCache(plan.pool, backend.input_size), PairCache(val_set, backend.input_size)
-    total = plan.total
-    # the validation set is kept across rounds (finetune passes its names back), so scores compare
-    best = max((h["val_dice"] for h in history if h.get("val_dice")), default=-1.0)
-    best_loss = min((h["loss"] for h in history if h.get("round", 1) == round_no), default=math.inf)
-    stale, step, t0, seen = 0, start_epoch * steps_per_epoch, time.time(), 0
+    train_cache, val_cache = PairCache(plan.pool, backend.input_size), PairCache(plan.val_set, backend.input_size)
+    run = RunState.start(plan)
     checkpoints = _checkpoints(backend, plan, metadata, replay, card)
-    meta = checkpoints.meta
     summary = _run_summary(plan, train_cache)
 
-    for epoch in range(start_epoch, epochs):
-        train_mode(backend.module, s.keep_norm_stats)
+    for epoch in range(plan.start_epoch, plan.epochs):
+        train_mode(backend.module, plan.settings.keep_norm_stats)
         losses = []
         for batch in plan.batches(epoch):
             if stop is not None and stop.is_set():
-                yield Progress("stopped", epoch, epochs, step, total, float("nan"), best_dice=best,
-                               elapsed=time.time() - t0, message=_stopped_message(out))
+                yield _stopped(plan, run, epoch)
                 return
-            loss = _train_step(backend, plan, optim, train_cache, batch, epoch, step)
-            step += 1
-            seen += len(batch) + plan.n_replay
-            losses.append(loss)
-            elapsed = time.time() - t0
-            rate = elapsed / max(step - start_epoch * steps_per_epoch, 1)
-            yield Progress("step", epoch, epochs, step, total, losses[-1], best_dice=best, elapsed=elapsed,
-                           eta=rate * (total - step), images_per_s=seen * world / max(elapsed, 1e-9))
-        epoch_loss = float(np.mean(losses)) if losses else float("nan")
-        with _kept_weights(average, backend.module):
-            report = validate(backend, val_cache, val_set, s.val_prompt_type, s.batch_size,
-                              negatives.concepts) if val_set else None
-        val = report.dice if report else None
-        if world > 1:  # decisions (best, schedule, early stop) follow rank 0
-            val, epoch_loss = _from_rank0(val, epoch_loss, device=backend.device)
-        history.append({"round": round_no, "epoch": epoch + 1, "loss": epoch_loss, "val_dice": val,
-                        "val_dice_by_set": report.by_set if report else None,
-                        "val_cross_prompt_rate": report.cross_prompt_rate if report else None,
-                        "lr": opt.param_groups[0]["lr"], "elapsed": time.time() - t0})
-        # A validation Dice of 0 so far says nothing yet (a model that starts by predicting
-        # nothing on a new class): until it moves, the training loss decides.
-        informative = val is not None and (val > 0 or best > 0)
-        improved = val > best if informative else epoch_loss < best_loss
-        if improved:
-            best = val if informative else best
-            best_loss, stale = min(best_loss, epoch_loss), 0
-        else:
-            stale += 1
-        last_epoch = epoch + 1 == epochs
-        stopping = informative and stale >= s.patience
-        meta.update(epochs_done=epoch + 1, history=history, best_val_dice=best if best >= 0 else None)
-        if world > 1:  # every rank's weights, summarised, so a run can show they stayed identical
-            meta["rank_weight_sums"] = _gather_weight_sums(backend)
-        with _kept_weights(average, backend.module):
-            ckpt = checkpoints.save(improved, informative, final=last_epoch or stopping)
-            if last_epoch and not informative and rank == 0:  # the schedule's end is the model to keep
-                ckpt = checkpoints.save_best()
-        if s.schedule != "onecycle" and val is not None:
-            sched.step(val)
-        elapsed = time.time() - t0
-        yield Progress("epoch", epoch + 1, epochs, step, total, epoch_loss, val, best if best >= 0 else None,
-                       elapsed, elapsed / max(epoch + 1 - start_epoch, 1) * (epochs - epoch - 1),
-                       seen * world / max(elapsed, 1e-9), ckpt,
-                       val_by_set=report.by_set if report and len(report.by_set) > 1 else None)
+            losses.append(_train_step(backend, plan, optim, train_cache, batch, epoch, run.step))
+            run.step += 1
+            run.seen += len(batch) + plan.n_replay
+            yield _step_progress(plan, run, epoch, losses[-1])
+        progress, stopping = _end_epoch(backend, plan, optim, run, checkpoints, val_cache, epoch, losses)
+        yield progress
         if stopping:
-            yield Progress("done", epoch + 1, epochs, step, total, epoch_loss, val, best, elapsed,
-                           checkpoint=str(out / BEST),
-                           message=f"{summary}; stopped early after epoch {epoch + 1}: no validation gain "
-                                   f"for {s.patience} epochs.")
+            yield _stopped_early(plan, run, progress, summary)
             return
-    why = "the schedule was already complete" if start_epoch >= epochs else \
-        f"finished the schedule ({step} steps, {epochs} epochs)"
-    if not (out / BEST).exists() and rank == 0:  # a resumed run with nothing left to do
-        checkpoints.save_best()
-    yield Progress("done", epochs, epochs, step, total, history[-1]["loss"] if history else float("nan"),
-                   history[-1]["val_dice"] if history else None, best if best >= 0 else None,
-                   time.time() - t0, checkpoint=str(out / BEST), message=f"{summary}; {why}.")
+    yield _finish(plan, run, checkpoints, summary)
 
 
 def _resume_point(out: Path, resume: bool, n_train: int, epochs: int) -> tuple[int, list, int]:
