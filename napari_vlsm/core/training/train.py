@@ -276,6 +276,44 @@ def _all_reduce_grads(params, world: int) -> None:
             p.grad /= world
 
 
+def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example], out_dir,
+          settings: TrainSettings | None = None, resume: bool = False, metadata: dict | None = None,
+          stop: threading.Event | None = None, replay: Path | None = None,
+          card: dict | None = None) -> Iterator[Progress]:
+    """Finetune ``backend`` in place; yield progress; keep checkpoints in ``out_dir``.
+
+    ``replay``: a replay folder (see ``replay.py``) mixed into every batch and copied into
+    each checkpoint; ``card``: the base model's card (``model_card.py``), kept with the
+    prompts trained here added. With ``resume``, training goes on from ``out_dir/last``: the same
+    schedule when the training set is unchanged, a new round of it when examples were added.
+    """
+    plan = plan_run(backend, train_set, val_set, out_dir, settings, resume, replay, card)
+    _start_from_rank0(backend, plan.world)
+    optim = make_optimisation(backend, plan)
+    train_cache, val_cache = PairCache(plan.pool, backend.input_size), PairCache(plan.val_set, backend.input_size)
+    run = RunState.start(plan)
+    checkpoints = _checkpoints(backend, plan, metadata, replay, card)
+    summary = _run_summary(plan, train_cache)
+
+    for epoch in range(plan.start_epoch, plan.epochs):
+        train_mode(backend.module, plan.settings.keep_norm_stats)
+        losses = []
+        for batch in plan.batches(epoch):
+            if stop is not None and stop.is_set():
+                yield _stopped(plan, run, epoch)
+                return
+            losses.append(_train_step(backend, plan, optim, train_cache, batch, epoch, run.step))
+            run.step += 1
+            run.seen += len(batch) + plan.n_replay
+            yield _step_progress(plan, run, epoch, losses[-1])
+        progress, stopping = _end_epoch(backend, plan, optim, run, checkpoints, val_cache, epoch, losses)
+        yield progress
+        if stopping:
+            yield _stopped_early(plan, run, progress, summary)
+            return
+    yield _finish(plan, run, checkpoints, summary)
+
+
 @dataclass
 class RunPlan:
     """What a run will do, settled before its first step. Batches hold ``n_new`` corrections
@@ -449,37 +487,6 @@ def _run_summary(plan: RunPlan, train_cache: PairCache) -> str:
     return summary
 
 
-def _train_step(backend: TorchBackend, plan: RunPlan, optim: Optimisation, cache: PairCache, batch: list[int],
-                epoch: int, step: int) -> float:
-    """One optimiser step: this rank's corrections ``batch`` topped up with replay pairs and
-    shuffled, made into images, targets and prompts; their loss; the step (with the weight
-    average and a one-cycle schedule). The loss; a loss that is not finite stops the run."""
-    s, rng, n_train = plan.settings, plan.rng, len(plan.train_set)
-    idx = batch + [n_train + rng.randrange(len(plan.replay_set)) for _ in range(plan.n_replay)]
-    rng.shuffle(idx)  # negatives are drawn for the first images: corrections and replay alike
-    pixels, target, prompts = _make_batch(cache, plan.pool, idx, s, rng, plan.np_rng, backend)
-    examples = [plan.pool[i] for i in idx]
-    if plan.adapter:  # replay images ask for the new class, which is absent there
-        for j in (j for j, i in enumerate(idx) if i >= n_train):
-            target[j], prompts[j] = 0, rng.choice(plan.new_prompts)
-    else:
-        _ask_own_class_where_absent(target, prompts, examples, plan.negatives, rng)
-    with torch.autocast(backend.device.type, dtype=optim.amp_dtype, enabled=optim.use_amp):
-        loss = _loss(plan.learner, pixels, target, prompts, s, rng, None if plan.adapter else plan.negatives,
-                     examples)
-        if optim.start_weights is not None:
-            loss = loss + s.anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(plan.params, optim.start_weights))
-    if not torch.isfinite(loss):
-        raise TrainingError(f"The loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                            f"training stopped. {_stopped_message(plan.out)} Try a lower learning rate.")
-    _optimiser_step(loss, optim.optimiser, optim.scaler, plan.params, s.grad_clip, plan.world)
-    if optim.average is not None:
-        optim.average.update(backend.module)
-    if s.schedule == "onecycle":
-        optim.schedule.step()
-    return loss.item()
-
-
 @dataclass
 class RunState:
     """Where a run is: its step, the images it has seen, the best validation Dice (-1: none
@@ -516,19 +523,35 @@ class RunState:
         return improved, informative
 
 
-def _validate_epoch(backend: TorchBackend, plan: RunPlan, optim: Optimisation, val_cache: PairCache,
-                    losses: list[float]) -> tuple[float, float | None, Validation | None]:
-    """(mean training loss, validation Dice, the validation's report) of an epoch, on the
-    weights that are saved; a distributed run takes rank 0's numbers."""
-    s = plan.settings
-    epoch_loss = float(np.mean(losses)) if losses else float("nan")
-    with _kept_weights(optim.average, backend.module):
-        report = validate(backend, val_cache, plan.val_set, s.val_prompt_type, s.batch_size,
-                          plan.negatives.concepts) if plan.val_set else None
-    val = report.dice if report else None
-    if plan.world > 1:  # decisions (best, schedule, early stop) follow rank 0
-        val, epoch_loss = _from_rank0(val, epoch_loss, device=backend.device)
-    return epoch_loss, val, report
+def _train_step(backend: TorchBackend, plan: RunPlan, optim: Optimisation, cache: PairCache, batch: list[int],
+                epoch: int, step: int) -> float:
+    """One optimiser step: this rank's corrections ``batch`` topped up with replay pairs and
+    shuffled, made into images, targets and prompts; their loss; the step (with the weight
+    average and a one-cycle schedule). The loss; a loss that is not finite stops the run."""
+    s, rng, n_train = plan.settings, plan.rng, len(plan.train_set)
+    idx = batch + [n_train + rng.randrange(len(plan.replay_set)) for _ in range(plan.n_replay)]
+    rng.shuffle(idx)  # negatives are drawn for the first images: corrections and replay alike
+    pixels, target, prompts = _make_batch(cache, plan.pool, idx, s, rng, plan.np_rng, backend)
+    examples = [plan.pool[i] for i in idx]
+    if plan.adapter:  # replay images ask for the new class, which is absent there
+        for j in (j for j, i in enumerate(idx) if i >= n_train):
+            target[j], prompts[j] = 0, rng.choice(plan.new_prompts)
+    else:
+        _ask_own_class_where_absent(target, prompts, examples, plan.negatives, rng)
+    with torch.autocast(backend.device.type, dtype=optim.amp_dtype, enabled=optim.use_amp):
+        loss = _loss(plan.learner, pixels, target, prompts, s, rng, None if plan.adapter else plan.negatives,
+                     examples)
+        if optim.start_weights is not None:
+            loss = loss + s.anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(plan.params, optim.start_weights))
+    if not torch.isfinite(loss):
+        raise TrainingError(f"The loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                            f"training stopped. {_stopped_message(plan.out)} Try a lower learning rate.")
+    _optimiser_step(loss, optim.optimiser, optim.scaler, plan.params, s.grad_clip, plan.world)
+    if optim.average is not None:
+        optim.average.update(backend.module)
+    if s.schedule == "onecycle":
+        optim.schedule.step()
+    return loss.item()
 
 
 def _end_epoch(backend: TorchBackend, plan: RunPlan, optim: Optimisation, run: RunState, checkpoints: Checkpoints,
@@ -561,6 +584,21 @@ def _end_epoch(backend: TorchBackend, plan: RunPlan, optim: Optimisation, run: R
                     val_by_set=report.by_set if report and len(report.by_set) > 1 else None), stopping
 
 
+def _validate_epoch(backend: TorchBackend, plan: RunPlan, optim: Optimisation, val_cache: PairCache,
+                    losses: list[float]) -> tuple[float, float | None, Validation | None]:
+    """(mean training loss, validation Dice, the validation's report) of an epoch, on the
+    weights that are saved; a distributed run takes rank 0's numbers."""
+    s = plan.settings
+    epoch_loss = float(np.mean(losses)) if losses else float("nan")
+    with _kept_weights(optim.average, backend.module):
+        report = validate(backend, val_cache, plan.val_set, s.val_prompt_type, s.batch_size,
+                          plan.negatives.concepts) if plan.val_set else None
+    val = report.dice if report else None
+    if plan.world > 1:  # decisions (best, schedule, early stop) follow rank 0
+        val, epoch_loss = _from_rank0(val, epoch_loss, device=backend.device)
+    return epoch_loss, val, report
+
+
 def _step_progress(plan: RunPlan, run: RunState, epoch: int, loss: float) -> Progress:
     elapsed = time.time() - run.t0
     rate = elapsed / max(run.step - plan.start_epoch * plan.steps_per_epoch, 1)
@@ -591,44 +629,6 @@ def _finish(plan: RunPlan, run: RunState, checkpoints: Checkpoints, summary: str
     return Progress("done", plan.epochs, plan.epochs, run.step, plan.total,
                     history[-1]["loss"] if history else float("nan"), history[-1]["val_dice"] if history else None,
                     run.best_dice, time.time() - run.t0, checkpoint=str(plan.out / BEST), message=f"{summary}; {why}.")
-
-
-def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example], out_dir,
-          settings: TrainSettings | None = None, resume: bool = False, metadata: dict | None = None,
-          stop: threading.Event | None = None, replay: Path | None = None,
-          card: dict | None = None) -> Iterator[Progress]:
-    """Finetune ``backend`` in place; yield progress; keep checkpoints in ``out_dir``.
-
-    ``replay``: a replay folder (see ``replay.py``) mixed into every batch and copied into
-    each checkpoint; ``card``: the base model's card (``model_card.py``), kept with the
-    prompts trained here added. With ``resume``, training goes on from ``out_dir/last``: the same
-    schedule when the training set is unchanged, a new round of it when examples were added.
-    """
-    plan = plan_run(backend, train_set, val_set, out_dir, settings, resume, replay, card)
-    _start_from_rank0(backend, plan.world)
-    optim = make_optimisation(backend, plan)
-    train_cache, val_cache = PairCache(plan.pool, backend.input_size), PairCache(plan.val_set, backend.input_size)
-    run = RunState.start(plan)
-    checkpoints = _checkpoints(backend, plan, metadata, replay, card)
-    summary = _run_summary(plan, train_cache)
-
-    for epoch in range(plan.start_epoch, plan.epochs):
-        train_mode(backend.module, plan.settings.keep_norm_stats)
-        losses = []
-        for batch in plan.batches(epoch):
-            if stop is not None and stop.is_set():
-                yield _stopped(plan, run, epoch)
-                return
-            losses.append(_train_step(backend, plan, optim, train_cache, batch, epoch, run.step))
-            run.step += 1
-            run.seen += len(batch) + plan.n_replay
-            yield _step_progress(plan, run, epoch, losses[-1])
-        progress, stopping = _end_epoch(backend, plan, optim, run, checkpoints, val_cache, epoch, losses)
-        yield progress
-        if stopping:
-            yield _stopped_early(plan, run, progress, summary)
-            return
-    yield _finish(plan, run, checkpoints, summary)
 
 
 def _resume_point(out: Path, resume: bool, n_train: int, epochs: int) -> tuple[int, list, int]:
