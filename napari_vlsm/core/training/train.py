@@ -287,6 +287,77 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
     prompts trained here added. With ``resume``, training goes on from ``out_dir/last``: the same
     schedule when the training set is unchanged, a new round of it when examples were added.
     """
+    plan = plan_run(backend, train_set, val_set, out_dir, settings, resume, replay, card)
+    _start_from_rank0(backend, plan.world)
+    optim = make_optimisation(backend, plan)
+    train_cache, val_cache = PairCache(plan.pool, backend.input_size), PairCache(plan.val_set, backend.input_size)
+    run = RunState.start(plan)
+    checkpoints = _checkpoints(backend, plan, metadata, replay, card)
+    summary = _run_summary(plan, train_cache)
+
+    for epoch in range(plan.start_epoch, plan.epochs):
+        train_mode(backend.module, plan.settings.keep_norm_stats)
+        losses = []
+        for batch in plan.batches(epoch):
+            if stop is not None and stop.is_set():
+                yield _stopped(plan, run, epoch)
+                return
+            losses.append(_train_step(backend, plan, optim, train_cache, batch, epoch, run.step))
+            run.step += 1
+            run.seen += len(batch) + plan.n_replay
+            yield _step_progress(plan, run, epoch, losses[-1])
+        progress, stopping = _end_epoch(backend, plan, optim, run, checkpoints, val_cache, epoch, losses)
+        yield progress
+        if stopping:
+            yield _stopped_early(plan, run, progress, summary)
+            return
+    yield _finish(plan, run, checkpoints, summary)
+
+
+@dataclass
+class RunPlan:
+    """What a run will do, settled before its first step. Batches hold ``n_new`` corrections
+    (indices into ``train_set``) and ``n_replay`` replay pairs (indices past it, into ``pool``)."""
+    settings: TrainSettings        # mode, replay share and learning rate resolved
+    train_set: list[Example]       # with synonyms and repeats
+    replay_set: list[Example]
+    pool: list[Example]            # train_set + replay_set: what a batch index points at
+    val_set: list[Example]
+    n_distinct: int                # training examples before repeats
+    negatives: NegativePrompts
+    out: Path
+    world: int                     # ranks of a distributed run, and this one's
+    rank: int
+    rng: random.Random             # this rank's draws (batches, prompts, negatives)
+    np_rng: np.random.Generator    # this rank's augmentation and crops
+    adapter: int | None            # the adapter trained (None: the shared network)
+    new_prompts: list[str]         # the adapter's prompts, asked of the replay images
+    params: list                   # the weights that learn
+    learner: object                # the backend, or the adapter's view of it
+    n_new: int
+    n_replay: int
+    steps_per_epoch: int
+    epochs: int
+    start_epoch: int               # > 0 when resumed on the same set
+    history: list                  # epochs of earlier rounds (and of this one as it goes)
+    round_no: int
+
+    @property
+    def total(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """This rank's corrections of each batch of ``epoch``, shuffled anew each epoch and round."""
+        seed = self.settings.seed * 7919 + epoch + 1000 * (self.round_no - 1)
+        return _batches(len(self.train_set), self.n_new, seed, self.world, self.rank)
+
+
+def plan_run(backend: TorchBackend, train_set: list[Example], val_set: list[Example], out_dir,
+             settings: TrainSettings | None = None, resume: bool = False, replay: Path | None = None,
+             card: dict | None = None) -> RunPlan:
+    """Check the inputs and settle a run: the sets, the seeded random streams, the adapter (or
+    the shared network) and its weights, the batch split, the epochs and where to start.
+    Seeds the global RNGs before preparing the adapter, as a run's draws depend on that order."""
     s = settings or TrainSettings()
     s = replace(s, mode=check_mode(backend, s.mode))
     check_examples(train_set, val_set)
@@ -310,145 +381,254 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
         new_prompts = prepare_adapter(backend, adapter, train_set, replay_set, card or {}, s.negative_prompts)
         params, learner = adapter_parameters(backend, adapter), AdapterView(backend, adapter)
     else:
-        params, learner = backend.trainable_parameters(s.mode), backend
+        new_prompts, params, learner = [], backend.trainable_parameters(s.mode), backend
     s = replace(s, replay_fraction=s.replay_share(adapter))
+    s = replace(s, lr=s.learning_rate(backend, adapter=bool(adapter)))
     n_replay = min(int(round(s.batch_size * s.replay_fraction)), s.batch_size - 1) if replay_set else 0
     n_new = s.batch_size - n_replay
     steps_per_epoch = len(_batches(len(train_set), n_new, s.seed, world, rank))
     epochs = s.epochs or max(1, round(TARGET_STEPS / steps_per_epoch))
     start_epoch, history, round_no = _resume_point(out, resume, len(train_set), epochs)
-    if world > 1:  # every rank starts from rank 0's weights
+    return RunPlan(s, train_set, replay_set, pool, val_set, n_distinct, negatives, out, world, rank, rng, np_rng,
+                   adapter, new_prompts, params, learner, n_new, n_replay, steps_per_epoch, epochs, start_epoch,
+                   history, round_no)
+
+
+def _start_from_rank0(backend: TorchBackend, world: int) -> None:
+    """Every rank of a distributed run starts from rank 0's weights."""
+    if world > 1:
         import torch.distributed as dist
 
         for t in backend.module.state_dict().values():
             dist.broadcast(t, 0)
-    s = replace(s, lr=s.learning_rate(backend, adapter=bool(adapter)))
-    groups = _param_groups(backend, params, s)
-    opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=s.weight_decay)
+
+
+@dataclass
+class Optimisation:
+    """What changes the weights: the optimiser and what steps along with it."""
+    optimiser: torch.optim.Optimizer
+    schedule: object                   # OneCycleLR (a step per batch) or ReduceLROnPlateau (per epoch)
+    scaler: torch.amp.GradScaler       # fp16 loss scaling (off on the CPU and with bf16)
+    use_amp: bool                      # autocast, on CUDA
+    amp_dtype: torch.dtype
+    average: WeightAverage | None      # the moving average of the weights, validated and saved
+    start_weights: list | None         # the starting weights the anchor pulls toward
+
+
+def make_optimisation(backend: TorchBackend, plan: RunPlan) -> Optimisation:
+    """AdamW over the plan's weights (the image encoder at its own rate when set so), the
+    weight average and the anchor when set, the schedule fast-forwarded to the resume point,
+    and autocast (bf16, else fp16 with loss scaling) on CUDA."""
+    s = plan.settings
+    optimiser = torch.optim.AdamW(_param_groups(backend, plan.params, s), lr=s.lr, weight_decay=s.weight_decay)
     average = WeightAverage(backend.module, s.weight_average) if s.weight_average else None
-    start_weights = [p.detach().clone() for p in params] if s.anchor else None
-    size = backend.input_size
-    train_cache, val_cache = PairCache(pool, size), PairCache(val_set, size)
-    total = steps_per_epoch * epochs
-    sched = _scheduler(opt, s.schedule, total, done_steps=start_epoch * steps_per_epoch)
+    start_weights = [p.detach().clone() for p in plan.params] if s.anchor else None
+    schedule = _scheduler(optimiser, s.schedule, plan.total, done_steps=plan.start_epoch * plan.steps_per_epoch)
     use_amp = backend.device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    # the validation set is kept across rounds (finetune passes its names back), so scores compare
-    best = max((h["val_dice"] for h in history if h.get("val_dice")), default=-1.0)
-    best_loss = min((h["loss"] for h in history if h.get("round", 1) == round_no), default=math.inf)
-    stale, step, t0, seen, saved_at = 0, start_epoch * steps_per_epoch, time.time(), 0, -math.inf
+    return Optimisation(optimiser, schedule, scaler, use_amp, amp_dtype, average, start_weights)
+
+
+@dataclass
+class Checkpoints:
+    """A run's last/ and best/ and what goes into them: ``meta`` (training.json; the loop
+    keeps its history and epoch count up to date) and ``extras`` (the replay sample, the
+    model card). Only rank 0 writes."""
+    backend: TorchBackend
+    out: Path
+    rank: int
+    meta: dict
+    extras: dict
+    saved_at: float = -math.inf
+
+    def save(self, improved: bool, informative: bool, final: bool = False) -> str | None:
+        """last/ (and best/ when improved) at the end, when validation improved, and otherwise
+        every CHECKPOINT_EVERY_S: a short round is not slowed down by writing every epoch."""
+        due = final or time.time() - self.saved_at > CHECKPOINT_EVERY_S
+        if self.rank != 0 or not (due or (improved and informative)):
+            return None
+        self.saved_at = time.time()
+        save_checkpoint(self.backend, self.out / LAST, self.meta, self.extras)
+        return self.save_best() if improved else None
+
+    def save_best(self) -> str:
+        return str(save_checkpoint(self.backend, self.out / BEST, self.meta, self.extras))
+
+
+def _checkpoints(backend: TorchBackend, plan: RunPlan, metadata: dict | None, replay: Path | None,
+                 card: dict | None) -> Checkpoints:
+    """The run's checkpoints with their metadata (settings, sets, validation names, round,
+    adapter, history, and the caller's ``metadata``) and extras (the replay folder; the
+    card with the prompts trained here added)."""
+    s, train_set = plan.settings, plan.train_set
     meta = {"base_model": backend.source, "settings": asdict(s), "train_examples": len(train_set),
-            "replay_examples": len(replay_set), "val_examples": len(val_set), "val_names": [_key(e) for e in val_set],
-            "world_size": world, "round": round_no, "adapter": adapter, "history": history, **(metadata or {})}
+            "replay_examples": len(plan.replay_set), "val_examples": len(plan.val_set),
+            "val_names": [_key(e) for e in plan.val_set], "world_size": plan.world, "round": plan.round_no,
+            "adapter": plan.adapter, "history": plan.history, **(metadata or {})}
     extras = {REPLAY_DIR: replay} if replay else {}
     if card is not None:
         extras[CARD_FILE] = card_after_finetune(card, [ex.prompts.get("p1", "") for ex in train_set
                                                        if isinstance(ex.prompts.get("p1"), str)],
                                                 trained_prompts(train_set, _prompt_types(s), s.negative_prompts))
-    summary = _summary(n_distinct, len(train_set), len(replay_set), len(val_set), adapter)
-    if rank == 0 and start_epoch < epochs and not any(train_cache[i][1].any() for i in range(len(train_set))):
+    return Checkpoints(backend, plan.out, plan.rank, meta, extras)
+
+
+def _run_summary(plan: RunPlan, train_cache: PairCache) -> str:
+    """What the run trains on, for its last message, with a warning (also raised, pointing at
+    the caller of train()) when every training mask is empty."""
+    summary = _summary(plan.n_distinct, len(plan.train_set), len(plan.replay_set), len(plan.val_set), plan.adapter)
+    if plan.rank == 0 and plan.start_epoch < plan.epochs and not any(
+            train_cache[i][1].any() for i in range(len(plan.train_set))):
         empty = ("every training mask is empty, so the model can only learn to find nothing; "
                  "check the label value and the masks")
-        warnings.warn(empty[0].upper() + empty[1:] + ".", UserWarning, stacklevel=2)
+        warnings.warn(empty[0].upper() + empty[1:] + ".", UserWarning, stacklevel=3)
         summary += f" (warning: {empty})"
+    return summary
 
-    def save(improved: bool, informative: bool, final: bool = False) -> str | None:
-        """last/ (and best/ when improved) at the end, when validation improved, and otherwise
-        every CHECKPOINT_EVERY_S: a short round is not slowed down by writing every epoch."""
-        nonlocal saved_at
-        due = final or time.time() - saved_at > CHECKPOINT_EVERY_S
-        if rank != 0 or not (due or (improved and informative)):
-            return None
-        saved_at = time.time()
-        save_checkpoint(backend, out / LAST, meta, extras)
-        return str(save_checkpoint(backend, out / BEST, meta, extras)) if improved else None
 
-    for epoch in range(start_epoch, epochs):
-        train_mode(backend.module, s.keep_norm_stats)
-        losses = []
-        for idx in _batches(len(train_set), n_new, s.seed * 7919 + epoch + 1000 * (round_no - 1), world, rank):
-            if stop is not None and stop.is_set():
-                yield Progress("stopped", epoch, epochs, step, total, float("nan"), best_dice=best,
-                               elapsed=time.time() - t0, message=_stopped_message(out))
-                return
-            idx = idx + [len(train_set) + rng.randrange(len(replay_set)) for _ in range(n_replay)]
-            rng.shuffle(idx)  # negatives are drawn for the first images: corrections and replay alike
-            pixels, target, prompts = _make_batch(train_cache, pool, idx, s, rng, np_rng, backend)
-            if adapter:  # replay images ask for the new class, which is absent there
-                for j in (j for j, i in enumerate(idx) if i >= len(train_set)):
-                    target[j], prompts[j] = 0, rng.choice(new_prompts)
-            else:
-                _ask_own_class_where_absent(target, prompts, [pool[i] for i in idx], negatives, rng)
-            with torch.autocast(backend.device.type, dtype=amp_dtype, enabled=use_amp):
-                loss = _loss(learner, pixels, target, prompts, s, rng, None if adapter else negatives,
-                             [pool[i] for i in idx])
-                if start_weights is not None:
-                    loss = loss + s.anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start_weights))
-            if not torch.isfinite(loss):
-                raise TrainingError(f"The loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                                    f"training stopped. {_stopped_message(out)} Try a lower learning rate.")
-            _optimiser_step(loss, opt, scaler, params, s.grad_clip, world)
-            if average is not None:
-                average.update(backend.module)
-            if s.schedule == "onecycle":
-                sched.step()
-            step += 1
-            seen += len(idx)
-            losses.append(loss.item())
-            elapsed = time.time() - t0
-            rate = elapsed / max(step - start_epoch * steps_per_epoch, 1)
-            yield Progress("step", epoch, epochs, step, total, losses[-1], best_dice=best, elapsed=elapsed,
-                           eta=rate * (total - step), images_per_s=seen * world / max(elapsed, 1e-9))
-        epoch_loss = float(np.mean(losses)) if losses else float("nan")
-        with _kept_weights(average, backend.module):
-            report = validate(backend, val_cache, val_set, s.val_prompt_type, s.batch_size,
-                              negatives.concepts) if val_set else None
-        val = report.dice if report else None
-        if world > 1:  # decisions (best, schedule, early stop) follow rank 0
-            val, epoch_loss = _from_rank0(val, epoch_loss, device=backend.device)
-        history.append({"round": round_no, "epoch": epoch + 1, "loss": epoch_loss, "val_dice": val,
-                        "val_dice_by_set": report.by_set if report else None,
-                        "val_cross_prompt_rate": report.cross_prompt_rate if report else None,
-                        "lr": opt.param_groups[0]["lr"], "elapsed": time.time() - t0})
-        # A validation Dice of 0 so far says nothing yet (a model that starts by predicting
-        # nothing on a new class): until it moves, the training loss decides.
-        informative = val is not None and (val > 0 or best > 0)
-        improved = val > best if informative else epoch_loss < best_loss
+@dataclass
+class RunState:
+    """Where a run is: its step, the images it has seen, the best validation Dice (-1: none
+    yet) and the best loss of this round, the epochs since either improved, its start time."""
+    step: int
+    best: float
+    best_loss: float
+    t0: float
+    stale: int = 0
+    seen: int = 0
+
+    @classmethod
+    def start(cls, plan: RunPlan) -> RunState:
+        # the validation set is kept across rounds (finetune passes its names back), so scores compare
+        best = max((h["val_dice"] for h in plan.history if h.get("val_dice")), default=-1.0)
+        best_loss = min((h["loss"] for h in plan.history if h.get("round", 1) == plan.round_no), default=math.inf)
+        return cls(plan.start_epoch * plan.steps_per_epoch, best, best_loss, time.time())
+
+    @property
+    def best_dice(self) -> float | None:
+        return self.best if self.best >= 0 else None
+
+    def judge(self, val: float | None, epoch_loss: float) -> tuple[bool, bool]:
+        """(improved, informative) for an epoch, the best and stale count updated. A validation
+        Dice of 0 so far says nothing yet (a model that starts by predicting nothing on a new
+        class): until it moves, the training loss decides."""
+        informative = val is not None and (val > 0 or self.best > 0)
+        improved = val > self.best if informative else epoch_loss < self.best_loss
         if improved:
-            best = val if informative else best
-            best_loss, stale = min(best_loss, epoch_loss), 0
+            self.best = val if informative else self.best
+            self.best_loss, self.stale = min(self.best_loss, epoch_loss), 0
         else:
-            stale += 1
-        last_epoch = epoch + 1 == epochs
-        stopping = informative and stale >= s.patience
-        meta.update(epochs_done=epoch + 1, history=history, best_val_dice=best if best >= 0 else None)
-        if world > 1:  # every rank's weights, summarised, so a run can show they stayed identical
-            meta["rank_weight_sums"] = _gather_weight_sums(backend)
-        with _kept_weights(average, backend.module):
-            ckpt = save(improved, informative, final=last_epoch or stopping)
-            if last_epoch and not informative and rank == 0:  # the schedule's end is the model to keep
-                ckpt = str(save_checkpoint(backend, out / BEST, meta, extras))
-        if s.schedule != "onecycle" and val is not None:
-            sched.step(val)
-        elapsed = time.time() - t0
-        yield Progress("epoch", epoch + 1, epochs, step, total, epoch_loss, val, best if best >= 0 else None,
-                       elapsed, elapsed / max(epoch + 1 - start_epoch, 1) * (epochs - epoch - 1),
-                       seen * world / max(elapsed, 1e-9), ckpt,
-                       val_by_set=report.by_set if report and len(report.by_set) > 1 else None)
-        if stopping:
-            yield Progress("done", epoch + 1, epochs, step, total, epoch_loss, val, best, elapsed,
-                           checkpoint=str(out / BEST),
-                           message=f"{summary}; stopped early after epoch {epoch + 1}: no validation gain "
-                                   f"for {s.patience} epochs.")
-            return
-    why = "the schedule was already complete" if start_epoch >= epochs else \
-        f"finished the schedule ({step} steps, {epochs} epochs)"
-    if not (out / BEST).exists() and rank == 0:  # a resumed run with nothing left to do
-        save_checkpoint(backend, out / BEST, meta, extras)
-    yield Progress("done", epochs, epochs, step, total, history[-1]["loss"] if history else float("nan"),
-                   history[-1]["val_dice"] if history else None, best if best >= 0 else None,
-                   time.time() - t0, checkpoint=str(out / BEST), message=f"{summary}; {why}.")
+            self.stale += 1
+        return improved, informative
+
+
+def _train_step(backend: TorchBackend, plan: RunPlan, optim: Optimisation, cache: PairCache, batch: list[int],
+                epoch: int, step: int) -> float:
+    """One optimiser step: this rank's corrections ``batch`` topped up with replay pairs and
+    shuffled, made into images, targets and prompts; their loss; the step (with the weight
+    average and a one-cycle schedule). The loss; a loss that is not finite stops the run."""
+    s, rng, n_train = plan.settings, plan.rng, len(plan.train_set)
+    idx = batch + [n_train + rng.randrange(len(plan.replay_set)) for _ in range(plan.n_replay)]
+    rng.shuffle(idx)  # negatives are drawn for the first images: corrections and replay alike
+    pixels, target, prompts = _make_batch(cache, plan.pool, idx, s, rng, plan.np_rng, backend)
+    examples = [plan.pool[i] for i in idx]
+    if plan.adapter:  # replay images ask for the new class, which is absent there
+        for j in (j for j, i in enumerate(idx) if i >= n_train):
+            target[j], prompts[j] = 0, rng.choice(plan.new_prompts)
+    else:
+        _ask_own_class_where_absent(target, prompts, examples, plan.negatives, rng)
+    with torch.autocast(backend.device.type, dtype=optim.amp_dtype, enabled=optim.use_amp):
+        loss = _loss(plan.learner, pixels, target, prompts, s, rng, None if plan.adapter else plan.negatives,
+                     examples)
+        if optim.start_weights is not None:
+            loss = loss + s.anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(plan.params, optim.start_weights))
+    if not torch.isfinite(loss):
+        raise TrainingError(f"The loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                            f"training stopped. {_stopped_message(plan.out)} Try a lower learning rate.")
+    _optimiser_step(loss, optim.optimiser, optim.scaler, plan.params, s.grad_clip, plan.world)
+    if optim.average is not None:
+        optim.average.update(backend.module)
+    if s.schedule == "onecycle":
+        optim.schedule.step()
+    return loss.item()
+
+
+def _end_epoch(backend: TorchBackend, plan: RunPlan, optim: Optimisation, run: RunState, checkpoints: Checkpoints,
+               val_cache: PairCache, epoch: int, losses: list[float]) -> tuple[Progress, bool]:
+    """Validate, record the epoch in the history, judge it (best, stale), save what is due
+    (the schedule's end is best/ when validation says nothing), step a plateau schedule. The
+    epoch's Progress, and whether to stop early (no validation gain for ``patience`` epochs)."""
+    s = plan.settings
+    epoch_loss, val, report = _validate_epoch(backend, plan, optim, val_cache, losses)
+    plan.history.append({"round": plan.round_no, "epoch": epoch + 1, "loss": epoch_loss, "val_dice": val,
+                         "val_dice_by_set": report.by_set if report else None,
+                         "val_cross_prompt_rate": report.cross_prompt_rate if report else None,
+                         "lr": optim.optimiser.param_groups[0]["lr"], "elapsed": time.time() - run.t0})
+    improved, informative = run.judge(val, epoch_loss)
+    last_epoch = epoch + 1 == plan.epochs
+    stopping = informative and run.stale >= s.patience
+    checkpoints.meta.update(epochs_done=epoch + 1, history=plan.history, best_val_dice=run.best_dice)
+    if plan.world > 1:  # every rank's weights, summarised, so a run can show they stayed identical
+        checkpoints.meta["rank_weight_sums"] = _gather_weight_sums(backend)
+    with _kept_weights(optim.average, backend.module):
+        ckpt = checkpoints.save(improved, informative, final=last_epoch or stopping)
+        if last_epoch and not informative and plan.rank == 0:  # the schedule's end is the model to keep
+            ckpt = checkpoints.save_best()
+    if s.schedule != "onecycle" and val is not None:
+        optim.schedule.step(val)
+    elapsed = time.time() - run.t0
+    return Progress("epoch", epoch + 1, plan.epochs, run.step, plan.total, epoch_loss, val, run.best_dice, elapsed,
+                    elapsed / max(epoch + 1 - plan.start_epoch, 1) * (plan.epochs - epoch - 1),
+                    run.seen * plan.world / max(elapsed, 1e-9), ckpt,
+                    val_by_set=report.by_set if report and len(report.by_set) > 1 else None), stopping
+
+
+def _validate_epoch(backend: TorchBackend, plan: RunPlan, optim: Optimisation, val_cache: PairCache,
+                    losses: list[float]) -> tuple[float, float | None, Validation | None]:
+    """(mean training loss, validation Dice, the validation's report) of an epoch, on the
+    weights that are saved; a distributed run takes rank 0's numbers."""
+    s = plan.settings
+    epoch_loss = float(np.mean(losses)) if losses else float("nan")
+    with _kept_weights(optim.average, backend.module):
+        report = validate(backend, val_cache, plan.val_set, s.val_prompt_type, s.batch_size,
+                          plan.negatives.concepts) if plan.val_set else None
+    val = report.dice if report else None
+    if plan.world > 1:  # decisions (best, schedule, early stop) follow rank 0
+        val, epoch_loss = _from_rank0(val, epoch_loss, device=backend.device)
+    return epoch_loss, val, report
+
+
+def _step_progress(plan: RunPlan, run: RunState, epoch: int, loss: float) -> Progress:
+    elapsed = time.time() - run.t0
+    rate = elapsed / max(run.step - plan.start_epoch * plan.steps_per_epoch, 1)
+    return Progress("step", epoch, plan.epochs, run.step, plan.total, loss, best_dice=run.best, elapsed=elapsed,
+                    eta=rate * (plan.total - run.step), images_per_s=run.seen * plan.world / max(elapsed, 1e-9))
+
+
+def _stopped(plan: RunPlan, run: RunState, epoch: int) -> Progress:
+    return Progress("stopped", epoch, plan.epochs, run.step, plan.total, float("nan"), best_dice=run.best,
+                    elapsed=time.time() - run.t0, message=_stopped_message(plan.out))
+
+
+def _stopped_early(plan: RunPlan, run: RunState, epoch_end: Progress, summary: str) -> Progress:
+    return Progress("done", epoch_end.epoch, plan.epochs, run.step, plan.total, epoch_end.loss, epoch_end.val_dice,
+                    run.best, epoch_end.elapsed, checkpoint=str(plan.out / BEST),
+                    message=f"{summary}; stopped early after epoch {epoch_end.epoch}: no validation gain "
+                            f"for {plan.settings.patience} epochs.")
+
+
+def _finish(plan: RunPlan, run: RunState, checkpoints: Checkpoints, summary: str) -> Progress:
+    """The last Progress of a run through its schedule; best/ is written if a resumed run had
+    nothing left to do."""
+    why = "the schedule was already complete" if plan.start_epoch >= plan.epochs else \
+        f"finished the schedule ({run.step} steps, {plan.epochs} epochs)"
+    if not (plan.out / BEST).exists() and plan.rank == 0:  # a resumed run with nothing left to do
+        checkpoints.save_best()
+    history = plan.history
+    return Progress("done", plan.epochs, plan.epochs, run.step, plan.total,
+                    history[-1]["loss"] if history else float("nan"), history[-1]["val_dice"] if history else None,
+                    run.best_dice, time.time() - run.t0, checkpoint=str(plan.out / BEST), message=f"{summary}; {why}.")
 
 
 def _resume_point(out: Path, resume: bool, n_train: int, epochs: int) -> tuple[int, list, int]:
