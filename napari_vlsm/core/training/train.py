@@ -42,6 +42,7 @@ from napari_vlsm.core.device import cpu_threads
 from napari_vlsm.core.errors import TrainingError
 from napari_vlsm.core.file_names import CONFIG
 from napari_vlsm.core.models.model_card import CARD_FILE, card_after_finetune, read_card
+from napari_vlsm.core.models.loading import local_folder
 from napari_vlsm.core.inference.predictor import decode_views, encode_views
 from napari_vlsm.core.data.prompts import SYNONYM_TYPE
 from napari_vlsm.core.data.replay import REPLAY_DIR, replay_dir, replay_examples
@@ -790,7 +791,7 @@ def finetune(spec: str, data_dirs, out_dir, settings: TrainSettings | None = Non
         raise TrainingError(str(exc)) from exc
     start = str(last) if resume and (last / CONFIG).exists() else spec
     backend = load_for_training(start, device, encoders)
-    folder = _folder_of(start)
+    folder = local_folder(start)
     replay = replay_dir(folder) if s.replay_fraction != 0 else None
     meta = {"data": [str(d) for d in data_dirs], "prompt": prompt, **(metadata or {})}
     yield from train(backend, train_set, val_set, out_dir, s, resume=resume, metadata=meta, stop=stop, replay=replay,
@@ -825,12 +826,3 @@ def check_run_folder(out_dir, resume: bool) -> None:
     if resume and not (out / LAST / CONFIG).exists():
         raise TrainingError(f"Nothing to resume in {out}: it has no last/ checkpoint. Run without --resume "
                             "to start there.")
-
-
-def _folder_of(spec: str) -> Path | None:
-    """The local folder behind a model spec, where there is one (no download)."""
-    from napari_vlsm.core.models.loading import DEFAULT_SPEC, default_model_dir
-
-    if spec == DEFAULT_SPEC:
-        return default_model_dir()
-    return Path(spec) if Path(spec).is_dir() else None
