@@ -75,6 +75,53 @@ def _load(spec: str, device: str, dtype: str = "auto"):
         _fail(f"Cannot load model {spec!r}: {exc}")
 
 
+def _check_model(spec: str) -> None:
+    """That a spec names a model folder, without loading it (the workers load it)."""
+    from napari_vlsm.core.errors import VLSMError
+    from napari_vlsm.core.models.loading import check_safetensors, resolve_folder
+    from napari_vlsm.core.file_names import ENCODER_ONNX
+
+    try:
+        folder = resolve_folder(spec)
+        if not (folder / ENCODER_ONNX).exists():
+            check_safetensors(folder)
+    except (VLSMError, OSError) as exc:
+        _fail(f"Cannot load model {spec!r}: {exc}")
+
+
+def _dask_client(cluster: str | None, scheduler: str | None):
+    """A Dask client of a new LocalCluster ('local:N') or of the scheduler at ``scheduler``, with
+    the torch threads each worker should use and a close that stops what was started here."""
+    try:
+        from distributed import Client
+    except ImportError:
+        _fail("--cluster and --scheduler need Dask's distributed package: pip install 'napari-vlsm[distributed]'.")
+    from napari_vlsm.core.inference.cluster import local_cluster, threads_per_worker
+
+    if cluster:
+        kind, _, n = cluster.partition(":")
+        if kind != "local" or not n.isdigit() or int(n) < 1:
+            _fail(f"--cluster is local:N with N worker processes (e.g. local:2), not {cluster!r}.")
+        local = local_cluster(int(n))
+        client = Client(local)
+        client.vlsm_threads = threads_per_worker(int(n))
+    else:
+        try:
+            client, local = Client(scheduler, timeout=30), None
+        except (OSError, TimeoutError, ValueError) as exc:
+            _fail(f"Cannot reach the Dask scheduler at {scheduler}: {exc}. Start one with 'dask scheduler' and "
+                  "workers with 'dask worker ADDRESS', or use --cluster local:N.")
+        client.vlsm_threads = None
+
+    def close():
+        client.close()
+        if local is not None:
+            local.close()
+
+    client.vlsm_close = close
+    return client
+
+
 @app.command()
 def segment(
     paths: list[Path] = typer.Argument(..., help="Image files or folders (PNG, JPEG, TIFF)."),
@@ -89,6 +136,10 @@ def segment(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
     dtype: str = typer.Option("auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
     threads: int | None = typer.Option(None, min=1, help=THREADS_HELP),
+    cluster: str | None = typer.Option(None, help="local:N: segment on a Dask LocalCluster of N worker processes on "
+                                                  "this machine (pip install 'napari-vlsm[distributed]')."),
+    scheduler: str | None = typer.Option(None, help="Address of a running Dask scheduler (tcp://HOST:8786) whose "
+                                                    "workers see --out on a shared filesystem."),
 ):
     """Segment images with text prompts; one label mask per image."""
     _set_threads(threads)
@@ -120,19 +171,31 @@ def segment(
             check_resume(out, prompts)
     except (OSError, ValueError) as exc:
         _fail(str(exc))
-    backend = _load(model, device, dtype)
+    if cluster and scheduler:
+        _fail("Give --cluster local:N or --scheduler ADDRESS, not both.")
+    if cluster or scheduler:
+        _check_model(model)
+        source, client, outcomes = model, _dask_client(cluster, scheduler), None
+    else:
+        backend = _load(model, device, dtype)
+        source, client = backend.source, None
+        bs = batch_size or (8 if backend.device.type == "cuda" else 1)
+        outcomes = segment_files(Predictor(backend), files, prompts, out, threshold, resume, fmt, bs)
     unknown = unknown_words_note(card_for(model), prompts)
     if unknown:
         console.print(f"Note: {escape(unknown)}", soft_wrap=True)
-    predictor = Predictor(backend)
-    bs = batch_size or (8 if backend.device.type == "cuda" else 1)
     counts = {"ok": 0, "skipped": 0, "failed": 0}
     report, error = [], None
     try:
         with OutputLock(out), _progress() as bar:
-            write_sidecar(out, prompts, backend.source, threshold, resume)
+            write_sidecar(out, prompts, source, threshold, resume)
             task = bar.add_task("Segmenting", total=len(files), info="")
-            for res in segment_files(predictor, files, prompts, out, threshold, resume, fmt, bs):
+            if client is not None:
+                from napari_vlsm.core.inference.cluster import segment_on_cluster
+
+                outcomes = segment_on_cluster(client, model, files, prompts, out, threshold, resume, fmt, device,
+                                              dtype, threads or client.vlsm_threads)
+            for res in outcomes:
                 counts[res.status] += 1
                 report.append(res)
                 if res.status == "failed":
@@ -142,6 +205,9 @@ def segment(
                 bar.update(task, advance=1, info=res.path.name)
     except (OSError, RuntimeError, ValueError, VLSMError) as exc:
         error = str(exc) if not isinstance(exc, OSError) else f"{exc.strerror or exc} ({exc.filename or out})"
+    finally:
+        if client is not None:
+            client.vlsm_close()
     if report:
         try:
             write_report(out, report, prompts)

@@ -1,0 +1,121 @@
+"""Folder labelling on a real Dask LocalCluster of worker processes (loopback only): the same
+mask bytes as the single process, --resume across both paths, and a worker killed mid-run."""
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from napari_vlsm.cli import app
+
+distributed = pytest.importorskip("distributed")
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory, kvasir):
+    out = tmp_path_factory.mktemp("cluster") / "frames"
+    out.mkdir()
+    for p in sorted((kvasir / "images").iterdir())[:12]:
+        shutil.copy(p, out / p.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from napari_vlsm.core.inference.cluster import local_cluster
+
+    with local_cluster(2) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def single(images, tiny_unet, tmp_path_factory):
+    """The single-process run's masks: what every cluster run must write, byte for byte."""
+    out = tmp_path_factory.mktemp("single") / "masks"
+    res = runner.invoke(app, ["segment", str(images), "-p", "polyp", "--model", str(tiny_unet), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def mask_bytes(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+
+
+def report(folder: Path) -> list[dict]:
+    return list(csv.DictReader(open(folder / "segment_report.csv", newline="")))
+
+
+def test_a_local_cluster_writes_the_single_process_masks(images, tiny_unet, single, tmp_path):
+    out = tmp_path / "masks"
+    res = runner.invoke(app, ["segment", str(images), "-p", "polyp", "--model", str(tiny_unet), "-o", str(out),
+                              "--cluster", "local:2"])
+    assert res.exit_code == 0, res.output
+    assert "12 segmented" in res.output
+    assert len(mask_bytes(single)) == 12 and mask_bytes(out) == mask_bytes(single)
+    assert (out / "labels.json").read_text() == (single / "labels.json").read_text()
+
+
+def test_resume_on_a_scheduler_goes_on_from_a_single_process_run(images, tiny_unet, single, cluster, tmp_path):
+    out = tmp_path / "masks"
+    res = runner.invoke(app, ["segment", str(images), "-p", "polyp", "--model", str(tiny_unet), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    for p in sorted(out.glob("*.png"))[:4]:  # as if the run had stopped before these
+        p.unlink()
+    res = runner.invoke(app, ["segment", str(images), "-p", "polyp", "--model", str(tiny_unet), "-o", str(out),
+                              "--scheduler", cluster.scheduler_address, "--resume"])
+    assert res.exit_code == 0, res.output
+    assert "4 segmented, 8 skipped" in res.output
+    assert mask_bytes(out) == mask_bytes(single)
+    assert sorted(r["status"] for r in report(out)) == ["ok"] * 4 + ["skipped"] * 8
+
+
+class KillOnce(distributed.WorkerPlugin):
+    """Kills its worker process the first time a task naming ``name`` starts there."""
+
+    def __init__(self, name: str, flag: str):
+        self.name, self.flag = name, flag
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish == "executing" and self.name in str(key) and not os.path.exists(self.flag):
+            Path(self.flag).touch()
+            os._exit(1)
+
+
+def test_a_worker_killed_mid_run_loses_nothing(images, tiny_unet, single, cluster, tmp_path):
+    victim = sorted(images.iterdir())[4].name  # first image of the second task
+    flag = tmp_path / "killed"
+    with distributed.Client(cluster) as client:
+        client.register_plugin(KillOnce(victim, str(flag)), name="kill-once")
+        try:
+            res = runner.invoke(app, ["segment", str(images), "-p", "polyp", "--model", str(tiny_unet), "-o",
+                                      str(tmp_path / "masks"), "--scheduler", cluster.scheduler_address])
+        finally:
+            client.unregister_worker_plugin("kill-once")
+    assert flag.exists()  # a worker did die on it
+    assert res.exit_code == 0, res.output
+    rows = report(tmp_path / "masks")
+    assert sorted(Path(r["image"]).name for r in rows) == sorted(p.name for p in images.iterdir())  # each once
+    assert all(r["status"] == "ok" for r in rows)
+    assert mask_bytes(tmp_path / "masks") == mask_bytes(single)
+    assert not list((tmp_path / "masks").glob("*.tmp*")) and not list((tmp_path / "masks").glob(".*.png*"))
+
+
+def test_an_unreadable_image_is_reported_and_the_rest_done(images, tiny_unet, cluster, tmp_path):
+    folder = shutil.copytree(images, tmp_path / "frames")
+    (folder / "broken.png").write_bytes(b"not a png")
+    res = runner.invoke(app, ["segment", str(folder), "-p", "polyp", "--model", str(tiny_unet), "-o",
+                              str(tmp_path / "masks"), "--scheduler", cluster.scheduler_address])
+    assert res.exit_code == 1 and "12 segmented, 0 skipped (mask existed), 1 failed" in res.output
+    assert "broken.png" in res.output and "Traceback" not in res.output
+
+
+def test_bad_cluster_options_get_messages(images, tmp_path):
+    for args, said in ((["--cluster", "local:0"], "local:N"), (["--cluster", "remote"], "local:N"),
+                       (["--cluster", "local:1", "--scheduler", "tcp://127.0.0.1:1"], "not both")):
+        res = runner.invoke(app, ["segment", str(images), "-p", "polyp", "-o", str(tmp_path / "m"), *args])
+        assert res.exit_code != 0 and said in res.output and "Traceback" not in res.output
