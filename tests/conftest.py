@@ -108,3 +108,36 @@ def polyp_image() -> np.ndarray:
     from napari_vlsm.core.images.imageio import read_image
 
     return read_image(sorted(SAMPLE_DATA.glob("kvasir_seg_*.jpg"))[0])
+
+
+@pytest.fixture
+def torch_load_calls(monkeypatch) -> list:
+    """The weights_only argument of every torch.load call from here on (the one pickle read)."""
+    import torch
+
+    calls, real_load = [], torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    return calls
+
+
+def copy_images(src: Path, out: Path, n: int) -> Path:
+    """The first ``n`` images of a data set's images/ copied into a new folder ``out``."""
+    out.mkdir(parents=True)
+    for p in sorted((src / "images").iterdir())[:n]:
+        shutil.copy(p, out / p.name)
+    return out
+
+
+class CodeInPickle:
+    """Unpickled, it creates ``marker`` (it runs ``open``): a weights file that holds code."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))

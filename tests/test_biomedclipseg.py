@@ -19,7 +19,7 @@ from napari_vlsm.core.inference.predictor import Predictor
 from napari_vlsm.core.models.random_models import build_random_open_clip
 from napari_vlsm.core.models.biomedclipseg import new_biomedclipseg
 
-from .conftest import small_copy
+from .conftest import CodeInPickle, small_copy
 
 runner = CliRunner()
 
@@ -41,15 +41,8 @@ def converted(hub, tmp_path_factory):
     return out
 
 
-def test_conversion_writes_safetensors_and_reads_the_pickle_only_with_weights_only(hub, tmp_path, monkeypatch):
-    calls = []
-    real_load = torch.load
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("weights_only"))
-        return real_load(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", spy)
+def test_conversion_writes_safetensors_and_reads_the_pickle_only_with_weights_only(hub, tmp_path, torch_load_calls):
+    calls = torch_load_calls
     out = convert(hub[0], tmp_path / "model", text_dir=hub[1])
     assert calls == [True]
     names = sorted(p.name for p in out.iterdir())
@@ -64,15 +57,10 @@ def test_conversion_writes_safetensors_and_reads_the_pickle_only_with_weights_on
 
 def test_a_pickle_holding_code_is_refused_and_never_run(tmp_path, hub):
     marker = tmp_path / "ran"
-
-    class Payload:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
     evil = tmp_path / "evil"
     evil.mkdir()
     (evil / "open_clip_config.json").write_text((hub[0] / "open_clip_config.json").read_text())
-    torch.save({"visual.trunk.pos_embed": Payload()}, evil / PICKLED_WEIGHTS)
+    torch.save({"visual.trunk.pos_embed": CodeInPickle(marker)}, evil / PICKLED_WEIGHTS)
     with pytest.raises(ModelNotFoundError, match="not a plain weights file"):
         read_open_clip(evil)
     assert not marker.exists()
@@ -294,16 +282,3 @@ def test_wrong_inputs_get_messages(hub, converted, tmp_path):
                               "--text-tower", str(converted)])  # a folder that is no BERT
     assert res.exit_code != 0 and "not BiomedCLIP's BERT text tower" in res.output
 
-
-def test_the_plugin_segments_with_a_biomedclipseg_folder(qtbot, make_napari_viewer, converted, polyp_image):
-    viewer = make_napari_viewer()
-    _, w = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation")
-    w.add_model(str(converted))
-    viewer.add_image(polyp_image, name="frame")
-    w.prompt_edit.setPlainText("polyp")
-    assert w.run() is not None
-    qtbot.waitUntil(lambda: w.worker is None, timeout=60000)
-    (labels,) = [ly for ly in viewer.layers if ly._type_string == "labels"]
-    assert labels.data.shape == polyp_image.shape[:2]
-    assert labels.metadata["vlsm_model"] == str(converted)
-    assert "BiomedCLIPSeg" in w.status.text()

@@ -11,6 +11,8 @@ from typer.testing import CliRunner
 
 from napari_vlsm.cli import app
 
+from .conftest import copy_images
+
 distributed = pytest.importorskip("distributed")
 
 runner = CliRunner()
@@ -18,11 +20,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory, kvasir):
-    out = tmp_path_factory.mktemp("cluster") / "frames"
-    out.mkdir()
-    for p in sorted((kvasir / "images").iterdir())[:12]:
-        shutil.copy(p, out / p.name)
-    return out
+    return copy_images(kvasir, tmp_path_factory.mktemp("cluster") / "frames", 12)
 
 
 @pytest.fixture(scope="module")

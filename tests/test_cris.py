@@ -16,6 +16,8 @@ from napari_vlsm.core.errors import ModelNotFoundError, UnsafeWeightsError
 from napari_vlsm.core.images.postprocess import logits_to_probs
 from napari_vlsm.core.inference.predictor import Predictor
 from napari_vlsm.core.models.loading import load_model
+
+from .conftest import CodeInPickle
 from napari_vlsm.core.training.train import dice_bce_loss, train_mode
 
 PROMPTS = ["polyp", "a small pink polyp in the colon, left of the image"]
@@ -302,19 +304,13 @@ def test_a_training_batch_of_one_image_works(folder):
     assert logits.shape == (1, 64, 64) and torch.isfinite(logits).all()
 
 
-def test_a_release_checkpoint_converts_and_loads(folder, tmp_path, monkeypatch):
+def test_a_release_checkpoint_converts_and_loads(folder, tmp_path, torch_load_calls):
     backend = _backend(folder)
     ckpt = write_release_checkpoint(backend, tmp_path / "best_model.pth")
     raw = torch.load(ckpt, weights_only=True)
     assert all(k.startswith("module.") for k in raw["state_dict"])
-    calls = []
-    real_load = torch.load
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("weights_only"))
-        return real_load(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", spy)
+    calls = torch_load_calls
+    calls.clear()  # the look at the file above
     out = convert_cris_checkpoint(ckpt, tmp_path / "converted", image_size=64)  # the weights do not tell it
     assert calls == [True]
     assert not (tmp_path / "converted.partial").exists()
@@ -340,13 +336,8 @@ def test_a_release_checkpoint_converts_and_loads(folder, tmp_path, monkeypatch):
 
 def test_a_checkpoint_holding_code_is_refused_and_never_run(folder, tmp_path):
     marker = tmp_path / "ran"
-
-    class Payload:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
     evil = tmp_path / "best_model.pth"
-    torch.save({"epoch": 1, "state_dict": {"module.neck.txt_proj.0.weight": Payload()}}, evil)
+    torch.save({"epoch": 1, "state_dict": {"module.neck.txt_proj.0.weight": CodeInPickle(marker)}}, evil)
     with pytest.raises(UnsafeWeightsError, match="not a plain weights file .*io.open.* nothing in it ran"):
         convert_cris_checkpoint(evil, tmp_path / "out")
     with pytest.raises(UnsafeWeightsError):

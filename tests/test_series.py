@@ -13,14 +13,12 @@ from napari_vlsm.core.images.imageio import read_image
 from napari_vlsm.core.inference.series import Series
 from napari_vlsm.core.data.training_sets import read_index
 
+from .conftest import copy_images
+
 
 @pytest.fixture
 def folder(tmp_path, kvasir):
-    out = tmp_path / "new_images"
-    out.mkdir()
-    for p in sorted((kvasir / "images").iterdir())[:5]:
-        shutil.copy(p, out / p.name)
-    return out
+    return copy_images(kvasir, tmp_path / "new_images", 5)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ real tiny models and real images."""
 
 import csv
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -23,14 +22,12 @@ from napari_vlsm.core.inference.uncertainty import (
 )
 from napari_vlsm.core.models.loading import load_model
 
+from .conftest import copy_images
+
 
 @pytest.fixture
 def folder(tmp_path, kvasir):
-    out = tmp_path / "new_images"
-    out.mkdir()
-    for p in sorted((kvasir / "images").iterdir())[:6]:
-        shutil.copy(p, out / p.name)
-    return out
+    return copy_images(kvasir, tmp_path / "new_images", 6)
 
 
 def test_each_score_is_what_it_says(tiny_unet, polyp_image):

@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from napari_vlsm.core.inference.folder_labeling import FileOutcome, finished_masks, mask_paths
+from napari_vlsm.core.inference.folder_labeling import FileOutcome, plan_masks
 
 TASK_SIZE = 4  # images per task: small enough to spread, large enough to hide the scheduling cost
 _PREDICTORS: dict = {}  # in each worker process: (spec, device, dtype) -> its Predictor
@@ -91,16 +91,8 @@ def segment_on_cluster(client, spec: str, paths: list[Path], prompts: list[str],
     from distributed import as_completed
     from distributed.scheduler import KilledWorker
 
-    out_dir = Path(out_dir)
-    paths = [Path(p) for p in paths]
-    targets = mask_paths(out_dir, paths, fmt)
-    done = finished_masks(out_dir) if resume else {}
-    todo = []
-    for p in paths:
-        if done.get(str(p)) == targets[p]:
-            yield FileOutcome(p, "skipped", targets[p], "mask exists")
-        else:
-            todo.append(p)
+    targets, skipped, todo = plan_masks(out_dir, paths, fmt, resume)
+    yield from skipped
     local = Path(spec).expanduser()
     spec = str(local.absolute()) if local.exists() else spec  # workers may start in another folder
     chunks = {}

@@ -146,6 +146,17 @@ def _write(out: Path, labels: np.ndarray):
         return f"cannot write {out}: {exc.strerror or exc}"
 
 
+def plan_masks(out_dir, paths, fmt: str, resume: bool) -> tuple[dict, list[FileOutcome], list[Path]]:
+    """(image -> its mask file, the images an earlier run finished, as "skipped" outcomes, the
+    images still to do), the same for every way of running a folder."""
+    paths = [Path(p) for p in paths]
+    targets = mask_paths(Path(out_dir), paths, fmt)
+    done = finished_masks(Path(out_dir)) if resume else {}
+    skipped = [FileOutcome(p, "skipped", targets[p], "mask exists") for p in paths if done.get(str(p)) == targets[p]]
+    taken = {o.path for o in skipped}
+    return targets, skipped, [p for p in paths if p not in taken]
+
+
 def segment_files(predictor: Predictor, paths: list[Path], prompts, out_dir, threshold: float = 0.5,
                   resume: bool = False, fmt: str = "png", batch_size: int = 1, io_threads: int = 4
                   ) -> Iterator[FileOutcome]:
@@ -154,16 +165,8 @@ def segment_files(predictor: Predictor, paths: list[Path], prompts, out_dir, thr
     Reading runs a bounded window ahead of the model and writing runs behind it, in a
     thread pool; a file is reported "ok" only once its mask is on disk."""
     prompts = clean_prompts(prompts)
-    out_dir = Path(out_dir)
-    paths = [Path(p) for p in paths]
-    targets = mask_paths(out_dir, paths, fmt)
-    done = finished_masks(out_dir) if resume else {}
-    todo = []
-    for p in paths:
-        if done.get(str(p)) == targets[p]:
-            yield FileOutcome(p, "skipped", targets[p], "mask exists")
-        else:
-            todo.append(p)
+    targets, skipped, todo = plan_masks(out_dir, paths, fmt, resume)
+    yield from skipped
     window = max(2 * batch_size, 2 * io_threads)
     with ThreadPoolExecutor(io_threads) as pool:
         reads = deque(pool.submit(_read, p) for p in todo[:window])
