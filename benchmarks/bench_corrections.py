@@ -89,14 +89,20 @@ def uncertainty(model: str, examples, prompt: str) -> dict:
     return {ex.image: score_image(pred, ex.load()[0], prompt) for ex in examples}
 
 
-def choose(order: str, model: str, left: list, n: int, prompt: str) -> list:
-    """The next ``n`` images of ``left`` to correct, in ``order``."""
+def choose(order: str, model: str, left: list, n: int, prompt: str, candidates: int) -> list:
+    """The next ``n`` images of ``left`` to correct, in ``order``: by a score, the most uncertain
+    of the next ``candidates`` (a batch an annotator is handed); where the score tells the
+    candidates nothing apart (a model that finds nothing anywhere is sure of every image), the
+    first ones, as random order has them."""
     if order == "random":
         return left[:n]
     if order == "name":
         return sorted(left, key=lambda ex: Path(ex.image).name)[:n]
-    scores = uncertainty(model, left, prompt)
-    return sorted(left, key=lambda ex: -scores[ex.image].value(order))[:n]
+    pool = left[:candidates]
+    scores = uncertainty(model, pool, prompt)
+    if len({round(scores[ex.image].value(order), 6) for ex in pool}) == 1:
+        return pool[:n]
+    return sorted(pool, key=lambda ex: -scores[ex.image].value(order))[:n]
 
 
 def score_check(args) -> None:
@@ -104,14 +110,16 @@ def score_check(args) -> None:
     from scipy.stats import spearmanr
 
     pool = benchmark_examples(Path(args.domain), "train")
-    scores = uncertainty(args.base_with_replay, pool, args.prompt)
-    pred = Predictor(load_model(args.base_with_replay, device="cpu", dtype="fp32"))
+    pool = [pool[i] for i in np.random.default_rng(args.seed).permutation(len(pool))][:args.estimate_sample * 3]
+    model = args.score_model or args.base_with_replay
+    scores = uncertainty(model, pool, args.prompt)
+    pred = Predictor(load_model(model, device="cpu", dtype="fp32"))
     error = []
     for ex in pool:
         image, truth = ex.load()
         pred.set_image(image)
         error.append(1 - dice(pred.predict([args.prompt]).masks[0], truth))
-    print(f"\n| score | Spearman rho with 1 - Dice ({len(pool)} images of {Path(args.domain).name}, base model) |")
+    print(f"\n| score | Spearman rho with 1 - Dice ({len(pool)} images of {Path(args.domain).name}, {model}) |")
     print("|---|---|")
     for kind in SCORES:
         rho = spearmanr([scores[ex.image].value(kind) for ex in pool], error).statistic
@@ -138,7 +146,7 @@ def run_arm(args, name: str, extra: list[str], order: str = "random") -> list[di
         if r == args.rounds:
             rows.append(row)
             break
-        batch = choose(order, model, pool, args.per_round, args.prompt)
+        batch = choose(order, model, pool, args.per_round, args.prompt, args.candidates)
         pool = [ex for ex in pool if ex not in batch]
         effort = scores(pred, batch, [args.prompt])[args.prompt]
         row.update(effort_wrong=effort["wrong"], effort_1_minus_dice=1 - effort["dice"])
@@ -150,6 +158,14 @@ def run_arm(args, name: str, extra: list[str], order: str = "random") -> list[di
         row.update(estimated_dice=estimate_dice(agreements), true_dice_left=left["dice"])
         add_corrections(work / "corrections", batch, args.prompt)
         out = work / f"round{r + 1}"
+        done_before = args.trained.get((model, tuple(ex.image for ex in batch), tuple(extra)))
+        if done_before and r == 0:  # the same first round as an earlier arm's: training is deterministic
+            shutil.copytree(done_before[0], out)
+            row.update(train_s=done_before[1], summary=done_before[2], reused=True)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            model = str(out / "best")
+            continue
         cmd = [sys.executable, "-m", "napari_vlsm.cli", "finetune", str(work / "corrections"), "--model", model,
                "--out", str(out), "--device", "cpu", *extra]
         if args.threads:
@@ -163,6 +179,7 @@ def run_arm(args, name: str, extra: list[str], order: str = "random") -> list[di
                                if ln.startswith("Trained on")), "")
         rows.append(row)
         print(json.dumps(row), flush=True)
+        args.trained[(model, tuple(ex.image for ex in batch), tuple(extra))] = (out, row["train_s"], row["summary"])
         model = str(out / "best")
     return rows
 
@@ -189,6 +206,9 @@ def main():
                     help=f"Orderings to compare with the shipped recipe: random, name, {', '.join(SCORES)}.")
     ap.add_argument("--estimate-sample", type=int, default=60,
                     help="Images not yet corrected on which the true Dice beside the estimate is measured.")
+    ap.add_argument("--candidates", type=int, default=120,
+                    help="Images of the pool scored each round for an ordering arm (the most uncertain 20 of them).")
+    ap.add_argument("--score-model", default="", help="For --score-check: the model to score with (default: the base).")
     ap.add_argument("--score-check", action="store_true", help="Only rank the pool by each score (no training).")
     ap.add_argument("--work", default="runs/bench_corrections")
     ap.add_argument("--plot", default="")
@@ -207,6 +227,7 @@ def main():
     if not (base / REPLAY_DIR).exists() and args.replay_from:
         write_replay_sample(args.replay_from, base, per_set=args.replay_per_set)
     args.base_with_replay = str(base)
+    args.trained = {}
     print(f"Machine: {machine()}; finetune threads: {args.threads}")
     if args.score_check:
         return score_check(args)

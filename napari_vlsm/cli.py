@@ -227,7 +227,9 @@ def rank(
     prompt: str = typer.Option(..., "--prompt", "-p", help="What the annotators will mark, e.g. 'polyp'."),
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
     out: Path = typer.Option(Path("ranked.csv"), "--out", "-o", help="CSV of the images, most uncertain first."),
-    score: str = typer.Option("flip", help="Uncertainty score: flip, prompts or margin (see docs/corrections.md)."),
+    score: str = typer.Option("prompts", help="Uncertainty score: prompts (the default: masks of other phrasings "
+                                              "disagree), flip (the mirror's disagrees) or margin (soft edges); see "
+                                              "docs/corrections.md."),
     masks: Path | None = typer.Option(None, help="The image series' mask folder, whose corrections give the "
                                                  "estimate (default: FOLDER/vlsm_masks)."),
     threshold: float = typer.Option(0.5, min=0.0, max=1.0),

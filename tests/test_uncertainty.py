@@ -14,6 +14,7 @@ from napari_vlsm.core.images.metrics import dice
 from napari_vlsm.core.inference.predictor import Predictor
 from napari_vlsm.core.inference.series import PROGRESS, Series
 from napari_vlsm.core.inference.uncertainty import (
+    DEFAULT_SCORE,
     ImageScore,
     estimate_dice,
     most_uncertain_first,
@@ -55,7 +56,7 @@ def _probs(pred, image, prompt):
 def test_ordering_and_the_estimate():
     scores = {"a": ImageScore(0.1, 0.5, 0.2, 0.1), "b": ImageScore(0.7, 0.1, 0.1, 0.1),
               "c": ImageScore(0.3, 0.9, 0.0, 0.1)}
-    assert most_uncertain_first(scores) == ["b", "c", "a"]
+    assert most_uncertain_first(scores, "flip") == ["b", "c", "a"]
     assert most_uncertain_first(scores, "prompts") == ["c", "a", "b"]
     with pytest.raises(ValueError, match="flip, prompts, margin"):
         scores["a"].value("entropy")
@@ -81,7 +82,7 @@ def test_rank_writes_the_most_uncertain_first_and_puts_corrected_images_last(tin
     todo = [r for r in rows if r["done"] == "False"]
     assert len(todo) == 4 and rows[-2:] == [r for r in rows if r["done"] == "True"]
     assert [float(r["score"]) for r in todo] == sorted((float(r["score"]) for r in todo), reverse=True)
-    assert all(r["score"] == r["flip"] for r in rows)
+    assert all(r["score"] == r[DEFAULT_SCORE] for r in rows)
     assert "Estimated Dice on the images not yet corrected: 0.50" in res.output
     res = CliRunner().invoke(app, ["rank", str(folder), "-p", "polyp", "--score", "entropy", "-o", str(out)])
     assert res.exit_code != 0 and "--score is one of" in res.output and "Traceback" not in res.output
@@ -102,7 +103,7 @@ def test_the_series_goes_to_the_most_uncertain_image_and_rescores_for_a_new_mode
     assert set(series.scores) == set(range(6))
     expected = score_image(Predictor(load_model(tiny_unet, "cpu", "fp32"), flip_average=False),
                            read_image(sorted(folder.iterdir())[3]), "polyp")
-    assert series.scores[3] == pytest.approx(expected.flip, abs=1e-6)
+    assert series.scores[3] == pytest.approx(expected.value(DEFAULT_SCORE), abs=1e-6)
     assert "uncertainty" in series.progress.text()
     want = max((i for i in range(6) if i != series.index), key=lambda i: (series.scores[i], -i))
     assert series.next_index() == want

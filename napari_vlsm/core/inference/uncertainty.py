@@ -12,7 +12,10 @@ its mirror, a few cheap decoder passes):
   whose probability is within 0.25 of the threshold: a mask drawn with a soft edge.
 
 Higher is less sure. ``DEFAULT_SCORE`` is the one ``benchmarks/bench_corrections.py`` found to
-reach the same test Dice with the fewest corrections (docs/corrections.md).
+reach a test Dice with the fewest corrections of the three (docs/corrections.md: on BUSI,
+"prompts" led random order at 40 corrections and matched it at 60; "flip" and "margin" fell
+behind random by 60). A model that finds nothing anywhere scores every image alike; then the
+series keeps name order.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 from napari_vlsm.core.images.metrics import dice
 
 SCORES = ("flip", "prompts", "margin")
-DEFAULT_SCORE = "flip"
+DEFAULT_SCORE = "prompts"  # benchmarks/bench_corrections.py --orders (docs/corrections.md)
 MARGIN = 0.25
 ESTIMATE_LAST = 10  # corrections the stop estimate averages over
 
