@@ -31,6 +31,13 @@ def warn_if_cut(tokenizer, prompts, limit: int = MAX_TOKENS) -> None:
                           "the rest is ignored. Shorten it to what matters.", UserWarning, stacklevel=3)
 
 
+def resize_normalize_meta(backend) -> dict:
+    """What an ONNX export of a model that resizes and normalises by its config's mean/std
+    needs to preprocess the same way (vlsm_onnx.json)."""
+    cfg = backend.module.config
+    return {"preprocess": "resize_normalize", "image_mean": list(cfg.image_mean), "image_std": list(cfg.image_std)}
+
+
 class Backend(ABC):
     """One loaded model on one device. ``features`` are opaque to callers."""
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from napari_vlsm.core.models.backend import TRAIN_MODES, TorchBackend
+from napari_vlsm.core.models.backend import TRAIN_MODES, TorchBackend, resize_normalize_meta
 from napari_vlsm.core.models.efficientnet_lite import CHANNELS as EFFICIENTNET_CHANNELS
 from napari_vlsm.core.models.efficientnet_lite import NAME as EFFICIENTNET_LITE0
 from napari_vlsm.core.models.efficientnet_lite import EfficientNetLite0Encoder
@@ -358,15 +358,10 @@ def new_film_unet(device="auto", encoders=None, seed: int = 0, **config) -> Film
     return FilmUNetBackend(module, load_tokenizer(), pick_device(device), torch.float32, "new:film-unet")
 
 
-def onnx_meta(backend: FilmUNetBackend) -> dict:
-    cfg = backend.module.config
-    return {"preprocess": "resize_normalize", "image_mean": list(cfg.image_mean), "image_std": list(cfg.image_std)}
-
-
 def _build_random(folder, seed: int = 0) -> Path:
     return build_random_film_unet(folder, seed=seed, **TINY_FILM_UNET)
 
 
 FAMILY = Family(model_type=FilmUNetConfig.model_type, name=FilmUNetBackend.name, load=load,
-                build_random=_build_random, onnx_meta=onnx_meta, new=new_film_unet, new_key="film-unet",
+                build_random=_build_random, onnx_meta=resize_normalize_meta, new=new_film_unet, new_key="film-unet",
                 new_help="a FiLM-UNet from scratch", train_modes=("decoder", "full"), adapters=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from napari_vlsm.core.models.cris.model import CrisBackend, CrisConfig, build_random_cris, load
+from napari_vlsm.core.models.backend import resize_normalize_meta
 from napari_vlsm.core.models.families import Family
 
 
@@ -35,12 +36,7 @@ def new_cris(device="auto", encoders=None, seed: int = 0) -> CrisBackend:
     return backend
 
 
-def onnx_meta(backend: CrisBackend) -> dict:
-    cfg = backend.module.config
-    return {"preprocess": "resize_normalize", "image_mean": list(cfg.image_mean), "image_std": list(cfg.image_std)}
-
-
 FAMILY = Family(model_type=CrisConfig.model_type, name=CrisBackend.name, load=load, build_random=build_random_cris,
-                onnx_meta=onnx_meta, new=new_cris, new_key="cris",
+                onnx_meta=resize_normalize_meta, new=new_cris, new_key="cris",
                 new_help="CRIS (CLIP RN50) from a release checkpoint (--encoders CKPT)", new_needs_encoders=True,
                 train_modes=("decoder", "full", "lora"), adapters=False)
