@@ -29,15 +29,18 @@ IMAGE_MEAN = IMAGE_STD = (0.5, 0.5, 0.5)  # TensorFlow's Lite preprocessing: (x 
 
 
 class SameConv(nn.Conv2d):
-    """A bias-free convolution with TensorFlow's "same" padding (inputs of even size)."""
+    """A bias-free convolution with TensorFlow's "same" padding (inputs of even size). Where
+    that padding is the same on every side (stride 1) the convolution pads by itself; only a
+    stride-2 convolution, padded one pixel less at the top and left, pads a copy of its input."""
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1):
-        super().__init__(cin, cout, kernel, stride, padding=0, groups=groups, bias=False)
         total = max(kernel - stride, 0)
-        self.pad = (total // 2, total - total // 2) * 2  # left, right, top, bottom
+        even = total % 2 == 0
+        super().__init__(cin, cout, kernel, stride, padding=total // 2 if even else 0, groups=groups, bias=False)
+        self.pad = None if even else (total // 2, total - total // 2) * 2  # left, right, top, bottom
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(F.pad(x, self.pad))
+        return super().forward(x if self.pad is None else F.pad(x, self.pad))
 
 
 def _bn(c: int) -> nn.BatchNorm2d:
