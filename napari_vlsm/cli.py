@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from napari_vlsm.core.training.settings import SMALL_SET, TARGET_STEPS, TrainSettings
+from napari_vlsm.core.training.settings import ROUND_AVERAGE, ROUND_PASSES, ROUND_STEPS, SMALL_SET, TrainSettings
 
 app = typer.Typer(help="Text-prompted segmentation of 2D medical images with vision-language models.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -443,7 +443,10 @@ def finetune(
                                                        "'models pull', or a BiomedCLIPSeg model folder)."),
     train_mode: str = typer.Option(RECIPE.mode, "--train",
                                    help="auto (full for the FiLM-UNet, decoder for CLIPSeg), decoder, full or lora."),
-    epochs: int | None = typer.Option(RECIPE.epochs, min=1, help=f"Default: enough epochs for about {TARGET_STEPS} steps."),
+    epochs: int | None = typer.Option(RECIPE.epochs, min=1, help="Default: enough epochs for --steps steps."),
+    steps: int | None = typer.Option(RECIPE.steps, min=1, help=f"Optimiser steps of the round (default: {ROUND_STEPS} "
+                                     f"up to {ROUND_STEPS * 7 // ROUND_PASSES} examples, then {ROUND_PASSES} draws "
+                                     "of each)."),
     lr: float | None = typer.Option(RECIPE.lr, help="Learning rate (default: the model's own for the mode)."),
     batch_size: int = typer.Option(RECIPE.batch_size, min=1),
     val_split: str = typer.Option("val", help="Use anns/<this>.json as validation where it exists."),
@@ -456,6 +459,12 @@ def finetune(
              f"{RECIPE.replay_share(1)} for an adapter, which sees them as negatives)."),
     encoder_lr_scale: float = typer.Option(RECIPE.encoder_lr_scale, min=0.0,
                                            help="Image encoder's learning rate relative to the rest."),
+    new_share: float = typer.Option(RECIPE.new_share, min=0.0, max=0.95, help="In a round that continues a model "
+                                    "trained on part of the set, the share of draws from the corrections new to it "
+                                    "(0: each as often as the others)."),
+    frozen_levels: int | None = typer.Option(RECIPE.frozen_levels, min=0, max=5, help="FiLM-UNet: image-encoder levels, "
+                                             "counted from the input, that stay as they are (default: 3 on the "
+                                             "pretrained encoder, else 0)."),
     anchor: float = typer.Option(RECIPE.anchor, min=0.0, help="L2 pull toward the starting weights (keeps what it knew)."),
     adapters: str = typer.Option(RECIPE.adapters, help="auto: a class new to a trained FiLM-UNet is learned on an adapter "
                                               "of its own, the base unchanged; off: one shared network."),
@@ -471,9 +480,10 @@ def finetune(
     crop: int | None = typer.Option(
         RECIPE.crop, help="Random crops of this side (default: the model's own, 160 for the FiLM-UNet; 0: none)."),
     schedule: str = typer.Option(RECIPE.schedule, help="onecycle or plateau."),
-    weight_average: float = typer.Option(
-        RECIPE.weight_average, min=0.0, max=0.9999, help="Decay of a moving average of the weights (such as 0.998), which is "
-                                      "validated and saved instead of the last step's weights; 0: off."),
+    weight_average: float | None = typer.Option(
+        RECIPE.weight_average, min=0.0, max=0.9999, help="Decay of a moving average of the weights, which is validated "
+                                                         f"and saved instead of the last step's weights (default: "
+                                                         f"{ROUND_AVERAGE}; 0: off)."),
     patience: int = typer.Option(RECIPE.patience),
     seed: int = typer.Option(RECIPE.seed),
     threads: int | None = typer.Option(RECIPE.threads, min=1, help=THREADS_HELP),
@@ -493,7 +503,7 @@ def finetune(
               f"encoders); --model {model} brings its own.")
     distributed = init_distributed()
     negatives = list(negative_prompt) + (_read_lines(negatives_file) if negatives_file else [])
-    settings = TrainSettings(mode=train_mode, epochs=epochs, lr=lr, batch_size=batch_size, val_fraction=val_fraction,
+    settings = TrainSettings(mode=train_mode, epochs=epochs, steps=steps, frozen_levels=frozen_levels, new_share=new_share, lr=lr, batch_size=batch_size, val_fraction=val_fraction,
                              negative_prompts=negatives, negative_fraction=negative_fraction,
                              synonyms=_read_synonyms(synonyms) if synonyms else {}, repeat=_read_repeats(repeat),
                              crop=crop, schedule=schedule, weight_average=weight_average,
@@ -522,6 +532,9 @@ def finetune(
                     bar.update(task, total=ev.step, completed=ev.step)
                 if ev.kind == "done" and rank0:
                     console.print(f"{ev.message}\nBest model: {ev.checkpoint}", soft_wrap=True)
+                    if ev.timings:
+                        console.print("Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in ev.timings.items()),
+                                      soft_wrap=True)
     except (TrainingError, VLSMError, OSError, ValueError, ImportError) as exc:
         _fail(str(exc))
     finally:

@@ -76,7 +76,9 @@ def test_pooled_run_records_each_data_set_and_the_cross_prompt_rate(tiny_unet, p
 
 def test_few_shot_defaults_train_every_correction_for_a_fixed_number_of_steps(tiny_unet, data_sets, tmp_path,
                                                                              monkeypatch):
-    monkeypatch.setattr(T, "TARGET_STEPS", 24)  # the rule, at a test's scale
+    from napari_vlsm.core.training import settings as S
+
+    monkeypatch.setattr(S, "ROUND_STEPS", 24)  # the rule, at a test's scale
     few = small_copy(data_sets / "busi", tmp_path / "few", 8, 0)
     (few / "anns" / "val.json").unlink()
     events = list(T.finetune(str(tiny_unet), [few], tmp_path / "run", device="cpu"))
@@ -85,6 +87,8 @@ def test_few_shot_defaults_train_every_correction_for_a_fixed_number_of_steps(ti
     assert done.step == 24 and done.epochs == 24  # one batch of 8 per epoch
     meta = json.loads((tmp_path / "run" / "best" / "training.json").read_text())
     assert meta["settings"]["mode"] == "full" and meta["settings"]["lr"] == 1e-3  # the FiLM-UNet's own
+    assert meta["settings"]["steps"] == 24 and meta["settings"]["weight_average"] == S.ROUND_AVERAGE
+    assert meta["settings"]["frozen_levels"] == 0  # the from-scratch UNet encoder trains whole
     train_set, val_set = T.training_data([few])
     assert len(train_set) == 8 and val_set == []
 

@@ -29,7 +29,8 @@ from qtpy.QtWidgets import (
 from napari_vlsm.core.training.checkpoint import BEST, new_run_folder
 from napari_vlsm.core.errors import VLSMError
 from napari_vlsm.core.file_names import CONFIG
-from napari_vlsm.core.training.train import SMALL_SET, TARGET_STEPS, TRAIN_MODES_OFFERED, TrainSettings, finetune
+from napari_vlsm.core.training.settings import ROUND_STEPS
+from napari_vlsm.core.training.train import SMALL_SET, TRAIN_MODES_OFFERED, TrainSettings, finetune
 from napari_vlsm.core.data.training_sets import read_index, remove_example, write_benchmark_example
 from .label_writing import check_target
 from .planes import check_single_scale, current_index, plane
@@ -108,7 +109,9 @@ class FinetuneWidget(QWidget):
         self.mode_combo.setCurrentText(DEFAULTS.mode)
         self.epochs = QSpinBox()
         self.epochs.setRange(0, 1000)
-        self.epochs.setSpecialValueText(f"auto (~{TARGET_STEPS} steps)")
+        self.epochs.setSpecialValueText(f"auto ({ROUND_STEPS} steps)")
+        self.epochs.setToolTip(f"auto: {ROUND_STEPS} steps for up to about 90 corrections (under a minute on a "
+                               "laptop CPU), more for a larger set")
         self.epochs.setValue(DEFAULTS.epochs or 0)
         self.lr = QLineEdit("")
         self.lr.setPlaceholderText("model's default")

@@ -140,6 +140,10 @@ class PairCache:
     def __len__(self) -> int:
         return len(self.examples)
 
+    def load_all(self) -> None:
+        for i in range(len(self.examples)):
+            self[i]
+
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         key = id(self.examples[i])
         if key not in self._items:

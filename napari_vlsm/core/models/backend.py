@@ -82,6 +82,7 @@ class TorchBackend(Backend):
     default_train_mode = "decoder"  # what finetuning trains unless told otherwise
     default_lr = {"decoder": 1e-3, "full": 1e-4, "lora": 3e-4}
     default_crop: int | None = None  # train on random crops of this side (fully convolutional models)
+    default_frozen_levels = 0        # image-encoder levels a round leaves as they are
     image_encoder_prefixes: tuple = ("clip.vision_model.",)  # parameter names of the image encoder
     context_length: int = MAX_TOKENS  # tokens the text encoder reads
 

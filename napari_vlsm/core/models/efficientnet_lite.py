@@ -77,6 +77,13 @@ class EfficientNetLite0Encoder(nn.Module):
                 cin = cout
         self._blocks = nn.ModuleList(blocks)
 
+    def level_parameters(self, levels: int) -> list[nn.Parameter]:
+        """The weights that make the first ``levels`` levels: the stem and their blocks."""
+        if levels <= 0:
+            return []
+        blocks = self._blocks[:LEVEL_ENDS[min(levels, len(LEVEL_ENDS)) - 1] + 1]
+        return [*self._conv_stem.parameters(), *self._bn0.parameters(), *blocks.parameters()]
+
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         x = F.relu6(self._bn0(self._conv_stem(pixel_values)))
         feats = []

@@ -16,6 +16,8 @@ from pathlib import Path
 from napari_vlsm.core.atomic import apply_umask
 from napari_vlsm.core.file_names import BEST, LAST, METADATA  # noqa: F401  (re-exported for callers)
 
+LINK_FROM_BYTES = 1 << 20
+
 
 def check_writable(out_dir, what: str = "checkpoints") -> Path:
     """Create ``out_dir`` if needed and prove a file can be written there (``what``: what
@@ -55,10 +57,8 @@ def save_checkpoint(backend, target, metadata: dict, extras: dict | None = None)
     from napari_vlsm.core.models.loading import quiet_transformers
 
     quiet_transformers()
-    target = Path(target)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-tmp-"))
-    try:
-        apply_umask(tmp, directory=True)
+
+    def write(tmp: Path) -> None:
         backend.save(tmp)
         for name, extra in (extras or {}).items():
             if isinstance(extra, dict):
@@ -66,6 +66,34 @@ def save_checkpoint(backend, target, metadata: dict, extras: dict | None = None)
             else:
                 shutil.copytree(extra, tmp / name)
         (tmp / METADATA).write_text(json.dumps(metadata, indent=1, default=str))
+
+    return _write_atomically(Path(target), write)
+
+
+def copy_checkpoint(source, target) -> Path:
+    """Put a copy of the checkpoint ``source`` at ``target`` atomically. Its large files (the
+    weights) are linked, not copied, where the filesystem allows: a save never changes a
+    checkpoint's files in place (it writes a new folder), so the two folders can share them."""
+    def link(src: str, dst: str) -> None:
+        if os.path.getsize(src) < LINK_FROM_BYTES:  # small files (JSON a person may edit) are copied
+            shutil.copy2(src, dst)
+            return
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    return _write_atomically(Path(target), lambda tmp: shutil.copytree(source, tmp, copy_function=link,
+                                                                       dirs_exist_ok=True))
+
+
+def _write_atomically(target: Path, write) -> Path:
+    """``write(folder)`` into a new temporary sibling of ``target``, then swap it in: the old
+    ``target`` is renamed aside, the new one renamed into place, the old one removed."""
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-tmp-"))
+    try:
+        apply_umask(tmp, directory=True)
+        write(tmp)
         old = None
         if target.exists():
             old = target.parent / f".{target.name}-old-{os.getpid()}"

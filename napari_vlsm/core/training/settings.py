@@ -7,7 +7,10 @@ from dataclasses import dataclass, field
 
 from napari_vlsm.core.data.prompts import TRAIN_PROMPT_TYPES
 
-TARGET_STEPS = 250   # optimiser steps of a round when epochs are not given
+ROUND_STEPS = 100    # optimiser steps of a round of up to 87 corrections (docs/corrections.md)
+ROUND_PASSES = 8     # a larger set: enough steps for each example to be drawn about this many times
+ROUND_AVERAGE = 0.98  # decay of the moving average of the weights that a round keeps
+NEW_SHARE = 0.5      # a round that continues a model: the share of draws from the corrections new to it
 TRAIN_MODES_OFFERED = ("auto", "decoder", "full", "lora")
 SMALL_SET = 100      # below this many examples, all of them train (no validation hold-out)
 
@@ -15,7 +18,8 @@ SMALL_SET = 100      # below this many examples, all of them train (no validatio
 @dataclass
 class TrainSettings:
     mode: str = "auto"             # auto (the backend's own) | decoder | full | lora
-    epochs: int | None = None      # None: enough for about TARGET_STEPS steps
+    epochs: int | None = None      # None: enough epochs for about `steps` steps
+    steps: int | None = None       # optimiser steps of a round when epochs are not given (None: round_steps)
     lr: float | None = None        # None: the backend's default for the mode (default_lr)
     batch_size: int = 8
     weight_decay: float = 1e-3
@@ -28,6 +32,8 @@ class TrainSettings:
     replay_fraction: float | None = None  # share of each batch from the base's replay sample (None: see replay_share)
     keep_norm_stats: bool = False  # keep the base's batch-norm statistics (measured: learns a new domain worse)
     encoder_lr_scale: float = 1.0  # the image encoder's learning rate relative to the rest
+    new_share: float | None = NEW_SHARE  # a continued round: share of draws from corrections new to the model (0: as they come)
+    frozen_levels: int | None = None  # image-encoder levels (from the input) that do not train (None: the model's)
     anchor: float = 0.0            # L2 pull of the weights toward the starting model's (L2-SP)
     adapters: str = "auto"         # auto: a class new to a trained FiLM-UNet gets its own adapter; off
     prompt_types: tuple = TRAIN_PROMPT_TYPES
@@ -39,7 +45,19 @@ class TrainSettings:
     repeat: dict = field(default_factory=dict)    # data folder name -> times its examples appear per epoch
     seed: int = 0
     threads: int | None = None     # CPU threads for torch (None: the cores this process may use)
-    weight_average: float = 0.0    # decay of a moving average of the weights, validated and saved (0: off)
+    weight_average: float | None = None  # decay of a moving average of the weights, validated and saved
+                                         # (None: ROUND_AVERAGE; 0: off)
+
+    def round_steps(self, n_examples: int, per_batch: int) -> int:
+        """The steps of a round: the given number, else ROUND_STEPS for a set of corrections (a
+        round of up to about 80 of them takes the same short time), and for a larger set enough
+        for each of its ``n_examples`` to be drawn about ROUND_PASSES times, ``per_batch`` a step."""
+        if self.steps:
+            return self.steps
+        return max(ROUND_STEPS, -(-ROUND_PASSES * n_examples // max(per_batch, 1)))
+
+    def average_decay(self) -> float:
+        return ROUND_AVERAGE if self.weight_average is None else self.weight_average
 
     def learning_rate(self, backend=None, adapter: bool = False) -> float:
         """The given rate, or the backend's default for the mode (for an adapter's round, its own)."""

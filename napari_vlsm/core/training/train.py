@@ -6,13 +6,16 @@ command line shows progress and can stop between steps (close the generator, or 
 validation set) is kept in ``out_dir/best`` and the latest in ``out_dir/last``, both
 written atomically; stopping, a crash or a NaN loss leaves them as they were.
 
-One recipe for the command line and the widget, made for learning from 10-100 corrected
-masks (``TrainSettings()`` defaults): the model's own training mode (full for the
-FiLM-UNet, decoder for CLIPSeg), about ``TARGET_STEPS`` optimiser steps whatever the set's
-size (so a round takes the same time with 20 or 80 examples), a one-cycle schedule, every
-correction used for training while there are fewer than ``SMALL_SET`` of them, and half of
-each batch drawn from the model's replay sample (see ``replay.py``) so that it keeps what it
-knew. Dice + BCE loss, AdamW (weight decay 1e-3), gradient clipping, bf16/fp16 autocast on
+One recipe for the command line and the widget, made for rounds of corrections
+(``TrainSettings()`` defaults, docs/corrections.md): the model's own training mode (full for
+the FiLM-UNet, decoder for CLIPSeg) with the first levels of a pretrained image encoder left
+as they are, ``ROUND_STEPS`` optimiser steps for up to about 90 corrections and more for a
+larger set (``TrainSettings.round_steps``), a one-cycle schedule, a moving average of the
+weights kept, every correction used for training while there are fewer than ``SMALL_SET`` of
+them, and the model's replay sample (see ``replay.py``) in each batch so that it keeps what it
+knew. A round that goes on from a model trained on part of the set (the training.json of
+the model it starts from names what that was) draws the corrections new to it half of the
+time. Dice + BCE loss, AdamW (weight decay 1e-3), gradient clipping, bf16/fp16 autocast on
 GPU. Larger runs set epochs, validation share and schedule themselves.
 """
 
@@ -26,7 +29,7 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -36,7 +39,8 @@ import torch.nn.functional as F
 
 from napari_vlsm.core.training.adapters import AdapterView, adapter_parameters, plan_adapter, prepare_adapter
 from napari_vlsm.core.models.backend import TorchBackend
-from napari_vlsm.core.training.checkpoint import BEST, LAST, check_writable, read_metadata, recover_checkpoints, save_checkpoint
+from napari_vlsm.core.training.checkpoint import (BEST, LAST, check_writable, copy_checkpoint, read_metadata,
+                                                  recover_checkpoints, save_checkpoint)
 from napari_vlsm.core.data.concepts import NegativePrompts, add_synonyms
 from napari_vlsm.core.device import cpu_threads
 from napari_vlsm.core.errors import TrainingError
@@ -47,11 +51,11 @@ from napari_vlsm.core.inference.predictor import decode_views, encode_views
 from napari_vlsm.core.data.prompts import SYNONYM_TYPE
 from napari_vlsm.core.data.replay import REPLAY_DIR, replay_dir, replay_examples
 from napari_vlsm.core.data.training_sets import Example, PairCache, augment
-from napari_vlsm.core.training.settings import SMALL_SET, TARGET_STEPS, TRAIN_MODES_OFFERED, TrainSettings  # noqa: F401
+from napari_vlsm.core.training.settings import SMALL_SET, TRAIN_MODES_OFFERED, TrainSettings  # noqa: F401
 from napari_vlsm.core.training.weight_average import WeightAverage
 
 NO_SYNC = os.environ.get("NAPARI_VLSM_NO_GRAD_SYNC") == "1"  # diagnostic: ranks drift apart (tests show it)
-CHECKPOINT_EVERY_S = 30  # a short round saves at its end; a long one also every this often
+CHECKPOINT_EVERY_S = 60  # a round of corrections saves at its end; a longer run also every this often
 
 
 @dataclass
@@ -70,6 +74,20 @@ class Progress:
     checkpoint: str | None = None
     message: str = ""
     val_by_set: dict | None = None   # data set -> val Dice, at epoch ends of pooled training
+    timings: dict | None = None      # phase -> seconds, at the end of a run (Clock)
+
+
+class Clock(dict):
+    """Seconds a run spends in each phase (loading, reading images, making batches, the
+    optimiser steps, validation, checkpoints): where the time of a round goes."""
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[phase] = self.get(phase, 0.0) + time.perf_counter() - t0
 
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -280,20 +298,26 @@ def _all_reduce_grads(params, world: int) -> None:
 def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example], out_dir,
           settings: TrainSettings | None = None, resume: bool = False, metadata: dict | None = None,
           stop: threading.Event | None = None, replay: Path | None = None,
-          card: dict | None = None) -> Iterator[Progress]:
+          card: dict | None = None, clock: Clock | None = None, before: dict | None = None) -> Iterator[Progress]:
     """Finetune ``backend`` in place; yield progress; keep checkpoints in ``out_dir``.
 
     ``replay``: a replay folder (see ``replay.py``) mixed into every batch and copied into
     each checkpoint; ``card``: the base model's card (``model_card.py``), kept with the
     prompts trained here added. With ``resume``, training goes on from ``out_dir/last``: the same
     schedule when the training set is unchanged, a new round of it when examples were added.
+    ``clock`` collects the seconds of each phase (a caller's, to add its own loading to);
+    ``before``: the starting model's training.json, which says what it was trained on.
     """
-    plan = plan_run(backend, train_set, val_set, out_dir, settings, resume, replay, card)
-    _start_from_rank0(backend, plan.world)
-    optim = make_optimisation(backend, plan)
-    train_cache, val_cache = PairCache(plan.pool, backend.input_size), PairCache(plan.val_set, backend.input_size)
-    run = RunState.start(plan)
-    checkpoints = _checkpoints(backend, plan, metadata, replay, card)
+    clock = Clock() if clock is None else clock
+    with clock("set-up"):
+        plan = plan_run(backend, train_set, val_set, out_dir, settings, resume, replay, card, before)
+        _start_from_rank0(backend, plan.world)
+        optim = make_optimisation(backend, plan)
+    with clock("reading images"):
+        train_cache, val_cache = PairCache(plan.pool, backend.input_size), PairCache(plan.val_set, backend.input_size)
+        train_cache.load_all()
+    run = RunState.start(plan, clock)
+    checkpoints = _checkpoints(backend, plan, metadata, replay, card, clock)
     summary = _run_summary(plan, train_cache)
 
     for epoch in range(plan.start_epoch, plan.epochs):
@@ -303,7 +327,7 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
             if stop is not None and stop.is_set():
                 yield _stopped(plan, run, epoch)
                 return
-            losses.append(_train_step(backend, plan, optim, train_cache, batch, epoch, run.step))
+            losses.append(_train_step(backend, plan, optim, train_cache, batch, epoch, run.step, clock))
             run.step += 1
             run.seen += len(batch) + plan.n_replay
             yield _step_progress(plan, run, epoch, losses[-1])
@@ -325,6 +349,8 @@ class RunPlan:
     pool: list[Example]            # train_set + replay_set: what a batch index points at
     val_set: list[Example]
     n_distinct: int                # training examples before repeats
+    n_repeated: int                # with repeats (--repeat), before the new ones are weighed up
+    n_fresh: int | None            # a round that goes on: examples new to the model it starts from
     negatives: NegativePrompts
     out: Path
     world: int                     # ranks of a distributed run, and this one's
@@ -355,7 +381,7 @@ class RunPlan:
 
 def plan_run(backend: TorchBackend, train_set: list[Example], val_set: list[Example], out_dir,
              settings: TrainSettings | None = None, resume: bool = False, replay: Path | None = None,
-             card: dict | None = None) -> RunPlan:
+             card: dict | None = None, before: dict | None = None) -> RunPlan:
     """Check the inputs and settle a run: the sets, the seeded random streams, the adapter (or
     the shared network) and its weights, the batch split, the epochs and where to start.
     Seeds the global RNGs before preparing the adapter, as a run's draws depend on that order."""
@@ -383,16 +409,62 @@ def plan_run(backend: TorchBackend, train_set: list[Example], val_set: list[Exam
         params, learner = adapter_parameters(backend, adapter), AdapterView(backend, adapter)
     else:
         new_prompts, params, learner = [], backend.trainable_parameters(s.mode), backend
+    s = replace(s, frozen_levels=backend.default_frozen_levels if s.frozen_levels is None else s.frozen_levels,
+                weight_average=s.average_decay())
+    params = _without_frozen_levels(backend, adapter, params, s.frozen_levels)
+    known, n_repeated = _known(before, adapter), len(train_set)
+    n_fresh = len({_key(e) for e in train_set} - known) if known else None
+    train_set = _weigh_new(train_set, known, s.new_share)
+    pool = train_set + replay_set
     s = replace(s, replay_fraction=s.replay_share(adapter))
     s = replace(s, lr=s.learning_rate(backend, adapter=bool(adapter)))
     n_replay = min(int(round(s.batch_size * s.replay_fraction)), s.batch_size - 1) if replay_set else 0
     n_new = s.batch_size - n_replay
     steps_per_epoch = len(_batches(len(train_set), n_new, s.seed, world, rank))
-    epochs = s.epochs or max(1, round(TARGET_STEPS / steps_per_epoch))
+    if not s.epochs:
+        s = replace(s, steps=s.round_steps(n_distinct, n_new))
+    epochs = s.epochs or max(1, round(s.steps / steps_per_epoch))
     start_epoch, history, round_no = _resume_point(out, resume, len(train_set), epochs)
-    return RunPlan(s, train_set, replay_set, pool, val_set, n_distinct, negatives, out, world, rank, rng, np_rng,
+    return RunPlan(s, train_set, replay_set, pool, val_set, n_distinct, n_repeated, n_fresh, negatives, out, world,
+                   rank, rng, np_rng,
                    adapter, new_prompts, params, learner, n_new, n_replay, steps_per_epoch, epochs, start_epoch,
                    history, round_no)
+
+
+def _known(before: dict | None, adapter: int | None) -> set[str]:
+    """The examples the starting model's last round trained the same path on (adapter or
+    shared network), by "folder/image" key: what a new round on an enlarged set has seen."""
+    if not before or before.get("adapter") != adapter:
+        return set()
+    return set(before.get("trained_names", []))
+
+
+def _weigh_new(train_set: list[Example], known: set[str], share: float | None) -> list[Example]:
+    """The training list with the examples not in ``known`` repeated so that they make about
+    ``share`` of it: a round that continues a trained path spends its steps on what is new
+    while the rest keeps being rehearsed."""
+    new = [e for e in train_set if _key(e) not in known]
+    if not share or not new or len(new) == len(train_set):
+        return train_set
+    times = max(1, round(share * (len(train_set) - len(new)) / ((1 - share) * len(new))))
+    return [e for e in train_set for _ in range(times if _key(e) not in known else 1)]
+
+
+def _without_frozen_levels(backend: TorchBackend, adapter: int | None, params: list, levels: int) -> list:
+    """``params`` less the weights of the first ``levels`` levels of the trained path's image
+    encoder, which are frozen: no gradient flows through them, so a step skips their backward."""
+    if not levels:
+        return params
+    from napari_vlsm.core.models.film_unet import FilmUNetForSegmentation, ImagePath
+
+    if not isinstance(backend.module, FilmUNetForSegmentation):
+        raise TrainingError(f"Frozen encoder levels are for the FiLM-UNet; {backend.name} trains by its modes.")
+    path = backend.module.adapters[adapter - 1] if adapter else backend.module
+    frozen = {id(p) for p in ImagePath.encoder_level_parameters(path, levels)}
+    for p in params:
+        if id(p) in frozen:
+            p.requires_grad_(False)
+    return [p for p in params if id(p) not in frozen]
 
 
 def _start_from_rank0(backend: TorchBackend, world: int) -> None:
@@ -422,7 +494,7 @@ def make_optimisation(backend: TorchBackend, plan: RunPlan) -> Optimisation:
     and autocast (bf16, else fp16 with loss scaling) on CUDA."""
     s = plan.settings
     optimiser = torch.optim.AdamW(_param_groups(backend, plan.params, s), lr=s.lr, weight_decay=s.weight_decay)
-    average = WeightAverage(backend.module, s.weight_average) if s.weight_average else None
+    average = WeightAverage(backend.module, s.weight_average, plan.params) if s.weight_average else None
     start_weights = [p.detach().clone() for p in plan.params] if s.anchor else None
     schedule = _scheduler(optimiser, s.schedule, plan.total, done_steps=plan.start_epoch * plan.steps_per_epoch)
     use_amp = backend.device.type == "cuda"
@@ -441,44 +513,52 @@ class Checkpoints:
     rank: int
     meta: dict
     extras: dict
+    clock: Clock
     saved_at: float = -math.inf
 
-    def save(self, improved: bool, informative: bool, final: bool = False) -> str | None:
-        """last/ (and best/ when improved) at the end, when validation improved, and otherwise
-        every CHECKPOINT_EVERY_S: a short round is not slowed down by writing every epoch."""
+    def save(self, improved: bool, informative: bool, final: bool = False, best_is_last: bool = False) -> str | None:
+        """last/ (and best/ when improved) after the first epoch, at the end, when validation
+        improved, and otherwise every CHECKPOINT_EVERY_S: a short round is not slowed down by
+        writing every epoch. ``best_is_last``: the weights are the ones to keep (the schedule's
+        end when validation says nothing). best/ is then a copy of last/ that shares its weight
+        files, written in a fraction of the time."""
         due = final or time.time() - self.saved_at > CHECKPOINT_EVERY_S
         if self.rank != 0 or not (due or (improved and informative)):
             return None
         self.saved_at = time.time()
-        save_checkpoint(self.backend, self.out / LAST, self.meta, self.extras)
-        return self.save_best() if improved else None
+        with self.clock("checkpoints"):
+            save_checkpoint(self.backend, self.out / LAST, self.meta, self.extras)
+            return str(copy_checkpoint(self.out / LAST, self.out / BEST)) if improved or best_is_last else None
 
     def save_best(self) -> str:
-        return str(save_checkpoint(self.backend, self.out / BEST, self.meta, self.extras))
+        with self.clock("checkpoints"):
+            return str(save_checkpoint(self.backend, self.out / BEST, self.meta, self.extras))
 
 
 def _checkpoints(backend: TorchBackend, plan: RunPlan, metadata: dict | None, replay: Path | None,
-                 card: dict | None) -> Checkpoints:
+                 card: dict | None, clock: Clock) -> Checkpoints:
     """The run's checkpoints with their metadata (settings, sets, validation names, round,
     adapter, history, and the caller's ``metadata``) and extras (the replay folder; the
     card with the prompts trained here added)."""
     s, train_set = plan.settings, plan.train_set
     meta = {"base_model": backend.source, "settings": asdict(s), "train_examples": len(train_set),
             "replay_examples": len(plan.replay_set), "val_examples": len(plan.val_set),
-            "val_names": [_key(e) for e in plan.val_set], "world_size": plan.world, "round": plan.round_no,
+            "val_names": [_key(e) for e in plan.val_set],
+            "trained_names": sorted({_key(e) for e in train_set}), "world_size": plan.world, "round": plan.round_no,
             "adapter": plan.adapter, "history": plan.history, **(metadata or {})}
     extras = {REPLAY_DIR: replay} if replay else {}
     if card is not None:
         extras[CARD_FILE] = card_after_finetune(card, [ex.prompts.get("p1", "") for ex in train_set
                                                        if isinstance(ex.prompts.get("p1"), str)],
                                                 trained_prompts(train_set, _prompt_types(s), s.negative_prompts))
-    return Checkpoints(backend, plan.out, plan.rank, meta, extras)
+    return Checkpoints(backend, plan.out, plan.rank, meta, extras, clock)
 
 
 def _run_summary(plan: RunPlan, train_cache: PairCache) -> str:
     """What the run trains on, for its last message, with a warning (also raised, pointing at
     the caller of train()) when every training mask is empty."""
-    summary = _summary(plan.n_distinct, len(plan.train_set), len(plan.replay_set), len(plan.val_set), plan.adapter)
+    summary = _summary(plan.n_distinct, plan.n_repeated, len(plan.replay_set), len(plan.val_set), plan.adapter,
+                       plan.n_fresh, plan.settings.new_share)
     if plan.rank == 0 and plan.start_epoch < plan.epochs and not any(
             train_cache[i][1].any() for i in range(len(plan.train_set))):
         empty = ("every training mask is empty, so the model can only learn to find nothing; "
@@ -496,15 +576,16 @@ class RunState:
     best: float
     best_loss: float
     t0: float
+    clock: Clock
     stale: int = 0
     seen: int = 0
 
     @classmethod
-    def start(cls, plan: RunPlan) -> RunState:
+    def start(cls, plan: RunPlan, clock: Clock) -> RunState:
         # the validation set is kept across rounds (finetune passes its names back), so scores compare
         best = max((h["val_dice"] for h in plan.history if h.get("val_dice")), default=-1.0)
         best_loss = min((h["loss"] for h in plan.history if h.get("round", 1) == plan.round_no), default=math.inf)
-        return cls(plan.start_epoch * plan.steps_per_epoch, best, best_loss, time.time())
+        return cls(plan.start_epoch * plan.steps_per_epoch, best, best_loss, time.time(), clock)
 
     @property
     def best_dice(self) -> float | None:
@@ -525,21 +606,22 @@ class RunState:
 
 
 def _train_step(backend: TorchBackend, plan: RunPlan, optim: Optimisation, cache: PairCache, batch: list[int],
-                epoch: int, step: int) -> float:
+                epoch: int, step: int, clock: Clock) -> float:
     """One optimiser step: this rank's corrections ``batch`` topped up with replay pairs and
     shuffled, made into images, targets and prompts; their loss; the step (with the weight
     average and a one-cycle schedule). The loss; a loss that is not finite stops the run."""
     s, rng, n_train = plan.settings, plan.rng, len(plan.train_set)
     idx = batch + [n_train + rng.randrange(len(plan.replay_set)) for _ in range(plan.n_replay)]
     rng.shuffle(idx)  # negatives are drawn for the first images: corrections and replay alike
-    pixels, target, prompts = _make_batch(cache, plan.pool, idx, s, rng, plan.np_rng, backend)
+    with clock("making batches"):
+        pixels, target, prompts = _make_batch(cache, plan.pool, idx, s, rng, plan.np_rng, backend)
     examples = [plan.pool[i] for i in idx]
     if plan.adapter:  # replay images ask for the new class, which is absent there
         for j in (j for j, i in enumerate(idx) if i >= n_train):
             target[j], prompts[j] = 0, rng.choice(plan.new_prompts)
     else:
         _ask_own_class_where_absent(target, prompts, examples, plan.negatives, rng)
-    with torch.autocast(backend.device.type, dtype=optim.amp_dtype, enabled=optim.use_amp):
+    with clock("optimiser steps"), torch.autocast(backend.device.type, dtype=optim.amp_dtype, enabled=optim.use_amp):
         loss = _loss(plan.learner, pixels, target, prompts, s, rng, None if plan.adapter else plan.negatives,
                      examples)
         if optim.start_weights is not None:
@@ -547,11 +629,12 @@ def _train_step(backend: TorchBackend, plan: RunPlan, optim: Optimisation, cache
     if not torch.isfinite(loss):
         raise TrainingError(f"The loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
                             f"training stopped. {_stopped_message(plan.out)} Try a lower learning rate.")
-    _optimiser_step(loss, optim.optimiser, optim.scaler, plan.params, s.grad_clip, plan.world)
-    if optim.average is not None:
-        optim.average.update(backend.module)
-    if s.schedule == "onecycle":
-        optim.schedule.step()
+    with clock("optimiser steps"):
+        _optimiser_step(loss, optim.optimiser, optim.scaler, plan.params, s.grad_clip, plan.world)
+        if optim.average is not None:
+            optim.average.update(backend.module)
+        if s.schedule == "onecycle":
+            optim.schedule.step()
     return loss.item()
 
 
@@ -561,7 +644,8 @@ def _end_epoch(backend: TorchBackend, plan: RunPlan, optim: Optimisation, run: R
     (the schedule's end is best/ when validation says nothing), step a plateau schedule. The
     epoch's Progress, and whether to stop early (no validation gain for ``patience`` epochs)."""
     s = plan.settings
-    epoch_loss, val, report = _validate_epoch(backend, plan, optim, val_cache, losses)
+    with run.clock("validation"):
+        epoch_loss, val, report = _validate_epoch(backend, plan, optim, val_cache, losses)
     plan.history.append({"round": plan.round_no, "epoch": epoch + 1, "loss": epoch_loss, "val_dice": val,
                          "val_dice_by_set": report.by_set if report else None,
                          "val_cross_prompt_rate": report.cross_prompt_rate if report else None,
@@ -572,10 +656,9 @@ def _end_epoch(backend: TorchBackend, plan: RunPlan, optim: Optimisation, run: R
     checkpoints.meta.update(epochs_done=epoch + 1, history=plan.history, best_val_dice=run.best_dice)
     if plan.world > 1:  # every rank's weights, summarised, so a run can show they stayed identical
         checkpoints.meta["rank_weight_sums"] = _gather_weight_sums(backend)
-    with _kept_weights(optim.average, backend.module):
-        ckpt = checkpoints.save(improved, informative, final=last_epoch or stopping)
-        if last_epoch and not informative and plan.rank == 0:  # the schedule's end is the model to keep
-            ckpt = checkpoints.save_best()
+    with _kept_weights(optim.average, backend.module):  # the schedule's end is kept when validation says nothing
+        ckpt = checkpoints.save(improved, informative, final=last_epoch or stopping,
+                                best_is_last=last_epoch and not informative)
     if s.schedule != "onecycle" and val is not None:
         optim.schedule.step(val)
     elapsed = time.time() - run.t0
@@ -591,9 +674,11 @@ def _validate_epoch(backend: TorchBackend, plan: RunPlan, optim: Optimisation, v
     weights that are saved; a distributed run takes rank 0's numbers."""
     s = plan.settings
     epoch_loss = float(np.mean(losses)) if losses else float("nan")
-    with _kept_weights(optim.average, backend.module):
-        report = validate(backend, val_cache, plan.val_set, s.val_prompt_type, s.batch_size,
-                          plan.negatives.concepts) if plan.val_set else None
+    report = None
+    if plan.val_set:
+        with _kept_weights(optim.average, backend.module):
+            report = validate(backend, val_cache, plan.val_set, s.val_prompt_type, s.batch_size,
+                              plan.negatives.concepts)
     val = report.dice if report else None
     if plan.world > 1:  # decisions (best, schedule, early stop) follow rank 0
         val, epoch_loss = _from_rank0(val, epoch_loss, device=backend.device)
@@ -614,7 +699,7 @@ def _stopped(plan: RunPlan, run: RunState, epoch: int) -> Progress:
 
 def _stopped_early(plan: RunPlan, run: RunState, epoch_end: Progress, summary: str) -> Progress:
     return Progress("done", epoch_end.epoch, plan.epochs, run.step, plan.total, epoch_end.loss, epoch_end.val_dice,
-                    run.best, epoch_end.elapsed, checkpoint=str(plan.out / BEST),
+                    run.best, epoch_end.elapsed, checkpoint=str(plan.out / BEST), timings=dict(run.clock),
                     message=f"{summary}; stopped early after epoch {epoch_end.epoch}: no validation gain "
                             f"for {plan.settings.patience} epochs.")
 
@@ -629,7 +714,8 @@ def _finish(plan: RunPlan, run: RunState, checkpoints: Checkpoints, summary: str
     history = plan.history
     return Progress("done", plan.epochs, plan.epochs, run.step, plan.total,
                     history[-1]["loss"] if history else float("nan"), history[-1]["val_dice"] if history else None,
-                    run.best_dice, time.time() - run.t0, checkpoint=str(plan.out / BEST), message=f"{summary}; {why}.")
+                    run.best_dice, time.time() - run.t0, checkpoint=str(plan.out / BEST), message=f"{summary}; {why}.",
+                    timings=dict(run.clock))
 
 
 def _resume_point(out: Path, resume: bool, n_train: int, epochs: int) -> tuple[int, list, int]:
@@ -658,12 +744,17 @@ def _scheduler(opt, schedule: str, total: int, done_steps: int):
     return sched
 
 
-def _summary(n_distinct: int, n_train: int, n_replay: int, n_val: int, adapter: int | None = None) -> str:
+def _summary(n_distinct: int, n_train: int, n_replay: int, n_val: int, adapter: int | None = None,
+             fresh: int | None = None, new_share: float | None = None) -> str:
     replayed = (f" with {n_replay} replay image(s) as negatives" if adapter
                 else f" mixed with {n_replay} replay pair(s)")
+    went_on = ""
+    if fresh is not None:
+        went_on = f", going on from a model trained on {n_distinct - fresh} of them" + (
+            f" (the {fresh} new drawn about {new_share:.0%} of the time)" if new_share and 0 < fresh < n_distinct else "")
     return (f"Trained on {n_distinct} image(s)" + (f" ({n_train} with repeats)" if n_train != n_distinct else "")
             + (f" as adapter {adapter} of a new class (the base model is unchanged)" if adapter else "")
-            + (replayed if n_replay else "")
+            + (replayed if n_replay else "") + went_on
             + f", validated on {n_val}" + ("" if n_val else " (every example trains)"))
 
 
@@ -784,18 +875,21 @@ def finetune(spec: str, data_dirs, out_dir, settings: TrainSettings | None = Non
     check_run_folder(out_dir, resume)
     last = Path(out_dir) / LAST
     previous = read_metadata(last) if resume else {}
+    clock = Clock()
     try:
-        train_set, val_set = training_data(data_dirs, val_split, s.val_fraction, prompt, s.seed,
-                                           previous.get("val_names"))
+        with clock("listing data"):
+            train_set, val_set = training_data(data_dirs, val_split, s.val_fraction, prompt, s.seed,
+                                               previous.get("val_names"))
     except (FileNotFoundError, ValueError) as exc:
         raise TrainingError(str(exc)) from exc
     start = str(last) if resume and (last / CONFIG).exists() else spec
-    backend = load_for_training(start, device, encoders)
+    with clock("loading the model"):
+        backend = load_for_training(start, device, encoders)
     folder = local_folder(start)
     replay = replay_dir(folder) if s.replay_fraction != 0 else None
     meta = {"data": [str(d) for d in data_dirs], "prompt": prompt, **(metadata or {})}
     yield from train(backend, train_set, val_set, out_dir, s, resume=resume, metadata=meta, stop=stop, replay=replay,
-                     card=read_card(folder))
+                     card=read_card(folder), clock=clock, before=read_metadata(folder) if folder else None)
 
 
 def oversample(examples: list[Example], repeat: dict) -> list[Example]:
