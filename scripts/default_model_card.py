@@ -23,13 +23,26 @@ HERE = Path(__file__).resolve().parent
 
 
 def main(folder: str, data_dirs: list[str]) -> None:
+    """The template says which data set each modality and name belongs to; a model trained
+    without some of them (a leave-one-domain-out base) gets a card without them."""
     card = json.loads((HERE / "default_model_card.json").read_text())
+    sets = [Path(d).name for d in data_dirs]
     negatives = [line.strip() for line in (HERE / "negative_prompts.txt").read_text().splitlines()
                  if line.strip() and not line.startswith("#")]
     card["negatives"] = negatives
     examples = [ex for d in data_dirs for ex in benchmark_examples(d, "train")]
-    add_synonyms(examples, json.loads((HERE / "synonyms.json").read_text()))
-    card[VOCABULARY] = vocabulary(trained_prompts(examples, (*TRAIN_PROMPT_TYPES, SYNONYM_TYPE), negatives))
+    synonyms = json.loads((HERE / "synonyms.json").read_text())
+    add_synonyms(examples, {k: v for k, v in synonyms.items() if k in sets})
+    prompts = trained_prompts(examples, (*TRAIN_PROMPT_TYPES, SYNONYM_TYPE), negatives)
+    left_out = [name for key, name in card["trained_on"].items() if key not in sets]
+    if left_out:
+        card["title"] += f", less {', '.join(left_out)}"
+    card["knows"] = [{k: v for k, v in entry.items() if k != "sets"} for entry in card["knows"]
+                     if set(entry["sets"]) & set(sets)]
+    card["trained_on"] = [name for key, name in card["trained_on"].items() if key in sets]
+    said = {p.casefold() for p in prompts}
+    card["suggestions"] = [s for s in card["suggestions"] if s.casefold() in said]
+    card[VOCABULARY] = vocabulary(prompts)
     (Path(folder) / CARD_FILE).write_text(json.dumps(card, indent=1))
 
 

