@@ -71,7 +71,8 @@ def test_a_new_prompt_on_a_cached_image_runs_no_image_encoder(family_folder, pol
     first = predictor.predict("polyp").probs
     again = predictor.predict(["breast tumor", "polyp"]).probs
     assert calls == []
-    np.testing.assert_allclose(again[1], first[0], atol=1e-5)
+    # a batch of two prompts takes other matmul kernels than one: float32 rounding, no more
+    np.testing.assert_allclose(again[1], first[0], atol=1e-4)
 
 
 def weights_changed(before: dict, after: dict, prefixes) -> tuple[bool, bool]:

@@ -44,8 +44,9 @@ def test_prompts_that_share_a_first_word_get_their_own_answers(clipseg, polyp_im
         fresh.set_image(polyp_image)
         np.testing.assert_allclose(asked[p], fresh.predict(p).probs[0], atol=1e-5)
     assert np.abs(asked["polyp"] - asked["polyp border"]).max() > 1e-3
+    # two prompts in one batch take other matmul kernels than one: float32 rounding, no more
     np.testing.assert_allclose(pred.predict(["polyp border", "polyp"]).probs, [asked["polyp border"], asked["polyp"]],
-                               atol=1e-5)
+                               atol=1e-4)
 
 
 def test_second_prompt_reuses_image_features(clipseg, polyp_image):

@@ -17,8 +17,8 @@ class WeightAverage:
 
     The decay ramps up over the first steps (``(1 + t) / (10 + t)``, capped at ``decay``) so
     the random initial weights are forgotten quickly. ``params``: the weights that train (the
-    rest cannot change, so averaging it would cost time for nothing); the buffers (batch-norm
-    statistics) are always averaged."""
+    rest cannot change, so averaging it would cost time for nothing); the saved buffers
+    (batch-norm statistics) are always averaged."""
 
     def __init__(self, module: torch.nn.Module, decay: float, params=None):
         if not 0.0 < decay < 1.0:
@@ -26,8 +26,9 @@ class WeightAverage:
         self.decay, self.steps = decay, 0
         wanted = None if params is None else {id(p) for p in params}
         self.names = [k for k, p in module.named_parameters() if wanted is None or id(p) in wanted]
-        self.names += [k for k, _ in module.named_buffers()]
         state = module.state_dict()
+        # a non-persistent buffer (CLIP's position ids) is not in the state dict: nothing to average
+        self.names += [k for k, _ in module.named_buffers() if k in state]
         self.state = {k: state[k].detach().clone() for k in self.names}
 
     @torch.no_grad()
