@@ -193,6 +193,14 @@ def test_resume_after_adding_examples_trains_a_new_round_on_the_same_validation_
     # unchanged set and schedule complete: nothing more to train, and it says so
     events = list(T.finetune(str(tiny_unet), [folder], tmp_path / "run", s, resume=True, device="cpu"))
     assert "already complete" in events[-1].message and (tmp_path / "run" / "best" / "config.json").exists()
+    # one correction replaced by another: as many examples, yet a new round
+    rows = json.loads((folder / "anns" / "train.json").read_text())
+    row = next(r for r in rows if f"mine/{r['img_name']}" not in second["val_names"])
+    (folder / "images" / f"again_{row['img_name']}").write_bytes((folder / "images" / row["img_name"]).read_bytes())
+    rows[rows.index(row)] = {**row, "img_name": f"again_{row['img_name']}"}
+    (folder / "anns" / "train.json").write_text(json.dumps(rows))
+    list(T.finetune(str(tiny_unet), [folder], tmp_path / "run", s, resume=True, device="cpu"))
+    assert json.loads((tmp_path / "run" / "last" / "training.json").read_text())["round"] == 3
 
 
 def test_images_without_the_object_are_asked_for_their_own_class(pooled):

@@ -424,7 +424,7 @@ def plan_run(backend: TorchBackend, train_set: list[Example], val_set: list[Exam
     if not s.epochs:
         s = replace(s, steps=s.round_steps(n_distinct, n_new))
     epochs = s.epochs or max(1, round(s.steps / steps_per_epoch))
-    start_epoch, history, round_no = _resume_point(out, resume, len(train_set), epochs)
+    start_epoch, history, round_no = _resume_point(out, resume, sorted({_key(e) for e in train_set}), epochs)
     return RunPlan(s, train_set, replay_set, pool, val_set, n_distinct, n_repeated, n_fresh, negatives, out, world,
                    rank, rng, np_rng,
                    adapter, new_prompts, params, learner, n_new, n_replay, steps_per_epoch, epochs, start_epoch,
@@ -541,7 +541,7 @@ def _checkpoints(backend: TorchBackend, plan: RunPlan, metadata: dict | None, re
     adapter, history, and the caller's ``metadata``) and extras (the replay folder; the
     card with the prompts trained here added)."""
     s, train_set = plan.settings, plan.train_set
-    meta = {"base_model": backend.source, "settings": asdict(s), "train_examples": len(train_set),
+    meta = {"base_model": backend.source, "settings": asdict(s), "train_examples": plan.n_distinct,
             "replay_examples": len(plan.replay_set), "val_examples": len(plan.val_set),
             "val_names": [_key(e) for e in plan.val_set],
             "trained_names": sorted({_key(e) for e in train_set}), "world_size": plan.world, "round": plan.round_no,
@@ -718,14 +718,17 @@ def _finish(plan: RunPlan, run: RunState, checkpoints: Checkpoints, summary: str
                     timings=dict(run.clock))
 
 
-def _resume_point(out: Path, resume: bool, n_train: int, epochs: int) -> tuple[int, list, int]:
+def _resume_point(out: Path, resume: bool, names: list[str], epochs: int) -> tuple[int, list, int]:
     """(first epoch, history, round) of a run: 0, [], 1 for a new one; where it stopped when
-    resumed on the same set; a new round from epoch 0 when examples were added."""
+    resumed on the same set (the same image names); a new round from epoch 0 when examples were
+    added or replaced."""
     if not (resume and (out / LAST).exists()):
         return 0, [], 1
     done = read_metadata(out / LAST)
     history, round_no = done.get("history", []), done.get("round", 1)
-    if done.get("train_examples") == n_train:
+    same = (done["trained_names"] == names if "trained_names" in done
+            else done.get("train_examples") == len(names))  # a run from before the names were kept
+    if same:
         return min(done.get("epochs_done", 0), epochs), history, round_no
     return 0, history, round_no + 1
 
