@@ -49,24 +49,44 @@ from napari_vlsm.core.images.metrics import dice  # noqa: E402
 from napari_vlsm.core.inference.predictor import Predictor  # noqa: E402
 from napari_vlsm.core.data.replay import REPLAY_DIR, write_replay_sample  # noqa: E402
 from napari_vlsm.core.data.training_sets import benchmark_examples  # noqa: E402
-from napari_vlsm.core.inference.uncertainty import SCORES, estimate_dice, score_image  # noqa: E402
+from napari_vlsm.core.inference.uncertainty import SCORES, estimate_dice, in_turn, score_image  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def scores(pred: Predictor, examples, prompts: list[str]) -> dict:
-    """Per prompt: mean Dice, wrong pixels and the share of images with a mask over 1%, each
-    image read and encoded once for all the prompts."""
+    """Per prompt: mean Dice, wrong pixels, the share of images with a mask over 1%, the mean
+    Dice of the images that show the object and the share of those that do not left empty
+    (any pixel drawn there scores Dice 0), each image read and encoded once for all the prompts."""
     d, wrong, hits = ([[] for _ in prompts] for _ in range(3))
+    shows = []
     for ex in examples:
         image, truth = ex.load()
+        shows.append(bool(truth.any()))
         pred.set_image(image)
         for k, mask in enumerate(pred.predict(prompts).masks):
             d[k].append(dice(mask, truth))
             wrong[k].append(float((mask != truth).mean()))
             hits[k].append(float(mask.mean() > 0.01))
-    return {p: {"dice": float(np.mean(d[k])), "wrong": float(np.mean(wrong[k])), "hits": float(np.mean(hits[k]))}
+    shows = np.array(shows)
+
+    def mean(values, where):
+        return float(np.mean(np.asarray(values)[where])) if where.any() else float("nan")
+
+    return {p: {"dice": float(np.mean(d[k])), "wrong": float(np.mean(wrong[k])), "hits": float(np.mean(hits[k])),
+                "dice_object": mean(d[k], shows), "empty_right": mean(d[k], ~shows)}
             for k, p in enumerate(prompts)}
+
+
+def base_probabilities(model: str, examples, prompt: str) -> list:
+    """The probabilities ``model`` gives ``prompt`` on ``examples``: the old skill, to compare
+    bit for bit with the base's after each round."""
+    pred = Predictor(load_model(model, device="cpu", dtype="fp32"))
+    out = []
+    for ex in examples:
+        pred.set_image(ex.load()[0])
+        out.append(pred.predict([prompt]).probs[0])
+    return out
 
 
 def add_corrections(folder: Path, examples, prompt: str) -> None:
@@ -99,10 +119,14 @@ def choose(order: str, model: str, left: list, n: int, prompt: str, candidates: 
     if order == "name":
         return sorted(left, key=lambda ex: Path(ex.image).name)[:n]
     pool = left[:candidates]
+    kind, _, turns = order.partition("+")
     scores = uncertainty(model, pool, prompt)
+    if turns == "folder":
+        keyed = {ex.image: ex for ex in pool}
+        return [keyed[k] for k in in_turn(list(keyed), scores, kind)[:n]]
     if len({round(scores[ex.image].value(order), 6) for ex in pool}) == 1:
         return pool[:n]
-    return sorted(pool, key=lambda ex: -scores[ex.image].value(order))[:n]
+    return sorted(pool, key=lambda ex: -scores[ex.image].value(kind))[:n]
 
 
 def score_check(args) -> None:
@@ -126,6 +150,41 @@ def score_check(args) -> None:
         print(f"| {kind} | {rho:.3f} |")
 
 
+def finetune(args, data: Path, model: str, out: Path, extra: list[str]) -> dict:
+    """``napari-vlsm finetune`` as a user runs it, timed from the command to its exit; its summary
+    and where the time went (its "Time:" line)."""
+    cmd = [sys.executable, "-m", "napari_vlsm.cli", "finetune", str(data), "--model", model,
+           "--out", str(out), "--device", "cpu", *extra]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    t0 = time.time()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - t0
+    if res.returncode != 0:
+        sys.exit(f"finetune failed ({out}):\n{res.stdout}\n{res.stderr}")
+    lines = (res.stdout + res.stderr).splitlines()
+    timings = next((ln[ln.index("Time: ") + len("Time: "):].strip() for ln in lines if "Time: " in ln), "")
+    return {"train_s": wall, "summary": next((ln.strip() for ln in lines if ln.startswith("Trained on")), ""),
+            "timings": timings}
+
+
+def ceiling(args, name: str, extra: list[str]) -> dict:
+    """An adapter trained once on the whole training split of the domain with the arm's recipe:
+    how far the rounds of corrections are from all the data."""
+    pool = benchmark_examples(Path(args.domain), "train")
+    work = Path(args.work) / (name.replace(": ", "_") + "_ceiling")
+    shutil.rmtree(work, ignore_errors=True)
+    add_corrections(work / "corrections", pool, args.prompt)
+    row = {"arm": f"{name}: ceiling", "corrections": len(pool), "trained_on": len(pool),
+           **finetune(args, work / "corrections", args.base_with_replay, work / "run", extra)}
+    pred = Predictor(load_model(str(work / "run" / "best"), device="cpu", dtype="fp32"))
+    on_test = scores(pred, benchmark_examples(Path(args.domain), "val"), [args.prompt])[args.prompt]
+    row.update(test_dice=on_test["dice"], test_dice_object=on_test["dice_object"], test_empty_right=on_test["empty_right"])
+    row["base_dice"] = scores(pred, benchmark_examples(Path(args.forget_set), "val"), ["polyp"])["polyp"]["dice"]
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def run_arm(args, name: str, extra: list[str], order: str = "random") -> list[dict]:
     work = Path(args.work) / name.replace(": ", "_")
     shutil.rmtree(work, ignore_errors=True)
@@ -136,13 +195,17 @@ def run_arm(args, name: str, extra: list[str], order: str = "random") -> list[di
     test = benchmark_examples(Path(args.domain), "val")
     base_set = benchmark_examples(Path(args.forget_set), "val")
     model, rows = args.base_with_replay, []
+    kept = base_probabilities(model, base_set[:args.bit_check], "polyp")
     for r in range(args.rounds + 1):
         row = {"arm": name, "corrections": r * args.per_round}
         pred = Predictor(load_model(model, device="cpu", dtype="fp32"))
         on_test = scores(pred, test, [args.prompt, "polyp"])
         on_base = scores(pred, base_set, ["polyp", args.prompt])
-        row.update(test_dice=on_test[args.prompt]["dice"], polyp_on_domain=on_test["polyp"]["hits"],
+        row.update(test_dice=on_test[args.prompt]["dice"], test_dice_object=on_test[args.prompt]["dice_object"],
+                   test_empty_right=on_test[args.prompt]["empty_right"], polyp_on_domain=on_test["polyp"]["hits"],
                    base_dice=on_base["polyp"]["dice"], new_on_base=on_base[args.prompt]["hits"])
+        now = base_probabilities(model, base_set[:args.bit_check], "polyp")
+        row["polyp_max_change"] = float(max(np.abs(a - b).max() for a, b in zip(now, kept)))
         if r == args.rounds:
             rows.append(row)
             break
@@ -166,17 +229,7 @@ def run_arm(args, name: str, extra: list[str], order: str = "random") -> list[di
             print(json.dumps(row), flush=True)
             model = str(out / "best")
             continue
-        cmd = [sys.executable, "-m", "napari_vlsm.cli", "finetune", str(work / "corrections"), "--model", model,
-               "--out", str(out), "--device", "cpu", *extra]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        t0 = time.time()
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        row["train_s"] = time.time() - t0
-        if res.returncode != 0:
-            sys.exit(f"finetune failed in round {r + 1}:\n{res.stdout}\n{res.stderr}")
-        row["summary"] = next((ln.strip() for ln in (res.stdout + res.stderr).splitlines()
-                               if ln.startswith("Trained on")), "")
+        row.update(finetune(args, work / "corrections", model, out, extra), trained_on=(r + 1) * args.per_round)
         rows.append(row)
         print(json.dumps(row), flush=True)
         args.trained[(model, tuple(ex.image for ex in batch), tuple(extra))] = (out, row["train_s"], row["summary"])
@@ -203,19 +256,28 @@ def main():
                     help="NAME=FINETUNE ARGS, repeatable (default: 'replay=' (the CLI defaults) and "
                          "'no-replay=--replay-fraction 0').")
     ap.add_argument("--orders", nargs="*", default=[],
-                    help=f"Orderings to compare with the shipped recipe: random, name, {', '.join(SCORES)}.")
+                    help=f"Orderings to compare with the shipped recipe: random, name, {', '.join(SCORES)}, or "
+                         "SCORE+folder (the most uncertain and the next in pool order in turn).")
     ap.add_argument("--estimate-sample", type=int, default=60,
                     help="Images not yet corrected on which the true Dice beside the estimate is measured.")
     ap.add_argument("--candidates", type=int, default=120,
                     help="Images of the pool scored each round for an ordering arm (the most uncertain 20 of them).")
     ap.add_argument("--score-model", default="", help="For --score-check: the model to score with (default: the base).")
     ap.add_argument("--score-check", action="store_true", help="Only rank the pool by each score (no training).")
+    ap.add_argument("--rescore", default="", help="A run's --work folder: score its saved models on the test set again "
+                                                  "(the columns added since it ran), then print its table.")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="Also train each arm's recipe once on the domain's whole training split.")
+    ap.add_argument("--bit-check", type=int, default=10,
+                    help="Kvasir val images on which the base's 'polyp' probabilities are compared after each round.")
     ap.add_argument("--work", default="runs/bench_corrections")
     ap.add_argument("--plot", default="")
     args = ap.parse_args()
     if args.report_from:
         rows = [r for w in args.report_from for r in json.loads((Path(w) / "results.json").read_text())]
         return report(rows, args.plot)
+    if args.rescore:
+        return rescore(args)
     if not args.base:
         ap.error("--base is required")
     import torch
@@ -234,23 +296,60 @@ def main():
     rows = []
     for order in args.orders:
         rows += run_arm(args, f"order: {order}", [], order)
+        (Path(args.work) / "results.json").write_text(json.dumps(rows, indent=1))
     for arm in args.arm or ([] if args.orders else ["replay=", "no-replay=--replay-fraction 0"]):
         name, _, extra = arm.partition("=")
         rows += run_arm(args, name, extra.split())
+        if args.ceiling:
+            rows.append(ceiling(args, name, extra.split()))
+        (Path(args.work) / "results.json").write_text(json.dumps(rows, indent=1))
     (Path(args.work) / "results.json").write_text(json.dumps(rows, indent=1))
+    report(rows, args.plot)
+
+
+def rescore(args) -> None:
+    """The test columns of a finished run again, from the models it saved (training is not rerun)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.rescore)
+    rows = json.loads((work / "results.json").read_text())
+    test = benchmark_examples(Path(args.domain), "val")
+    for row in rows:
+        arm = row["arm"].removesuffix(": ceiling").replace(": ", "_")
+        if row["arm"].endswith(": ceiling"):
+            model = work / f"{arm}_ceiling" / "run" / "best"
+        elif row["corrections"]:
+            model = work / arm / f"round{row['corrections'] // args.per_round}" / "best"
+        else:
+            model = work / "base"
+        on_test = scores(Predictor(load_model(str(model), device="cpu", dtype="fp32")), test, [args.prompt])[args.prompt]
+        row.update(test_dice=on_test["dice"], test_dice_object=on_test["dice_object"],
+                   test_empty_right=on_test["empty_right"])
+    (work / "results.json").write_text(json.dumps(rows, indent=1))
     report(rows, args.plot)
 
 
 def report(rows, plot_path=""):
     print()
-    print("| arm | corrections | effort: wrong pixels | effort: 1 - Dice | test Dice | polyp Dice (Kvasir val) "
-          "| 'polyp' hits on new domain | new prompt hits on Kvasir | finetune s | estimated Dice left | true Dice left |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| arm | corrections | effort: wrong pixels | effort: 1 - Dice | test Dice | test Dice, images with the object "
+          "| test images without it left empty | polyp Dice (Kvasir val) "
+          "| 'polyp' largest change | 'polyp' hits on new domain | new prompt hits on Kvasir | finetune s "
+          "| estimated Dice left | true Dice left |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f = lambda k, fmt="{:.3f}": fmt.format(r[k]) if k in r else "-"  # noqa: E731
         print(f"| {r['arm']} | {r['corrections']} | {f('effort_wrong')} | {f('effort_1_minus_dice')} | "
-              f"{f('test_dice')} | {f('base_dice')} | {f('polyp_on_domain')} | {f('new_on_base')} | "
+              f"{f('test_dice')} | {f('test_dice_object')} | {f('test_empty_right', '{:.2f}')} | {f('base_dice')} | "
+              f"{f('polyp_max_change', '{:.1e}')} | {f('polyp_on_domain')} | "
+              f"{f('new_on_base')} | "
               f"{f('train_s', '{:.0f}')} | {f('estimated_dice')} | {f('true_dice_left')} |")
+    timed = [r for r in rows if r.get("timings")]
+    if timed:
+        print("\n| arm | corrections trained on | finetune s (wall) | where the time went (inside the command) |")
+        print("|---|---|---|---|")
+        for r in timed:
+            print(f"| {r['arm']} | {r.get('trained_on', '-')} | {r['train_s']:.0f} | {r['timings']} |")
     if plot_path:
         plot(rows, plot_path)
 
@@ -263,17 +362,22 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for arm, colour in zip(dict.fromkeys(r["arm"] for r in rows), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+    arms = dict.fromkeys(r["arm"] for r in rows if not r["arm"].endswith(": ceiling"))
+    for arm, colour in zip(arms, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
         rs = [r for r in rows if r["arm"] == arm]
         x = [r["corrections"] for r in rs]
         axes[0].plot(x, [r["test_dice"] for r in rs], "o-", color=colour, label=arm)
         axes[0].plot(x, [r["base_dice"] for r in rs], "s--", color=colour, label="_")
+        for c in (r for r in rows if r["arm"] == f"{arm}: ceiling"):
+            axes[0].axhline(c["test_dice"], color=colour, linestyle=":", linewidth=1)
+            axes[0].annotate(f"all {c['trained_on']}", (x[-1], c["test_dice"]), color=colour, fontsize=8,
+                             xytext=(-28, 3), textcoords="offset points")
         effort = [r for r in rs if "effort_wrong" in r]
         xe = [r["corrections"] for r in effort]
         axes[1].plot(xe, [r["effort_1_minus_dice"] for r in effort], "o-", color=colour, label=arm)
         axes[1].plot(xe, [r["effort_wrong"] for r in effort], "s--", color=colour, label="_")
     axes[0].set(xlabel="corrected masks trained on", ylabel="Dice", ylim=(0, 1),
-                title="Quality: new domain test Dice (solid), polyp Dice (dashed)")
+                title="New domain test Dice (solid; dotted: trained on all), polyp Dice (dashed)")
     axes[1].set(xlabel="corrected masks trained on (before the next 20)", ylabel="share", ylim=(0, 1),
                 title="Effort on the next 20: 1 - Dice (solid), wrong pixels (dashed)")
     for ax in axes:
