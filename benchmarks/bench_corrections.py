@@ -49,7 +49,7 @@ from napari_vlsm.core.images.metrics import dice  # noqa: E402
 from napari_vlsm.core.inference.predictor import Predictor  # noqa: E402
 from napari_vlsm.core.data.replay import REPLAY_DIR, write_replay_sample  # noqa: E402
 from napari_vlsm.core.data.training_sets import benchmark_examples  # noqa: E402
-from napari_vlsm.core.inference.uncertainty import SCORES, estimate_dice, in_turn, score_image  # noqa: E402
+from napari_vlsm.core.inference.uncertainty import SCORES, estimate_dice, most_uncertain_first, score_image  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -107,6 +107,22 @@ def uncertainty(model: str, examples, prompt: str) -> dict:
     """Every score of each example under ``model`` (the two views compared, not averaged)."""
     pred = Predictor(load_model(model, device="cpu", dtype="fp32"), flip_average=False)
     return {ex.image: score_image(pred, ex.load()[0], prompt) for ex in examples}
+
+
+def in_turn(folder_order: list, scores: dict, kind: str) -> list:
+    """``folder_order`` (keys) reordered to take the most uncertain and the next in folder order
+    in turn. The folder's share keeps showing the annotator images the model is sure of, where
+    a confident false mask (an image without the object) is found only by looking."""
+    uncertain = most_uncertain_first({k: scores[k] for k in folder_order if k in scores}, kind)
+    uncertain += [k for k in folder_order if k not in scores]
+    out, seen, sources = [], set(), (iter(uncertain), iter(folder_order))
+    while len(out) < len(set(folder_order)):
+        for source in sources:
+            k = next((k for k in source if k not in seen), None)
+            if k is not None:
+                out.append(k)
+                seen.add(k)
+    return out
 
 
 def choose(order: str, model: str, left: list, n: int, prompt: str, candidates: int) -> list:

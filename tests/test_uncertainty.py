@@ -17,7 +17,6 @@ from napari_vlsm.core.inference.uncertainty import (
     DEFAULT_SCORE,
     ImageScore,
     estimate_dice,
-    in_turn,
     most_uncertain_first,
     phrasings,
     score_image,
@@ -63,14 +62,6 @@ def test_ordering_and_the_estimate():
         scores["a"].value("entropy")
     assert estimate_dice([]) is None
     assert estimate_dice([0.0] * 5 + [0.8, 0.6], last=2) == pytest.approx(0.7)
-
-
-def test_in_turn_takes_the_most_uncertain_and_the_next_in_folder_order_alternately():
-    scores = {k: ImageScore(0.0, p, 0.0, 0.0) for k, p in zip("abcdef", (0.1, 0.9, 0.2, 0.8, 0.0, 0.5))}
-    assert in_turn(list("abcdef"), scores) == ["b", "a", "d", "c", "f", "e"]
-    # images not scored yet come after the scored ones on the uncertain side, in folder order
-    assert in_turn(list("xabcy"), scores) == ["b", "x", "c", "a", "y"]
-    assert in_turn(list("abc"), {}) == ["a", "b", "c"]
 
 
 def test_rank_writes_the_most_uncertain_first_and_puts_corrected_images_last(tiny_unet, folder, tmp_path):

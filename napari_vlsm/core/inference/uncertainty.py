@@ -76,22 +76,6 @@ def most_uncertain_first(scores: dict, kind: str = DEFAULT_SCORE) -> list:
     return sorted(scores, key=lambda k: -scores[k].value(kind))
 
 
-def in_turn(folder_order: list, scores: dict, kind: str = DEFAULT_SCORE) -> list:
-    """``folder_order`` (keys) reordered to take the most uncertain and the next in folder order
-    in turn. The folder's share keeps showing the annotator images the model is sure of, where
-    a confident false mask (an image without the object) is found only by looking."""
-    uncertain = most_uncertain_first({k: scores[k] for k in folder_order if k in scores}, kind)
-    uncertain += [k for k in folder_order if k not in scores]
-    out, seen, sources = [], set(), (iter(uncertain), iter(folder_order))
-    while len(out) < len(set(folder_order)):
-        for source in sources:
-            k = next((k for k in source if k not in seen), None)
-            if k is not None:
-                out.append(k)
-                seen.add(k)
-    return out
-
-
 def estimate_dice(agreements: list[float], last: int = ESTIMATE_LAST) -> float | None:
     """The model's Dice on images not yet corrected, estimated from how well its proposals
     agreed with the last corrections (Dice of proposal and saved mask); None before any."""
