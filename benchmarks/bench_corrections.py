@@ -78,6 +78,12 @@ def scores(pred: Predictor, examples, prompts: list[str]) -> dict:
             for k, p in enumerate(prompts)}
 
 
+def on_test_columns(on_test: dict) -> dict:
+    """A row's test-set columns from ``scores`` of the annotator's prompt."""
+    return {"test_dice": on_test["dice"], "test_dice_object": on_test["dice_object"],
+            "test_empty_right": on_test["empty_right"]}
+
+
 def base_probabilities(model: str, examples, prompt: str) -> list:
     """The probabilities ``model`` gives ``prompt`` on ``examples``: the old skill, to compare
     bit for bit with the base's after each round."""
@@ -140,7 +146,7 @@ def choose(order: str, model: str, left: list, n: int, prompt: str, candidates: 
     if turns == "folder":
         keyed = {ex.image: ex for ex in pool}
         return [keyed[k] for k in in_turn(list(keyed), scores, kind)[:n]]
-    if len({round(scores[ex.image].value(order), 6) for ex in pool}) == 1:
+    if len({round(scores[ex.image].value(kind), 6) for ex in pool}) == 1:
         return pool[:n]
     return sorted(pool, key=lambda ex: -scores[ex.image].value(kind))[:n]
 
@@ -195,7 +201,7 @@ def ceiling(args, name: str, extra: list[str]) -> dict:
            **finetune(args, work / "corrections", args.base_with_replay, work / "run", extra)}
     pred = Predictor(load_model(str(work / "run" / "best"), device="cpu", dtype="fp32"))
     on_test = scores(pred, benchmark_examples(Path(args.domain), "val"), [args.prompt])[args.prompt]
-    row.update(test_dice=on_test["dice"], test_dice_object=on_test["dice_object"], test_empty_right=on_test["empty_right"])
+    row.update(on_test_columns(on_test))
     row["base_dice"] = scores(pred, benchmark_examples(Path(args.forget_set), "val"), ["polyp"])["polyp"]["dice"]
     print(json.dumps(row), flush=True)
     return row
@@ -217,8 +223,7 @@ def run_arm(args, name: str, extra: list[str], order: str = "random") -> list[di
         pred = Predictor(load_model(model, device="cpu", dtype="fp32"))
         on_test = scores(pred, test, [args.prompt, "polyp"])
         on_base = scores(pred, base_set, ["polyp", args.prompt])
-        row.update(test_dice=on_test[args.prompt]["dice"], test_dice_object=on_test[args.prompt]["dice_object"],
-                   test_empty_right=on_test[args.prompt]["empty_right"], polyp_on_domain=on_test["polyp"]["hits"],
+        row.update(on_test_columns(on_test[args.prompt]), polyp_on_domain=on_test["polyp"]["hits"],
                    base_dice=on_base["polyp"]["dice"], new_on_base=on_base[args.prompt]["hits"])
         now = base_probabilities(model, base_set[:args.bit_check], "polyp")
         row["polyp_max_change"] = float(max(np.abs(a - b).max() for a, b in zip(now, kept)))
@@ -319,7 +324,6 @@ def main():
         if args.ceiling:
             rows.append(ceiling(args, name, extra.split()))
         (Path(args.work) / "results.json").write_text(json.dumps(rows, indent=1))
-    (Path(args.work) / "results.json").write_text(json.dumps(rows, indent=1))
     report(rows, args.plot)
 
 
@@ -340,8 +344,7 @@ def rescore(args) -> None:
         else:
             model = work / "base"
         on_test = scores(Predictor(load_model(str(model), device="cpu", dtype="fp32")), test, [args.prompt])[args.prompt]
-        row.update(test_dice=on_test["dice"], test_dice_object=on_test["dice_object"],
-                   test_empty_right=on_test["empty_right"])
+        row.update(on_test_columns(on_test))
     (work / "results.json").write_text(json.dumps(rows, indent=1))
     report(rows, args.plot)
 

@@ -503,7 +503,8 @@ def finetune(
               f"encoders); --model {model} brings its own.")
     distributed = init_distributed()
     negatives = list(negative_prompt) + (_read_lines(negatives_file) if negatives_file else [])
-    settings = TrainSettings(mode=train_mode, epochs=epochs, steps=steps, frozen_levels=frozen_levels, new_share=new_share, lr=lr, batch_size=batch_size, val_fraction=val_fraction,
+    settings = TrainSettings(mode=train_mode, epochs=epochs, steps=steps, frozen_levels=frozen_levels,
+                             new_share=new_share, lr=lr, batch_size=batch_size, val_fraction=val_fraction,
                              negative_prompts=negatives, negative_fraction=negative_fraction,
                              synonyms=_read_synonyms(synonyms) if synonyms else {}, repeat=_read_repeats(repeat),
                              crop=crop, schedule=schedule, weight_average=weight_average,

@@ -11,11 +11,12 @@ its mirror, a few cheap decoder passes):
 * ``margin``: the share of the image's candidate pixels (probability above threshold - 0.25)
   whose probability is within 0.25 of the threshold: a mask drawn with a soft edge.
 
-Higher is less sure. ``DEFAULT_SCORE`` is the best of the three in ``benchmarks/bench_corrections.py``
-(docs/corrections.md: on BUSI "prompts" led random order at 40 corrections in the first
-measurement, "flip" and "margin" fell behind random by 60; over 4 rounds and two pool orders
-it was about as good as random, and not reliably ahead of name order). A model that finds nothing anywhere scores every image alike; then the
-series keeps name order.
+Higher is less sure. ``DEFAULT_SCORE`` is the best of the three in
+``benchmarks/bench_corrections.py`` (docs/corrections.md: on BUSI "prompts" led random order at
+40 corrections in the first measurement, "flip" and "margin" fell behind random by 60; over 4
+rounds and two pool orders it was about as good as random, and not reliably ahead of name
+order). A model that finds nothing anywhere scores every image alike; then the series keeps
+name order.
 """
 
 from __future__ import annotations

@@ -351,6 +351,7 @@ class RunPlan:
     n_distinct: int                # training examples before repeats
     n_repeated: int                # with repeats (--repeat), before the new ones are weighed up
     n_fresh: int | None            # a round that goes on: examples new to the model it starts from
+    trained_names: list[str]       # "folder/image" keys of the training examples, sorted
     negatives: NegativePrompts
     out: Path
     world: int                     # ranks of a distributed run, and this one's
@@ -391,8 +392,8 @@ def plan_run(backend: TorchBackend, train_set: list[Example], val_set: list[Exam
     n_distinct = len(train_set)
     train_set = oversample(add_synonyms(train_set, s.synonyms), s.repeat)
     replay_set = replay_examples(replay) if replay else []
-    pool = train_set + replay_set
-    negatives = NegativePrompts(pool if s.cross_negatives else [], _prompt_types(s), s.negative_prompts)
+    negatives = NegativePrompts(train_set + replay_set if s.cross_negatives else [], _prompt_types(s),
+                                s.negative_prompts)
     out = check_writable(out_dir)
     world, rank = _distributed()
     if backend.device.type == "cpu" or s.threads:
@@ -413,7 +414,8 @@ def plan_run(backend: TorchBackend, train_set: list[Example], val_set: list[Exam
                 weight_average=s.average_decay())
     params = _without_frozen_levels(backend, adapter, params, s.frozen_levels)
     known, n_repeated = _known(before, adapter), len(train_set)
-    n_fresh = len({_key(e) for e in train_set} - known) if known else None
+    names = sorted({_key(e) for e in train_set})
+    n_fresh = len(set(names) - known) if known else None
     train_set = _weigh_new(train_set, known, s.new_share)
     pool = train_set + replay_set
     s = replace(s, replay_fraction=s.replay_share(adapter))
@@ -424,9 +426,9 @@ def plan_run(backend: TorchBackend, train_set: list[Example], val_set: list[Exam
     if not s.epochs:
         s = replace(s, steps=s.round_steps(n_distinct, n_new))
     epochs = s.epochs or max(1, round(s.steps / steps_per_epoch))
-    start_epoch, history, round_no = _resume_point(out, resume, sorted({_key(e) for e in train_set}), epochs)
-    return RunPlan(s, train_set, replay_set, pool, val_set, n_distinct, n_repeated, n_fresh, negatives, out, world,
-                   rank, rng, np_rng,
+    start_epoch, history, round_no = _resume_point(out, resume, names, epochs)
+    return RunPlan(s, train_set, replay_set, pool, val_set, n_distinct, n_repeated, n_fresh, names, negatives, out,
+                   world, rank, rng, np_rng,
                    adapter, new_prompts, params, learner, n_new, n_replay, steps_per_epoch, epochs, start_epoch,
                    history, round_no)
 
@@ -544,7 +546,7 @@ def _checkpoints(backend: TorchBackend, plan: RunPlan, metadata: dict | None, re
     meta = {"base_model": backend.source, "settings": asdict(s), "train_examples": plan.n_distinct,
             "replay_examples": len(plan.replay_set), "val_examples": len(plan.val_set),
             "val_names": [_key(e) for e in plan.val_set],
-            "trained_names": sorted({_key(e) for e in train_set}), "world_size": plan.world, "round": plan.round_no,
+            "trained_names": plan.trained_names, "world_size": plan.world, "round": plan.round_no,
             "adapter": plan.adapter, "history": plan.history, **(metadata or {})}
     extras = {REPLAY_DIR: replay} if replay else {}
     if card is not None:
