@@ -49,6 +49,7 @@ from napari_vlsm.core.images.metrics import dice  # noqa: E402
 from napari_vlsm.core.inference.predictor import Predictor  # noqa: E402
 from napari_vlsm.core.data.replay import REPLAY_DIR, write_replay_sample  # noqa: E402
 from napari_vlsm.core.data.training_sets import benchmark_examples  # noqa: E402
+from napari_vlsm.core.inference.kinds import by_kind  # noqa: E402
 from napari_vlsm.core.inference.uncertainty import SCORES, estimate_dice, most_uncertain_first, score_image  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -131,15 +132,33 @@ def in_turn(folder_order: list, scores: dict, kind: str) -> list:
     return out
 
 
-def choose(order: str, model: str, left: list, n: int, prompt: str, candidates: int) -> list:
+def typical(model: str, left: list, done: list, n: int, prompt: str, seed: int, within: str) -> list:
+    """The next ``n`` of ``left`` by ``core/inference/kinds.py``: the images grouped with the
+    corrected ones (``done``) under ``model``'s image encoder; from each group the most typical
+    image, or with ``within`` (a score) its least sure one."""
+    pred = Predictor(load_model(model, device="cpu", dtype="fp32"))
+    every = done + left
+    emb = np.concatenate([pred.embed([ex.load()[0] for ex in every[i:i + 16]]) for i in range(0, len(every), 16)])
+    flags = np.arange(len(every)) < len(done)
+    values = None
+    if within:
+        by_image = uncertainty(model, left, prompt)
+        values = [0.0] * len(done) + [by_image[ex.image].value(within) for ex in left]
+    return [every[i] for i in by_kind(emb, flags, n, seed=seed, scores=values)]
+
+
+def choose(order: str, model: str, left: list, n: int, prompt: str, candidates: int, done=(), seed: int = 0) -> list:
     """The next ``n`` images of ``left`` to correct, in ``order``: by a score, the most uncertain
     of the next ``candidates`` (a batch an annotator is handed); where the score tells the
     candidates nothing apart (a model that finds nothing anywhere is sure of every image), the
-    first ones, as random order has them."""
+    first ones, as random order has them. ``typical`` (``typical+SCORE``) groups the whole pool
+    with the ``done`` images."""
     if order == "random":
         return left[:n]
     if order == "name":
         return sorted(left, key=lambda ex: Path(ex.image).name)[:n]
+    if order.startswith("typical"):
+        return typical(model, left, list(done), n, prompt, seed, order.partition("+")[2])
     pool = left[:candidates]
     kind, _, turns = order.partition("+")
     scores = uncertainty(model, pool, prompt)
@@ -172,6 +191,30 @@ def score_check(args) -> None:
         print(f"| {kind} | {rho:.3f} |")
 
 
+def batch_check(args) -> None:
+    """The first ``--per-round`` images each order hands the annotator under the base model, on a
+    folder of video frames numbered in order (CVC-ClinicDB): how many are near copies (another
+    of them within 3 frames), how many different stretches of 50 frames they come from, and the
+    base's mean 1 - Dice on them (how much there is to correct)."""
+    pool = benchmark_examples(Path(args.domain), "train")
+    pool = [pool[i] for i in np.random.default_rng(args.seed).permutation(len(pool))]
+    model = args.base_with_replay
+    pred = Predictor(load_model(model, device="cpu", dtype="fp32"))
+    error = {}
+    for ex in pool:
+        image, truth = ex.load()
+        pred.set_image(image)
+        error[ex.image] = 1 - dice(pred.predict([args.prompt]).masks[0], truth)
+    print(f"\n| order | near copies among the first {args.per_round} | stretches of 50 frames | mean 1 - Dice "
+          f"({Path(args.domain).name} train, {len(pool)} frames, {model}) |")
+    print("|---|---|---|---|")
+    for order in args.orders:
+        batch = choose(order, model, pool, args.per_round, args.prompt, len(pool), [], args.seed)
+        frames = np.array([int(Path(ex.image).stem) for ex in batch])
+        near = int(sum((np.abs(frames - f) <= 3).sum() > 1 for f in frames))
+        print(f"| {order} | {near} | {len(set(frames // 50))} | {np.mean([error[ex.image] for ex in batch]):.3f} |")
+
+
 def finetune(args, data: Path, model: str, out: Path, extra: list[str]) -> dict:
     """``napari-vlsm finetune`` as a user runs it, timed from the command to its exit; its summary
     and where the time went (its "Time:" line)."""
@@ -193,28 +236,38 @@ def finetune(args, data: Path, model: str, out: Path, extra: list[str]) -> dict:
 def ceiling(args, name: str, extra: list[str]) -> dict:
     """An adapter trained once on the whole training split of the domain with the arm's recipe:
     how far the rounds of corrections are from all the data."""
-    pool = benchmark_examples(Path(args.domain), "train")
+    pool, test = split_pool(args)
     work = Path(args.work) / (name.replace(": ", "_") + "_ceiling")
     shutil.rmtree(work, ignore_errors=True)
     add_corrections(work / "corrections", pool, args.prompt)
     row = {"arm": f"{name}: ceiling", "corrections": len(pool), "trained_on": len(pool),
            **finetune(args, work / "corrections", args.base_with_replay, work / "run", extra)}
     pred = Predictor(load_model(str(work / "run" / "best"), device="cpu", dtype="fp32"))
-    on_test = scores(pred, benchmark_examples(Path(args.domain), "val"), [args.prompt])[args.prompt]
+    on_test = scores(pred, test, [args.prompt])[args.prompt]
     row.update(on_test_columns(on_test))
     row["base_dice"] = scores(pred, benchmark_examples(Path(args.forget_set), "val"), ["polyp"])["polyp"]["dice"]
     print(json.dumps(row), flush=True)
     return row
 
 
+def split_pool(args) -> tuple[list, list]:
+    """The annotator's pool (the domain's training split less ``--test-from-pool`` images, in
+    the order of ``--seed``) and the test set (its val split and those images, the same for
+    every seed)."""
+    train = benchmark_examples(Path(args.domain), "train")
+    held = set(np.random.default_rng(12345).permutation(len(train))[:args.test_from_pool].tolist())
+    pool = [ex for i, ex in enumerate(train) if i not in held]
+    pool = [pool[i] for i in np.random.default_rng(args.seed).permutation(len(pool))]
+    return pool, benchmark_examples(Path(args.domain), "val") + [train[i] for i in sorted(held)]
+
+
 def run_arm(args, name: str, extra: list[str], order: str = "random") -> list[dict]:
     work = Path(args.work) / name.replace(": ", "_")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    pool = benchmark_examples(Path(args.domain), "train")
-    pool = [pool[i] for i in np.random.default_rng(args.seed).permutation(len(pool))]
+    pool, test = split_pool(args)
     agreements: list[float] = []
-    test = benchmark_examples(Path(args.domain), "val")
+    corrected: list = []
     base_set = benchmark_examples(Path(args.forget_set), "val")
     model, rows = args.base_with_replay, []
     kept = base_probabilities(model, base_set[:args.bit_check], "polyp")
@@ -230,8 +283,9 @@ def run_arm(args, name: str, extra: list[str], order: str = "random") -> list[di
         if r == args.rounds:
             rows.append(row)
             break
-        batch = choose(order, model, pool, args.per_round, args.prompt, args.candidates)
+        batch = choose(order, model, pool, args.per_round, args.prompt, args.candidates, corrected, args.seed)
         pool = [ex for ex in pool if ex not in batch]
+        corrected += batch
         effort = scores(pred, batch, [args.prompt])[args.prompt]
         row.update(effort_wrong=effort["wrong"], effort_1_minus_dice=1 - effort["dice"])
         for ex in batch:  # what the series records: its proposal's agreement with the correction
@@ -277,14 +331,21 @@ def main():
                     help="NAME=FINETUNE ARGS, repeatable (default: 'replay=' (the CLI defaults) and "
                          "'no-replay=--replay-fraction 0').")
     ap.add_argument("--orders", nargs="*", default=[],
-                    help=f"Orderings to compare with the shipped recipe: random, name, {', '.join(SCORES)}, or "
-                         "SCORE+folder (the most uncertain and the next in pool order in turn).")
+                    help=f"Orderings to compare with the shipped recipe: random, name, {', '.join(SCORES)}, "
+                         "SCORE+folder (the most uncertain and the next in pool order in turn), typical (the typical "
+                         "image of each group of images not yet covered) or typical+SCORE (its least sure one).")
+    ap.add_argument("--test-from-pool", type=int, default=0,
+                    help="Training images of the domain moved from the pool to the test set (fixed, whatever the "
+                         "seed): a larger test set separates orderings better than the 78 of BUSI's val split.")
     ap.add_argument("--estimate-sample", type=int, default=60,
                     help="Images not yet corrected on which the true Dice beside the estimate is measured.")
     ap.add_argument("--candidates", type=int, default=120,
                     help="Images of the pool scored each round for an ordering arm (the most uncertain 20 of them).")
     ap.add_argument("--score-model", default="", help="For --score-check: the model to score with (default: the base).")
     ap.add_argument("--score-check", action="store_true", help="Only rank the pool by each score (no training).")
+    ap.add_argument("--batch-check", action="store_true",
+                    help="Only show the first --per-round images of each --orders on a folder of numbered video "
+                         "frames (--domain): near copies among them, and how much there is to correct on them.")
     ap.add_argument("--rescore", default="", help="A run's --work folder: score its saved models on the test set again "
                                                   "(the columns added since it ran), then print its table.")
     ap.add_argument("--ceiling", action="store_true",
@@ -314,9 +375,11 @@ def main():
     print(f"Machine: {machine()}; finetune threads: {args.threads}")
     if args.score_check:
         return score_check(args)
+    if args.batch_check:
+        return batch_check(args)
     rows = []
     for order in args.orders:
-        rows += run_arm(args, f"order: {order}", [], order)
+        rows += run_arm(args, f"order: {order}" + (f", pool order {args.seed}" if args.seed else ""), [], order)
         (Path(args.work) / "results.json").write_text(json.dumps(rows, indent=1))
     for arm in args.arm or ([] if args.orders else ["replay=", "no-replay=--replay-fraction 0"]):
         name, _, extra = arm.partition("=")
@@ -363,6 +426,7 @@ def report(rows, plot_path=""):
               f"{f('polyp_max_change', '{:.1e}')} | {f('polyp_on_domain')} | "
               f"{f('new_on_base')} | "
               f"{f('train_s', '{:.0f}')} | {f('estimated_dice')} | {f('true_dice_left')} |")
+    means(rows)
     timed = [r for r in rows if r.get("timings")]
     if timed:
         print("\n| arm | corrections trained on | finetune s (wall) | where the time went (inside the command) |")
@@ -371,6 +435,45 @@ def report(rows, plot_path=""):
             print(f"| {r['arm']} | {r.get('trained_on', '-')} | {r['train_s']:.0f} | {r['timings']} |")
     if plot_path:
         plot(rows, plot_path)
+
+
+def means(rows) -> None:
+    """Where an order ran on several pool orders (``--seed``): its mean test Dice and that of
+    the images with the object after each round, with the range, and the corrections it needed
+    to reach each of name order's Dice values (linear between rounds)."""
+    runs: dict = {}
+    for r in rows:
+        if r["arm"].startswith("order: "):
+            order = r["arm"].removeprefix("order: ").split(", pool order")[0]
+            runs.setdefault(order, {}).setdefault(r["arm"], []).append(r)
+    if not any(len(v) > 1 for v in runs.values()):
+        return
+    rounds = sorted({r["corrections"] for v in runs.values() for rs in v.values() for r in rs})
+
+    def curve(order, key):
+        return np.array([[r[key] for r in sorted(rs, key=lambda r: r["corrections"])] for rs in runs[order].values()])
+
+    print("\n| order | pool orders | mean test Dice after " + " / ".join(map(str, rounds[1:])) + " (lowest-highest) "
+          "| mean Dice of images with the object | corrections to reach name order's Dice at each round |")
+    print("|---|---|---|---|---|")
+    name = curve("name", "test_dice").mean(0) if "name" in runs else None
+    for order in runs:
+        d, o = curve(order, "test_dice"), curve(order, "test_dice_object")
+        cells = " / ".join(f"{m:.3f} ({lo:.2f}-{hi:.2f})" for m, lo, hi in zip(d.mean(0)[1:], d.min(0)[1:],
+                                                                                 d.max(0)[1:]))
+        need = "-"
+        if name is not None:
+            need = " / ".join(_reaches(rounds, d.mean(0), target) for target in name[1:])
+        print(f"| {order} | {len(d)} | {cells} | {' / '.join(f'{m:.3f}' for m in o.mean(0)[1:])} | {need} |")
+
+
+def _reaches(rounds, curve, target) -> str:
+    """Corrections after which ``curve`` (Dice per round) first reaches ``target``, linear between rounds."""
+    for k in range(1, len(rounds)):
+        if curve[k] >= target:
+            lo = rounds[k - 1] + (rounds[k] - rounds[k - 1]) * (target - curve[k - 1]) / (curve[k] - curve[k - 1])
+            return f"{max(lo, rounds[k - 1]):.0f}"
+    return "not reached"
 
 
 def plot(rows, path):

@@ -134,6 +134,15 @@ class Predictor:
                                   threshold))
         return out
 
+    @torch.inference_mode()
+    def embed(self, images: list) -> np.ndarray:
+        """(N, d) descriptions of images (each as for ``set_image``) by the model's image
+        encoder, for grouping images by kind (``core/inference/kinds.py``)."""
+        from napari_vlsm.core.inference.kinds import pooled_features
+
+        rgbs = [self._model_rgb(im) for im in images]
+        return pooled_features(self.backend.encode_image(self.backend.preprocess(rgbs)))
+
     def _encode(self, rgbs: list[np.ndarray]) -> list:
         return encode_views(self.backend, self.backend.preprocess(rgbs), self.flip_average)
 

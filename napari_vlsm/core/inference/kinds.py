@@ -1,0 +1,118 @@
+"""Which images to correct first: the least sure image of each kind of image not yet
+corrected, so a round of corrections covers the folder instead of twenty near copies of the
+hardest image (batch active learning joins uncertainty with diversity for this reason;
+grouping as in TypiClust: Hacohen, Dekel and Weinshall, ICML 2022).
+
+Images are described by the model's own image encoder (each feature level averaged over the
+image, scaled to unit length); k-means groups the folder into as many groups as there will be
+corrected images; the next image comes from the largest group with the fewest corrections.
+Within the group it is the one the model is least sure of (``core/inference/uncertainty.py``),
+the first in the folder where the scores tie; without scores, the most typical one (closest
+neighbours), TypiClust's choice, which ``benchmarks/bench_corrections.py`` measured as the
+weaker (docs/corrections.md).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+NEIGHBOURS = 20    # neighbours whose mean distance measures how typical an image is
+MIN_GROUP = 5      # smaller groups are outliers, not a kind of image
+MAX_GROUPS = 500
+
+
+def pooled_features(features) -> np.ndarray:
+    """(N, d) image descriptions from a backend's ``encode_image`` output: each level averaged
+    over its positions ((N, C, H, W) maps and (N, tokens, C) activations alike), scaled to unit
+    length so that every level counts the same, then joined."""
+    parts = []
+    for f in features:
+        f = np.asarray(f.detach().float().cpu() if hasattr(f, "detach") else f, dtype=np.float32)
+        v = f.mean(axis=(2, 3)) if f.ndim == 4 else f.mean(axis=1) if f.ndim == 3 else f.reshape(len(f), -1)
+        parts.append(v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12))
+    return np.concatenate(parts, axis=1)
+
+
+def typicality(points: np.ndarray, neighbours: int = NEIGHBOURS) -> np.ndarray:
+    """1 / mean distance to the ``neighbours`` nearest other points: high where points crowd."""
+    if len(points) < 2:
+        return np.ones(len(points))
+    k = max(1, min(neighbours, len(points) - 1))
+    d = np.sqrt(np.maximum(((points[:, None, :] - points[None, :, :]) ** 2).sum(-1), 0))
+    nearest = np.sort(d, axis=1)[:, 1:k + 1]
+    return 1.0 / (nearest.mean(axis=1) + 1e-12)
+
+
+def groups(embeddings: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """k-means group of each row (k-means++ start, fixed ``seed``); no more groups than there
+    are different rows (copies of one image are one kind)."""
+    import warnings
+
+    from scipy.cluster.vq import kmeans2
+
+    k = int(min(max(k, 1), len(np.unique(embeddings, axis=0))))
+    if k == 1:
+        return np.zeros(len(embeddings), dtype=int)
+    with warnings.catch_warnings():  # a group left empty is only one group fewer
+        warnings.simplefilter("ignore", UserWarning)
+        _, labels = kmeans2(embeddings.astype(np.float64), k, minit="++", seed=seed)
+    return labels
+
+
+def by_kind(embeddings: np.ndarray, done, n: int, seed: int = 0, scores=None) -> list[int]:
+    """The next ``n`` rows (indices) to correct, in order, of those not ``done`` (a boolean per
+    row): each from the largest group with the fewest done rows; given ``scores`` (one per row,
+    higher is less sure) the least sure of it, the first on ties, else its most typical."""
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    done = np.asarray(done, dtype=bool)
+    todo = int((~done).sum())
+    n = min(n, todo)
+    if n <= 0:
+        return []
+    label = groups(embeddings, min(int(done.sum()) + n, MAX_GROUPS), seed)
+    count = {g: int(done[label == g].sum()) for g in np.unique(label)}
+    size = {g: int((label == g).sum()) for g in count}
+    big = [g for g in count if size[g] >= MIN_GROUP] or list(count)
+    rank = {}
+    taken = done.copy()
+    out = []
+    while len(out) < n:
+        free = [g for g in big if (~taken[label == g]).any()] or [g for g in count if (~taken[label == g]).any()]
+        g = min(free, key=lambda g: (count[g], -size[g], g))
+        members = np.flatnonzero((label == g) & ~taken)
+        if scores is not None:
+            pick = members[np.argmax(np.asarray(scores, dtype=float)[members])]
+        else:
+            if g not in rank:
+                inside = np.flatnonzero(label == g)
+                rank[g] = dict(zip(inside.tolist(), typicality(embeddings[inside]).tolist()))
+            pick = max(members.tolist(), key=lambda i: (rank[g][i], -i))
+        out.append(int(pick))
+        taken[pick] = True
+        count[g] += 1
+    return out
+
+
+def kinds_first(embeddings, done, scores, n: int) -> list[int]:
+    """Every row, in the order to correct them: the first ``n`` of those not done by kind (the
+    least sure of each, ``by_kind`` with ``scores``; no grouping when ``n`` is 0), the
+    rest least sure first, the done ones last."""
+    done = np.asarray(done, dtype=bool)
+    chosen = by_kind(embeddings, done, n, scores=scores) if n else []
+    taken = set(chosen)
+    rest = sorted((i for i in range(len(done)) if i not in taken), key=lambda i: (done[i], -scores[i], i))
+    return chosen + rest
+
+
+def embed_files(backend, paths):
+    """Generator: (index, description or None when the file cannot be read) for each of
+    ``paths``, by ``backend``'s image encoder. Closing it stops between images."""
+    from napari_vlsm.core.images.imageio import read_image
+    from napari_vlsm.core.inference.predictor import Predictor
+
+    predictor = Predictor(backend, flip_average=False)
+    for i, path in enumerate(paths):
+        try:
+            yield i, predictor.embed([read_image(path)])[0]
+        except (OSError, ValueError):
+            yield i, None
