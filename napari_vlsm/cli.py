@@ -226,7 +226,13 @@ def rank(
     folder: Path = typer.Argument(..., help="Folder of images, or a data set with images/."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="What the annotators will mark, e.g. 'polyp'."),
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
-    out: Path = typer.Option(Path("ranked.csv"), "--out", "-o", help="CSV of the images, most uncertain first."),
+    out: Path = typer.Option(Path("ranked.csv"), "--out", "-o", help="CSV of the images, those to correct first "
+                                                                      "first."),
+    order: str = typer.Option("kinds", help="kinds (the default, as the image series: the least sure image of "
+                                            "each kind of image, for the first --batch; then the most uncertain) or "
+                                            "uncertain (the most uncertain first); see docs/corrections.md."),
+    batch: int = typer.Option(20, min=1, help="With --order kinds: how many to choose by kind (the corrections you "
+                                              "will make before the model is trained again)."),
     score: str = typer.Option("prompts", help="Uncertainty score: prompts (the default: masks of other phrasings "
                                               "disagree), flip (the mirror's disagrees) or margin (soft edges); see "
                                               "docs/corrections.md."),
@@ -237,18 +243,22 @@ def rank(
     dtype: str = typer.Option("auto", help="auto, fp32, bf16, fp16."),
     threads: int | None = typer.Option(None, min=1, help=THREADS_HELP),
 ):
-    """Rank a folder's images by how unsure the model is of them, so annotators correct the
-    most uncertain first and `segment` labels the rest; the images an image series marked done
-    go last."""
+    """Rank a folder's images in the order to correct them (by default the least sure image of
+    each kind of image first, then the most uncertain), so annotators correct the first and
+    `segment` labels the rest; the images an image series marked done go last."""
     _set_threads(threads)
     from napari_vlsm.core.images.imageio import read_image
     from napari_vlsm.core.inference.predictor import Predictor
     from napari_vlsm.core.inference.series import DEFAULT_OUT, read_progress, series_images
-    from napari_vlsm.core.inference.uncertainty import estimate_dice
-    from napari_vlsm.core.inference.uncertainty import SCORES, score_image
+    import numpy as np
+
+    from napari_vlsm.core.inference.kinds import kinds_first
+    from napari_vlsm.core.inference.uncertainty import SCORES, estimate_dice, score_image
 
     if score not in SCORES:
         _fail(f"--score is one of {', '.join(SCORES)}, not {score!r}.")
+    if order not in ("kinds", "uncertain"):
+        _fail(f"--order is kinds or uncertain, not {order!r}.")
     if not prompt.strip():
         _fail("Give the prompt to rank by, e.g. -p polyp.")
     try:
@@ -258,25 +268,33 @@ def rank(
     progress = read_progress(masks or folder / DEFAULT_OUT)
     done = set(progress.get("done", []))
     predictor = Predictor(_load(model, device, dtype), flip_average=False)  # the two views are what is compared
-    rows, failed = [], []
+    rows, described, failed = [], [], []
     with _progress() as bar:
         task = bar.add_task("Scoring", total=len(images), info="")
         for path in images:
             try:
-                s = score_image(predictor, read_image(path), prompt.strip(), threshold)
-                rows.append({"image": str(path), "score": s.value(score), **s.as_dict(), "done": path.name in done})
+                image = read_image(path)
+                s = score_image(predictor, image, prompt.strip(), threshold)
+                if order == "kinds":
+                    described.append(predictor.embed([image])[0])
+                rows.append({"image": str(path), "chosen": "", "score": s.value(score), **s.as_dict(),
+                             "done": path.name in done})
             except (OSError, ValueError, RuntimeError) as exc:
                 failed.append(path)
                 console.print(f"Skipped {escape(str(path))}: {escape(str(exc))}", soft_wrap=True)
             bar.update(task, advance=1, info=path.name)
     if not rows:
         _fail("No image could be scored.")
-    rows.sort(key=lambda r: (r["done"], -r["score"]))
-    rows = [{"rank": k + 1, **r} for k, r in enumerate(rows)]
+    rows = [{"rank": k + 1, **rows[i]} for k, i in enumerate(kinds_first(
+        np.array(described) if order == "kinds" else None, [r["done"] for r in rows], [r["score"] for r in rows],
+        batch if order == "kinds" else 0))]
+    for r in rows:
+        r["chosen"] = "done" if r["done"] else "kind" if r["rank"] <= batch and order == "kinds" else "uncertainty"
     _write_csv(out, rows)
     todo = [r for r in rows if not r["done"]]
-    console.print(f"{len(rows)} images ranked by {score} uncertainty ({len(todo)} not yet corrected), most "
-                  f"uncertain first, in {out}.", soft_wrap=True)
+    first = f"the least sure image of each kind of image for the first {min(batch, len(todo))}, then the most " \
+            f"uncertain by {score}" if order == "kinds" else f"the most uncertain by {score} first"
+    console.print(f"{len(rows)} images ranked ({len(todo)} not yet corrected): {first}, in {out}.", soft_wrap=True)
     for r in todo[:5]:
         console.print(f"  {r['rank']}. {Path(r['image']).name}  {score} {r['score']:.3f}", soft_wrap=True)
     estimate = estimate_dice([a[1] for a in progress.get("agreements", []) if isinstance(a, list) and len(a) == 2])

@@ -13,6 +13,7 @@ from napari_vlsm.core.images.imageio import read_image
 from napari_vlsm.core.images.metrics import dice
 from napari_vlsm.core.inference.predictor import Predictor
 from napari_vlsm.core.inference.series import PROGRESS, Series
+from napari_vlsm.core.inference.kinds import kinds_first
 from napari_vlsm.core.inference.uncertainty import (
     DEFAULT_SCORE,
     ImageScore,
@@ -75,7 +76,7 @@ def test_rank_writes_the_most_uncertain_first_and_puts_corrected_images_last(tin
     assert progress["agreements"] == [[images[0].name, 1.0], [images[1].name, 0.0]]
     out = tmp_path / "ranked.csv"
     res = CliRunner().invoke(app, ["rank", str(folder), "-p", "polyp", "--model", str(tiny_unet), "-o", str(out),
-                                   "--threshold", "0.3"])
+                                   "--threshold", "0.3", "--order", "uncertain"])
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader(out.open()))
     assert [r["rank"] for r in rows] == [str(k) for k in range(1, 7)]
@@ -83,7 +84,20 @@ def test_rank_writes_the_most_uncertain_first_and_puts_corrected_images_last(tin
     assert len(todo) == 4 and rows[-2:] == [r for r in rows if r["done"] == "True"]
     assert [float(r["score"]) for r in todo] == sorted((float(r["score"]) for r in todo), reverse=True)
     assert all(r["score"] == r[DEFAULT_SCORE] for r in rows)
+    assert {r["chosen"] for r in todo} == {"uncertainty"}
     assert "Estimated Dice on the images not yet corrected: 0.50" in res.output
+    # the default: the first --batch by kind (the series' order), then by uncertainty, done last
+    res = CliRunner().invoke(app, ["rank", str(folder), "-p", "polyp", "--model", str(tiny_unet), "-o", str(out),
+                                   "--threshold", "0.3", "--batch", "2"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(out.open()))
+    assert [r["chosen"] for r in rows] == ["kind"] * 2 + ["uncertainty"] * 2 + ["done"] * 2
+    pred = Predictor(load_model(tiny_unet, "cpu", "fp32"))
+    described = pred.embed([read_image(p) for p in images])
+    by_score = {r["image"]: float(r["score"]) for r in rows}
+    expected = kinds_first(described, [i < 2 for i in range(6)], [by_score[str(p)] for p in images], 2)
+    assert [r["image"] for r in rows] == [str(images[i]) for i in expected]
+    assert "least sure image of each kind of image for the first 2" in res.output
     res = CliRunner().invoke(app, ["rank", str(folder), "-p", "polyp", "--score", "entropy", "-o", str(out)])
     assert res.exit_code != 0 and "--score is one of" in res.output and "Traceback" not in res.output
 
@@ -97,7 +111,7 @@ def test_the_series_goes_to_the_most_uncertain_image_and_rescores_for_a_new_mode
     fine.folder_edit.setText(str(tmp_path / "training_set"))
     seg.add_model(str(tiny_unet))
     seg.prompt_edit.setPlainText("polyp")
-    assert series.order_combo.currentData() == "uncertain"  # the default
+    series.order_combo.setCurrentIndex(series.order_combo.findData("uncertain"))
     series.open(folder)
     qtbot.waitUntil(lambda: series.scoring is None and seg.worker is None, timeout=60000)
     assert set(series.scores) == set(range(6))
@@ -117,7 +131,7 @@ def test_the_series_goes_to_the_most_uncertain_image_and_rescores_for_a_new_mode
     qtbot.waitUntil(lambda: seg.worker is None, timeout=60000)
     seg.add_model(str(tiny_efficientnet_unet))
     series.show(series.index)
-    assert series._scored_with == (str(tiny_efficientnet_unet), "polyp")
+    assert series._scored_with == (str(tiny_efficientnet_unet), "polyp", "uncertain")
     qtbot.waitUntil(lambda: series.scoring is None and len(series.scores) == 5, timeout=60000)
     series.order_combo.setCurrentIndex(series.order_combo.findData("name"))
     assert series.next_index() == series.index + 1 or series.index == 5

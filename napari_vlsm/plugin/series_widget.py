@@ -27,6 +27,7 @@ from qtpy.QtWidgets import (
 
 from napari_vlsm.core.images import mask_edits
 from napari_vlsm.core.inference.series import Series
+from napari_vlsm.core.inference.kinds import by_kind, embed_files
 from napari_vlsm.core.inference.uncertainty import DEFAULT_SCORE, score_files
 from napari_vlsm.core.data.training_sets import remove_label_examples, write_benchmark_example
 from .finetune_widget import FinetuneWidget
@@ -36,7 +37,8 @@ from .segment_widget import SegmentWidget
 
 IMAGE_LAYER, LABELS_LAYER = "series image", "series labels"
 AUTOSAVE_MS = 60_000  # a crash loses at most the current image's last minute
-ORDERS = {"uncertain": "Most uncertain first", "name": "Name order"}
+ORDERS = {"kinds": "Least sure of each kind first", "uncertain": "Most uncertain first", "name": "Name order"}
+KIND_BATCH = 20  # images chosen together by kind when no training interval is set
 
 
 class SeriesWidget(QWidget):
@@ -48,8 +50,10 @@ class SeriesWidget(QWidget):
         self.loaded: np.ndarray | None = None  # the mask as shown or last saved, to see edits
         self.saved_since_training = 0
         self.scores: dict[int, float] = {}  # image index -> uncertainty under the model scored with
-        self._scored_with = None  # (model, prompt) of those scores
-        self.scoring = None  # the worker scoring the images not yet done
+        self.described: dict[int, np.ndarray] = {}  # image index -> its description by the image encoder
+        self.queue: list[int] = []  # the images the order by kind chose, to do next
+        self._scored_with = None  # (model, prompt, order) of those scores or descriptions
+        self.scoring = None  # the worker scoring (or describing) the images
         self.proposal: tuple[int, np.ndarray] | None = None  # (image, the model's mask as shown)
         self._build()
         join_tabs(self, FinetuneWidget, SegmentWidget)
@@ -89,8 +93,9 @@ class SeriesWidget(QWidget):
         self.order_combo = QComboBox()
         for key, text in ORDERS.items():
             self.order_combo.addItem(text, key)
-        self.order_combo.setToolTip("Next goes to the image the current model is least sure of (scored in the "
-                                    "background, again after each training), or to the next name")
+        self.order_combo.setToolTip("Next goes to the image the model is least sure of among a kind of image not "
+                                    "yet corrected (no near copies in a row), or among all, or to the next name. "
+                                    "Worked out in the background, again after each training.")
         form.addRow("Next image", self.order_combo)
         self.prev_btn = QPushButton("◀ Previous  (Alt+Left)")
         self.prev_btn.setShortcut("Alt+Left")
@@ -131,6 +136,7 @@ class SeriesWidget(QWidget):
         self.folder_edit.returnPressed.connect(lambda: self.open(self.folder_edit.text()))
         self.prev_btn.clicked.connect(self.previous)
         self.next_btn.clicked.connect(self.next)
+        self.order_combo.currentIndexChanged.connect(self._order_changed)
         self.keep_btn.clicked.connect(lambda: self._on_next_click(mask_edits.keep_piece))
         self.remove_btn.clicked.connect(lambda: self._on_next_click(mask_edits.remove_piece))
         self.fill_btn.clicked.connect(lambda: self._edit(lambda a, v: mask_edits.fill_holes(a, v)))
@@ -155,7 +161,7 @@ class SeriesWidget(QWidget):
         self._closing = self._closing or on_window_close(self, self._on_close)  # closing napari saves first
         self.folder_edit.setText(str(series.folder))
         self.out_label.setText(str(series.out_dir))
-        self.scores, self._scored_with = {}, None
+        self._forget_order()
         self.show(series.first_undone())
 
     def show(self, i: int) -> None:
@@ -241,56 +247,98 @@ class SeriesWidget(QWidget):
         next by name; None at the end of a name-ordered walk or when every image is done."""
         s = self.series
         undone = [i for i in range(len(s)) if i != self.index and s.images[i].name not in s.done]
-        if self.order_combo.currentData() == "uncertain":
+        order = self.order_combo.currentData()
+        if order == "kinds":
+            self.queue = [i for i in self.queue if i in undone] or self._kind_queue()
+            if self.queue:
+                return self.queue[0]
+        if order == "uncertain":
             scored = [i for i in undone if i in self.scores]
             if scored:
                 return max(scored, key=lambda i: (self.scores[i], -i))
+        if order != "name":
             if undone:
                 return next((i for i in undone if i > self.index), undone[0])
             return None
         return self.index + 1 if self.index + 1 < len(s) else None
 
-    # ---------- uncertainty ----------
+    # ---------- the order of the images ----------
+    def _order_changed(self) -> None:
+        if self.series is not None:
+            self._rescore_if_stale()
+            self._report()
+
+    def _forget_order(self) -> None:
+        self._stop_scoring()
+        self.scores, self.described, self.queue, self._scored_with = {}, {}, [], None
+
     def _rescore_if_stale(self) -> None:
-        """Score the images not done under the current model and prompt, in a worker, when the
-        scores are of another model or prompt (a training finished, a new prompt was typed)."""
+        """Describe every image (orders by kind) and score those not done (by uncertainty) under
+        the current model and prompt, in a worker, when that was done for another model, prompt
+        or order (a training finished, a new prompt was typed)."""
         seg = sibling(self, SegmentWidget)
-        if self.series is None or seg is None or not seg.prompts or self.order_combo.currentData() != "uncertain":
+        order = self.order_combo.currentData()
+        if self.series is None or seg is None or not seg.prompts or order == "name":
             return
-        key = (seg.model_spec, seg.prompts[0])
+        key = (seg.model_spec, seg.prompts[0], order)
         if key == self._scored_with:
             return
-        self._stop_scoring()
-        self.scores, self._scored_with = {}, key
-        todo = [i for i, p in enumerate(self.series.images) if p.name not in self.series.done]
-        paths = [self.series.images[i] for i in todo]
+        self._forget_order()
+        self._scored_with = key
+        images = self.series.images
+        every = list(range(len(images))) if order == "kinds" else []
+        todo = [i for i, p in enumerate(images) if p.name not in self.series.done]
         backend = seg.session.backend if seg.session.spec == key[0] else None
         # bound methods, not lambdas: Qt drops the connections when the dock is deleted
-        worker = thread_worker(self._scores_of, start_thread=False)(backend, key, todo, paths)
+        worker = thread_worker(self._scores_of, start_thread=False)(backend, key, images, every, todo)
         worker.yielded.connect(self._scored)
         worker.returned.connect(self._scoring_ended)
         self.scoring = worker
         worker.start()
 
     @staticmethod
-    def _scores_of(backend, key, indices, paths):
+    def _scores_of(backend, key, images, every, todo):
+        """Yields (key, image index, description or None, score or None): the descriptions of
+        ``every`` image first (one encoder pass each), then the scores of those ``todo``."""
         from napari_vlsm.core.models.loading import load_model
 
-        for k, score in score_files(backend or load_model(key[0]), paths, key[1]):
-            yield key, indices[k], score
+        backend = backend or load_model(key[0])
+        for k, description in embed_files(backend, [images[i] for i in every]):
+            yield key, every[k], description, None
+        for k, score in score_files(backend, [images[i] for i in todo], key[1]):
+            yield key, todo[k], None, score
         return key
 
     def _scored(self, item) -> None:
-        key, index, score = item
-        if key == self._scored_with and score is not None:
+        key, index, description, score = item
+        if key != self._scored_with:
+            return
+        if description is not None:
+            self.described[index] = description
+        if score is not None:
             self.scores[index] = score.value(DEFAULT_SCORE)
-            if index == self.index or len(self.scores) % 10 == 0:
-                self._report()
+        if index == self.index or (len(self.scores) + len(self.described)) % 10 == 0:
+            self._report()
+
+    def _kind_queue(self) -> list[int]:
+        """The next images by kind (core/inference/kinds.py), the least sure of each, once the
+        worker is through: as many as are corrected between trainings (after which the new
+        model looks again)."""
+        if self.scoring is not None or not self.described:
+            return []
+        s = self.series
+        rows = sorted(self.described)
+        done = [s.images[i].name in s.done or i == self.index for i in rows]
+        scores = [self.scores.get(i, 0.0) for i in rows]
+        n = self.train_every.value() or KIND_BATCH
+        return [rows[k] for k in by_kind(np.stack([self.described[i] for i in rows]), done, n, scores=scores)]
 
     def _scoring_ended(self, key) -> None:
         if key == self._scored_with:
             self.scoring = None
             if self.series is not None:
+                if key[2] == "kinds":
+                    self.queue = self._kind_queue()
                 self._report()
 
     def _stop_scoring(self) -> None:
@@ -378,8 +426,12 @@ class SeriesWidget(QWidget):
         text = f"{s.n_done} / {len(s)} done · image {self.index + 1}: {s.images[self.index].name}" + model
         if self.index in self.scores:
             text += f" · uncertainty {self.scores[self.index]:.2f}"
-        if self.scoring is not None:
+        if self.scoring is not None and len(self.described) < len(s) and self._scored_with[2] == "kinds":
+            text += f" · grouping the images by kind ({len(self.described)} looked at so far)"
+        elif self.scoring is not None:
             text += f" · scoring the rest ({len(self.scores)} so far)"
+        elif self.order_combo.currentData() == "kinds" and self.queue:
+            text += f" · {len(self.queue)} more chosen to cover the kinds of image"
         estimate = s.estimate()
         if estimate is not None:
             text += (f"\nEstimated Dice on the images not done: {estimate:.2f} (the model's last proposals against "

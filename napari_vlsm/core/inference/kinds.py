@@ -21,18 +21,6 @@ MIN_GROUP = 5      # smaller groups are outliers, not a kind of image
 MAX_GROUPS = 500
 
 
-def pooled_features(features) -> np.ndarray:
-    """(N, d) image descriptions from a backend's ``encode_image`` output: each level averaged
-    over its positions ((N, C, H, W) maps and (N, tokens, C) activations alike), scaled to unit
-    length so that every level counts the same, then joined."""
-    parts = []
-    for f in features:
-        f = np.asarray(f.detach().float().cpu() if hasattr(f, "detach") else f, dtype=np.float32)
-        v = f.mean(axis=(2, 3)) if f.ndim == 4 else f.mean(axis=1) if f.ndim == 3 else f.reshape(len(f), -1)
-        parts.append(v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12))
-    return np.concatenate(parts, axis=1)
-
-
 def typicality(points: np.ndarray, neighbours: int = NEIGHBOURS) -> np.ndarray:
     """1 / mean distance to the ``neighbours`` nearest other points: high where points crowd."""
     if len(points) < 2:

@@ -138,8 +138,6 @@ class Predictor:
     def embed(self, images: list) -> np.ndarray:
         """(N, d) descriptions of images (each as for ``set_image``) by the model's image
         encoder, for grouping images by kind (``core/inference/kinds.py``)."""
-        from napari_vlsm.core.inference.kinds import pooled_features
-
         rgbs = [self._model_rgb(im) for im in images]
         return pooled_features(self.backend.encode_image(self.backend.preprocess(rgbs)))
 
@@ -148,6 +146,18 @@ class Predictor:
 
     def _decode(self, views: list, text) -> torch.Tensor:
         return decode_views(self.backend, views, text)
+
+
+def pooled_features(features) -> np.ndarray:
+    """(N, d) image descriptions from a backend's ``encode_image`` output: each level averaged
+    over its positions ((N, C, H, W) maps and (N, tokens, C) activations alike), scaled to unit
+    length so that every level counts the same, then joined."""
+    parts = []
+    for f in features:
+        f = np.asarray(f.detach().float().cpu() if hasattr(f, "detach") else f, dtype=np.float32)
+        v = f.mean(axis=(2, 3)) if f.ndim == 4 else f.mean(axis=1) if f.ndim == 3 else f.reshape(len(f), -1)
+        parts.append(v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12))
+    return np.concatenate(parts, axis=1)
 
 
 def encode_views(backend: Backend, pixels, flip_average: bool) -> list:

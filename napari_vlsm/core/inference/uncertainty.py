@@ -15,8 +15,10 @@ Higher is less sure. ``DEFAULT_SCORE`` is the best of the three in
 ``benchmarks/bench_corrections.py`` (docs/corrections.md: on BUSI "prompts" led random order at
 40 corrections in the first measurement, "flip" and "margin" fell behind random by 60; over 4
 rounds and two pool orders it was about as good as random, and not reliably ahead of name
-order). A model that finds nothing anywhere scores every image alike; then the series keeps
-name order.
+order). The series' and ``rank``'s default order takes the least sure image of each kind of
+image (``core/inference/kinds.py``): as good on BUSI, without the near copies that the most
+uncertain of a folder of video frames are. A model that finds nothing anywhere scores every
+image alike; then the first images in the folder's order come.
 """
 
 from __future__ import annotations

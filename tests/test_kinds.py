@@ -1,0 +1,150 @@
+"""The order by kind of image (core/inference/kinds.py): grouping, typicality and the choice of
+the next images, on planted groups and on real images through real tiny models and the docks."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_vlsm.core.images.imageio import read_image
+from napari_vlsm.core.inference.predictor import Predictor, pooled_features
+from napari_vlsm.core.inference.kinds import MIN_GROUP, by_kind, kinds_first, typicality
+from napari_vlsm.core.models.loading import load_model
+
+
+def planted(sizes, seed=0, spread=0.05):
+    """Points in well-separated groups of the given sizes (group k around 10 * e_k), and the
+    index of the point nearest each centre."""
+    rng = np.random.default_rng(seed)
+    points, group, centre = [], [], []
+    for k, n in enumerate(sizes):
+        c = np.zeros(len(sizes))
+        c[k] = 10.0
+        p = c + rng.normal(0, spread, (n, len(sizes)))
+        centre.append(len(points) + int(np.argmin(np.linalg.norm(p - c, axis=1))))
+        points += list(p)
+        group += [k] * n
+    return np.array(points), np.array(group), centre
+
+
+def test_pooled_features_average_each_level_and_give_it_unit_length():
+    maps = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    tokens = np.ones((2, 5, 7), np.float32) * np.arange(1, 8)
+    got = pooled_features([maps, tokens])
+    assert got.shape == (2, 3 + 7)
+    want = maps.mean(dim=(2, 3)).numpy()
+    np.testing.assert_allclose(got[:, :3], want / np.linalg.norm(want, axis=1, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(got[:, 3:], axis=1), 1.0, rtol=1e-6)
+
+
+def test_typicality_is_highest_where_points_crowd():
+    points = np.array([[0.0], [0.1], [0.2], [0.3], [5.0]])
+    t = typicality(points, neighbours=2)
+    assert np.argmax(t) in (1, 2) and np.argmin(t) == 4
+
+
+def test_the_first_images_cover_each_group_largest_first_by_a_typical_image():
+    points, group, centre = planted([30, 20, 10])
+    chosen = by_kind(points, np.zeros(len(points), bool), 3)
+    assert [group[i] for i in chosen] == [0, 1, 2]
+    for i, g in zip(chosen, range(3)):  # from the crowded middle of its group, not its edge
+        members = np.flatnonzero(group == g)
+        to_centre = np.linalg.norm(points[members] - points[centre[g]], axis=1)
+        assert np.linalg.norm(points[i] - points[centre[g]]) <= np.quantile(to_centre, 0.5)
+
+
+def test_a_group_already_corrected_waits():
+    points, group, _ = planted([30, 20, 10])
+    done = np.zeros(len(points), bool)
+    done[:2] = True  # two of the largest group are corrected
+    assert [group[i] for i in by_kind(points, done, 1)] == [1]
+
+
+def test_outliers_come_after_the_kinds_of_image():
+    points, _, _ = planted([20, 20])
+    points = np.concatenate([points, [[-50.0, -50.0]]])  # one image unlike any other
+    chosen = by_kind(points, np.zeros(len(points), bool), 3)
+    assert len(points) - 1 not in chosen and len(set(chosen)) == 3
+    assert MIN_GROUP > 1
+
+
+def test_with_scores_the_least_sure_image_of_each_group_comes():
+    points, group, _ = planted([30, 20, 10])
+    scores = np.zeros(len(points))
+    scores[[5, 6, 7, 40, 55]] = [0.9, 0.95, 0.85, 0.8, 0.7]  # three near copies the model is least sure of
+    chosen = by_kind(points, np.zeros(len(points), bool), 3, scores=scores)
+    assert chosen == [6, 40, 55]  # one of them, then the other kinds; most uncertain first takes all three
+
+
+def test_every_image_comes_once_and_no_more_than_there_are():
+    points, _, _ = planted([6, 6])
+    done = np.zeros(len(points), bool)
+    done[3] = True
+    chosen = by_kind(points, done, 50)
+    assert sorted(chosen) == [i for i in range(12) if i != 3]
+    assert by_kind(points, np.ones(len(points), bool), 5) == []
+    copies = np.ones((10, 4))  # a folder of one image copied: one kind, every copy still comes
+    assert sorted(by_kind(copies, np.zeros(10, bool), 10)) == list(range(10))
+
+
+@pytest.mark.parametrize("model", ["tiny_unet", "tiny_clipseg"])
+def test_the_predictor_describes_real_images_by_its_image_encoder(model, request, kvasir):
+    pred = Predictor(load_model(request.getfixturevalue(model), "cpu", "fp32"))
+    images = [read_image(p) for p in sorted((kvasir / "images").iterdir())[:3]]
+    together = pred.embed(images)
+    alone = pred.embed(images[1:2])
+    assert together.shape[0] == 3 and together.shape[1] > 0 and np.isfinite(together).all()
+    np.testing.assert_allclose(alone[0], together[1], atol=1e-5)
+    assert not np.allclose(together[0], together[2])
+
+
+def test_the_series_goes_to_the_least_sure_image_of_a_kind_not_yet_corrected(
+        qtbot, make_napari_viewer, monkeypatch, tiny_unet, kvasir, tmp_path):
+    """Through the docks as napari opens them: every image described by the model's encoder,
+    the images not done scored, the next three chosen by kind (the least sure of each), Next
+    follows them; the default order."""
+    from napari_vlsm.core.inference.uncertainty import DEFAULT_SCORE, score_image
+    from napari_vlsm.plugin import series_widget
+
+    from .conftest import copy_images
+
+    monkeypatch.setattr(series_widget, "KIND_BATCH", 3)  # 3 a time: a few groups among 12 images
+    folder = copy_images(kvasir, tmp_path / "new_images", 12)
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation")
+    _, series = viewer.window.add_plugin_dock_widget("napari-vlsm", "Image series")
+    seg.add_model(str(tiny_unet))
+    seg.prompt_edit.setPlainText("polyp")
+    series.to_training.setChecked(False)
+    assert series.order_combo.currentData() == "kinds"  # the default
+    series.open(folder)
+    qtbot.waitUntil(lambda: series.scoring is None and seg.worker is None, timeout=60000)
+    assert set(series.described) == set(range(12))  # done or not, every image is described
+    images = sorted(folder.iterdir())
+    np.testing.assert_allclose(series.described[5], Predictor(load_model(tiny_unet, "cpu", "fp32")).embed(
+        [read_image(images[5])])[0], atol=1e-5)
+    emb = np.stack([series.described[i] for i in range(12)])
+    shown = np.arange(12) == series.index  # the image shown counts as corrected
+    assert set(series.scores) == set(range(12))
+    expected = score_image(Predictor(load_model(tiny_unet, "cpu", "fp32"), flip_average=False),
+                           read_image(images[7]), "polyp")
+    assert series.scores[7] == pytest.approx(expected.value(DEFAULT_SCORE), abs=1e-6)
+    assert series.queue == by_kind(emb, shown, 3, scores=[series.scores[i] for i in range(12)])
+    assert "more chosen to cover the kinds of image" in series.progress.text()
+    first, second = series.queue[:2]
+    assert series.next() and series.index == first
+    assert series.next() and series.index == second
+    series.order_combo.setCurrentIndex(series.order_combo.findData("name"))
+    assert series.next_index() == (series.index + 1 if series.index < 11 else None)
+
+
+def test_kinds_first_then_the_least_sure_and_the_done_last():
+    points, group, _ = planted([10, 10])
+    scores = np.linspace(0, 1, 20)
+    done = np.zeros(20, bool)
+    done[[0, 19]] = True
+    order = kinds_first(points, done, scores, 2)
+    assert sorted(group[order[:2]]) == [0, 1] and order[:2] == by_kind(points, done, 2, scores=scores)
+    rest = order[2:-2]
+    assert [scores[i] for i in rest] == sorted((scores[i] for i in rest), reverse=True)
+    assert sorted(order[-2:]) == [0, 19] and sorted(order) == list(range(20))
+    assert kinds_first(None, done, scores, 0)[:3] == [18, 17, 16]  # no grouping: least sure first
