@@ -13,8 +13,11 @@ fixed test set of the new domain (its val split), Dice on Kvasir-SEG val with "p
 
 Arms: the recipe as shipped (replay sample mixed in) and the same without replay; or, with
 ``--orders``, the shipped recipe with the next images chosen in each order: ``random`` (a fixed
-permutation of the pool), ``name`` (the folder's order, as the series walked it), or the most
-uncertain first under the current model by each score of ``core/inference/uncertainty.py``.
+permutation of the pool), ``name`` (the folder's order, as the series walked it), the most
+uncertain first under the current model by each score of ``core/inference/uncertainty.py``, or
+by kind of image (``core/inference/kinds.py``): ``typical`` (the most typical image of each
+group), ``typical+SCORE`` (its least sure one) and ``kinds``, the series' default, which is
+``typical+`` the default score.
 Each ordering row also has the stop signal: the Dice the series would estimate for the images
 not yet corrected (its proposals' agreement with the last 10 corrections) beside their true
 Dice under the same model. ``--score-check`` prints, for the base model, how well each score
@@ -50,7 +53,8 @@ from napari_vlsm.core.inference.predictor import Predictor  # noqa: E402
 from napari_vlsm.core.data.replay import REPLAY_DIR, write_replay_sample  # noqa: E402
 from napari_vlsm.core.data.training_sets import benchmark_examples  # noqa: E402
 from napari_vlsm.core.inference.kinds import by_kind  # noqa: E402
-from napari_vlsm.core.inference.uncertainty import SCORES, estimate_dice, most_uncertain_first, score_image  # noqa: E402
+from napari_vlsm.core.inference.uncertainty import (  # noqa: E402
+    DEFAULT_SCORE, SCORES, estimate_dice, most_uncertain_first, score_image)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -157,6 +161,8 @@ def choose(order: str, model: str, left: list, n: int, prompt: str, candidates: 
         return left[:n]
     if order == "name":
         return sorted(left, key=lambda ex: Path(ex.image).name)[:n]
+    if order == "kinds":
+        order = "typical+" + DEFAULT_SCORE
     if order.startswith("typical"):
         return typical(model, left, list(done), n, prompt, seed, order.partition("+")[2])
     pool = left[:candidates]
@@ -333,7 +339,8 @@ def main():
     ap.add_argument("--orders", nargs="*", default=[],
                     help=f"Orderings to compare with the shipped recipe: random, name, {', '.join(SCORES)}, "
                          "SCORE+folder (the most uncertain and the next in pool order in turn), typical (the typical "
-                         "image of each group of images not yet covered) or typical+SCORE (its least sure one).")
+                         "image of each group of images not yet covered), typical+SCORE (its least sure one) or kinds (the "
+                         "series' default: typical+ the default score).")
     ap.add_argument("--test-from-pool", type=int, default=0,
                     help="Training images of the domain moved from the pool to the test set (fixed, whatever the "
                          "seed): a larger test set separates orderings better than the 78 of BUSI's val split.")
@@ -454,17 +461,30 @@ def means(rows) -> None:
         return np.array([[r[key] for r in sorted(rs, key=lambda r: r["corrections"])] for rs in runs[order].values()])
 
     print("\n| order | pool orders | mean test Dice after " + " / ".join(map(str, rounds[1:])) + " (lowest-highest) "
-          "| mean Dice of images with the object | corrections to reach name order's Dice at each round |")
-    print("|---|---|---|---|---|")
+          "| mean Dice of images with the object | corrections to reach name order's Dice at each round "
+          "| pool orders ahead of name order at each round | corrections to reach name order's Dice of images "
+          "with the object |")
+    print("|---|---|---|---|---|---|---|")
     name = curve("name", "test_dice").mean(0) if "name" in runs else None
+    name_object = curve("name", "test_dice_object").mean(0) if "name" in runs else None
     for order in runs:
         d, o = curve(order, "test_dice"), curve(order, "test_dice_object")
         cells = " / ".join(f"{m:.3f} ({lo:.2f}-{hi:.2f})" for m, lo, hi in zip(d.mean(0)[1:], d.min(0)[1:],
                                                                                  d.max(0)[1:]))
-        need = "-"
+        need = ahead = need_object = "-"
         if name is not None:
             need = " / ".join(_reaches(rounds, d.mean(0), target) for target in name[1:])
-        print(f"| {order} | {len(d)} | {cells} | {' / '.join(f'{m:.3f}' for m in o.mean(0)[1:])} | {need} |")
+            ahead = " / ".join(f"{sum(_ahead(rounds, run, target, k) for run in d)} of {len(d)}"
+                               for k, target in enumerate(name[1:], start=1))
+            need_object = " / ".join(_reaches(rounds, o.mean(0), target) for target in name_object[1:])
+        print(f"| {order} | {len(d)} | {cells} | {' / '.join(f'{m:.3f}' for m in o.mean(0)[1:])} | {need} "
+              f"| {ahead} | {need_object} |")
+
+
+def _ahead(rounds, curve, target, k) -> bool:
+    """Whether ``curve`` reached ``target`` (name order's Dice after round ``k``) with fewer corrections."""
+    reached = _reaches(rounds, curve, target)
+    return reached != "not reached" and float(reached) < rounds[k]
 
 
 def _reaches(rounds, curve, target) -> str:

@@ -226,8 +226,8 @@ def rank(
     folder: Path = typer.Argument(..., help="Folder of images, or a data set with images/."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="What the annotators will mark, e.g. 'polyp'."),
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
-    out: Path = typer.Option(Path("ranked.csv"), "--out", "-o", help="CSV of the images, those to correct first "
-                                                                      "first."),
+    out: Path = typer.Option(Path("ranked.csv"), "--out", "-o", help="CSV of the images, in the order to correct "
+                                                                      "them."),
     order: str = typer.Option("kinds", help="kinds (the default, as the image series: the least sure image of "
                                             "each kind of image, for the first --batch; then the most uncertain) or "
                                             "uncertain (the most uncertain first); see docs/corrections.md."),
