@@ -300,8 +300,9 @@ def rank(
     estimate = estimate_dice([a[1] for a in progress.get("agreements", []) if isinstance(a, list) and len(a) == 2])
     if estimate is not None:
         console.print(f"Estimated Dice on the images not yet corrected: {estimate:.2f} (how well the proposals "
-                      "agreed with the last corrections of the series; if that is good enough, label the rest with "
-                      "napari-vlsm segment).", soft_wrap=True)
+                      "agreed with the last corrections of the series, low where the series handed out the least sure "
+                      "images first; if that is good enough, label the rest with napari-vlsm segment).",
+                      soft_wrap=True)
     if failed:
         raise typer.Exit(1)
 
