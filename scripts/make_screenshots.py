@@ -73,6 +73,8 @@ def shoot(out: Path):
     seg.prompt_edit.setPlainText("polyp")
     series.open(folder)
     wait(seg)
+    while series.scoring is not None:  # the order by kind is worked out in the background
+        settle(0.1)
     series.next()
     wait(seg)
     series.next()

@@ -437,7 +437,7 @@ class SeriesWidget(QWidget):
             text += (f"\nEstimated Dice on the images not done: {estimate:.2f} (the model's last proposals against "
                      "your corrections). When that is good enough, label the rest with napari-vlsm segment.")
             if self.order_combo.currentData() != "name":
-                text += " It reads low in this order, which hands you the images the model is least sure of."
+                text += " In this order it tends to read low: it hands you the images the model is least sure of."
         self.progress.setText(text)
 
     def _confirm(self, question: str) -> bool:
