@@ -16,8 +16,8 @@ Arms: the recipe as shipped (replay sample mixed in) and the same without replay
 permutation of the pool), ``name`` (the folder's order, as the series walked it), the most
 uncertain first under the current model by each score of ``core/inference/uncertainty.py``, or
 by kind of image (``core/inference/kinds.py``): ``typical`` (the most typical image of each
-group), ``typical+SCORE`` (its least sure one) and ``kinds``, the series' default, which is
-``typical+`` the default score.
+group), ``typical+SCORE`` (its least sure one) and ``kinds``, the series' default: ``typical+``
+the default score with one image in four drawn at random, on which the estimate is read.
 Each ordering row also has the stop signal: the Dice the series would estimate for the images
 not yet corrected (its proposals' agreement with the last 10 corrections) beside their true
 Dice under the same model. ``--score-check`` prints, for the base model, how well each score
@@ -52,9 +52,10 @@ from napari_vlsm.core.images.metrics import dice  # noqa: E402
 from napari_vlsm.core.inference.predictor import Predictor  # noqa: E402
 from napari_vlsm.core.data.replay import REPLAY_DIR, write_replay_sample  # noqa: E402
 from napari_vlsm.core.data.training_sets import benchmark_examples  # noqa: E402
-from napari_vlsm.core.inference.kinds import by_kind  # noqa: E402
+from napari_vlsm.core.inference.kinds import by_kind, with_random_checks  # noqa: E402
+from napari_vlsm.core.inference.series import estimate_of  # noqa: E402
 from napari_vlsm.core.inference.uncertainty import (  # noqa: E402
-    DEFAULT_SCORE, SCORES, estimate_dice, most_uncertain_first, score_image)
+    DEFAULT_SCORE, SCORES, most_uncertain_first, score_image)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -272,7 +273,8 @@ def run_arm(args, name: str, extra: list[str], order: str = "random") -> list[di
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     pool, test = split_pool(args)
-    agreements: list[float] = []
+    agreements: list = []  # [image, Dice of the proposal and the correction], as series.json has them
+    checks: list = []  # the images handed out at random (the order by kind), as series.json has them
     corrected: list = []
     base_set = benchmark_examples(Path(args.forget_set), "val")
     model, rows = args.base_with_replay, []
@@ -290,6 +292,10 @@ def run_arm(args, name: str, extra: list[str], order: str = "random") -> list[di
             rows.append(row)
             break
         batch = choose(order, model, pool, args.per_round, args.prompt, args.candidates, corrected, args.seed)
+        if order == "kinds":  # as the series: one in four drawn at random, for the stop estimate
+            picks, drawn = with_random_checks([pool.index(ex) for ex in batch], range(len(pool)),
+                                              seed=args.seed * 100 + r)
+            batch, checks = [pool[i] for i in picks], checks + [pool[i].image for i in drawn]
         pool = [ex for ex in pool if ex not in batch]
         corrected += batch
         effort = scores(pred, batch, [args.prompt])[args.prompt]
@@ -297,9 +303,10 @@ def run_arm(args, name: str, extra: list[str], order: str = "random") -> list[di
         for ex in batch:  # what the series records: its proposal's agreement with the correction
             image, truth = ex.load()
             pred.set_image(image)
-            agreements.append(dice(pred.predict([args.prompt]).masks[0], truth))
+            agreements.append([ex.image, dice(pred.predict([args.prompt]).masks[0], truth)])
         left = scores(pred, pool[:args.estimate_sample], [args.prompt])[args.prompt]
-        row.update(estimated_dice=estimate_dice(agreements), true_dice_left=left["dice"])
+        row.update(estimated_dice=estimate_of({"agreements": agreements, "checks": checks})[0],
+                   true_dice_left=left["dice"])
         add_corrections(work / "corrections", batch, args.prompt)
         out = work / f"round{r + 1}"
         done_before = args.trained.get((model, tuple(ex.image for ex in batch), tuple(extra)))
@@ -340,7 +347,7 @@ def main():
                     help=f"Orderings to compare with the shipped recipe: random, name, {', '.join(SCORES)}, "
                          "SCORE+folder (the most uncertain and the next in pool order in turn), typical (the typical "
                          "image of each group of images not yet covered), typical+SCORE (its least sure one) or kinds (the "
-                         "series' default: typical+ the default score).")
+                         "series' default: typical+ the default score, one in four drawn at random).")
     ap.add_argument("--test-from-pool", type=int, default=0,
                     help="Training images of the domain moved from the pool to the test set (fixed, whatever the "
                          "seed): a larger test set separates orderings better than the 78 of BUSI's val split.")

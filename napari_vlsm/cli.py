@@ -249,11 +249,11 @@ def rank(
     _set_threads(threads)
     from napari_vlsm.core.images.imageio import read_image
     from napari_vlsm.core.inference.predictor import Predictor
-    from napari_vlsm.core.inference.series import DEFAULT_OUT, read_progress, series_images
+    from napari_vlsm.core.inference.series import DEFAULT_OUT, estimate_of, read_progress, series_images
     import numpy as np
 
     from napari_vlsm.core.inference.kinds import kinds_first
-    from napari_vlsm.core.inference.uncertainty import SCORES, estimate_dice, score_image
+    from napari_vlsm.core.inference.uncertainty import SCORES, score_image
 
     if score not in SCORES:
         _fail(f"--score is one of {', '.join(SCORES)}, not {score!r}.")
@@ -297,11 +297,12 @@ def rank(
     console.print(f"{len(rows)} images ranked ({len(todo)} not yet corrected): {first}, in {out}.", soft_wrap=True)
     for r in todo[:5]:
         console.print(f"  {r['rank']}. {Path(r['image']).name}  {score} {r['score']:.3f}", soft_wrap=True)
-    estimate = estimate_dice([a[1] for a in progress.get("agreements", []) if isinstance(a, list) and len(a) == 2])
+    estimate, drawn = estimate_of(progress)
     if estimate is not None:
+        on = (f"the series' last {drawn} correction{'s' * (drawn > 1)} of images drawn at random" if drawn else
+              "the series' last corrections, low where it handed out the least sure images first")
         console.print(f"Estimated Dice on the images not yet corrected: {estimate:.2f} (how well the proposals "
-                      "agreed with the last corrections of the series, low where the series handed out the least sure "
-                      "images first; if that is good enough, label the rest with napari-vlsm segment).",
+                      f"agreed with {on}; if that is good enough, label the rest with napari-vlsm segment).",
                       soft_wrap=True)
     if failed:
         raise typer.Exit(1)

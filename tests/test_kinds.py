@@ -1,13 +1,16 @@
 """The order by kind of image (core/inference/kinds.py): grouping, typicality and the choice of
 the next images, on planted groups and on real images through real tiny models and the docks."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from napari_vlsm.core.images.imageio import read_image
 from napari_vlsm.core.inference.predictor import Predictor, pooled_features
-from napari_vlsm.core.inference.kinds import MIN_GROUP, by_kind, kinds_first, typicality
+from napari_vlsm.core.inference.kinds import MIN_GROUP, by_kind, kinds_first, typicality, with_random_checks
+from napari_vlsm.core.inference.series import PROGRESS, Series, estimate_of
 from napari_vlsm.core.models.loading import load_model
 
 
@@ -148,3 +151,78 @@ def test_kinds_first_then_the_least_sure_and_the_done_last():
     assert [scores[i] for i in rest] == sorted((scores[i] for i in rest), reverse=True)
     assert sorted(order[-2:]) == [0, 19] and sorted(order) == list(range(20))
     assert kinds_first(None, done, scores, 0)[:3] == [18, 17, 16]  # no grouping: least sure first
+
+
+def test_one_place_in_four_goes_to_an_image_drawn_at_random():
+    chosen = list(range(8))
+    todo = list(range(100))
+    out, drawn = with_random_checks(chosen, todo, seed=3)
+    assert len(out) == 8 and len(drawn) == 2 and [out[3], out[7]] == drawn
+    assert [out[k] for k in (0, 1, 2, 4, 5, 6)] == [0, 1, 2, 4, 5, 6]
+    assert all(d in todo and d not in chosen for d in drawn) and len(set(out)) == 8
+    # uniform over the images not chosen: every one of them comes up over many draws
+    seen = {d for seed in range(400) for d in with_random_checks(chosen, todo, seed=seed)[1]}
+    assert seen == set(range(8, 100))
+    assert with_random_checks([0, 1, 2, 3], [0, 1, 2, 3], seed=0) == ([0, 1, 2, 3], [])  # none left to draw
+
+
+def test_the_stop_estimate_is_read_on_the_images_drawn_at_random():
+    agreements = [["a.png", 0.2], ["b.png", 0.9], ["c.png", 0.1], ["d.png", 0.7]]
+    assert estimate_of({"agreements": agreements}) == (pytest.approx(0.475), 0)
+    assert estimate_of({"agreements": agreements, "checks": ["b.png", "d.png", "z.png"]}) == (pytest.approx(0.8), 2)
+    assert estimate_of({}) == (None, 0)
+
+
+def test_the_series_checks_the_model_on_images_drawn_at_random(
+        qtbot, make_napari_viewer, monkeypatch, tiny_unet, kvasir, tmp_path):
+    """Through the docks: of the 8 chosen, the 4th and the 8th are drawn at random among the
+    others; Next to a drawn image marks it, its save records it in series.json, and the
+    estimate is read on it alone; rank reads it the same way."""
+    from typer.testing import CliRunner
+
+    from napari_vlsm.cli import app
+    from napari_vlsm.plugin import series_widget
+
+    from .conftest import copy_images
+
+    monkeypatch.setattr(series_widget, "KIND_BATCH", 8)
+    folder = copy_images(kvasir, tmp_path / "new_images", 12)
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation")
+    _, series = viewer.window.add_plugin_dock_widget("napari-vlsm", "Image series")
+    seg.add_model(str(tiny_unet))
+    seg.prompt_edit.setPlainText("polyp")
+    series.to_training.setChecked(False)
+    series.open(folder)
+    qtbot.waitUntil(lambda: series.scoring is None and seg.worker is None, timeout=60000)
+    emb = np.stack([series.described[i] for i in range(12)])
+    shown = np.arange(12) == series.index
+    by_kinds = by_kind(emb, shown, 8, scores=[series.scores[i] for i in range(12)])
+    assert len(series.queue) == 8 and series.queue[:3] == by_kinds[:3] and series.queue[4:7] == by_kinds[4:7]
+    assert series.drawn == {series.queue[3], series.queue[7]} and not series.drawn & set(by_kinds)
+    assert "one in four at random" in series.progress.text()
+    labels = viewer.layers["series labels"]
+    for _ in range(4):  # the first three by kind, then the first drawn at random
+        qtbot.waitUntil(lambda: seg.worker is None and series.proposal is not None, timeout=60000)
+        labels.data[0:20, 0:20] = 1  # a correction of the model's proposal
+        labels.refresh()
+        assert series.next()
+    drawn = series.series.images[series.index].name
+    assert series.index == series.queue[0] and series.index in series.drawn
+    assert "drawn at random, to check the model" in series.progress.text()
+    qtbot.waitUntil(lambda: seg.worker is None and series.proposal is not None, timeout=60000)
+    labels.data[:] = 0
+    labels.data[10:60, 10:60] = 1
+    labels.refresh()
+    assert series.next()
+    progress = json.loads((series.series.out_dir / PROGRESS).read_text())
+    assert progress["checks"] == [drawn] and drawn in progress["done"]
+    agreement = dict(progress["agreements"])[drawn]
+    assert series.series.estimate() == (pytest.approx(agreement), 1)
+    assert Series(folder).estimate() == (pytest.approx(agreement), 1)  # reopened, the same
+    assert f"{agreement:.2f} (the model's proposals against your corrections of the last 1 image drawn at random)" \
+        in series.progress.text()
+    res = CliRunner().invoke(app, ["rank", str(folder), "-p", "polyp", "--model", str(tiny_unet),
+                                   "-o", str(tmp_path / "ranked.csv")])
+    assert res.exit_code == 0, res.output
+    assert f"{agreement:.2f}" in res.output and "last 1 correction of images drawn at random" in res.output

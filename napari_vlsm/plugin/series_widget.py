@@ -27,7 +27,7 @@ from qtpy.QtWidgets import (
 
 from napari_vlsm.core.images import mask_edits
 from napari_vlsm.core.inference.series import Series
-from napari_vlsm.core.inference.kinds import by_kind, embed_files
+from napari_vlsm.core.inference.kinds import by_kind, embed_files, with_random_checks
 from napari_vlsm.core.inference.uncertainty import DEFAULT_SCORE, score_files
 from napari_vlsm.core.data.training_sets import remove_label_examples, write_benchmark_example
 from .finetune_widget import FinetuneWidget
@@ -52,6 +52,7 @@ class SeriesWidget(QWidget):
         self.scores: dict[int, float] = {}  # image index -> uncertainty under the model scored with
         self.described: dict[int, np.ndarray] = {}  # image index -> its description by the image encoder
         self.queue: list[int] = []  # the images the order by kind chose, to do next
+        self.drawn: set[int] = set()  # those of them drawn at random, for the stop estimate
         self._scored_with = None  # (model, prompt, order) of those scores or descriptions
         self.scoring = None  # the worker scoring (or describing) the images
         self.proposal: tuple[int, np.ndarray] | None = None  # (image, the model's mask as shown)
@@ -236,6 +237,8 @@ class SeriesWidget(QWidget):
             return False
         following = self.next_index()
         if following is not None:
+            if following in self.drawn and self.order_combo.currentData() == "kinds":
+                self.series.checks.add(self.series.images[following].name)  # handed out at random
             self.show(following)
         else:
             self._report()
@@ -243,8 +246,9 @@ class SeriesWidget(QWidget):
         return True
 
     def next_index(self) -> int | None:
-        """The image Next goes to: the most uncertain one not done (where scores are in), else the
-        next by name; None at the end of a name-ordered walk or when every image is done."""
+        """The image Next goes to: the next of those chosen by kind, or the most uncertain one not
+        done (where scores are in), else the next by name; None at the end of a name-ordered walk
+        or when every image is done."""
         s = self.series
         undone = [i for i in range(len(s)) if i != self.index and s.images[i].name not in s.done]
         order = self.order_combo.currentData()
@@ -270,7 +274,7 @@ class SeriesWidget(QWidget):
 
     def _forget_order(self) -> None:
         self._stop_scoring()
-        self.scores, self.described, self.queue, self._scored_with = {}, {}, [], None
+        self.scores, self.described, self.queue, self.drawn, self._scored_with = {}, {}, [], set(), None
 
     def _rescore_if_stale(self) -> None:
         """Describe every image (orders by kind) and score those not done (by uncertainty) under
@@ -323,7 +327,7 @@ class SeriesWidget(QWidget):
     def _kind_queue(self) -> list[int]:
         """The next images by kind (core/inference/kinds.py), the least sure of each, once the
         worker is through: as many as are corrected between trainings (after which the new
-        model looks again)."""
+        model looks again); one in four drawn at random instead, for the stop estimate."""
         if self.scoring is not None or not self.described:
             return []
         s = self.series
@@ -331,7 +335,10 @@ class SeriesWidget(QWidget):
         done = [s.images[i].name in s.done or i == self.index for i in rows]
         scores = [self.scores.get(i, 0.0) for i in rows]
         n = self.train_every.value() or KIND_BATCH
-        return [rows[k] for k in by_kind(np.stack([self.described[i] for i in rows]), done, n, scores=scores)]
+        chosen = by_kind(np.stack([self.described[i] for i in rows]), done, n, scores=scores)
+        chosen, drawn = with_random_checks(chosen, [k for k, d in enumerate(done) if not d], seed=s.n_done)
+        self.drawn = {rows[k] for k in drawn}
+        return [rows[k] for k in chosen]
 
     def _scoring_ended(self, key) -> None:
         if key == self._scored_with:
@@ -431,12 +438,16 @@ class SeriesWidget(QWidget):
         elif self.scoring is not None:
             text += f" · scoring the rest ({len(self.scores)} so far)"
         elif self.order_combo.currentData() == "kinds" and self.queue:
-            text += f" · {len(self.queue)} more chosen to cover the kinds of image"
-        estimate = s.estimate()
+            text += f" · {len(self.queue)} more chosen to cover the kinds of image, one in four at random"
+        if s.images[self.index].name in s.checks:
+            text += " · drawn at random, to check the model"
+        estimate, drawn = s.estimate()
         if estimate is not None:
-            text += (f"\nEstimated Dice on the images not done: {estimate:.2f} (the model's last proposals against "
-                     "your corrections). When that is good enough, label the rest with napari-vlsm segment.")
-            if self.order_combo.currentData() != "name":
+            on = (f"your corrections of the last {drawn} image{'s' * (drawn > 1)} drawn at random" if drawn else
+                  "your last corrections")
+            text += (f"\nEstimated Dice on the images not done: {estimate:.2f} (the model's proposals against {on})."
+                     " When that is good enough, label the rest with napari-vlsm segment.")
+            if not drawn and self.order_combo.currentData() != "name":
                 text += " In this order it tends to read low: it hands you the images the model is least sure of."
         self.progress.setText(text)
 

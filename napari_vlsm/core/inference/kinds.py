@@ -9,7 +9,9 @@ corrected images; the next image comes from the largest group with the fewest co
 Within the group it is the one the model is least sure of (``core/inference/uncertainty.py``),
 the first in the folder where the scores tie; without scores, the most typical one (closest
 neighbours), TypiClust's choice, which ``benchmarks/bench_corrections.py`` measured as the
-weaker (docs/corrections.md).
+weaker (docs/corrections.md). One image in four is drawn at random instead
+(``with_random_checks``): the stop estimate is read on those, since the least sure images
+make the model look worse than it is on the rest.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 NEIGHBOURS = 20    # neighbours whose mean distance measures how typical an image is
 MIN_GROUP = 5      # smaller groups are outliers, not a kind of image
 MAX_GROUPS = 500
+CHECK_EVERY = 4    # one image in four is drawn at random: the stop estimate is read on those
 
 
 def typicality(points: np.ndarray, neighbours: int = NEIGHBOURS) -> np.ndarray:
@@ -79,6 +82,23 @@ def by_kind(embeddings: np.ndarray, done, n: int, seed: int = 0, scores=None) ->
         taken[pick] = True
         count[g] += 1
     return out
+
+
+def with_random_checks(chosen: list[int], todo, every: int = CHECK_EVERY, seed=None) -> tuple[list[int], list[int]]:
+    """``chosen`` with every ``every``-th place (the 4th, the 8th...) given to an image drawn at
+    random among the others of ``todo``, and the images drawn. The model's Dice on the images
+    not yet corrected is estimated on those drawn: the others were chosen for being hard, so
+    their corrections say less of the rest than the model's true Dice."""
+    rng = np.random.default_rng(seed)
+    taken = set(chosen)
+    rest = [i for i in todo if i not in taken]
+    out, drawn = list(chosen), []
+    for place in range(every - 1, len(out), every):
+        if not rest:
+            break
+        out[place] = rest.pop(int(rng.integers(len(rest))))
+        drawn.append(out[place])
+    return out, drawn
 
 
 def kinds_first(embeddings, done, scores, n: int) -> list[int]:

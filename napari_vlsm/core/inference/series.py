@@ -6,7 +6,8 @@ output folder, a suffix added where stems collide) and ``labels.json`` says what
 value means, so a folder annotated in napari and one labelled on the command line look the
 same. ``series.json`` in the output folder lists the images marked done, and for each how
 well the model's proposal agreed with the saved correction (Dice): the last of those estimate
-how good the model is on the images still to do (``estimate``). Reopening the folder resumes
+how good the model is on the images still to do (``estimate``), read on the images that were
+handed out at random (``checks``) where there are any. Reopening the folder resumes
 at the first image not done.
 """
 
@@ -23,7 +24,7 @@ from napari_vlsm.core.atomic import atomic_write_text
 from napari_vlsm.core.inference.folder_labeling import SIDECAR, mask_paths
 from napari_vlsm.core.images.imageio import list_images, read_image, write_mask
 from napari_vlsm.core.images.metrics import dice
-from napari_vlsm.core.inference.uncertainty import estimate_dice
+from napari_vlsm.core.inference.uncertainty import ESTIMATE_LAST, estimate_dice
 
 PROGRESS = "series.json"
 PREVIOUS = ".previous"
@@ -53,6 +54,7 @@ class Series:
         progress = read_progress(self.out_dir)
         self.done: set[str] = set(progress.get("done", []))
         self.agreements: list = [a for a in progress.get("agreements", []) if isinstance(a, list) and len(a) == 2]
+        self.checks: set[str] = set(progress.get("checks", []))  # images handed out at random
         self._wrote: dict[int, tuple] = {}  # what this session wrote for each image, as the file's stat
         self._pool = ThreadPoolExecutor(1)
         self._ahead: dict[int, Future] = {}
@@ -113,13 +115,12 @@ class Series:
                 self.agreements = [a for a in self.agreements if a[0] != name]
                 self.agreements.append([name, dice(np.asarray(proposal) != 0, np.asarray(labels) != 0)])
             atomic_write_text(self.out_dir / PROGRESS, json.dumps(
-                {"done": sorted(self.done), "agreements": self.agreements}, indent=1))
+                {"done": sorted(self.done), "agreements": self.agreements, "checks": sorted(self.checks)}, indent=1))
         return path
 
-    def estimate(self) -> float | None:
-        """The model's Dice on the images not yet done, estimated from its proposals' agreement
-        with the last corrections; None before any proposal was corrected."""
-        return estimate_dice([a[1] for a in self.agreements])
+    def estimate(self) -> tuple[float | None, int]:
+        """``estimate_of`` this series' progress."""
+        return estimate_of({"agreements": self.agreements, "checks": sorted(self.checks)})
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -132,6 +133,19 @@ def read_progress(out_dir) -> dict:
     except (OSError, ValueError):
         return {}
     return progress if isinstance(progress, dict) else {}
+
+
+def estimate_of(progress: dict) -> tuple[float | None, int]:
+    """The model's Dice on the images not yet done, estimated from its proposals' agreement
+    with the last corrections (None before any), and on how many images handed out at random
+    it was read: on those alone where there are any (0: on all, which reads low where the
+    images were handed out least sure first)."""
+    pairs = [a for a in progress.get("agreements", []) if isinstance(a, list) and len(a) == 2]
+    checks = set(progress.get("checks", []))
+    drawn = [a[1] for a in pairs if a[0] in checks]
+    if drawn:
+        return estimate_dice(drawn), len(drawn[-ESTIMATE_LAST:])
+    return estimate_dice([a[1] for a in pairs]), 0
 
 
 def _stat(path: Path) -> tuple | None:
