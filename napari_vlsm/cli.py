@@ -285,15 +285,17 @@ def rank(
             bar.update(task, advance=1, info=path.name)
     if not rows:
         _fail("No image could be scored.")
-    rows = [{"rank": k + 1, **rows[i]} for k, i in enumerate(kinds_first(
-        np.array(described) if order == "kinds" else None, [r["done"] for r in rows], [r["score"] for r in rows],
-        batch if order == "kinds" else 0))]
-    for r in rows:
-        r["chosen"] = "done" if r["done"] else "kind" if r["rank"] <= batch and order == "kinds" else "uncertainty"
+    ranked, drawn = kinds_first(np.array(described) if order == "kinds" else None, [r["done"] for r in rows],
+                                [r["score"] for r in rows], batch if order == "kinds" else 0)
+    for k, i in enumerate(ranked):
+        rows[i]["chosen"] = ("done" if rows[i]["done"] else "random" if i in drawn else
+                             "kind" if k < batch and order == "kinds" else "uncertainty")
+    rows = [{"rank": k + 1, **rows[i]} for k, i in enumerate(ranked)]
     _write_csv(out, rows)
     todo = [r for r in rows if not r["done"]]
-    first = f"the least sure image of each kind of image for the first {min(batch, len(todo))}, then the most " \
-            f"uncertain by {score}" if order == "kinds" else f"the most uncertain by {score} first"
+    first = f"the least sure image of each kind of image for the first {min(batch, len(todo))} (one in four " \
+            f"drawn at random instead, to check the model on: column chosen), then the most uncertain by {score}" \
+        if order == "kinds" else f"the most uncertain by {score} first"
     console.print(f"{len(rows)} images ranked ({len(todo)} not yet corrected): {first}, in {out}.", soft_wrap=True)
     for r in todo[:5]:
         console.print(f"  {r['rank']}. {Path(r['image']).name}  {score} {r['score']:.3f}", soft_wrap=True)

@@ -1,6 +1,7 @@
 """The order by kind of image (core/inference/kinds.py): grouping, typicality and the choice of
 the next images, on planted groups and on real images through real tiny models and the docks."""
 
+import csv
 import json
 
 import numpy as np
@@ -145,12 +146,19 @@ def test_kinds_first_then_the_least_sure_and_the_done_last():
     scores = np.linspace(0, 1, 20)
     done = np.zeros(20, bool)
     done[[0, 19]] = True
-    order = kinds_first(points, done, scores, 2)
+    order, drawn = kinds_first(points, done, scores, 2)
     assert sorted(group[order[:2]]) == [0, 1] and order[:2] == by_kind(points, done, 2, scores=scores)
+    assert drawn == []
     rest = order[2:-2]
     assert [scores[i] for i in rest] == sorted((scores[i] for i in rest), reverse=True)
     assert sorted(order[-2:]) == [0, 19] and sorted(order) == list(range(20))
-    assert kinds_first(None, done, scores, 0)[:3] == [18, 17, 16]  # no grouping: least sure first
+    assert kinds_first(None, done, scores, 0) == (list(range(18, 0, -1)) + [19, 0], [])  # least sure first, done last
+    # eight by kind: the 4th and the 8th drawn at random among the others not done
+    order, drawn = kinds_first(points, done, scores, 8)
+    kinds = by_kind(points, done, 8, scores=scores)
+    assert drawn == [order[3], order[7]] and not set(drawn) & (set(kinds) | {0, 19})
+    assert [order[k] for k in (0, 1, 2, 4, 5, 6)] == [kinds[k] for k in (0, 1, 2, 4, 5, 6)]
+    assert sorted(order) == list(range(20)) and sorted(order[-2:]) == [0, 19]
 
 
 def test_one_place_in_four_goes_to_an_image_drawn_at_random():
@@ -226,3 +234,7 @@ def test_the_series_checks_the_model_on_images_drawn_at_random(
                                    "-o", str(tmp_path / "ranked.csv")])
     assert res.exit_code == 0, res.output
     assert f"{agreement:.2f}" in res.output and "last 1 correction of images drawn at random" in res.output
+    res = CliRunner().invoke(app, ["rank", str(folder), "-p", "polyp", "--model", str(tiny_unet), "--batch", "4",
+                                   "-o", str(tmp_path / "ranked.csv")])
+    rows = list(csv.DictReader((tmp_path / "ranked.csv").open()))
+    assert [r["chosen"] for r in rows] == ["kind"] * 3 + ["random"] + ["uncertainty"] * 3 + ["done"] * 5

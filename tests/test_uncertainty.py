@@ -95,7 +95,8 @@ def test_rank_writes_the_most_uncertain_first_and_puts_corrected_images_last(tin
     pred = Predictor(load_model(tiny_unet, "cpu", "fp32"))
     described = pred.embed([read_image(p) for p in images])
     by_score = {r["image"]: float(r["score"]) for r in rows}
-    expected = kinds_first(described, [i < 2 for i in range(6)], [by_score[str(p)] for p in images], 2)
+    expected, drawn = kinds_first(described, [i < 2 for i in range(6)], [by_score[str(p)] for p in images], 2)
+    assert drawn == []  # one in four: none among two
     assert [r["image"] for r in rows] == [str(images[i]) for i in expected]
     assert "least sure image of each kind of image for the first 2" in res.output
     res = CliRunner().invoke(app, ["rank", str(folder), "-p", "polyp", "--score", "entropy", "-o", str(out)])
