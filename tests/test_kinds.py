@@ -208,7 +208,7 @@ def test_the_series_checks_the_model_on_images_drawn_at_random(
     by_kinds = by_kind(emb, shown, 8, scores=[series.scores[i] for i in range(12)])
     assert len(series.queue) == 8 and series.queue[:3] == by_kinds[:3] and series.queue[4:7] == by_kinds[4:7]
     assert series.drawn == {series.queue[3], series.queue[7]} and not series.drawn & set(by_kinds)
-    assert "one in four at random" in series.progress.text()
+    assert "8 more chosen to cover the kinds of image, 2 of them at random" in series.progress.text()
     labels = viewer.layers["series labels"]
     for _ in range(4):  # the first three by kind, then the first drawn at random
         qtbot.waitUntil(lambda: seg.worker is None and series.proposal is not None, timeout=60000)

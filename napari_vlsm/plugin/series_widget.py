@@ -438,7 +438,9 @@ class SeriesWidget(QWidget):
         elif self.scoring is not None:
             text += f" · scoring the rest ({len(self.scores)} so far)"
         elif self.order_combo.currentData() == "kinds" and self.queue:
-            text += f" · {len(self.queue)} more chosen to cover the kinds of image, one in four at random"
+            text += f" · {len(self.queue)} more chosen to cover the kinds of image"
+            if self.drawn & set(self.queue):
+                text += f", {len(self.drawn & set(self.queue))} of them at random"
         if s.images[self.index].name in s.checks:
             text += " · drawn at random, to check the model"
         estimate, drawn = s.estimate()
