@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from napari_vlsm.core.images.imageio import read_image
-from napari_vlsm.core.inference.predictor import Predictor, pooled_features
 from napari_vlsm.core.inference.kinds import MIN_GROUP, by_kind, kinds_first, typicality, with_random_checks
+from napari_vlsm.core.inference.predictor import Predictor, pooled_features
 from napari_vlsm.core.inference.series import PROGRESS, Series, estimate_of
 from napari_vlsm.core.models.loading import load_model
 
@@ -101,6 +101,21 @@ def test_the_predictor_describes_real_images_by_its_image_encoder(model, request
     assert not np.allclose(together[0], together[2])
 
 
+def open_series(make_napari_viewer, qtbot, model, folder):
+    """The segmentation and series docks as napari opens them, ``model`` and "polyp", the
+    folder open in the default order (checked to be by kind), its order worked out."""
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation")
+    _, series = viewer.window.add_plugin_dock_widget("napari-vlsm", "Image series")
+    seg.add_model(str(model))
+    seg.prompt_edit.setPlainText("polyp")
+    series.to_training.setChecked(False)
+    assert series.order_combo.currentData() == "kinds"  # the default
+    series.open(folder)
+    qtbot.waitUntil(lambda: series.scoring is None and seg.worker is None, timeout=60000)
+    return viewer, seg, series
+
+
 def test_the_series_goes_to_the_least_sure_image_of_a_kind_not_yet_corrected(
         qtbot, make_napari_viewer, monkeypatch, tiny_unet, kvasir, tmp_path):
     """Through the docks as napari opens them: every image described by the model's encoder,
@@ -113,15 +128,7 @@ def test_the_series_goes_to_the_least_sure_image_of_a_kind_not_yet_corrected(
 
     monkeypatch.setattr(series_widget, "KIND_BATCH", 3)  # 3 a time: a few groups among 12 images
     folder = copy_images(kvasir, tmp_path / "new_images", 12)
-    viewer = make_napari_viewer()
-    _, seg = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation")
-    _, series = viewer.window.add_plugin_dock_widget("napari-vlsm", "Image series")
-    seg.add_model(str(tiny_unet))
-    seg.prompt_edit.setPlainText("polyp")
-    series.to_training.setChecked(False)
-    assert series.order_combo.currentData() == "kinds"  # the default
-    series.open(folder)
-    qtbot.waitUntil(lambda: series.scoring is None and seg.worker is None, timeout=60000)
+    _, _, series = open_series(make_napari_viewer, qtbot, tiny_unet, folder)
     assert set(series.described) == set(range(12))  # done or not, every image is described
     images = sorted(folder.iterdir())
     np.testing.assert_allclose(series.described[5], Predictor(load_model(tiny_unet, "cpu", "fp32")).embed(
@@ -195,14 +202,7 @@ def test_the_series_checks_the_model_on_images_drawn_at_random(
 
     monkeypatch.setattr(series_widget, "KIND_BATCH", 8)
     folder = copy_images(kvasir, tmp_path / "new_images", 12)
-    viewer = make_napari_viewer()
-    _, seg = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation")
-    _, series = viewer.window.add_plugin_dock_widget("napari-vlsm", "Image series")
-    seg.add_model(str(tiny_unet))
-    seg.prompt_edit.setPlainText("polyp")
-    series.to_training.setChecked(False)
-    series.open(folder)
-    qtbot.waitUntil(lambda: series.scoring is None and seg.worker is None, timeout=60000)
+    viewer, seg, series = open_series(make_napari_viewer, qtbot, tiny_unet, folder)
     emb = np.stack([series.described[i] for i in range(12)])
     shown = np.arange(12) == series.index
     by_kinds = by_kind(emb, shown, 8, scores=[series.scores[i] for i in range(12)])

@@ -25,11 +25,12 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_vlsm.core.images import mask_edits
-from napari_vlsm.core.inference.series import Series
-from napari_vlsm.core.inference.kinds import by_kind, embed_files, with_random_checks
-from napari_vlsm.core.inference.uncertainty import DEFAULT_SCORE, score_files
 from napari_vlsm.core.data.training_sets import remove_label_examples, write_benchmark_example
+from napari_vlsm.core.images import mask_edits
+from napari_vlsm.core.inference.kinds import by_kind, with_random_checks
+from napari_vlsm.core.inference.series import Series
+from napari_vlsm.core.inference.uncertainty import DEFAULT_SCORE, score_files
+
 from .finetune_widget import FinetuneWidget
 from .label_writing import forget_history, use_bright_colours, write_plane
 from .qt_helpers import ask, join_tabs, on_window_close, scrolling_layout, sibling
@@ -290,27 +291,27 @@ class SeriesWidget(QWidget):
         self._forget_order()
         self._scored_with = key
         images = self.series.images
-        every = list(range(len(images))) if order == "kinds" else []
-        todo = [i for i, p in enumerate(images) if p.name not in self.series.done]
+        todo = [p.name not in self.series.done for p in images]
+        # the order by kind describes every image, done or not; uncertainty needs only those to do
+        indices = list(range(len(images))) if order == "kinds" else [i for i in range(len(images)) if todo[i]]
         backend = seg.session.backend if seg.session.spec == key[0] else None
         # bound methods, not lambdas: Qt drops the connections when the dock is deleted
-        worker = thread_worker(self._scores_of, start_thread=False)(backend, key, images, every, todo)
+        worker = thread_worker(self._scores_of, start_thread=False)(
+            backend, key, [images[i] for i in indices], indices, [todo[i] for i in indices])
         worker.yielded.connect(self._scored)
         worker.returned.connect(self._scoring_ended)
         self.scoring = worker
         worker.start()
 
     @staticmethod
-    def _scores_of(backend, key, images, every, todo):
-        """Yields (key, image index, description or None, score or None): the descriptions of
-        ``every`` image first (one encoder pass each), then the scores of those ``todo``."""
+    def _scores_of(backend, key, paths, indices, todo):
+        """Yields (key, image index, description or None, score or None) for each of ``paths``
+        (the series' images ``indices``): described in the order by kind, scored where ``todo``."""
         from napari_vlsm.core.models.loading import load_model
 
-        backend = backend or load_model(key[0])
-        for k, description in embed_files(backend, [images[i] for i in every]):
-            yield key, every[k], description, None
-        for k, score in score_files(backend, [images[i] for i in todo], key[1]):
-            yield key, todo[k], None, score
+        for k, description, score in score_files(backend or load_model(key[0]), paths, key[1], todo,
+                                                 describe=key[2] == "kinds"):
+            yield key, indices[k], description, score
         return key
 
     def _scored(self, item) -> None:

@@ -115,16 +115,3 @@ def kinds_first(embeddings, done, scores, n: int) -> tuple[list[int], list[int]]
     rest = sorted((i for i in range(len(done)) if i not in taken), key=lambda i: (done[i], -scores[i], i))
     return chosen + rest, drawn
 
-
-def embed_files(backend, paths):
-    """Generator: (index, description or None when the file cannot be read) for each of
-    ``paths``, by ``backend``'s image encoder. Closing it stops between images."""
-    from napari_vlsm.core.images.imageio import read_image
-    from napari_vlsm.core.inference.predictor import Predictor
-
-    predictor = Predictor(backend, flip_average=False)
-    for i, path in enumerate(paths):
-        try:
-            yield i, predictor.embed([read_image(path)])[0]
-        except (OSError, ValueError):
-            yield i, None

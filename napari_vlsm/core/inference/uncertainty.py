@@ -86,15 +86,20 @@ def estimate_dice(agreements: list[float], last: int = ESTIMATE_LAST) -> float |
     return float(np.mean(recent)) if recent else None
 
 
-def score_files(backend, paths, prompt: str, threshold: float = 0.5):
-    """Generator: (index, ImageScore or None when the file cannot be read) for each of
-    ``paths``, with one predictor that compares the two views. Closing it stops between images."""
+def score_files(backend, paths, prompt: str, score: list[bool], describe: bool = False, threshold: float = 0.5):
+    """Generator: (index, description or None, ImageScore or None) for each of ``paths``, each
+    file read once: its description by the image encoder with ``describe`` (for the order by
+    kind, ``core/inference/kinds.py``), its scores where ``score[index]``, with one predictor
+    that compares the two views; (index, None, None) for a file that cannot be read. Closing
+    it stops between images."""
     from napari_vlsm.core.images.imageio import read_image
     from napari_vlsm.core.inference.predictor import Predictor
 
     predictor = Predictor(backend, flip_average=False)
     for i, path in enumerate(paths):
         try:
-            yield i, score_image(predictor, read_image(path), prompt, threshold)
+            image = read_image(path)
+            yield (i, predictor.embed([image])[0] if describe else None,
+                   score_image(predictor, image, prompt, threshold) if score[i] else None)
         except (OSError, ValueError):
-            yield i, None
+            yield i, None, None
