@@ -14,29 +14,40 @@ import random
 from collections import Counter, defaultdict
 
 from napari_vlsm.core.data.prompts import SYNONYM_TYPE
-from napari_vlsm.core.data.training_sets import Example
+from napari_vlsm.core.data.training_sets import Example, folder_of_kind
 
 
 def concept_of(examples: list[Example]) -> dict[str, str]:
-    """group -> concept (the group's most common p1 prompt, case-folded)."""
+    """kind (a data set, or a target of a set of several) -> concept (its most common p1
+    prompt, case-folded)."""
     counts: dict[str, Counter] = defaultdict(Counter)
     for ex in examples:
         p1 = ex.prompts.get("p1")
         if isinstance(p1, str) and p1.strip():
-            counts[ex.group][p1.strip().casefold()] += 1
+            counts[ex.kind][p1.strip().casefold()] += 1
     return {g: c.most_common(1)[0][0] for g, c in counts.items()}
 
 
 def add_synonyms(examples: list[Example], synonyms: dict[str, list[str]]) -> list[Example]:
-    """Give every example of a group listed in ``synonyms`` the extra prompt type 'syn'."""
-    unknown = set(synonyms) - {ex.group for ex in examples}
+    """Give every example of a kind (FOLDER:TARGET) or group (FOLDER) listed in ``synonyms``
+    the extra prompt type 'syn'."""
+    unknown = set(synonyms) - {ex.group for ex in examples} - {ex.kind for ex in examples}
     if unknown:
         raise ValueError(f"Synonyms name data sets that are not being trained: {', '.join(sorted(unknown))}. "
-                         "Keys are the data folders' names.")
+                         "Keys are the data folders' names (FOLDER:TARGET for one target of a folder of several).")
     for ex in examples:
-        if synonyms.get(ex.group):
-            ex.prompts = {**ex.prompts, SYNONYM_TYPE: list(synonyms[ex.group])}
+        extra = synonyms.get(ex.kind) or synonyms.get(ex.group)
+        if extra:
+            ex.prompts = {**ex.prompts, SYNONYM_TYPE: list(extra)}
     return examples
+
+
+def absent_concepts(concepts: dict[str, str], kind: str) -> list[str]:
+    """The concepts that are absent from an image of ``kind``: those of other data sets (a
+    set of several targets holds all of its targets on the same images: the lungs are not
+    absent from an X-ray asked for the infection)."""
+    own = {c for k, c in concepts.items() if folder_of_kind(k) == folder_of_kind(kind)}
+    return sorted(set(concepts.values()) - own)
 
 
 class NegativePrompts:
@@ -48,8 +59,8 @@ class NegativePrompts:
         self.concepts = concept_of(examples)
         self.by_concept: dict[str, list[Example]] = defaultdict(list)
         for ex in examples:
-            if ex.group in self.concepts and ex.prompts.get("p1", "").strip().casefold() == self.concepts[ex.group]:
-                self.by_concept[self.concepts[ex.group]].append(ex)
+            if ex.kind in self.concepts and ex.prompts.get("p1", "").strip().casefold() == self.concepts[ex.kind]:
+                self.by_concept[self.concepts[ex.kind]].append(ex)
         self.types = tuple(prompt_types) + ((SYNONYM_TYPE,) if SYNONYM_TYPE not in prompt_types else ())
         self.generic = list(generic)
 
@@ -59,12 +70,12 @@ class NegativePrompts:
     def own(self, ex: Example, rng: random.Random) -> str | None:
         """A prompt of ``ex``'s own class (from an example that shows it), or None: asked on
         an image or crop where that class is absent, the right answer is an empty mask."""
-        same = self.by_concept.get(self.concepts.get(ex.group))
+        same = self.by_concept.get(self.concepts.get(ex.kind))
         return rng.choice(same).prompt(self.types, rng) if same else None
 
     def draw(self, ex: Example, rng: random.Random) -> str:
-        own = self.concepts.get(ex.group)
-        others = [c for c in self.by_concept if c != own]
+        absent = absent_concepts(self.concepts, ex.kind) if ex.kind in self.concepts else list(self.by_concept)
+        others = [c for c in self.by_concept if c in absent]
         if others and (not self.generic or rng.random() < 0.5):
             source = rng.choice(self.by_concept[rng.choice(others)])
             return source.prompt(self.types, rng)

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from napari_vlsm.core.data.prompts import load_annotations
-from napari_vlsm.core.data.training_sets import Example, benchmark_examples
+from napari_vlsm.core.data.training_sets import Example, benchmark_examples, row_targets
 
 REPLAY_DIR = "replay"
 
@@ -36,6 +36,7 @@ def replay_examples(folder) -> list[Example]:
     examples = benchmark_examples(folder, "train")
     for ex, entry in zip(examples, entries):
         ex.group = entry.get("group", ex.group)
+        ex.target = entry.get("target", "")
     return examples
 
 
@@ -48,6 +49,7 @@ def write_replay_sample(data_dirs, model_folder, per_set: int = 24, seed: int = 
     entries = []
     for data_dir in map(Path, data_dirs):
         rows = load_annotations(data_dir / "anns" / "train.json")
+        rows = [{**row, "target": target} for row, target in zip(rows, row_targets(rows))]
         for row in random.Random(seed).sample(rows, min(per_set, len(rows))):
             row = {**row, "img_name": f"{data_dir.name}__{row['img_name']}",
                    "mask_name": f"{data_dir.name}__{row['mask_name']}", "group": data_dir.name}

@@ -26,7 +26,9 @@ class Example:
     """One training pair. ``image``/``mask`` are arrays or paths (read when needed).
     ``prompts`` maps prompt type -> text (or list of texts); ``label`` picks the mask value
     that is foreground (None: every non-zero value). ``group`` names the data set it came
-    from (its folder), for per-set validation scores and cross-set negative prompts."""
+    from (its folder), for per-set validation scores and cross-set negative prompts.
+    ``target`` names the class within a folder that annotates several on the same images
+    (chest X-rays: the lungs and the infection), "" otherwise."""
 
     image: object
     mask: object
@@ -34,6 +36,13 @@ class Example:
     label: int | None = None
     name: str = ""
     group: str = ""
+    target: str = ""
+
+    @property
+    def kind(self) -> str:
+        """The data set and, in a folder of several targets, the target: what validation scores
+        and what a concept (the class its prompts ask for) belongs to."""
+        return f"{self.group}{KIND_SEPARATOR}{self.target}" if self.target else self.group
 
     def load(self) -> tuple[np.ndarray, np.ndarray]:
         image = read_image(self.image) if isinstance(self.image, (str, Path)) else np.asarray(self.image)
@@ -53,6 +62,22 @@ class Example:
         return pick_prompt({"prompts": self.prompts}, rng.choice(usable), rng)
 
 
+KIND_SEPARATOR = ":"
+
+
+def folder_of_kind(kind: str) -> str:
+    return kind.split(KIND_SEPARATOR, 1)[0]
+
+
+def row_targets(rows: list[dict]) -> list[str]:
+    """Each row's target where an image is annotated in several rows (one per target, as
+    chest_xray's lungs and infection): its p1, case-folded; "" for every row otherwise."""
+    names = [r.get("img_name") for r in rows]
+    if len(set(names)) == len(names):
+        return [""] * len(rows)
+    return [str(r.get("prompts", {}).get("p1", "")).strip().casefold() for r in rows]
+
+
 def benchmark_examples(data_dir, split: str = "train") -> list[Example]:
     """Examples of a folder in the benchmark's format (images/, masks/, anns/<split>.json)."""
     data_dir = Path(data_dir)
@@ -60,9 +85,10 @@ def benchmark_examples(data_dir, split: str = "train") -> list[Example]:
     if not ann.exists():
         raise FileNotFoundError(f"{data_dir} has no anns/{split}.json; expected the benchmark's layout "
                                 "(images/, masks/, anns/<split>.json).")
+    rows = load_annotations(ann)
     return [Example(data_dir / "images" / e["img_name"], data_dir / "masks" / e["mask_name"],
-                    dict(e.get("prompts", {})), e.get("label"), e["img_name"], data_dir.name)
-            for e in load_annotations(ann)]
+                    dict(e.get("prompts", {})), e.get("label"), e["img_name"], data_dir.name, target)
+            for e, target in zip(rows, row_targets(rows))]
 
 
 def folder_examples(data_dir, prompt: str) -> list[Example]:
