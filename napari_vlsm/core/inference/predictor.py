@@ -9,6 +9,7 @@ import torch
 
 from napari_vlsm.core.models.backend import Backend
 from napari_vlsm.core.errors import VLSMError
+from napari_vlsm.core.images.guidance import check_clicks, draw_guidance, previous_at
 from napari_vlsm.core.images.postprocess import DEFAULT_THRESHOLD, combine_labels, logits_to_probs
 from napari_vlsm.core.images.preprocess import shrink_for_model, to_rgb8, validate_image
 
@@ -44,6 +45,15 @@ def clean_prompts(prompts: str | list[str]) -> list[str]:
     if not cleaned or any(not p for p in cleaned):
         raise ValueError("The prompt is empty; type what to segment, for example 'polyp'.")
     return cleaned
+
+
+def check_threshold(threshold) -> None:
+    try:
+        ok = 0.0 <= float(threshold) <= 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"The threshold is {threshold!r}; it must be a probability between 0 and 1, such as 0.5.")
 
 
 def check_finite(logits: torch.Tensor) -> None:
@@ -103,19 +113,66 @@ class Predictor:
                 self._text_cache[p] = emb
         return torch.stack([torch.as_tensor(self._text_cache[p]) for p in prompts])
 
+    @property
+    def takes_clicks(self) -> bool:
+        return self.backend.takes_clicks
+
     @torch.inference_mode()
-    def predict(self, prompts: str | list[str], threshold: float = DEFAULT_THRESHOLD) -> Prediction:
+    def predict(self, prompts: str | list[str], threshold: float = DEFAULT_THRESHOLD, clicks=None, box=None,
+                previous=None) -> Prediction:
         """Probabilities (P, H, W) at the image's size for P prompts, from the cached image
         features: runs only the text encoder (for prompts not seen before) and the decoder.
         ``threshold`` makes the Prediction's masks and labels; the probabilities do not
-        depend on it."""
+        depend on it.
+
+        Refining one object (a model that ``takes_clicks``), as Segment Anything's predictor
+        does: ``clicks``, (row, col, positive) in the image's pixels (positive adds what is
+        under the click, negative removes it); ``box``, (row0, col0, row1, col1) around the
+        object; ``previous``, the result being refined, (H, W) probabilities or a mask. Then
+        there is one prompt, and it may be "" (the thing clicked, whatever it is). Only the
+        image encoder's later levels run again, not its first (cached) ones."""
         if self._features is None:
             raise RuntimeError("No image is set; call set_image(image) first.")
-        prompts = clean_prompts(prompts)
-        logits = self._decode(self._features, self.text_embeddings(prompts))
+        check_threshold(threshold)
+        if clicks is None and box is None:
+            if previous is not None:
+                raise ValueError("A previous result is refined with clicks or a box; give at least one of them.")
+            prompts = clean_prompts(prompts)
+            logits = self._decode(self._features, self.text_embeddings(prompts))
+        else:
+            prompts = [self._one_prompt(prompts)]
+            guidance = self._guidance(clicks, box, previous)
+            views = [self.backend.encode_guided(view, g[None]) for view, g in zip(self._features, guidance)]
+            logits = self._decode(views, self.text_embeddings(prompts))
         check_finite(logits)
         probs = logits_to_probs(logits, self._size)
         return Prediction(prompts, probs, threshold)
+
+    def _one_prompt(self, prompts) -> str:
+        if not self.backend.takes_clicks:
+            raise VLSMError(f"The model {self.backend.source or self.backend.name} takes text prompts only, not "
+                            "clicks or a box; the embedded default model (--model default) takes both.")
+        if isinstance(prompts, (list, tuple)):
+            if len(prompts) != 1:
+                raise ValueError(f"Clicks and a box refine one object, but {len(prompts)} prompts were given; "
+                                 "give one prompt, or \"\" for the thing clicked.")
+            prompts = prompts[0]
+        if not isinstance(prompts, str):
+            raise ValueError(f"The prompt must be a string, not {type(prompts).__name__}.")
+        return prompts.strip()
+
+    def _guidance(self, clicks, box, previous) -> list[torch.Tensor]:
+        """The guidance maps at the model's input, one per view (the mirror's mirrored)."""
+        clicks, box = check_clicks(clicks, box, self._size)
+        h, w = self.backend.input_size
+        prev = None
+        if previous is not None:
+            prev = previous_at(previous, self._size)
+            prev = torch.from_numpy(prev)[None, None]
+            prev = torch.nn.functional.interpolate(prev, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+            prev = prev.numpy()
+        maps = torch.from_numpy(draw_guidance((h, w), clicks, box, prev, (h / self._size[0], w / self._size[1])))
+        return [maps, maps.flip(-1)][:len(self._features)]
 
     @torch.inference_mode()
     def predict_batch(self, images: list, prompts: str | list[str],

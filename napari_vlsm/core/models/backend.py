@@ -69,6 +69,16 @@ class Backend(ABC):
         """Logits (P, h, w). ``features`` of batch 1 are broadcast over the P prompts;
         otherwise image i goes with prompt i."""
 
+    @property
+    def takes_clicks(self) -> bool:
+        """Whether this model reads clicks, a box and a previous result beside the text."""
+        return False
+
+    def encode_guided(self, features: Any, guidance: Any) -> Any:
+        """``features`` of one image (from ``encode_image``) redone with guidance maps
+        (N, GUIDANCE_CHANNELS, h, w) at ``input_size``: one image, N click states."""
+        raise NotImplementedError(f"{self.name or 'This model'} takes text prompts only.")
+
     def select(self, features: Any, index: int) -> Any:
         """The features of image ``index`` of a batch, as a batch of one."""
         return [f[index : index + 1] for f in features]

@@ -84,14 +84,23 @@ class EfficientNetLite0Encoder(nn.Module):
         blocks = self._blocks[:LEVEL_ENDS[min(levels, len(LEVEL_ENDS)) - 1] + 1]
         return [*self._conv_stem.parameters(), *self._bn0.parameters(), *blocks.parameters()]
 
-    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        x = F.relu6(self._bn0(self._conv_stem(pixel_values)))
+    def stem(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return F.relu6(self._bn0(self._conv_stem(pixel_values)))
+
+    def levels(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> list[torch.Tensor]:
+        """Levels ``start`` to ``stop`` (exclusive) from ``x``: the stem's output for level 0,
+        else the previous level's features."""
+        first = 0 if start == 0 else LEVEL_ENDS[start - 1] + 1
+        last = LEVEL_ENDS[(len(LEVEL_ENDS) if stop is None else stop) - 1]
         feats = []
-        for i, block in enumerate(self._blocks):
-            x = block(x)
+        for i in range(first, last + 1):
+            x = self._blocks[i](x)
             if i in LEVEL_ENDS:
                 feats.append(x)
         return feats
+
+    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        return self.levels(self.stem(pixel_values))
 
 
 def load_imagenet_weights(encoder: EfficientNetLite0Encoder, path) -> list[str]:

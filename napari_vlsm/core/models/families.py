@@ -38,6 +38,7 @@ class Family:
     new_needs_encoders: bool = False   # "new:KEY" reads pretrained encoders from --encoders
     train_modes: tuple = ("decoder", "full", "lora")
     adapters: bool = False             # correction adapters (a path of its own per new class)
+    clicks: bool = False               # models of it can take clicks and a box (config "guidance")
     extra: dict = field(default_factory=dict)
 
     @property

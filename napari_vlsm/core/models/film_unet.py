@@ -39,12 +39,15 @@ class FilmUNetConfig(PretrainedConfig):
     def __init__(self, widths=(8, 16, 32, 64, 256), image_size=256, text_dim=64, text_layers=2,
                  text_heads=4, vocab_size=49408, max_position_embeddings=77, eos_token_id=49407,
                  image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, adapters=0, route_prompts=(),
-                 route_owners=(), flip_average=False, encoder="unet", **kwargs):
+                 route_owners=(), flip_average=False, encoder="unet", guidance=0, **kwargs):
         # "unet": the UNet encoder below, widths its levels' channels from full resolution down;
         # "efficientnet_lite0": that network (ImageNet weights to start from), its levels'
         # channels as widths, from half resolution down (logits upsampled 2x)
         self.encoder = encoder
         self.widths = list(widths)
+        # clicks, a box and the previous result as extra input maps (core/images/guidance.py): 0 for
+        # a text-only model, else their number; they join the image features at guide_level()
+        self.guidance = guidance
         self.flip_average = flip_average          # predict on the image and its mirror, average the logits
         self.adapters = adapters                  # image paths of classes taught after the base
         self.route_prompts = list(route_prompts)  # prompt -> path table (0: the base, k: adapter k)
@@ -121,6 +124,35 @@ def image_encoder(config: FilmUNetConfig) -> nn.Module:
     return nn.ModuleList([conv_block(3, w[0])] + [conv_block(a, b) for a, b in zip(w, w[1:])])
 
 
+GUIDE_LEVEL = 3  # the first image-encoder level whose input carries the clicks and box
+
+
+def guide_level(config: FilmUNetConfig) -> int:
+    """The levels before this one read the image alone, so a click reuses them (cached with
+    the image) and reruns only the later levels and the decoder: the first three levels of
+    EfficientNet-Lite0 are half of its cost, and correction rounds leave them frozen anyway."""
+    return max(1, min(GUIDE_LEVEL, len(config.widths) - 1))
+
+
+def guide_encoder(config: FilmUNetConfig) -> nn.Sequential:
+    """Guidance maps -> features added to the input of ``guide_level``: stride-2 convolutions
+    down to that level's scale, then a 1x1 projection that starts at zero (the model answers
+    as it did without guidance until it learns to use it). No biases: zero maps add exactly
+    zero, so a text-only answer is the same with or without this branch."""
+    from napari_vlsm.core.images.guidance import GUIDANCE_CHANNELS
+
+    k = guide_level(config)
+    downsample = 2 ** (k if config.encoder == EFFICIENTNET_LITE0 else k - 1)  # the scale of level k-1
+    layers, c = [], GUIDANCE_CHANNELS
+    for _ in range(max(int(np.log2(downsample)), 1)):
+        stride = 2 if downsample > 1 else 1
+        layers += [nn.Conv2d(c, 16, 3, stride=stride, padding=1, bias=False), nn.ReLU(inplace=True)]
+        c, downsample = 16, downsample // stride
+    project = nn.Conv2d(c, config.widths[k - 1], 1, bias=False)
+    nn.init.zeros_(project.weight)
+    return nn.Sequential(*layers, project)
+
+
 def image_decoder(w: list[int], text_dim: int) -> tuple[nn.ModuleList, nn.ModuleList, nn.ModuleList, nn.Conv2d]:
     """One FiLM (scale, shift) per decoder level, bottleneck included; up-convolutions;
     decoder blocks; the 1x1 head."""
@@ -136,8 +168,11 @@ class ImagePath(nn.Module):
 
     def __init__(self, config: FilmUNetConfig):
         super().__init__()
+        self.config = config
         self.encoder = image_encoder(config)
         self.films, self.ups, self.decoder, self.head = image_decoder(config.widths, config.text_dim)
+        if config.guidance:
+            self.guide = guide_encoder(config)
 
     def encoder_level_parameters(self, levels: int) -> list[nn.Parameter]:
         """The weights of the image encoder's first ``levels`` levels (the stem included)."""
@@ -146,12 +181,34 @@ class ImagePath(nn.Module):
             return encoder.level_parameters(levels)
         return [p for block in encoder[:levels] for p in block.parameters()]
 
-    def encode(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        if not isinstance(self.encoder, nn.ModuleList):
-            return self.encoder(pixel_values)
-        feats, x = [], pixel_values
-        for i, block in enumerate(self.encoder):
-            x = block(x if i == 0 else F.max_pool2d(x, 2))
+    def encode(self, pixel_values: torch.Tensor, guidance: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The encoder's levels; with ``guidance`` (N, GUIDANCE_CHANNELS, h, w) at the input's
+        size, the levels from ``guide_level`` on read it too."""
+        if guidance is None:
+            return ImagePath._levels(self, pixel_values, 0)
+        k = guide_level(self.config)
+        return ImagePath.encode_guided(self, ImagePath._levels(self, pixel_values, 0, k), guidance)
+
+    def encode_guided(self, feats: list[torch.Tensor], guidance: torch.Tensor) -> list[torch.Tensor]:
+        """The levels from ``guide_level`` on again, from the image-only levels before it
+        (``feats``: at least those) and the guidance maps."""
+        k = guide_level(self.config)
+        x = feats[k - 1]
+        if x.shape[0] != guidance.shape[0]:
+            x = x.expand(guidance.shape[0], -1, -1, -1)
+        x = x + self.guide(guidance.to(x.dtype)).contiguous(memory_format=torch.channels_last)
+        low = [f.expand(guidance.shape[0], -1, -1, -1) if f.shape[0] != guidance.shape[0] else f for f in feats[:k]]
+        return low + ImagePath._levels(self, x, k, None, from_features=True)
+
+    def _levels(self, x: torch.Tensor, start: int, stop: int | None = None,
+                from_features: bool = False) -> list[torch.Tensor]:
+        """Levels ``start`` to ``stop`` from the pixels (start 0) or from level start-1's features."""
+        encoder = self.encoder
+        if not isinstance(encoder, nn.ModuleList):  # EfficientNet-Lite0
+            return encoder.levels(x if from_features else encoder.stem(x), start, stop)
+        feats = []
+        for i in range(start, len(encoder) if stop is None else stop):
+            x = encoder[i](x if i == 0 else F.max_pool2d(x, 2))
             feats.append(x)
         return feats
 
@@ -188,6 +245,8 @@ class FilmUNetForSegmentation(PreTrainedModel):
         self.text_encoder = TextEncoder(config)
         self.films, self.ups, self.decoder, self.head = image_decoder(config.widths, config.text_dim)
         self.adapters = nn.ModuleList([ImagePath(config) for _ in range(config.adapters)])
+        if config.guidance:  # after the other parts: their random initialisation stays as it was
+            self.guide = guide_encoder(config)
         if config.route_prompts:
             self.register_buffer("route_embeddings", torch.zeros(len(config.route_prompts), config.text_dim))
         self.post_init()
@@ -202,9 +261,17 @@ class FilmUNetForSegmentation(PreTrainedModel):
         """The base path (this model: its parts have ImagePath's names) and the adapters."""
         return [self, *self.adapters]
 
-    def encode_image(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """Every path's features, one flat list (levels of the base, then of each adapter)."""
-        return [f for path in self.paths for f in ImagePath.encode(path, pixel_values)]
+    def encode_image(self, pixel_values: torch.Tensor, guidance: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Every path's features, one flat list (levels of the base, then of each adapter);
+        ``guidance``: clicks, box and previous result as maps (``ImagePath.encode``)."""
+        return [f for path in self.paths for f in ImagePath.encode(path, pixel_values, guidance)]
+
+    def encode_guided(self, feats: list[torch.Tensor], guidance: torch.Tensor) -> list[torch.Tensor]:
+        """``encode_image``'s features with clicks, box and previous result (``guidance``),
+        reusing the image-only levels of ``feats`` (an image's cached features)."""
+        levels = len(self.config.widths)
+        return [f for k, path in enumerate(self.paths)
+                for f in ImagePath.encode_guided(path, feats[k * levels:(k + 1) * levels], guidance)]
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(input_ids, attention_mask)
@@ -249,7 +316,7 @@ class FilmUNetForSegmentation(PreTrainedModel):
     def add_adapter(self) -> int:
         """A new path for a new class, starting from the base's weights; its number."""
         adapter = ImagePath(self.config).to(device=self.head.weight.device, dtype=self.head.weight.dtype)
-        for name in ("encoder", "films", "ups", "decoder", "head"):
+        for name in ("encoder", "films", "ups", "decoder", "head") + (("guide",) if self.config.guidance else ()):
             getattr(adapter, name).load_state_dict(getattr(self, name).state_dict())
         self.adapters.append(adapter.to(memory_format=torch.channels_last))
         self.config.adapters = len(self.adapters)
@@ -307,8 +374,15 @@ class FilmUNetBackend(TorchBackend):
         x = resize_normalize(images, self.input_size, cfg.image_mean, cfg.image_std, self.device)
         return x.to(self.dtype).contiguous(memory_format=torch.channels_last)
 
-    def encode_image(self, pixel_values):
-        return self.module.encode_image(pixel_values.to(self.dtype))
+    @property
+    def takes_clicks(self) -> bool:
+        return bool(getattr(self.module.config, "guidance", 0))
+
+    def encode_image(self, pixel_values, guidance=None):
+        return self.module.encode_image(pixel_values.to(self.dtype), guidance)
+
+    def encode_guided(self, features, guidance):
+        return self.module.encode_guided(features, guidance.to(self.device, self.dtype))
 
     def text_from_tokens(self, input_ids, attention_mask):
         return self.module.encode_text(input_ids, attention_mask)
@@ -338,7 +412,7 @@ class FilmUNetBackend(TorchBackend):
 
 
 # a FiLM-UNet small enough for tests: 64 px, widths 4-16, a one-layer text encoder
-TINY_FILM_UNET = dict(widths=[4, 8, 16], image_size=64, text_dim=16, text_layers=1, text_heads=2)
+TINY_FILM_UNET = dict(widths=[4, 8, 16], image_size=64, text_dim=16, text_layers=1, text_heads=2, guidance=4)
 
 
 def build_random_film_unet(folder, seed: int = 0, **config) -> Path:
@@ -376,6 +450,20 @@ def _build_random(folder, seed: int = 0) -> Path:
     return build_random_film_unet(folder, seed=seed, **TINY_FILM_UNET)
 
 
+def with_guidance(module: FilmUNetForSegmentation) -> FilmUNetForSegmentation:
+    """A copy of a text-only FiLM-UNet that also takes clicks, a box and the previous result:
+    the same weights, plus guidance encoders that start at zero (it answers as before until
+    trained with guidance)."""
+    from napari_vlsm.core.images.guidance import GUIDANCE_CHANNELS
+
+    config = FilmUNetConfig.from_dict({**module.config.to_dict(), "guidance": GUIDANCE_CHANNELS})
+    out = FilmUNetForSegmentation(config)
+    missing, unexpected = out.load_state_dict(module.state_dict(), strict=False)
+    if unexpected or any(".guide." not in f".{m}" for m in missing):
+        raise ValueError(f"Weights do not fit the guided model: {unexpected[:3]} {missing[:3]}")
+    return out
+
+
 FAMILY = Family(model_type=FilmUNetConfig.model_type, name=FilmUNetBackend.name, load=load,
                 build_random=_build_random, onnx_meta=resize_normalize_meta, new=new_film_unet, new_key="film-unet",
-                new_help="a FiLM-UNet from scratch", train_modes=("decoder", "full"), adapters=True)
+                new_help="a FiLM-UNet from scratch", train_modes=("decoder", "full"), adapters=True, clicks=True)
