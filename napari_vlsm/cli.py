@@ -506,6 +506,11 @@ def finetune(
         RECIPE.weight_average, min=0.0, max=0.9999, help="Decay of a moving average of the weights, which is validated "
                                                          f"and saved instead of the last step's weights (default: "
                                                          f"{ROUND_AVERAGE}; 0: off)."),
+    guidance_share: float = typer.Option(
+        RECIPE.guidance_share, min=0.0, max=1.0, help="A model that takes clicks: share of the images showing their "
+                                                      "object trained with simulated clicks or a box (0: text only)."),
+    click_iterations: int = typer.Option(RECIPE.click_iterations, min=0,
+                                         help="At most this many corrective clicks simulated per image."),
     patience: int = typer.Option(RECIPE.patience),
     seed: int = typer.Option(RECIPE.seed),
     threads: int | None = typer.Option(RECIPE.threads, min=1, help=THREADS_HELP),
@@ -531,7 +536,7 @@ def finetune(
                              synonyms=_read_synonyms(synonyms) if synonyms else {}, repeat=_read_repeats(repeat),
                              crop=crop, schedule=schedule, weight_average=weight_average,
                              replay_fraction=replay_fraction, encoder_lr_scale=encoder_lr_scale, anchor=anchor,
-                             adapters=adapters,
+                             adapters=adapters, guidance_share=guidance_share, click_iterations=click_iterations,
                              patience=patience, seed=seed, threads=threads)
     meta = {"command": "napari-vlsm " + " ".join(sys.argv[1:])}
     rank0 = not distributed or __import__("torch").distributed.get_rank() == 0

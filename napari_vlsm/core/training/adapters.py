@@ -100,8 +100,11 @@ class AdapterView:
     def __getattr__(self, name):
         return getattr(self._backend, name)
 
-    def encode_image(self, pixel_values):
-        return ImagePath.encode(self._path, pixel_values.to(self._backend.dtype))
+    def encode_image(self, pixel_values, guidance=None):
+        return ImagePath.encode(self._path, pixel_values.to(self._backend.dtype), guidance)
+
+    def encode_guided(self, features, guidance):
+        return ImagePath.encode_guided(self._path, features, guidance.to(self._backend.dtype))
 
     def decode(self, features, text):
         return ImagePath.decode(self._path, features, text.to(features[0].dtype))

@@ -43,6 +43,9 @@ class TrainSettings:
     cross_negatives: bool = True     # prompts of one pooled concept are negatives on the others' images
     synonyms: dict = field(default_factory=dict)  # data folder name -> extra prompts ("breast tumor")
     repeat: dict = field(default_factory=dict)    # data folder name -> times its examples appear per epoch
+    guidance_share: float = 0.5    # a model that takes clicks: share of the images with their object that train
+                                   # with simulated clicks or a box (core/training/click_simulation.py)
+    click_iterations: int = 3      # at most this many corrective clicks from the model's own prediction
     seed: int = 0
     threads: int | None = None     # CPU threads for torch (None: the cores this process may use)
     weight_average: float | None = None  # decay of a moving average of the weights, validated and saved

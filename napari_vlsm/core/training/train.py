@@ -39,9 +39,10 @@ import torch.nn.functional as F
 
 from napari_vlsm.core.training.adapters import AdapterView, adapter_parameters, plan_adapter, prepare_adapter
 from napari_vlsm.core.models.backend import TorchBackend
+from napari_vlsm.core.training.click_simulation import guided_rows, simulate_guidance
 from napari_vlsm.core.training.checkpoint import (BEST, LAST, check_writable, copy_checkpoint, read_metadata,
                                                   recover_checkpoints, save_checkpoint)
-from napari_vlsm.core.data.concepts import NegativePrompts, add_synonyms
+from napari_vlsm.core.data.concepts import NegativePrompts, absent_concepts, add_synonyms
 from napari_vlsm.core.device import cpu_threads
 from napari_vlsm.core.errors import TrainingError
 from napari_vlsm.core.file_names import CONFIG
@@ -179,9 +180,14 @@ def _ask_own_class_where_absent(target, prompts, batch, negatives, rng, share: f
 def _loss(backend: TorchBackend, pixels, target, prompts, settings, rng, negatives=None, batch=()) -> torch.Tensor:
     """Dice+BCE on the batch, plus the same on its first images decoded again with prompts
     for absent things (drawn by ``negatives`` for the examples ``batch``) against empty masks."""
-    feats = backend.encode_image(pixels)
-    text = backend.encode_text(prompts)
     n_neg = min(int(round(len(prompts) * settings.negative_fraction)), len(batch)) if negatives else 0
+    if settings.guidance_share and backend.takes_clicks:  # clicks and boxes, as an annotator gives them
+        rows = guided_rows(target, n_neg, settings.guidance_share, rng)
+        guidance = simulate_guidance(backend, pixels, target, prompts, rows, rng, settings.click_iterations)
+        feats = backend.encode_image(pixels, guidance)
+    else:
+        feats = backend.encode_image(pixels)
+    text = backend.encode_text(prompts)
     if n_neg:
         # Negatives go through the decoder in the same pass as the positives, so batch-norm
         # statistics see the same mixture in training as the running statistics hold later.
@@ -219,15 +225,13 @@ def validate(backend: TorchBackend, cache: PairCache, examples, prompt_type: str
     backend.module.eval()
     rng = random.Random(0)
     scores, crossed = defaultdict(list), []
-    names = sorted(set((concepts or {}).values()))
     for start in range(0, len(cache), batch_size):
         idx = list(range(start, min(start + batch_size, len(cache))))
         images = [cache[i][0] for i in idx]
         prompts = [_val_prompt(examples[i], cache[i][1].any(), prompt_type, concepts, rng) for i in idx]
         cross = []
         for j, i in enumerate(idx):
-            own = (concepts or {}).get(examples[i].group)
-            others = [c for c in names if c != own] if own else []
+            others = absent_concepts(concepts, examples[i].kind) if examples[i].kind in (concepts or {}) else []
             if others:
                 cross.append((j, others[i % len(others)]))
         views = encode_views(backend, backend.preprocess(images), backend.flip_average)  # as the predictor
@@ -238,7 +242,7 @@ def validate(backend: TorchBackend, cache: PairCache, examples, prompt_type: str
         for j, i in enumerate(idx):
             truth = cache[i][1]
             pred = _at(logits[j], truth.shape)
-            scores[examples[i].group].append(dice(pred > 0, truth))
+            scores[examples[i].kind].append(dice(pred > 0, truth))
         for k, (j, _) in enumerate(cross):
             crossed.append(float((_at(logits[len(idx) + k], cache[idx[j]][1].shape) > 0).mean() > 0.01))
     by_set = {g: float(np.mean(v)) for g, v in sorted(scores.items())}
@@ -249,7 +253,7 @@ def validate(backend: TorchBackend, cache: PairCache, examples, prompt_type: str
 def _val_prompt(ex: Example, has_object: bool, prompt_type: str, concepts: dict | None, rng) -> str:
     """An image without the object is asked for its set's class, as a person would ask it
     ("No tumor in the breast ultrasound image." is its own p1); the others, their own prompt."""
-    concept = (concepts or {}).get(ex.group)
+    concept = (concepts or {}).get(ex.kind)
     return concept if concept and not has_object else ex.prompt((prompt_type,), rng)
 
 
