@@ -9,7 +9,9 @@ from pathlib import Path
 SRC = Path("../shared/data")
 OUT = Path("tests/data")
 TAKE = {"kvasir_seg": (16, 4), "clinicdb": (4, 2), "bkai_polyp": (4, 2), "busi": (12, 4),
-        "colonoscopy_negatives": (4, 2)}
+        "colonoscopy_negatives": (4, 2), "isic": (6, 4), "chest_xray": (3, 4), "fetal_head": (4, 4)}
+# chest_xray: N images of each class (covid, noncovid, normal), both rows (lungs, infection) of each
+ROWS_PER_IMAGE = {"chest_xray": True}
 NAMED = {"kvasir_seg": ["cju0qkwl35piu0993l0dewei2.jpg"]}
 
 for name, (n_train, n_val) in TAKE.items():
@@ -18,6 +20,13 @@ for name, (n_train, n_val) in TAKE.items():
         if name == "busi":  # tumours and normal images both; every normal val image, so the
             normal = [r for r in rows if "normal" in r["img_name"]]  # "gives nothing" bound means the same here
             rows = [r for r in rows if "normal" not in r["img_name"]][: n - 2] + (normal if split == "val" else normal[:2])
+        elif ROWS_PER_IMAGE.get(name):
+            ids = []
+            for cls in ("covid_", "noncovid_", "normal_"):
+                ids += list(dict.fromkeys(r["img_name"] for r in rows if r["img_name"].startswith(cls)))[: max(n // 3, 1)]
+            ids += [i for i in dict.fromkeys(r["img_name"] for r in rows if r["img_name"].startswith("covid_"))
+                    if i not in ids][: n - len(ids)]
+            rows = [r for r in rows if r["img_name"] in ids]
         else:
             rows = rows[:n]
         if split == "train":

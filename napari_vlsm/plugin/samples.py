@@ -1,5 +1,6 @@
-"""Sample data: real colonoscopy frames and a breast ultrasound image shipped with the package, and medical images
-that installed packages carry offline (scikit-image's retina, pydicom's CT and MR)."""
+"""Sample data: real colonoscopy frames, a breast ultrasound image, a dermoscopy photo, a chest X-ray and a fetal
+head ultrasound image shipped with the package, and medical images that installed packages carry offline
+(scikit-image's retina, pydicom's CT and MR)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,18 @@ def colonoscopy_frames() -> list[Path]:
     return sorted(p for p in _sample_dir().glob("*.jpg") if p.name.startswith(("kvasir_seg", "clinicdb")))
 
 
-def _frame(prefix: str):
+def _frame(prefix: str, targets: tuple[str, ...] = ("",)):
+    """The sample image whose name starts with ``prefix`` and its ground truth: one label value
+    per target, from masks/<name>.png or, for an image of several targets, masks/<name>_<target>.png."""
     path = next(p for p in sorted(_sample_dir().glob("*.jpg")) if p.name.startswith(prefix))
-    layers = [(read_image(path), {"name": path.stem, "rgb": True}, "image")]
-    mask = _sample_dir() / "masks" / f"{path.stem}.png"
-    if mask.exists():
-        truth = (read_image(mask) > 127).astype(np.uint8)
+    image = read_image(path)
+    layers = [(image, {"name": path.stem, "rgb": image.ndim == 3}, "image")]
+    truth = np.zeros(image.shape[:2], np.uint8)
+    for value, target in enumerate(targets, 1):
+        mask = _sample_dir() / "masks" / f"{path.stem}{'_' + target if target else ''}.png"
+        if mask.exists():
+            truth[read_image(mask) > 127] = value
+    if truth.any():
         layers.append((truth, {"name": f"{path.stem} ground truth", "visible": False}, "labels"))
     return layers
 
@@ -39,6 +46,19 @@ def clinicdb_polyp():
 
 def breast_ultrasound():
     return _frame("busi")
+
+
+def skin_lesion():
+    return _frame("isic")
+
+
+def chest_xray():
+    """A COVID-19 chest X-ray; its ground truth holds the lungs (1) and the infection (2)."""
+    return _frame("chest_xray", ("lungs", "infection"))
+
+
+def fetal_head():
+    return _frame("fetal_head")
 
 
 def colonoscopy_stack():
