@@ -145,7 +145,8 @@ def segment(
     _set_threads(threads)
     from napari_vlsm.core.training.checkpoint import check_writable
     from napari_vlsm.core.errors import VLSMError
-    from napari_vlsm.core.inference.folder_labeling import OutputLock, check_resume, segment_files, write_report, write_sidecar
+    from napari_vlsm.core.inference.folder_labeling import (OutputLock, check_resume, describe_held, inputs_in,
+                                                            segment_files, write_report, write_sidecar)
     from napari_vlsm.core.images.imageio import list_images
     from napari_vlsm.core.models.model_card import card_for, unknown_words_note
     from napari_vlsm.core.inference.predictor import Predictor, clean_prompts
@@ -165,6 +166,10 @@ def segment(
         console.print(f"Note: {escape(note)}", soft_wrap=True)
     if not files:
         _fail("No images found in " + ", ".join(map(str, paths)) + ".")
+    held = inputs_in(out, files)
+    if held:  # a.png's mask is a.png: it would replace the image
+        _fail(f"--out {out} holds the input image {describe_held(held)}: the masks would be written over the "
+              f"images. Choose another folder for --out, e.g. {out / 'masks'}.")
     try:
         check_writable(out, "masks")
         if resume:

@@ -146,10 +146,26 @@ def _write(out: Path, labels: np.ndarray):
         return f"cannot write {out}: {exc.strerror or exc}"
 
 
+def inputs_in(out_dir, paths) -> list[Path]:
+    """The images among ``paths`` that the folder ``out_dir`` holds (by name, or as the file a
+    link points at): masks written there would replace them (a.png's mask is a.png)."""
+    out = Path(out_dir).resolve()
+    return [p for p in map(Path, paths) if out in (p.absolute().parent.resolve(), p.resolve().parent)]
+
+
+def describe_held(held: list[Path]) -> str:
+    return f"{held[0]}" + (f" and {len(held) - 1} more" if len(held) > 1 else "")
+
+
 def plan_masks(out_dir, paths, fmt: str, resume: bool) -> tuple[dict, list[FileOutcome], list[Path]]:
     """(image -> its mask file, the images an earlier run finished, as "skipped" outcomes, the
-    images still to do), the same for every way of running a folder."""
+    images still to do), the same for every way of running a folder. An ``out_dir`` that holds
+    an image to segment is refused (ValueError): no mask is ever written over an input."""
     paths = [Path(p) for p in paths]
+    held = inputs_in(out_dir, paths)
+    if held:
+        raise ValueError(f"out_dir {out_dir} holds the image {describe_held(held)} to segment: masks written "
+                         "there would replace the images. Give another out_dir.")
     targets = mask_paths(Path(out_dir), paths, fmt)
     done = finished_masks(Path(out_dir)) if resume else {}
     skipped = [FileOutcome(p, "skipped", targets[p], "mask exists") for p in paths if done.get(str(p)) == targets[p]]

@@ -1,0 +1,67 @@
+"""Fault battery (issue 39), outputs: what a run writes never replaces its inputs, never goes
+outside --out, and says how it was made."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from napari_vlsm.cli import app
+from napari_vlsm.core.images.imageio import read_image
+from napari_vlsm.core.inference.folder_labeling import plan_masks
+
+runner = CliRunner()
+
+
+def cli(*args):
+    res = runner.invoke(app, [str(a) for a in args])
+    assert "Traceback" not in res.output, res.output
+    return res
+
+
+@pytest.fixture
+def images(tmp_path, polyp_image):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("a.jpg", "b.png", "c.png"):
+        Image.fromarray(polyp_image).save(folder / name)
+    return folder
+
+
+def _contents(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("case", ["folder", "file", "link"])
+def test_an_out_folder_that_holds_an_input_is_refused_and_nothing_is_written(tiny_unet, images, tmp_path, case):
+    before = _contents(images)
+    if case == "folder":  # segment X -o X
+        args = [images, "-o", images]
+    elif case == "file":  # segment out/scan.png -o out
+        args = [images / "b.png", "-o", images]
+    else:  # a folder of links to the images, --out where the images are
+        links = tmp_path / "links"
+        links.mkdir()
+        (links / "b.png").symlink_to(images / "b.png")
+        args = [links, "-o", images]
+    res = cli("segment", *args, "-p", "polyp", "-m", tiny_unet)
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    first = "a.jpg and 2 more" if case == "folder" else "b.png"
+    assert "holds the input image" in text and first in text and "Choose another folder for --out" in text
+    assert _contents(images) == before  # no mask, no labels.json, no image replaced
+    assert read_image(images / "b.png").ndim == 3
+
+
+def test_the_library_refuses_to_plan_masks_over_the_images(images):
+    with pytest.raises(ValueError, match="out_dir .* holds the image .*a.jpg and 2 more"):
+        plan_masks(images, sorted(images.iterdir()), "png", False)
+
+
+def test_an_out_folder_beside_or_below_the_inputs_is_fine(tiny_unet, images, tmp_path):
+    res = cli("segment", images, "-p", "polyp", "-m", tiny_unet, "-o", images / "masks")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (images / "masks").glob("*.png")) == ["a.png", "b.png", "c.png"]
+    assert read_image(images / "b.png").ndim == 3
