@@ -609,17 +609,24 @@ def _read_lines(path: Path) -> list[str]:
 @app.command("export-onnx")
 def export_onnx(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    out_dir: Path = typer.Argument(..., help="Folder for image_encoder.onnx and prompt_decoder.onnx."),
+    out_dir: Path = typer.Argument(..., help="Folder for image_encoder.onnx and prompt_decoder.onnx: "
+                                                       "new or empty, or an earlier export (replaced whole)."),
     opset: int = typer.Option(18),
 ):
     """Export a model to two ONNX graphs (image encoder, prompt decoder) for onnxruntime."""
     from napari_vlsm.core.training.checkpoint import check_writable
-    from napari_vlsm.core.models.onnx_export import export
+    from napari_vlsm.core.models.onnx_export import export, target_problem
 
     try:
         import onnx  # noqa: F401  (the exporter needs it; say how to get it)
     except ImportError:
         _fail("Exporting needs the onnx packages: pip install 'napari-vlsm[onnx]' (or [gpu] for onnxruntime-gpu).")
+    try:
+        problem = target_problem(out_dir)
+    except OSError as exc:
+        problem = f"cannot be read ({exc.strerror or exc})"
+    if problem:  # before the model is loaded; nothing there is changed
+        _fail(f"{out_dir} {problem}. Choose a new or empty folder, or an earlier export to replace.")
     try:
         check_writable(out_dir, "the ONNX model")
     except OSError as exc:

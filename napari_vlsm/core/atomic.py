@@ -1,7 +1,8 @@
 """Writing files so that a crash, a full disk or a kill never leaves a half-written one.
 
 Everything is written to a temporary file in the target's folder and renamed over the
-target. The rename replaces a symbolic link at the target rather than writing through it,
+target (a folder of files, such as a checkpoint or an ONNX export: to a temporary sibling
+folder, swapped in by two renames; ``recover_folder`` repairs a swap cut between them). The rename replaces a symbolic link at the target rather than writing through it,
 so nothing outside the output folder is touched. Temporary files are created private
 (mkstemp); the final file gets the mode the user's umask gives any new file.
 """
@@ -9,6 +10,7 @@ so nothing outside the output folder is touched. Temporary files are created pri
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -42,3 +44,44 @@ def atomic_write(path, write: Callable[[str], None]) -> Path:
 
 def atomic_write_text(path, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_folder(target, write: Callable[[Path], None]) -> Path:
+    """``write(folder)`` into a new temporary sibling of ``target``, then swap it in: the old
+    ``target`` is renamed aside, the new one renamed into place, the old one removed. A
+    failure or a kill in ``write`` leaves ``target`` as it was."""
+    target = Path(target)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-tmp-"))
+    try:
+        apply_umask(tmp, directory=True)
+        write(tmp)
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}-old-{os.getpid()}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def recover_folder(target) -> list[str]:
+    """Put ``target`` back in order after a kill during ``atomic_folder``: a swap cut between
+    its two renames gets the previous version back; leftover temporary folders go. Returns
+    what was done, for the log."""
+    target, notes = Path(target), []
+    if not target.parent.is_dir():
+        return notes
+    olds = sorted(target.parent.glob(f".{target.name}-old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not target.exists():
+        os.replace(olds.pop(), target)
+        notes.append(f"restored {target.name}/ from an interrupted save")
+    for leftover in olds + list(target.parent.glob(f".{target.name}-tmp-*")):
+        shutil.rmtree(leftover, ignore_errors=True)
+        notes.append(f"removed {leftover.name}")
+    return notes

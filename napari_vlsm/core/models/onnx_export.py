@@ -7,6 +7,10 @@
 Batch (N, P) and prompt length (L) are dynamic; ``check_dynamic`` reads the written graphs
 back and fails if an exporter fixed them. Tokenizer and preprocessing settings are saved
 beside the graphs (``vlsm_onnx.json``), so the folder is a complete model for load_model.
+
+The folder is written whole or not at all (a temporary sibling swapped in), and only into a
+new or empty folder or over an earlier export: an export beside a model's own files would
+replace its tokenizer and be loaded in its place.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from napari_vlsm.core.atomic import atomic_folder, recover_folder
 from napari_vlsm.core.models.backend import TorchBackend
 from napari_vlsm.core.file_names import DECODER_ONNX, ENCODER_ONNX
 
@@ -50,12 +55,46 @@ def preprocess_meta(backend: TorchBackend) -> dict:
     return family_of_backend(backend).onnx_meta(backend)
 
 
+def is_export(folder) -> bool:
+    """Whether ``folder`` holds an earlier export (its metadata and graphs)."""
+    folder = Path(folder)
+    return (folder / META).is_file() and (folder / ENCODER_ONNX).is_file()
+
+
+def target_problem(out_dir) -> str | None:
+    """Why ``out_dir`` cannot take an export (None: it can): a file, a model folder (its
+    tokenizer would be replaced, and the export loaded in its place) or any folder with files
+    other than an earlier export's. A swap that a kill cut short is repaired first."""
+    out = Path(out_dir)
+    recover_folder(out)
+    if out.exists() and not out.is_dir():
+        return "is a file"
+    if not out.is_dir() or is_export(out):
+        return None
+    held = sorted(p.name for p in out.iterdir())
+    if not held:
+        return None
+    what = "a model folder" if "config.json" in held else "not empty"
+    return (f"is {what} ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}) and not an earlier ONNX export: "
+            "the export would be mixed with its files, and loading it would run the export")
+
+
 def export(backend: TorchBackend, out_dir, opset: int = 18) -> list[Path]:
-    """Write both graphs, the tokenizer/processor files and the metadata to ``out_dir``."""
+    """Write both graphs, the tokenizer/processor files and the metadata to ``out_dir``: a
+    new or empty folder, or an earlier export, which is replaced whole once the new one is
+    complete (``target_problem``)."""
     if not isinstance(backend, TorchBackend):
         raise ValueError("Only PyTorch models can be exported; this one is already an ONNX export.")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    problem = target_problem(out)
+    if problem:
+        raise ValueError(f"out_dir {out} {problem}. Give a new or empty out_dir, or an earlier export.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_folder(out, lambda tmp: _export_into(backend, tmp, opset))
+    return [out / ENCODER_ONNX, out / DECODER_ONNX, out / META]
+
+
+def _export_into(backend: TorchBackend, out: Path, opset: int) -> None:
     backend.module.float().eval()
     backend.dtype = torch.float32
     h, w = backend.input_size
@@ -88,7 +127,6 @@ def export(backend: TorchBackend, out_dir, opset: int = 18) -> list[Path]:
             "opset": opset, "context_length": backend.context_length,
             "flip_average": bool(backend.flip_average), **preprocess_meta(backend)}
     (out / META).write_text(json.dumps(meta, indent=1))
-    return [enc_path, dec_path, out / META]
 
 
 def check_dynamic(path: Path, axes: dict[str, list[int]]) -> None:

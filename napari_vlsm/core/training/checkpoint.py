@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from napari_vlsm.core.atomic import apply_umask
+from napari_vlsm.core.atomic import atomic_folder, recover_folder
 from napari_vlsm.core.file_names import BEST, LAST, METADATA  # noqa: F401  (re-exported for callers)
 
 LINK_FROM_BYTES = 1 << 20
@@ -88,25 +88,8 @@ def copy_checkpoint(source, target) -> Path:
 
 
 def _write_atomically(target: Path, write) -> Path:
-    """``write(folder)`` into a new temporary sibling of ``target``, then swap it in: the old
-    ``target`` is renamed aside, the new one renamed into place, the old one removed."""
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-tmp-"))
-    try:
-        apply_umask(tmp, directory=True)
-        write(tmp)
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}-old-{os.getpid()}"
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    """``write(folder)`` into a new temporary sibling of ``target``, then swap it in."""
+    return atomic_folder(target, write)
 
 
 def recover_checkpoints(out_dir) -> list[str]:
@@ -117,13 +100,7 @@ def recover_checkpoints(out_dir) -> list[str]:
     if not out.is_dir():
         return notes
     for name in (BEST, LAST):
-        olds = sorted(out.glob(f".{name}-old-*"), key=lambda p: p.stat().st_mtime)
-        if olds and not (out / name).exists():
-            os.replace(olds.pop(), out / name)
-            notes.append(f"restored {name}/ from an interrupted save")
-        for leftover in olds + list(out.glob(f".{name}-tmp-*")):
-            shutil.rmtree(leftover, ignore_errors=True)
-            notes.append(f"removed {leftover.name}")
+        notes += recover_folder(out / name)
     return notes
 
 
