@@ -12,13 +12,41 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MASK_SUFFIXES = (".png", ".tif", ".tiff")
 
 
+def pixel_limit() -> int | None:
+    """The most pixels one image may decode to: Pillow's limit for a decompression bomb
+    (twice ``Image.MAX_IMAGE_PIXELS``, which Pillow only warns about), for every reader."""
+    from PIL import Image
+
+    return 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+
+
+def check_pixels(path: Path, shape, pixels: int) -> None:
+    """Refuse (ValueError) an image of more than ``pixel_limit()`` pixels, before decoding."""
+    limit = pixel_limit()
+    if limit and pixels > limit:
+        raise ValueError(f"{path.name} would decode to {'x'.join(map(str, shape))} ({pixels} pixels), more than "
+                         f"the {limit} pixels of one image napari-vlsm reads (a decompression bomb?); it was not "
+                         "decoded. Crop or downsample it first.")
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    """A TIFF's first series, its size checked from the TIFF's tags before any pixel is decoded."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        if tif.series:
+            series = tif.series[0]
+            sizes = [n for n, axis in zip(series.shape, series.axes) if axis != "S"]  # S: samples of a pixel
+            check_pixels(path, series.shape, int(np.prod(sizes, dtype=np.float64)))
+        return np.asarray(tif.asarray())
+
+
 def read_image(path) -> np.ndarray:
-    """Read a 2D image as an ndarray: (H, W) or (H, W, C), in the file's own dtype."""
+    """Read a 2D image as an ndarray: (H, W) or (H, W, C), in the file's own dtype. An image
+    of more than ``pixel_limit()`` pixels is refused before it is decoded (ValueError)."""
     path = Path(path)
     if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-
-        return np.asarray(tifffile.imread(path))
+        return _read_tiff(path)
     from PIL import Image
 
     with Image.open(path) as im:

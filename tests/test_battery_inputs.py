@@ -1,0 +1,68 @@
+"""Fault battery (issue 39), inputs: images and masks that are too big, coloured or out of
+range are refused or read as meant, with a clear message."""
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from typer.testing import CliRunner
+
+from napari_vlsm.cli import app
+from napari_vlsm.core.images.imageio import read_image
+
+runner = CliRunner()
+
+
+def cli(*args):
+    res = runner.invoke(app, [str(a) for a in args])
+    assert "Traceback" not in res.output, res.output
+    return res
+
+
+def tiff_bomb(path, side=16384):
+    """A small file (zlib tiles of zeros, ~0.5 MB) that decodes to side x side pixels."""
+    tile = np.zeros((1024, 1024), np.uint8)
+    n = (side // 1024) ** 2
+    tifffile.imwrite(path, (tile for _ in range(n)), shape=(side, side), dtype="uint8", tile=(1024, 1024),
+                     compression="zlib")
+    return path
+
+
+def test_a_tiff_bomb_is_refused_from_its_tags_before_decoding(tmp_path, monkeypatch):
+    bomb = tiff_bomb(tmp_path / "bomb.tif")
+    assert bomb.stat().st_size < 2_000_000 and 16384 ** 2 > 2 * Image.MAX_IMAGE_PIXELS
+
+    def decoded(*args, **kwargs):
+        raise AssertionError("the pixels were decoded")
+
+    monkeypatch.setattr(tifffile.TiffFile, "asarray", decoded)
+    with pytest.raises(ValueError, match=r"bomb.tif would decode to 16384x16384 \(268435456 pixels\), more than"):
+        read_image(bomb)
+
+
+def test_every_reader_has_the_same_pixel_limit(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 50 * 50)  # the limit: 2 x 2500 pixels
+    image = np.zeros((80, 80, 3), np.uint8)
+    Image.fromarray(image).save(tmp_path / "big.png")
+    tifffile.imwrite(tmp_path / "big.tif", image)
+    tifffile.imwrite(tmp_path / "ok.tif", image[:70, :70])
+    with pytest.raises(PILImage.DecompressionBombError):
+        read_image(tmp_path / "big.png")
+    with pytest.raises(ValueError, match="80x80x3 .6400 pixels., more than the 5000 pixels"):
+        read_image(tmp_path / "big.tif")
+    assert read_image(tmp_path / "ok.tif").shape == (70, 70, 3)
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((5, 50, 50), np.uint8))  # 12500 pixels in all
+    with pytest.raises(ValueError, match="5x50x50"):
+        read_image(tmp_path / "stack.tif")
+
+
+def test_segment_skips_a_tiff_bomb_with_a_message(tiny_unet, tmp_path, polyp_image):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tiff_bomb(folder / "bomb.tif")
+    Image.fromarray(polyp_image).save(folder / "a.png")
+    res = cli("segment", folder, "-p", "polyp", "-m", tiny_unet, "-o", tmp_path / "out")
+    assert res.exit_code == 1 and "1 segmented" in res.output
+    assert "decompression bomb" in " ".join(res.output.split())
