@@ -55,7 +55,11 @@ def prompt_type_of(number="", size="", colour="", shape="", location="", descrip
 
 
 def load_annotations(path) -> list[dict]:
-    """Read a benchmark annotation file: a list of {img_name, mask_name, cat, prompts}."""
+    """Read a benchmark annotation file, ``SET/anns/<split>.json``: a list of {img_name,
+    mask_name, cat, prompts}. Each entry must name its image and mask as files inside the
+    set's ``images/`` and ``masks/`` folders (ValueError naming the entry otherwise): no
+    absolute name and no '..' part, so an index never makes anything outside the set be read
+    or deleted. (A link inside those folders may point anywhere; a name cannot.)"""
     path = Path(path)
     try:
         entries = json.loads(path.read_text())
@@ -65,7 +69,29 @@ def load_annotations(path) -> list[dict]:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(entries, list) or not all(isinstance(e, dict) and "img_name" in e for e in entries):
         raise ValueError(f"{path} is not in the benchmark's format (a list of {{'img_name', 'mask_name', 'prompts'}}).")
+    for i, entry in enumerate(entries):
+        for key, sub in (("img_name", "images"), ("mask_name", "masks")):
+            name = entry.get(key)
+            what = f"{path}: entry {i + 1} ({entry['img_name']!r})"
+            if key not in entry:
+                raise ValueError(f"{what} has no {key}; each entry names its image (img_name) and its mask "
+                                 "(mask_name), files in the set's images/ and masks/.")
+            if not inside_name(name):
+                raise ValueError(f"{what} names the {key} {name!r}, which is not a file inside the set's {sub}/ "
+                                 f"folder ({path.parent.parent / sub}); names may not be absolute or contain '..'.")
     return entries
+
+
+def inside_name(name) -> bool:
+    """Whether ``name`` names a file inside a folder by itself: a relative path with no '..'
+    part (links inside the folder are the folder's business)."""
+    import os
+    from pathlib import PurePath
+
+    if not isinstance(name, str) or not name.strip() or "\0" in name or os.path.isabs(name):
+        return False
+    parts = PurePath(name).parts
+    return bool(parts) and ".." not in parts and parts != (".",)
 
 
 def pick_prompt(entry: dict, prompt_type: str, rng: random.Random | None = None) -> str:
