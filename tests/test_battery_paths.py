@@ -86,3 +86,26 @@ def test_removing_an_example_never_deletes_outside_the_set(tmp_path, data_set):
     with pytest.raises(ValueError, match="entry 1"):
         remove_example(ds, entries[0]["img_name"])
     assert (tmp_path / "outside" / "x.jpg.mask").exists() and (ds / "images" / entries[0]["img_name"]).exists()
+
+
+@pytest.mark.parametrize("target_exists", [False, True])
+def test_a_link_planted_as_the_lock_is_not_followed(tiny_unet, tmp_path, polyp_image, target_exists):
+    from PIL import Image
+
+    from napari_vlsm.core.inference.folder_labeling import LOCK, OutputLock
+
+    Image.fromarray(polyp_image).save(tmp_path / "a.png")
+    out, outside = tmp_path / "out", tmp_path / "elsewhere" / "planted"
+    out.mkdir()
+    outside.parent.mkdir()
+    if target_exists:
+        outside.write_text("keep me")
+    (out / LOCK).symlink_to(outside)
+    res = cli("segment", tmp_path / "a.png", "-p", "polyp", "-o", out, "-m", tiny_unet)
+    assert res.exit_code == 0, res.output
+    assert (outside.read_text() == "keep me") if target_exists else not outside.exists()
+    assert not (out / LOCK).exists() and (out / "a.png").exists()
+    (out / LOCK).symlink_to(outside)
+    with OutputLock(out):  # the library's lock too
+        assert not (out / LOCK).is_symlink()
+    assert (outside.read_text() == "keep me") if target_exists else not outside.exists()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -89,26 +91,38 @@ def write_report(out_dir: Path, results, prompts) -> Path:
 
 
 class OutputLock:
-    """Hold ``out_dir`` for one run: a second run into the same folder is told at once."""
+    """Hold ``out_dir`` for one run: a second run into the same folder is told at once. The
+    lock file is opened without following links: a link planted in its place is replaced,
+    so nothing outside ``out_dir`` is created or written."""
 
     def __init__(self, out_dir: Path):
         self.path = Path(out_dir) / LOCK
-        self.file = None
+        self.fd = None
+
+    def _open(self) -> int:
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        try:
+            return os.open(self.path, flags, 0o666)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:  # ELOOP: the name is a link, which is not ours
+                raise
+        self.path.unlink()
+        return os.open(self.path, flags | os.O_EXCL, 0o666)
 
     def __enter__(self):
         import fcntl
 
-        self.file = open(self.path, "a+")
+        self.fd = self._open()
         try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            self.file.close()
+            os.close(self.fd)
             raise RuntimeError(f"Another napari-vlsm run is writing into {self.path.parent}; wait for it to "
                                "finish or choose another --out.") from None
         return self
 
     def __exit__(self, *exc):
-        self.file.close()
+        os.close(self.fd)
         self.path.unlink(missing_ok=True)
 
 
