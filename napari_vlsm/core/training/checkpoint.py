@@ -50,6 +50,36 @@ def new_run_folder(parent, prefix: str = "finetune") -> Path:
     raise OSError(f"Too many training runs named {base} in {parent}.")
 
 
+def unsound(backend, val_dice: float | None = None) -> str | None:
+    """Why ``backend``'s weights must not be kept as a checkpoint (None: they may be): a weight
+    that is not finite, a validation Dice that is not finite (the model's logits on the
+    validation images were not), or logits for a plain grey image that are not finite (weights
+    so large that every answer overflows, as after a learning rate of 1e30)."""
+    import math
+
+    import numpy as np
+    import torch
+
+    module = backend.module
+    if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
+        return "has weights that are NaN or infinite"
+    if val_dice is not None and not math.isfinite(val_dice):
+        return f"answers the validation images with NaN or infinite values (validation Dice {val_dice})"
+    modes = {m: m.training for m in module.modules()}  # some norms stay in eval while training: kept as they are
+    module.eval()
+    try:
+        with torch.no_grad():
+            h, w = backend.input_size
+            features = backend.encode_image(backend.preprocess([np.full((h, w, 3), 128, np.uint8)]))
+            logits = backend.decode(features, backend.encode_text(["polyp"]))
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    if not bool(torch.isfinite(torch.as_tensor(logits)).all()):
+        return "answers a plain grey image with NaN or infinite values (its weights diverged)"
+    return None
+
+
 def save_checkpoint(backend, target, metadata: dict, extras: dict | None = None) -> Path:
     """Write ``backend``'s model and ``metadata`` to ``target`` atomically; ``extras`` maps
     names to folders copied in with it (the replay sample) or to dicts written as JSON (the

@@ -41,7 +41,7 @@ from napari_vlsm.core.training.adapters import AdapterView, adapter_parameters, 
 from napari_vlsm.core.models.backend import TorchBackend
 from napari_vlsm.core.training.click_simulation import guided_rows, simulate_guidance
 from napari_vlsm.core.training.checkpoint import (BEST, LAST, check_writable, copy_checkpoint, read_metadata,
-                                                  recover_checkpoints, save_checkpoint)
+                                                  recover_checkpoints, save_checkpoint, unsound)
 from napari_vlsm.core.data.concepts import NegativePrompts, absent_concepts, add_synonyms
 from napari_vlsm.core.device import cpu_threads
 from napari_vlsm.core.errors import TrainingError
@@ -225,6 +225,7 @@ def validate(backend: TorchBackend, cache: PairCache, examples, prompt_type: str
     backend.module.eval()
     rng = random.Random(0)
     scores, crossed = defaultdict(list), []
+    finite = True  # logits that are NaN or infinite give a NaN Dice, not the 0 their empty masks would score
     for start in range(0, len(cache), batch_size):
         idx = list(range(start, min(start + batch_size, len(cache))))
         images = [cache[i][0] for i in idx]
@@ -239,13 +240,14 @@ def validate(backend: TorchBackend, cache: PairCache, examples, prompt_type: str
         if cross:
             views = [[torch.cat([f, f[[j for j, _ in cross]]]) for f in feats] for feats in views]
         logits = decode_views(backend, views, text).float()
+        finite = finite and bool(torch.isfinite(logits).all())
         for j, i in enumerate(idx):
             truth = cache[i][1]
             pred = _at(logits[j], truth.shape)
             scores[examples[i].kind].append(dice(pred > 0, truth))
         for k, (j, _) in enumerate(cross):
             crossed.append(float((_at(logits[len(idx) + k], cache[idx[j]][1].shape) > 0).mean() > 0.01))
-    by_set = {g: float(np.mean(v)) for g, v in sorted(scores.items())}
+    by_set = {g: float(np.mean(v)) if finite else float("nan") for g, v in sorted(scores.items())}
     return Validation(float(np.mean(list(by_set.values()))) if by_set else float("nan"), by_set,
                       float(np.mean(crossed)) if crossed else None)
 
@@ -522,23 +524,35 @@ class Checkpoints:
     clock: Clock
     saved_at: float = -math.inf
 
-    def save(self, improved: bool, informative: bool, final: bool = False, best_is_last: bool = False) -> str | None:
+    def save(self, improved: bool, informative: bool, final: bool = False, best_is_last: bool = False,
+             val: float | None = None) -> str | None:
         """last/ (and best/ when improved) after the first epoch, at the end, when validation
         improved, and otherwise every CHECKPOINT_EVERY_S: a short round is not slowed down by
         writing every epoch. ``best_is_last``: the weights are the ones to keep (the schedule's
         end when validation says nothing). best/ is then a copy of last/ that shares its weight
-        files, written in a fraction of the time."""
+        files, written in a fraction of the time. Weights that are not finite, or answer with
+        values that are not (``unsound``; ``val``: the validation Dice), are never saved: the
+        run stops with a TrainingError and the checkpoints stay as they were."""
         due = final or time.time() - self.saved_at > CHECKPOINT_EVERY_S
         if self.rank != 0 or not (due or (improved and informative)):
             return None
+        self._check_sound(val)
         self.saved_at = time.time()
         with self.clock("checkpoints"):
             save_checkpoint(self.backend, self.out / LAST, self.meta, self.extras)
             return str(copy_checkpoint(self.out / LAST, self.out / BEST)) if improved or best_is_last else None
 
     def save_best(self) -> str:
+        self._check_sound()
         with self.clock("checkpoints"):
             return str(save_checkpoint(self.backend, self.out / BEST, self.meta, self.extras))
+
+    def _check_sound(self, val: float | None = None) -> None:
+        why = unsound(self.backend, val)
+        if why:
+            raise TrainingError(f"After epoch {self.meta.get('epochs_done', '?')} the model {why}; it was not "
+                                f"saved and training stopped. {_stopped_message(self.out)} Try a lower learning "
+                                "rate.")
 
 
 def _checkpoints(backend: TorchBackend, plan: RunPlan, metadata: dict | None, replay: Path | None,
@@ -603,6 +617,7 @@ class RunState:
         class): until it moves, the training loss decides."""
         informative = val is not None and (val > 0 or self.best > 0)
         improved = val > self.best if informative else epoch_loss < self.best_loss
+        improved = improved and math.isfinite(epoch_loss) and (val is None or math.isfinite(val))
         if improved:
             self.best = val if informative else self.best
             self.best_loss, self.stale = min(self.best_loss, epoch_loss), 0
@@ -664,7 +679,7 @@ def _end_epoch(backend: TorchBackend, plan: RunPlan, optim: Optimisation, run: R
         checkpoints.meta["rank_weight_sums"] = _gather_weight_sums(backend)
     with _kept_weights(optim.average, backend.module):  # the schedule's end is kept when validation says nothing
         ckpt = checkpoints.save(improved, informative, final=last_epoch or stopping,
-                                best_is_last=last_epoch and not informative)
+                                best_is_last=last_epoch and not informative, val=val)
     if s.schedule != "onecycle" and val is not None:
         optim.schedule.step(val)
     elapsed = time.time() - run.t0

@@ -1,0 +1,66 @@
+"""Fault battery (issue 39), training: a diverged model is never kept as best/, and options
+that cannot work are refused with one line."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from napari_vlsm.cli import app
+from napari_vlsm.core.models.loading import load_model
+from napari_vlsm.core.training import train as T
+
+runner = CliRunner()
+
+
+def cli(*args):
+    res = runner.invoke(app, [str(a) for a in args])
+    assert "Traceback" not in res.output, res.output
+    return res
+
+
+def _max_weight(folder) -> float:
+    from safetensors.torch import load_file
+
+    return max(float(v.abs().max()) for v in load_file(folder / "model.safetensors").values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("validation", ["val", "none"])
+def test_a_diverged_model_is_never_saved_as_best(tiny_unet, small_benchmark, tmp_path, validation):
+    # one step an epoch: the first epoch's loss is finite, its weights ~1e29 answer NaN
+    out = tmp_path / "run"
+    res = cli("finetune", small_benchmark, "-m", tiny_unet, "-o", out, "--lr", "1e30", "--epochs", "2",
+              "--batch-size", "16", "--val-split", validation)
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "it was not saved and training stopped" in text and "lower learning rate" in text
+    assert not (out / "best").exists() and not (out / "last").exists()
+
+
+def test_a_diverged_round_leaves_the_good_best_as_it_was(tiny_unet, small_benchmark, tmp_path):
+    out = tmp_path / "run"
+    assert cli("finetune", small_benchmark, "-m", tiny_unet, "-o", out, "--epochs", "1").exit_code == 0
+    before = (out / "best" / "model.safetensors").read_bytes()
+    with pytest.raises(T.TrainingError, match="intact at"):
+        list(T.finetune(str(tiny_unet), [small_benchmark], out, T.TrainSettings(epochs=3, lr=1e30, batch_size=16),
+                        resume=True, device="cpu"))
+    assert (out / "best" / "model.safetensors").read_bytes() == before
+    assert _max_weight(out / "last") < 1e3  # no diverged weights in last/ either
+
+
+def test_unsound_names_what_is_wrong(tiny_unet):
+    from napari_vlsm.core.training.checkpoint import unsound
+
+    backend = load_model(tiny_unet, "cpu", "fp32")
+    assert unsound(backend) is None and unsound(backend, 0.5) is None
+    assert "validation" in unsound(backend, float("nan"))
+    modes = [m.training for m in backend.module.modules()]
+    with torch.no_grad():
+        for p in backend.module.parameters():
+            p.mul_(1e20)
+    assert unsound(backend) is not None and [m.training for m in backend.module.modules()] == modes
+    with torch.no_grad():
+        next(backend.module.parameters())[...] = float("nan")
+    assert "NaN or infinite" in unsound(backend)
