@@ -130,7 +130,7 @@ def segment(
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
     threshold: float = typer.Option(0.5, min=0.0, max=1.0),
     resume: bool = typer.Option(False, help="Go on from an earlier run into --out: the images its report lists as "
-                                            "done (with their mask still there) are skipped; same prompts only."),
+                                            "done (with their mask still there) are skipped; same prompts, model and threshold only."),
     fmt: str = typer.Option("png", "--format", help="Mask format: png or tif."),
     batch_size: int = typer.Option(0, help="Images per model call (0: 8 on GPU, 1 on CPU)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
@@ -146,7 +146,7 @@ def segment(
     from napari_vlsm.core.training.checkpoint import check_writable
     from napari_vlsm.core.errors import VLSMError
     from napari_vlsm.core.inference.folder_labeling import (OutputLock, check_resume, describe_held, inputs_in,
-                                                            segment_files, write_report, write_sidecar)
+                                                            model_identity, segment_files, write_report, write_sidecar)
     from napari_vlsm.core.images.imageio import list_images
     from napari_vlsm.core.models.model_card import card_for, unknown_words_note
     from napari_vlsm.core.inference.predictor import Predictor, clean_prompts
@@ -170,20 +170,20 @@ def segment(
     if held:  # a.png's mask is a.png: it would replace the image
         _fail(f"--out {out} holds the input image {describe_held(held)}: the masks would be written over the "
               f"images. Choose another folder for --out, e.g. {out / 'masks'}.")
+    made_by = model_identity(model)  # what labels.json records, and compares with an earlier run's
     try:
         check_writable(out, "masks")
-        if resume:
-            check_resume(out, prompts)
+        check_resume(out, prompts, made_by, threshold)  # resumed or not: labels.json must describe every mask
     except (OSError, ValueError) as exc:
         _fail(str(exc))
     if cluster and scheduler:
         _fail("Give --cluster local:N or --scheduler ADDRESS, not both.")
     if cluster or scheduler:
         _check_model(model)
-        source, client, outcomes = model, _dask_client(cluster, scheduler), None
+        client, outcomes = _dask_client(cluster, scheduler), None
     else:
         backend = _load(model, device, dtype)
-        source, client = backend.source, None
+        client = None
         bs = batch_size or (8 if backend.device.type == "cuda" else 1)
         outcomes = segment_files(Predictor(backend), files, prompts, out, threshold, resume, fmt, bs)
     unknown = unknown_words_note(card_for(model), prompts)
@@ -193,7 +193,7 @@ def segment(
     report, error = [], None
     try:
         with OutputLock(out), _progress() as bar:
-            write_sidecar(out, prompts, source, threshold, resume)
+            write_sidecar(out, prompts, made_by, threshold, resume)
             task = bar.add_task("Segmenting", total=len(files), info="")
             if client is not None:
                 from napari_vlsm.core.inference.cluster import segment_on_cluster

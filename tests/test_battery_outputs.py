@@ -65,3 +65,36 @@ def test_an_out_folder_beside_or_below_the_inputs_is_fine(tiny_unet, images, tmp
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (images / "masks").glob("*.png")) == ["a.png", "b.png", "c.png"]
     assert read_image(images / "b.png").ndim == 3
+
+
+def _masks_and_labels(out):
+    return {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".png", ".json")}
+
+
+@pytest.mark.parametrize("change, words", [
+    (["-p", "instrument"], ['-p "polyp" --resume', "for the new prompts"]),
+    (["-p", "polyp", "--threshold", "0.3"], ["--threshold 0.5 --resume", "for the new threshold"]),
+    (["-p", "polyp", "-m", "default"], ["made by the model", "for the new model"]),
+])
+@pytest.mark.parametrize("resume", [False, True])
+def test_an_earlier_run_made_otherwise_is_refused_resumed_or_not(tiny_unet, images, tmp_path, change, words,
+                                                                 resume):
+    out = tmp_path / "out"
+    assert cli("segment", images, "-p", "polyp", "-m", tiny_unet, "-o", out).exit_code == 0
+    before = _masks_and_labels(out)
+    args = ["segment", images, "-o", out, *change] + (["--resume"] if resume else [])
+    res = cli(*args, *([] if "-m" in change else ["-m", tiny_unet]))
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and all(w in text for w in words), text
+    assert _masks_and_labels(out) == before
+
+
+def test_the_same_run_goes_on_however_the_model_folder_is_written(tiny_unet, images, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert cli("segment", images, "-p", "polyp", "-m", tiny_unet, "-o", out).exit_code == 0
+    assert json.loads((out / "labels.json").read_text())["model"] == str(tiny_unet.resolve())
+    monkeypatch.chdir(tiny_unet.parent)
+    res = cli("segment", images, "-p", "polyp", "-m", f"./{tiny_unet.name}", "-o", out, "--resume")
+    assert res.exit_code == 0 and "3 skipped" in res.output, res.output
+    res = cli("segment", images, "-p", "polyp", "-m", tiny_unet.name, "-o", out)  # redone, as made before
+    assert res.exit_code == 0 and "3 segmented" in res.output, res.output

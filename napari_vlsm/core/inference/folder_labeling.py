@@ -35,25 +35,49 @@ def _label_table(prompts: list[str]) -> dict[str, str]:
     return {str(i + 1): p for i, p in enumerate(prompts)}
 
 
-def check_resume(out_dir: Path, prompts: list[str]) -> None:
-    """Refuse to resume into a folder whose masks were made for other prompts (ValueError)."""
+def model_identity(spec) -> str:
+    """The model a spec names, as labels.json records it: a local folder as its absolute
+    path (so 'm' and './m' are one model), the default and hub ids as given."""
+    from napari_vlsm.core.models.loading import DEFAULT_SPEC
+
+    if spec is None or str(spec) == DEFAULT_SPEC:
+        return DEFAULT_SPEC
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(spec)
+
+
+def check_resume(out_dir: Path, prompts: list[str], model: str | None = None, threshold: float | None = None) -> None:
+    """Refuse to write into a folder whose masks were made for other prompts, by another model
+    or at another threshold (ValueError), with or without resuming: its labels.json would then
+    describe masks it did not make. Settings the folder's labels.json does not record (an
+    image series records its labels only) are not compared."""
     path = Path(out_dir) / SIDECAR
     labels = _label_table(prompts)
     try:
-        before = json.loads(path.read_text()).get("labels")
+        before = json.loads(path.read_text())
+        before_labels = before.get("labels")
     except (OSError, ValueError, AttributeError):
         return
-    if before is not None and before != labels:
-        prompt_args = " ".join(f"-p {json.dumps(v)}" for _, v in sorted(before.items(), key=lambda kv: int(kv[0])))
-        raise ValueError(f"{path} says the masks there were made for {before}, not {labels}. To go on with "
+    if before_labels is not None and before_labels != labels:
+        prompt_args = " ".join(f"-p {json.dumps(v)}" for _, v in sorted(before_labels.items(), key=lambda kv: int(kv[0])))
+        raise ValueError(f"{path} says the masks there were made for {before_labels}, not {labels}. To go on with "
                          f"them, run with {prompt_args} --resume; for the new prompts, write to a new --out.")
+    made_by = before.get("model")
+    if model is not None and isinstance(made_by, str) and made_by != model and model_identity(made_by) != model:
+        raise ValueError(f"{path} says the masks there were made by the model {made_by}, not {model}. To go on "
+                         f"with them, run with --model {made_by} --resume; for the new model, write to a new --out.")
+    made_at = before.get("threshold")
+    if threshold is not None and isinstance(made_at, (int, float)) and float(made_at) != float(threshold):
+        raise ValueError(f"{path} says the masks there were made at threshold {made_at}, not {threshold}. To go on "
+                         f"with them, run with --threshold {made_at} --resume; for the new threshold, write to a "
+                         "new --out.")
 
 
 def write_sidecar(out_dir: Path, prompts: list[str], model: str, threshold: float, resume: bool = False) -> Path:
-    """labels.json: which label value stands for which prompt, and how the masks were made.
-    A resumed run must use the prompts the masks already on disk were made with."""
-    if resume:
-        check_resume(out_dir, prompts)
+    """labels.json: which label value stands for which prompt, and how the masks were made
+    (``model``: see ``model_identity``). A folder whose masks were made otherwise is refused
+    (``check_resume``), resumed or not: its masks would be mislabelled."""
+    check_resume(out_dir, prompts, model, threshold)
     path, labels = Path(out_dir) / SIDECAR, _label_table(prompts)
     return atomic_write_text(path, json.dumps({"labels": labels, "background": 0, "model": model,
                                                "threshold": threshold}, indent=1))
