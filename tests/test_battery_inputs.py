@@ -66,3 +66,54 @@ def test_segment_skips_a_tiff_bomb_with_a_message(tiny_unet, tmp_path, polyp_ima
     res = cli("segment", folder, "-p", "polyp", "-m", tiny_unet, "-o", tmp_path / "out")
     assert res.exit_code == 1 and "1 segmented" in res.output
     assert "decompression bomb" in " ".join(res.output.split())
+
+
+def _example(tmp_path, mask_path):
+    from napari_vlsm.core.data.training_sets import Example
+
+    image = np.full((40, 50, 3), 90, np.uint8)
+    return Example(image, mask_path, {"p1": "polyp"}, name=mask_path.name)
+
+
+def _object():
+    truth = np.zeros((40, 50), bool)
+    truth[10:20, 5:30] = True
+    return truth
+
+
+def test_a_colour_mask_is_read_over_all_channels_with_a_warning(tmp_path):
+    from napari_vlsm.core.images import imageio
+
+    getattr(imageio, "_WARNED_COLOUR", set()).clear()  # warned once per folder
+    rgb = np.zeros((40, 50, 3), np.uint8)
+    rgb[_object()] = (0, 200, 0)  # a green object: nothing in the red channel
+    rgb[0, 0] = (0, 0, 255)       # and one blue pixel
+    Image.fromarray(rgb).save(tmp_path / "green.png")
+    with pytest.warns(UserWarning, match="green.png is a colour mask: read as the object wherever a pixel is not"):
+        _, fg = _example(tmp_path, tmp_path / "green.png").load()
+    expected = _object()
+    expected[0, 0] = True
+    assert np.array_equal(fg, expected)
+
+
+def test_grey_masks_stored_as_rgb_or_rgba_read_as_their_grey(tmp_path):
+    import warnings
+
+    grey = (_object() * 255).astype(np.uint8)
+    Image.fromarray(np.dstack([grey] * 3)).save(tmp_path / "rgb.png")
+    Image.fromarray(np.dstack([grey] * 3 + [np.full_like(grey, 255)])).save(tmp_path / "rgba.png")
+    alpha = np.zeros((40, 50, 4), np.uint8)
+    alpha[..., 3] = grey  # black everywhere, the object drawn in the alpha channel
+    Image.fromarray(alpha).save(tmp_path / "alpha.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in ("rgb.png", "rgba.png", "alpha.png"):
+            assert np.array_equal(_example(tmp_path, tmp_path / name).load()[1], _object()), name
+
+
+def test_a_palette_mask_is_read_by_index_not_colour(tmp_path):
+    index = _object().astype(np.uint8)
+    im = Image.fromarray(index, mode="P")
+    im.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)  # index 0 (background) white, index 1 black
+    im.save(tmp_path / "palette.png")
+    assert np.array_equal(_example(tmp_path, tmp_path / "palette.png").load()[1], _object())

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from napari_vlsm.core.images.imageio import IMAGE_SUFFIXES, MASK_SUFFIXES, read_image
+from napari_vlsm.core.images.imageio import IMAGE_SUFFIXES, MASK_SUFFIXES, flatten_mask, read_image, read_mask
 from napari_vlsm.core.images.preprocess import to_rgb8
 from napari_vlsm.core.data.prompts import TRAIN_PROMPT_TYPES, load_annotations, pick_prompt  # noqa: F401
 
@@ -46,9 +46,7 @@ class Example:
 
     def load(self) -> tuple[np.ndarray, np.ndarray]:
         image = read_image(self.image) if isinstance(self.image, (str, Path)) else np.asarray(self.image)
-        mask = read_image(self.mask) if isinstance(self.mask, (str, Path)) else np.asarray(self.mask)
-        if mask.ndim == 3:
-            mask = mask[..., 0]
+        mask = read_mask(self.mask) if isinstance(self.mask, (str, Path)) else flatten_mask(self.mask)
         if image.shape[:2] != mask.shape:
             raise ValueError(f"{self.name or 'example'}: mask shape {mask.shape} differs from image "
                              f"shape {image.shape[:2]}; masks must cover the image pixel for pixel.")

@@ -57,6 +57,47 @@ def read_image(path) -> np.ndarray:
         return np.asarray(im)
 
 
+_WARNED_COLOUR: set[str] = set()  # mask folders already warned about
+
+
+def read_mask(path) -> np.ndarray:
+    """A mask file as a 2D array: a grey mask as it is, a palette image as its palette indices
+    (not the colours, whose background need not be black), a colour mask through
+    ``flatten_mask``."""
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        from PIL import Image
+
+        with Image.open(path) as im:
+            if im.mode in ("P", "PA"):
+                return np.asarray(im.getchannel(0))
+    return flatten_mask(read_image(path), path)
+
+
+def flatten_mask(mask: np.ndarray, path=None) -> np.ndarray:
+    """A mask of several channels as one: a grey mask stored as RGB(A) as its grey; a colour
+    mask as 255 wherever a pixel is not black in any colour channel, with a warning (once per
+    folder) that it was read so. An alpha channel counts only where the colours are all black."""
+    mask = np.asarray(mask)
+    if mask.ndim != 3:
+        return mask
+    colour = mask[..., :3] if mask.shape[-1] == 4 else mask[..., :1] if mask.shape[-1] == 2 else mask
+    if not colour.any() and colour.shape[-1] < mask.shape[-1]:  # all black: the alpha channel draws it
+        return mask[..., -1]
+    if all(np.array_equal(colour[..., 0], colour[..., c]) for c in range(1, colour.shape[-1])):
+        return colour[..., 0]
+    folder = str(Path(path).parent) if path is not None else ""
+    if folder not in _WARNED_COLOUR:
+        _WARNED_COLOUR.add(folder)
+        import warnings
+
+        warnings.warn(f"{Path(path).name if path is not None else 'A mask'} is a colour mask: read as the object "
+                      "wherever a pixel is not black in any channel (and so are the other colour masks "
+                      f"{'in ' + folder if folder else 'given'}). Save masks as grey or palette images to be sure.",
+                      UserWarning, stacklevel=2)
+    return ((colour != 0).any(axis=-1) * 255).astype(np.uint8)
+
+
 def list_images(paths, notes: list | None = None) -> list[Path]:
     """Expand files and folders (not recursive) into a sorted list of image files. Links are
     followed for reading, wherever they point (data sets are often folders of links); what is
