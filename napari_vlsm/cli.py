@@ -324,7 +324,7 @@ def evaluate(
     threshold: float = typer.Option(0.5, min=0.0, max=1.0),
     csv_out: Path | None = typer.Option(None, "--csv",
                                            help="Per-image CSV (default: evaluation_<folder>_<split>_<type>.csv)."),
-    limit: int | None = typer.Option(None, help="Only the first N images."),
+    limit: int | None = typer.Option(None, min=1, help="Only the first N images."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
     dtype: str = typer.Option("auto", help="auto, fp32, bf16, fp16."),
     threads: int | None = typer.Option(None, min=1, help=THREADS_HELP),

@@ -14,7 +14,10 @@ from napari_vlsm.core.data.training_sets import benchmark_examples
 
 def evaluate(predictor: Predictor, data_dir, prompt_type: str = "p1", split: str = "val",
              threshold: float = 0.5, seed: int = 0, limit: int | None = None) -> Iterator[dict]:
-    """Yield one row per image: name, prompt, dice, iou (at the image's own size)."""
+    """Yield one row per image: name, prompt, dice, iou (at the image's own size), for the
+    first ``limit`` images of the split (None: all)."""
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit is how many images to score (0 or more, None: all), not {limit!r}.")
     rng = random.Random(seed)
     examples = benchmark_examples(Path(data_dir), split)[:limit]
     for ex in examples:
