@@ -117,3 +117,18 @@ def test_a_palette_mask_is_read_by_index_not_colour(tmp_path):
     im.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)  # index 0 (background) white, index 1 black
     im.save(tmp_path / "palette.png")
     assert np.array_equal(_example(tmp_path, tmp_path / "palette.png").load()[1], _object())
+
+
+def test_float64_beyond_float32_is_windowed_without_warnings(tmp_path):
+    import warnings
+
+    from napari_vlsm.core.images.preprocess import to_rgb8
+
+    values = np.random.default_rng(0).random((64, 80))
+    for offset in (0.0, -0.5):
+        tifffile.imwrite(tmp_path / "far.tif", (values + offset) * 1e300)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            rgb = to_rgb8(read_image(tmp_path / "far.tif"))
+        assert np.array_equal(rgb, to_rgb8((values * 1000).astype(np.float64))), offset
+        assert rgb.std() > 50  # not black

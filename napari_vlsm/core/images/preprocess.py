@@ -8,7 +8,8 @@ Intensity normalisation (documented in docs/usage.md):
 * any other ``float``, ``uint16``, ``int16`` or other integer type: a percentile window,
   the 0.5th to 99.5th percentile of all channels together, is stretched to 0-255 and
   values outside it are clipped. One window for all channels keeps the colour balance.
-  A constant image becomes black.
+  A constant image becomes black. float64 values beyond float32's range (1e300, 1e-300)
+  are scaled first, which does not change the window's result.
 
 Layouts: (H, W) grayscale and (H, W, 1) are repeated to three channels; (H, W, 3) is RGB;
 (H, W, 4) is RGBA and the alpha channel is dropped.
@@ -69,9 +70,12 @@ def to_uint8(arr: np.ndarray) -> np.ndarray:
         return arr
     if arr.dtype == bool:
         return arr.astype(np.uint8) * 255
+    if arr.dtype.kind == "f" and arr.min() >= 0.0 and arr.max() <= 1.0:
+        return np.round(arr.astype(np.float32, copy=False) * 255.0).astype(np.uint8)
+    if arr.dtype.kind == "f" and arr.dtype.itemsize > 4:  # float64 may lie beyond float32 (1e300, 1e-300):
+        top = float(np.abs(arr).max())                  # scaled first, which the window does not depend on
+        arr = arr / top if top > 0 else arr
     data = arr.astype(np.float32, copy=False)
-    if arr.dtype.kind == "f" and data.min() >= 0.0 and data.max() <= 1.0:
-        return np.round(data * 255.0).astype(np.uint8)
     lo, hi = np.percentile(data, WINDOW_PERCENTILES)
     if hi <= lo:
         return np.zeros(arr.shape, np.uint8)
@@ -95,10 +99,11 @@ def shrink_for_model(arr: np.ndarray, model_side: int) -> np.ndarray:
         return np.asarray(Image.fromarray(np.ascontiguousarray(arr)).reduce(factor))[:oh, :ow]
     squeeze = arr.ndim == 2
     src = arr[..., None] if squeeze else arr
-    out = np.empty((oh, ow, src.shape[-1]), np.float32)
+    wide = np.float64 if arr.dtype.kind == "f" and arr.dtype.itemsize > 4 else np.float32  # float64 stays float64
+    out = np.empty((oh, ow, src.shape[-1]), wide)
     rows = max(1, 2**24 // (factor * factor * ow * src.shape[-1]))  # about 64 MB of float32 at a time
     for r in range(0, oh, rows):
-        block = src[r * factor:min(oh, r + rows) * factor, :ow * factor].astype(np.float32)
+        block = src[r * factor:min(oh, r + rows) * factor, :ow * factor].astype(wide)
         out[r:r + rows] = block.reshape(-1, factor, ow, factor, src.shape[-1]).mean(axis=(1, 3))
     if arr.dtype.kind in "biu":
         out = np.round(out).astype(arr.dtype) if arr.dtype != bool else out >= 0.5
