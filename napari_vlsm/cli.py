@@ -463,8 +463,9 @@ def finetune(
     data: list[Path] = typer.Argument(...,
                                       help="Training folders: benchmark layout, or images/ + masks/ with --prompt."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder (best/ and last/ inside)."),
-    model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP + " 'new:FAMILY' starts a fresh model "
-                              "('napari-vlsm models families' lists them)."),
+    model: str | None = typer.Option(None, "--model", "-m", help=MODEL_HELP + " 'new:FAMILY' starts a fresh model "
+                                     "('napari-vlsm models families' lists them). Default: 'default'; with "
+                                     "--resume, the run's own."),
     encoders: Path | None = typer.Option(None, help="For a new:FAMILY that starts from pretrained encoders "
                                                        "(new:biomedclipseg: BiomedCLIP's open_clip folder, see "
                                                        "'models pull', or a BiomedCLIPSeg model folder)."),
@@ -530,7 +531,7 @@ def finetune(
 
     if adapters not in ADAPTER_MODES:
         _fail(f"--adapters is {' or '.join(ADAPTER_MODES)}, not {adapters!r}.")
-    if encoders is not None and not model.startswith("new:"):
+    if encoders is not None and not (model or "").startswith("new:"):
         _fail("--encoders goes with a fresh model such as --model new:biomedclipseg (a new decoder on those "
               f"encoders); --model {model} brings its own.")
     distributed = init_distributed()

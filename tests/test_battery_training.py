@@ -64,3 +64,23 @@ def test_unsound_names_what_is_wrong(tiny_unet):
     with torch.no_grad():
         next(backend.module.parameters())[...] = float("nan")
     assert "NaN or infinite" in unsound(backend)
+
+
+def test_resume_with_another_model_is_refused(tiny_unet, tiny_clipseg, small_benchmark, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert cli("finetune", small_benchmark, "-m", tiny_unet, "-o", out, "--epochs", "1").exit_code == 0
+    before = (out / "last" / "model.safetensors").read_bytes()
+    res = cli("finetune", small_benchmark, "-m", tiny_clipseg, "-o", out, "--epochs", "2", "--resume")
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and f"trained from the model {tiny_unet}" in text and "would be ignored" in text
+    assert (out / "last" / "model.safetensors").read_bytes() == before
+    # the run's own model however written, its checkpoints, or none at all go on
+    monkeypatch.chdir(tiny_unet.parent)
+    res = cli("finetune", small_benchmark, "-m", f"./{tiny_unet.name}", "-o", out, "--epochs", "2", "--resume")
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "last" / "training.json").read_text())["base_model"] == str(tiny_unet)
+    for model in (["-m", out / "last"], []):
+        res = cli("finetune", small_benchmark, *model, "-o", out, "--epochs", "3", "--resume")
+        assert res.exit_code == 0, res.output
+    res = cli("finetune", small_benchmark, "-m", "default", "-o", out, "--epochs", "4", "--resume")
+    assert res.exit_code == 2 and "would be ignored" in res.output  # the base is kept across resumes

@@ -16,6 +16,7 @@ import numpy as np
 from napari_vlsm.core.atomic import atomic_write_text
 from napari_vlsm.core.images.imageio import read_image, write_mask
 from napari_vlsm.core.inference.predictor import Predictor, clean_prompts
+from napari_vlsm.core.models.loading import model_identity  # noqa: F401  (what labels.json records as the model)
 
 SIDECAR = "labels.json"
 REPORT = "segment_report.csv"
@@ -33,17 +34,6 @@ class FileOutcome:
 
 def _label_table(prompts: list[str]) -> dict[str, str]:
     return {str(i + 1): p for i, p in enumerate(prompts)}
-
-
-def model_identity(spec) -> str:
-    """The model a spec names, as labels.json records it: a local folder as its absolute
-    path (so 'm' and './m' are one model), the default and hub ids as given."""
-    from napari_vlsm.core.models.loading import DEFAULT_SPEC
-
-    if spec is None or str(spec) == DEFAULT_SPEC:
-        return DEFAULT_SPEC
-    path = Path(spec).expanduser()
-    return str(path.resolve()) if path.is_dir() else str(spec)
 
 
 def check_resume(out_dir: Path, prompts: list[str], model: str | None = None, threshold: float | None = None) -> None:

@@ -71,6 +71,15 @@ def local_folder(spec: str | os.PathLike | None) -> Path | None:
     return path if path.is_dir() else None
 
 
+def model_identity(spec: str | os.PathLike | None) -> str:
+    """The model a spec names, for comparing specs and recording them: a local folder as its
+    absolute path (so 'm' and './m' are one model), the default and hub ids as given."""
+    if spec is None or str(spec) == DEFAULT_SPEC:
+        return DEFAULT_SPEC
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(spec)
+
+
 def resolve_folder(spec: str | os.PathLike | None) -> Path:
     """The local folder a spec points at, fetching a hub id into the cache if allowed."""
     if spec is None or str(spec) == DEFAULT_SPEC:

@@ -891,14 +891,19 @@ def load_for_training(spec: str, device="auto", encoders=None) -> TorchBackend:
     return backend
 
 
-def finetune(spec: str, data_dirs, out_dir, settings: TrainSettings | None = None, resume: bool = False,
+def finetune(spec: str | None, data_dirs, out_dir, settings: TrainSettings | None = None, resume: bool = False,
              prompt: str | None = None, val_split: str = "val", device="auto", metadata: dict | None = None,
              stop: threading.Event | None = None, encoders=None) -> Iterator[Progress]:
-    """Load data and model, then ``train``: the whole job behind the CLI and the widget."""
+    """Load data and model, then ``train``: the whole job behind the CLI and the widget.
+    ``spec``: the model to train (None: the default); a resumed run goes on from its last/,
+    and a ``spec`` that names another model than the run's is refused."""
     s = settings or TrainSettings()
     check_run_folder(out_dir, resume)
     last = Path(out_dir) / LAST
     previous = read_metadata(last) if resume else {}
+    if resume:
+        check_resumed_model(spec, Path(out_dir), previous)
+    spec = "default" if spec is None else spec
     clock = Clock()
     try:
         with clock("listing data"):
@@ -912,8 +917,25 @@ def finetune(spec: str, data_dirs, out_dir, settings: TrainSettings | None = Non
     folder = local_folder(start)
     replay = replay_dir(folder) if s.replay_fraction != 0 else None
     meta = {"data": [str(d) for d in data_dirs], "prompt": prompt, **(metadata or {})}
+    if previous.get("base_model"):  # a resumed run was trained from its base, not from its own last/
+        meta.setdefault("base_model", previous["base_model"])
     yield from train(backend, train_set, val_set, out_dir, s, resume=resume, metadata=meta, stop=stop, replay=replay,
                      card=read_card(folder), clock=clock, before=read_metadata(folder) if folder else None)
+
+
+def check_resumed_model(spec, out: Path, previous: dict) -> None:
+    """Refuse (TrainingError) to resume a run with a ``spec`` that names another model than
+    the one it was trained from: resuming goes on from its last/, and the model would be
+    silently ignored. None, the run's base model or its own checkpoints pass."""
+    from napari_vlsm.core.models.loading import model_identity
+
+    base = previous.get("base_model")
+    if spec is None or base is None:
+        return
+    if model_identity(spec) not in {model_identity(base), model_identity(out / LAST), model_identity(out / BEST)}:
+        raise TrainingError(f"{out} holds a run trained from the model {base}; resuming goes on from {out / LAST}, "
+                            f"so the model {spec} would be ignored. To resume, give no model (or {base}); to train "
+                            f"{spec}, use a new output folder.")
 
 
 def oversample(examples: list[Example], repeat: dict) -> list[Example]:
