@@ -13,7 +13,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from napari_vlsm.core.training.settings import ROUND_AVERAGE, ROUND_PASSES, ROUND_STEPS, SMALL_SET, TrainSettings
+from napari_vlsm.core.training.settings import (ROUND_AVERAGE, ROUND_PASSES, ROUND_STEPS, SCHEDULES, SMALL_SET,
+                                                TrainSettings)
 
 app = typer.Typer(help="Text-prompted segmentation of 2D medical images with vision-language models.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -49,7 +50,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
+                    TimeRemainingColumn(), TextColumn("{task.fields[info]}", markup=False), console=console)
 
 
 def _fail(message: str, code: int = 2):
@@ -137,7 +138,7 @@ def segment(
     dtype: str = typer.Option("auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
     threads: int | None = typer.Option(None, min=1, help=THREADS_HELP),
     cluster: str | None = typer.Option(None, help="local:N: segment on a Dask LocalCluster of N worker processes on "
-                                                  "this machine (pip install 'napari-vlsm[distributed]')."),
+                                                  "this machine (pip install 'napari-vlsm\\[distributed]')."),
     scheduler: str | None = typer.Option(None, help="Address of a running Dask scheduler (tcp://HOST:8786) whose "
                                                     "workers see --out on a shared filesystem."),
 ):
@@ -219,7 +220,7 @@ def segment(
         except OSError as exc:
             error = error or f"the report could not be written: {exc.strerror or exc}"
     console.print(f"{counts['ok']} segmented, {counts['skipped']} skipped (mask existed), {counts['failed']} failed"
-                  f" of {len(files)}. Masks and labels.json in {out}", soft_wrap=True)
+                  f" of {len(files)}. Masks and labels.json in {escape(str(out))}", soft_wrap=True)
     if error:
         _fail(f"Stopped: {error.rstrip('.')}. Masks already written are kept; run again with --resume to go on.")
     if counts["failed"]:
@@ -301,9 +302,10 @@ def rank(
     first = f"the least sure image of each kind of image for the first {min(batch, len(todo))} (one in four " \
             f"drawn at random instead, to check the model on: column chosen), then the most uncertain by {score}" \
         if order == "kinds" else f"the most uncertain by {score} first"
-    console.print(f"{len(rows)} images ranked ({len(todo)} not yet corrected): {first}, in {out}.", soft_wrap=True)
+    console.print(f"{len(rows)} images ranked ({len(todo)} not yet corrected): {first}, in {escape(str(out))}.",
+                  soft_wrap=True)
     for r in todo[:5]:
-        console.print(f"  {r['rank']}. {Path(r['image']).name}  {score} {r['score']:.3f}", soft_wrap=True)
+        console.print(f"  {r['rank']}. {escape(Path(r['image']).name)}  {score} {r['score']:.3f}", soft_wrap=True)
     estimate, drawn = estimate_of(progress)
     if estimate is not None:
         on = (f"the series' last {drawn} correction{'s' * (drawn > 1)} of images drawn at random" if drawn else
@@ -360,7 +362,7 @@ def evaluate(
     if not rows:
         _fail(f"No images were evaluated in {data_dir} ({split}).")
     summary = summarize(rows)
-    table = Table(title=f"{data_dir.name} / {split} / {prompt_type}",
+    table = Table(title=escape(f"{data_dir.name} / {split} / {prompt_type}"),
                   caption=f"full-size masks, each image asked with its own {prompt_type} prompt")
     for col in ("images", "mean Dice", "mean IoU"):
         table.add_column(col, justify="right")
@@ -368,7 +370,7 @@ def evaluate(
     Console().print(table)  # before the file, so the scores are seen even when it cannot be written
     csv_out = csv_out or Path(f"evaluation_{data_dir.name}_{split}_{prompt_type}.csv")
     _write_csv(csv_out, rows)
-    console.print(f"Per-image scores in {csv_out}")
+    console.print(f"Per-image scores in {escape(str(csv_out))}", soft_wrap=True)
 
 
 @models_app.callback()
@@ -382,7 +384,7 @@ def models(ctx: typer.Context, folders: list[Path] = typer.Option([], "--folder"
     for col in ("spec", "kind", "where"):
         table.add_column(col)
     for m in find_models(folders):
-        table.add_row(m.spec, m.kind, m.where)
+        table.add_row(escape(m.spec), m.kind, escape(m.where))
     Console().print(table)
 
 
@@ -416,7 +418,7 @@ def models_pull(model_id: str = typer.Argument(..., help="Hugging Face id, e.g. 
         _fail(str(exc))
     except Exception as exc:
         _fail(f"Could not download {model_id}: {exc}")
-    console.print(f"{model_id} is in {path}")
+    console.print(escape(f"{model_id} is in {path}"), soft_wrap=True)
 
 
 @models_app.command("convert")
@@ -436,8 +438,8 @@ def models_convert(folder: Path = typer.Argument(..., help="open_clip files: ope
         path = convert(folder, out, text_dir=text_tower, seed=seed)
     except (VLSMError, OSError, ValueError) as exc:
         _fail(str(exc))
-    console.print(f"BiomedCLIPSeg model written to {path}. Its decoder is untrained: finetune it, e.g. "
-                  f"napari-vlsm finetune DATA --model {path} --out RUN")
+    console.print(escape(f"BiomedCLIPSeg model written to {path}. Its decoder is untrained: finetune it, e.g. "
+                         f"napari-vlsm finetune DATA --model {path} --out RUN"), soft_wrap=True)
 
 
 @models_app.command("convert-cris")
@@ -454,8 +456,8 @@ def models_convert_cris(checkpoint: Path = typer.Argument(..., help="A CRIS rele
         path = convert_cris_checkpoint(checkpoint, out, image_size=image_size)
     except (VLSMError, OSError, ValueError) as exc:
         _fail(str(exc))
-    console.print(f"CRIS model written to {path}. Segment with it (--model {path}) or finetune it: "
-                  f"napari-vlsm finetune DATA --model {path} --out RUN")
+    console.print(escape(f"CRIS model written to {path}. Segment with it (--model {path}) or finetune it: "
+                         f"napari-vlsm finetune DATA --model {path} --out RUN"), soft_wrap=True)
 
 
 @app.command()
@@ -506,7 +508,7 @@ def finetune(
     repeat: list[str] = typer.Option([], help="FOLDER=N: draw that training folder's examples N times an "
                                               "epoch (oversample a small set of a pooled run)."),
     crop: int | None = typer.Option(
-        RECIPE.crop, help="Random crops of this side (default: the model's own, 160 for the FiLM-UNet; 0: none)."),
+        RECIPE.crop, min=0, help="Random crops of this side (default: the model's own, 160 for the FiLM-UNet; 0: none)."),
     schedule: str = typer.Option(RECIPE.schedule, help="onecycle or plateau."),
     weight_average: float | None = typer.Option(
         RECIPE.weight_average, min=0.0, max=0.9999, help="Decay of a moving average of the weights, which is validated "
@@ -534,6 +536,8 @@ def finetune(
     if encoders is not None and not (model or "").startswith("new:"):
         _fail("--encoders goes with a fresh model such as --model new:biomedclipseg (a new decoder on those "
               f"encoders); --model {model} brings its own.")
+    if schedule not in SCHEDULES:
+        _fail(f"--schedule is {' or '.join(SCHEDULES)}, not {schedule!r}.")
     distributed = init_distributed()
     negatives = list(negative_prompt) + (_read_lines(negatives_file) if negatives_file else [])
     settings = TrainSettings(mode=train_mode, epochs=epochs, steps=steps, frozen_levels=frozen_levels,
@@ -565,7 +569,7 @@ def finetune(
                 if ev.kind == "done":  # an early stop ends the bar where it stopped, with nothing remaining
                     bar.update(task, total=ev.step, completed=ev.step)
                 if ev.kind == "done" and rank0:
-                    console.print(f"{ev.message}\nBest model: {ev.checkpoint}", soft_wrap=True)
+                    console.print(escape(f"{ev.message}\nBest model: {ev.checkpoint}"), soft_wrap=True)
                     if ev.timings:
                         console.print("Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in ev.timings.items()),
                                       soft_wrap=True)
@@ -637,7 +641,7 @@ def export_onnx(
         paths = export(backend, out_dir, opset=opset)
     except (ValueError, RuntimeError, OSError) as exc:
         _fail(str(exc))
-    console.print("Wrote " + ", ".join(str(p) for p in paths))
+    console.print(escape("Wrote " + ", ".join(str(p) for p in paths)), soft_wrap=True)
 
 
 @app.command()
@@ -655,7 +659,7 @@ def demo(
     except VLSMError as exc:
         _fail(str(exc))
     for p in paths:
-        console.print(f"Wrote {p.resolve()}")
+        console.print(escape(f"Wrote {p.resolve()}"), soft_wrap=True)
 
 
 def main():

@@ -95,9 +95,11 @@ def test_empty_prompts_are_refused(clipseg, polyp_image, prompts):
         pred.predict(prompts)
 
 
-def test_predict_before_set_image():
+def test_predict_before_set_image(tiny_unet):
     with pytest.raises(RuntimeError, match="set_image"):
-        Predictor(None).predict("polyp")
+        Predictor(load_model(tiny_unet, device="cpu")).predict("polyp")
+    with pytest.raises(TypeError, match="Predictor needs a model backend, such as load_model"):
+        Predictor(None)
 
 
 @pytest.mark.parametrize("which", ["tiny_clipseg", "tiny_unet"])

@@ -43,7 +43,9 @@ def atomic_write(path, write: Callable[[str], None]) -> Path:
 
 
 def atomic_write_text(path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    """``text`` as UTF-8; a file name that was not UTF-8 (held by Python as lone surrogates)
+    is written back as its own bytes."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", errors="surrogateescape"))
 
 
 def atomic_folder(target, write: Callable[[Path], None]) -> Path:
@@ -55,6 +57,10 @@ def atomic_folder(target, write: Callable[[Path], None]) -> Path:
     try:
         apply_umask(tmp, directory=True)
         write(tmp)
+        for folder, dirs, files in os.walk(tmp):  # writers that make private files (safetensors: 0600) follow the umask
+            for name, directory in [(d, True) for d in dirs] + [(f, False) for f in files]:
+                if not os.path.islink(os.path.join(folder, name)):  # never a chmod through a link
+                    apply_umask(os.path.join(folder, name), directory)
         old = None
         if target.exists():
             old = target.parent / f".{target.name}-old-{os.getpid()}"

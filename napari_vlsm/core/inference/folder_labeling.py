@@ -81,7 +81,7 @@ def finished_masks(out_dir: Path) -> dict[str, Path]:
     report = Path(out_dir) / REPORT
     done = {}
     try:
-        with open(report, newline="") as f:
+        with open(report, newline="", encoding="utf-8", errors="surrogateescape") as f:
             for row in csv.DictReader(f):
                 mask = Path(row.get("mask") or "")
                 if row.get("status") in ("ok", "skipped") and mask.is_file() and mask.stat().st_size > 0:

@@ -56,6 +56,10 @@ def clean_prompts(prompts: str | list[str]) -> list[str]:
         raise ValueError(f"Prompts must be a string or a list of strings, not {type(prompts).__name__}; "
                          "for example 'polyp' or ['polyp', 'instrument'].")
     cleaned = [str(p).strip() for p in prompts]
+    broken = [p for p in cleaned if not _is_text(p)]
+    if broken:  # bytes that were not UTF-8, kept by Python as lone surrogates: no tokenizer reads them
+        raise ValueError(f"The prompt {broken[0].encode('utf-8', 'backslashreplace').decode()!r} holds bytes that are "
+                         "not text (not UTF-8); type it again in plain text.")
     if not cleaned or any(not p for p in cleaned):
         raise ValueError("The prompt is empty; type what to segment, for example 'polyp'.")
     return cleaned
@@ -68,6 +72,14 @@ def check_threshold(threshold) -> None:
         ok = False
     if not ok:
         raise ValueError(f"The threshold is {threshold!r}; it must be a probability between 0 and 1, such as 0.5.")
+
+
+def _is_text(prompt: str) -> bool:
+    try:
+        prompt.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def check_finite(logits: torch.Tensor) -> None:
@@ -90,6 +102,8 @@ class Predictor:
     """
 
     def __init__(self, backend: Backend, flip_average: bool | None = None):
+        if not all(hasattr(backend, name) for name in ("encode_image", "encode_text", "decode")):
+            raise TypeError(f"Predictor needs a model backend, such as load_model('default'), not {backend!r}.")
         self.backend = backend
         self.flip_average = getattr(backend, "flip_average", False) if flip_average is None else bool(flip_average)
         self._features = None

@@ -131,6 +131,8 @@ def _pickle_message(path: Path) -> str:
 
 
 def check_safetensors(folder: Path) -> None:
+    if not (folder / CONFIG).exists() and (folder / BEST / CONFIG).exists():
+        raise ModelNotFoundError(_run_message(folder))
     if (folder / "open_clip_config.json").exists() and not (folder / CONFIG).exists():
         raise ModelNotFoundError(f"{folder} holds open_clip files (BiomedCLIP); convert them once into a model folder: "
                                  f"napari-vlsm models convert {folder} --out FOLDER")
@@ -142,14 +144,25 @@ def check_safetensors(folder: Path) -> None:
     raise ModelNotFoundError(f"{folder} holds no model weights (*.safetensors).")
 
 
+def _run_message(folder: Path) -> str:
+    return (f"{folder} is a training run, not a model: use {folder / BEST} (its best checkpoint) or "
+            f"{folder / 'last'}.")
+
+
 def read_config(folder: Path) -> dict:
     try:
-        return json.loads((folder / CONFIG).read_text())
+        config = json.loads((folder / CONFIG).read_text())
     except FileNotFoundError:
         if (folder / BEST / CONFIG).exists():
-            raise ModelNotFoundError(f"{folder} is a training run, not a model: use {folder / 'best'} (its best "
-                                     f"checkpoint) or {folder / 'last'}.") from None
+            raise ModelNotFoundError(_run_message(folder)) from None
         raise ModelNotFoundError(f"{folder} is not a model folder: it has no config.json.") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelNotFoundError(f"{folder / CONFIG} is not valid JSON ({exc}); restore the model's config.json.") \
+            from None
+    if not isinstance(config, dict):
+        raise ModelNotFoundError(f"{folder / CONFIG} holds a JSON {type(config).__name__}, not the object of a "
+                                 "model's settings; restore the model's config.json.")
+    return config
 
 
 def strict_from_pretrained(cls, folder: Path):

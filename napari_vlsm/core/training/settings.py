@@ -13,6 +13,7 @@ ROUND_AVERAGE = 0.98  # decay of the moving average of the weights that a round 
 NEW_SHARE = 0.5      # a round that continues a model: the share of draws from the corrections new to it
 TRAIN_MODES_OFFERED = ("auto", "decoder", "full", "lora")
 SMALL_SET = 100      # below this many examples, all of them train (no validation hold-out)
+SCHEDULES = ("onecycle", "plateau")
 
 
 @dataclass
@@ -50,6 +51,13 @@ class TrainSettings:
     threads: int | None = None     # CPU threads for torch (None: the cores this process may use)
     weight_average: float | None = None  # decay of a moving average of the weights, validated and saved
                                          # (None: ROUND_AVERAGE; 0: off)
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule is {' or '.join(SCHEDULES)}, not {self.schedule!r}.")
+        if self.crop is not None and (not isinstance(self.crop, int) or self.crop < 0):
+            raise ValueError(f"crop is the side of the random crops in pixels (0: none, None: the model's own), "
+                             f"not {self.crop!r}.")
 
     def round_steps(self, n_examples: int, per_batch: int) -> int:
         """The steps of a round: the given number, else ROUND_STEPS for a set of corrections (a
