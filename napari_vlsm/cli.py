@@ -131,7 +131,8 @@ def segment(
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
     threshold: float = typer.Option(0.5, min=0.0, max=1.0),
     resume: bool = typer.Option(False, help="Go on from an earlier run into --out: the images its report lists as "
-                                            "done (with their mask still there) are skipped; same prompts, model and threshold only."),
+                                            "done (with their mask still there) are skipped; same prompts, model "
+                                            "and threshold only."),
     fmt: str = typer.Option("png", "--format", help="Mask format: png or tif."),
     batch_size: int = typer.Option(0, help="Images per model call (0: 8 on GPU, 1 on CPU)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
@@ -508,7 +509,8 @@ def finetune(
     repeat: list[str] = typer.Option([], help="FOLDER=N: draw that training folder's examples N times an "
                                               "epoch (oversample a small set of a pooled run)."),
     crop: int | None = typer.Option(
-        RECIPE.crop, min=0, help="Random crops of this side (default: the model's own, 160 for the FiLM-UNet; 0: none)."),
+        RECIPE.crop, min=0,
+        help="Random crops of this side (default: the model's own, 160 for the FiLM-UNet; 0: none)."),
     schedule: str = typer.Option(RECIPE.schedule, help="onecycle or plateau."),
     weight_average: float | None = typer.Option(
         RECIPE.weight_average, min=0.0, max=0.9999, help="Decay of a moving average of the weights, which is validated "

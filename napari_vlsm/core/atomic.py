@@ -2,7 +2,8 @@
 
 Everything is written to a temporary file in the target's folder and renamed over the
 target (a folder of files, such as a checkpoint or an ONNX export: to a temporary sibling
-folder, swapped in by two renames; ``recover_folder`` repairs a swap cut between them). The rename replaces a symbolic link at the target rather than writing through it,
+folder, swapped in by two renames; ``recover_folder`` repairs a swap cut between them).
+The rename replaces a symbolic link at the target rather than writing through it,
 so nothing outside the output folder is touched. Temporary files are created private
 (mkstemp); the final file gets the mode the user's umask gives any new file.
 """

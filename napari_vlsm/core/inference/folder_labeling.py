@@ -49,7 +49,8 @@ def check_resume(out_dir: Path, prompts: list[str], model: str | None = None, th
     except (OSError, ValueError, AttributeError):
         return
     if before_labels is not None and before_labels != labels:
-        prompt_args = " ".join(f"-p {json.dumps(v)}" for _, v in sorted(before_labels.items(), key=lambda kv: int(kv[0])))
+        ordered = sorted(before_labels.items(), key=lambda kv: int(kv[0]))
+        prompt_args = " ".join(f"-p {json.dumps(v)}" for _, v in ordered)
         raise ValueError(f"{path} says the masks there were made for {before_labels}, not {labels}. To go on with "
                          f"them, run with {prompt_args} --resume; for the new prompts, write to a new --out.")
     made_by = before.get("model")
