@@ -24,8 +24,9 @@ class Prediction:
     probs: np.ndarray
     threshold: float
 
-    def __post_init__(self):
-        self.threshold = check_threshold(self.threshold)
+    def __post_init__(self):  # predict_batch's too, and any other maker of a Prediction
+        check_threshold(self.threshold)
+        self.threshold = float(self.threshold)
 
     @property
     def masks(self) -> np.ndarray:
@@ -35,17 +36,6 @@ class Prediction:
     def labels(self) -> np.ndarray:
         """One label image: value i+1 for prompt i (the most likely where they overlap)."""
         return combine_labels(self.probs, self.threshold)
-
-
-def check_threshold(threshold) -> float:
-    """``threshold`` as a float in [0, 1] (a probability), or a ValueError saying so (NaN too)."""
-    try:
-        value = float(threshold)
-    except (TypeError, ValueError):
-        raise ValueError(f"threshold must be a number in [0, 1], not {threshold!r}.") from None
-    if not 0.0 <= value <= 1.0:  # False for NaN
-        raise ValueError(f"threshold must be in [0, 1] (a probability), not {threshold!r}.")
-    return value
 
 
 def clean_prompts(prompts: str | list[str]) -> list[str]:
