@@ -45,7 +45,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from common import machine  # noqa: E402
+from common import TWO_MODALITY_DEFAULT, machine, model_from_git  # noqa: E402
 
 from napari_vlsm.core.models.loading import load_model  # noqa: E402
 from napari_vlsm.core.images.metrics import dice  # noqa: E402
@@ -327,7 +327,9 @@ def run_arm(args, name: str, extra: list[str], order: str = "random") -> list[di
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", help="Model folder that has not seen --domain.")
+    ap.add_argument("--base", help="Model folder that has not seen --domain, or git:REV for the embedded default "
+                                   f"at commit REV ({TWO_MODALITY_DEFAULT}: the default before skin, chest X-ray and "
+                                   "fetal ultrasound joined, which has never seen those).")
     ap.add_argument("--report-from", nargs="*", default=[],
                     help="Only print the table (and plot) of earlier runs' results.json, together.")
     ap.add_argument("--replay-from", nargs="*", default=[], help="The base's training folders (for its replay "
@@ -381,7 +383,7 @@ def main():
     torch.set_num_threads(args.threads)
     base = Path(args.work) / "base"
     shutil.rmtree(base, ignore_errors=True)
-    shutil.copytree(args.base, base)
+    shutil.copytree(model_from_git(args.base), base)
     if not (base / REPLAY_DIR).exists() and args.replay_from:
         write_replay_sample(args.replay_from, base, per_set=args.replay_per_set)
     args.base_with_replay = str(base)

@@ -74,3 +74,35 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
+
+
+# The embedded default before it learned skin, chest X-ray, fetal ultrasound and clicks (main fbd9375): the
+# base of the corrections benchmark for those never-seen domains (docs/corrections.md). Taken from git history,
+# not copied into the package.
+TWO_MODALITY_DEFAULT = "git:fbd9375"
+DEFAULT_ASSET = "napari_vlsm/assets/default_film_unet"
+
+
+def model_from_git(spec: str, cache_root="runs/git_models") -> str:
+    """A model spec as it is, or for ``git:REV[:PATH]`` the model folder PATH (the embedded default's by
+    default) as it was at commit REV, extracted once with ``git archive`` into ``cache_root/REV``."""
+    import subprocess
+    import tarfile
+    from io import BytesIO
+    from pathlib import Path
+
+    if not spec.startswith("git:"):
+        return spec
+    rev, _, path = spec[4:].partition(":")
+    path = path or DEFAULT_ASSET
+    root = Path(__file__).resolve().parents[1]
+    out = root / cache_root / rev.replace("/", "_")
+    folder = out / path
+    if not (folder / "config.json").exists():
+        data = subprocess.run(["git", "-C", str(root), "archive", "--format=tar", rev, path], check=True,
+                              capture_output=True).stdout
+        tmp = out.with_name(out.name + ".tmp")
+        with tarfile.open(fileobj=BytesIO(data)) as tar:
+            tar.extractall(tmp, filter="data")
+        tmp.rename(out) if not out.exists() else None
+    return str(folder)
