@@ -3,6 +3,7 @@ features, the last probabilities. Its ``segment`` generator is what a thread_wor
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +33,8 @@ class SegmentSession:
         self._key = None
         self.last: PlaneProbabilities | None = None
         self.last_write: LabelWrite | None = None
+        # one worker at a time uses the predictor (a click answered while a run segments)
+        self.lock = threading.RLock()
 
     @property
     def backend(self):
@@ -53,29 +56,48 @@ class SegmentSession:
         prompts = clean_prompts(prompts)
         result = PlaneProbabilities(prompts, threshold=threshold)
         try:
-            self.ensure_model(spec, device)
             for n, index in enumerate(indices):
-                result.probs[index] = self._predict_plane(layer, index, prompts)
+                with self.lock:
+                    self.ensure_model(spec, device)
+                    result.probs[index] = self._predict_plane(layer, index, prompts)
                 yield n + 1, len(indices)
         except RuntimeError as exc:
             if not _is_cuda_oom(exc):
                 raise
             result.messages.append("The GPU ran out of memory; running on the CPU instead (slower).")
-            self.predictor, self._key = None, None
-            self.ensure_model(spec, "cpu")
+            with self.lock:
+                self.predictor, self._key = None, None
+                self.ensure_model(spec, "cpu")
             for n, index in enumerate(i for i in indices if i not in result.probs):
-                result.probs[index] = self._predict_plane(layer, index, prompts)
+                with self.lock:
+                    result.probs[index] = self._predict_plane(layer, index, prompts)
                 yield n + 1, len(indices)
         result.choices = {index: choose(probs, threshold) for index, probs in result.probs.items()}
         return result
 
-    def _predict_plane(self, layer, index, prompts) -> np.ndarray:
+    def refine(self, spec: str, device: str, layer, index: tuple, prompt: str, clicks, box, previous,
+               threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+        """One object of the plane ``index`` refined by ``clicks`` and ``box`` (the image's
+        pixels) from ``previous`` (its probabilities or mask, or None), for the prompt (""
+        for the thing clicked): its (H, W) probabilities and mask at ``threshold``. What a
+        worker runs for each click; the image's features are reused from the last call."""
+        with self.lock:
+            self.ensure_model(spec, device)
+            self._set_plane(layer, index)
+            probs = self.predictor.predict(prompt, threshold, clicks=list(clicks) or None, box=box,
+                                           previous=previous).probs[0]
+        return probs, probs >= threshold
+
+    def _set_plane(self, layer, index) -> None:
         image = plane(layer, index)
         key = plane_key(layer, index, image)
         if key != self._key or not self.predictor.has_image:
             self._key = None
             self.predictor.set_image(image)
             self._key = key
+
+    def _predict_plane(self, layer, index, prompts) -> np.ndarray:
+        self._set_plane(layer, index)
         return self.predictor.predict(prompts).probs
 
 
