@@ -29,7 +29,7 @@ from qtpy.QtWidgets import (
 from napari_vlsm.core.errors import VLSMError
 from napari_vlsm.core.models.model_card import card_for, describe_card, nothing_found_hint, unknown_words_note
 from napari_vlsm.core.data.prompts import CHOICES, build_prompt
-from . import label_writing
+from . import click_tools, label_writing
 from .planes import all_indices, check_single_scale, current_index, plane
 from .qt_helpers import (
     PROBABILITY_KEY,
@@ -40,6 +40,11 @@ from .qt_helpers import (
     scrolling_layout,
 )
 from .session import SegmentSession
+
+CLICKS_HELP = ("Refine the selected label of the Labels layer (its prompt, or the thing clicked) by clicking: each "
+               "click, move or deletion of a click, and the box, is answered at once and written as one undo step "
+               "(Ctrl+Z); your brush strokes since the last result are kept. Green clicks add, red clicks remove. "
+               + click_tools.SHORTCUTS + ".")
 
 OTHER_MODELS_NOTE = ("For a general model run 'napari-vlsm models pull CIDAS/clipseg-rd64-refined' on a machine "
                      "that is online, then pick it here.")
@@ -71,6 +76,17 @@ class SegmentWidget(QWidget):
         self._undo_timer = QTimer(self)  # after edits settle: does the plane hold an earlier threshold?
         self._undo_timer.setSingleShot(True)
         self._undo_timer.setInterval(250)
+        # clicks and the box: answered in a worker, one at a time, the latest request winning
+        self.clicking = None  # the worker answering a click
+        self._pending_click = None  # the request waiting for it
+        self._click_serial = 0  # the newest request's number: older results are dropped
+        self._object_probs: dict = {}  # (layer, plane, label) -> (probabilities, digest of the mask written)
+        self._last_target = None  # the Labels layer of the last result, for clicks in "new layer" mode
+        self._watched_labels: set = set()
+        self.click_tools = click_tools.ClickTools(viewer, self._clicks_changed, self._show_sign, self.clear_clicks)
+        self._click_timer = QTimer(self)  # events of one gesture (a drag) come together: answer once
+        self._click_timer.setSingleShot(True)
+        self._click_timer.setInterval(0)
         self._build()
         self._wire()
         self._refresh_layers()
@@ -162,11 +178,23 @@ class SegmentWidget(QWidget):
         self.status.setWordWrap(True)
         self.status.setMinimumHeight(48)  # two lines, so a wrapped message is not cut
 
+        self.clicks_group = QGroupBox("Clicks and box")
+        self.clicks_btn = QPushButton("Clicks")
+        self.box_btn = QPushButton("Box")
+        self.sign_btn = QPushButton()
+        self.next_positive = True  # the sign of the next click, as the button shows it
+        self.clear_clicks_btn = QPushButton("Clear")
+        crow = QHBoxLayout(self.clicks_group)
+        for w in (self.clicks_btn, self.box_btn, self.sign_btn, self.clear_clicks_btn):
+            crow.addWidget(w)
+        self._show_sign(True)
+
         layout = scrolling_layout(self)
         layout.addLayout(form)
         layout.addWidget(self.builder)
         layout.addWidget(self.model_info)
         layout.addLayout(brow)
+        layout.addWidget(self.clicks_group)
         layout.addWidget(self.status)
         layout.addStretch(1)
 
@@ -185,11 +213,17 @@ class SegmentWidget(QWidget):
         self.mode_combo.currentIndexChanged.connect(self._refresh_layers)
         self.segment_btn.clicked.connect(self.run)
         self.cancel_btn.clicked.connect(self.cancel)
+        self.clicks_btn.clicked.connect(self.start_clicking)
+        self.box_btn.clicked.connect(self.start_box)
+        self.sign_btn.clicked.connect(lambda: self.set_next_sign(not self.next_positive))
+        self.clear_clicks_btn.clicked.connect(self.clear_clicks)
+        self._click_timer.timeout.connect(self._answer_clicks)
 
     def _refresh_layers(self, *_):
         for layer in self.viewer.layers:
             if isinstance(layer, napari.layers.Labels):
                 self.edits.watch(layer)
+                self._watch_object(layer)
         fill_layer_combo(self.image_combo, self.viewer, napari.layers.Image)
         fill_layer_combo(self.target_combo, self.viewer, napari.layers.Labels)
         self.target_combo.setEnabled(self.mode != "new")
@@ -232,6 +266,7 @@ class SegmentWidget(QWidget):
                                 if card else f"Model: {spec}")
         self.suggestions = list(card.get("suggestions", []))
         self._fill_prompt_choices()
+        self._enable_clicks()
 
     def _add_built_prompt(self):
         attrs = {k: c.currentText().strip() for k, c in self.attr_combos.items()}
@@ -319,6 +354,7 @@ class SegmentWidget(QWidget):
     def _done(self):
         self.worker = None
         self._set_running(False)
+        self._enable_clicks()  # the model that loaded says whether it takes clicks
         calls, self._when_done = self._when_done, []
         for call in calls:
             call()
@@ -390,12 +426,19 @@ class SegmentWidget(QWidget):
                                vlsm_threshold=self.threshold_value, vlsm_image=image_layer.name)
         self.session.last = result if write is not None else None  # the slider re-thresholds one plane
         self.session.last_write = write
+        self._last_target = target
+        if write is not None:  # each prompt's probabilities: a click on its object refines them
+            for value, probs in zip(write.values, result.probs[write.index]):
+                self._remember_object(target, write.index, value, probs)
         if self.show_probs.isChecked():
             self._add_probability_layer(image_layer, result)
         # the result becomes the active layer, ready for the brush; announced again even when it
         # already was (a new layer is active before its metadata is set), so Finetune follows it
+        clicking = self.viewer.layers.selection.active
         self.viewer.layers.selection.active = None
         self.viewer.layers.selection.active = target
+        if clicking is not None and self.click_tools.is_tool(clicking):
+            self.viewer.layers.selection.active = clicking  # the annotator goes on clicking
         backend = self.session.backend
         from napari_vlsm.core.device import describe
 
@@ -484,3 +527,267 @@ class SegmentWidget(QWidget):
             self.threshold.blockSignals(False)
             self.threshold_label.setText(f"{shown:.2f}")
             self._wanted_threshold = shown
+
+    # ---------- clicks and the box ----------
+    def takes_clicks(self) -> bool:
+        """Whether the chosen model reads clicks and a box: the loaded model's word, else its
+        folder's config (a hub model not loaded yet counts as text only until it loads)."""
+        backend = self.session.backend
+        if backend is not None and self.session.spec == self.model_spec:
+            return bool(backend.takes_clicks)
+        return bool(click_tools.model_takes_clicks(self.model_spec))
+
+    def _enable_clicks(self) -> None:
+        takes = self.takes_clicks()
+        if takes:
+            why = CLICKS_HELP
+        else:
+            why = (f"The model {short_model_name(self.model_spec)} takes text prompts only, so clicks and a box "
+                   "cannot refine its results. Choose a model that takes them (a FiLM-UNet trained with clicks).")
+        self.clicks_group.setEnabled(takes)
+        self.clicks_group.setToolTip(why)
+        tips = {self.clicks_btn: "Add clicks (napari's Points layer 'clicks', add mode)",
+                self.box_btn: "Draw a box around the object (Shapes layer 'box', rectangle mode)",
+                self.sign_btn: f"The sign of the next click; the key {click_tools.TOGGLE_KEY} toggles it",
+                self.clear_clicks_btn: "Remove the clicks and the box (Shift+C); the labels stay"}
+        for button, tip in tips.items():
+            button.setToolTip(f"{tip}.\n\n{why}")
+
+    def _show_sign(self, positive: bool) -> None:
+        self.next_positive = positive
+        self.sign_btn.setText(f"{'+ positive' if positive else '− negative'} ({click_tools.TOGGLE_KEY})")
+        colour = click_tools.POSITIVE_COLOUR if positive else click_tools.NEGATIVE_COLOUR
+        self.sign_btn.setStyleSheet(f"QPushButton {{ color: {colour}; font-weight: bold; }}")
+
+    def set_next_sign(self, positive: bool) -> None:
+        """The sign of the next click (the button and the key T)."""
+        layer = self.image_layer()
+        if layer is not None and self.takes_clicks():
+            points, _ = self.click_tools.layers(layer)
+            click_tools.set_next_positive(points, positive)
+        self._show_sign(positive)
+
+    def _tool_layers(self):
+        layer = self.image_layer()
+        if layer is None:
+            self._refuse("No image layer: open an image (File > Open, or a sample) and choose it above.")
+            return None
+        if not self.takes_clicks():
+            self._refuse(self.clicks_group.toolTip())
+            return None
+        return self.click_tools.layers(layer)
+
+    def start_clicking(self) -> None:
+        """Select the clicks layer in add mode: each click on the image refines the object."""
+        layers = self._tool_layers()
+        if layers is not None:
+            points = layers[0]
+            click_tools.set_next_positive(points, self.next_positive)
+            self.viewer.layers.selection.active = points
+            points.mode = "add"
+
+    def start_box(self) -> None:
+        layers = self._tool_layers()
+        if layers is not None:
+            self.viewer.layers.selection.active = layers[1]
+            layers[1].mode = "add_rectangle"
+
+    def clear_clicks(self) -> None:
+        """Remove the clicks and the box; the labels they produced stay."""
+        self._click_serial += 1  # a click still being answered is not written
+        self._pending_click = None
+        self.click_tools.clear()
+
+    def click_state(self):
+        """The clicks and box shown, to keep with an image (the image series)."""
+        return self.click_tools.state()
+
+    def restore_clicks(self, state, image_layer) -> None:
+        """Show an image's clicks and box again, or none; nothing is refined by it."""
+        self._click_serial += 1
+        self._pending_click = None
+        if state or self.click_tools.has_prompts():
+            self.click_tools.restore(state, image_layer)
+        self.click_tools.raise_()
+
+    def use_layers(self, image: str, labels: str) -> None:
+        """Segment ``image`` into the Labels layer ``labels`` (replacing), and refine its
+        objects there by clicks (the image series' two layers)."""
+        self.image_combo.setCurrentText(image)
+        self.mode_combo.setCurrentIndex(self.mode_combo.findData("replace"))
+        self._refresh_layers()
+        self.target_combo.setCurrentText(labels)
+
+    def _watch_object(self, layer) -> None:
+        """Another label selected is another object: the clicks were for the one before."""
+        key = label_writing.layer_key(layer)
+        if key not in self._watched_labels:
+            self._watched_labels.add(key)
+            layer.events.selected_label.connect(lambda event: self._object_changed(layer))
+            layer.events.data.connect(lambda event: self._forget_objects(layer))  # another image's labels
+
+    def _forget_objects(self, layer) -> None:
+        key = label_writing.layer_key(layer)
+        self._object_probs = {k: v for k, v in self._object_probs.items() if k[0] != key}
+
+    def _object_changed(self, layer) -> None:
+        target = self._click_target_layer()
+        same = target is not None and label_writing.layer_key(target) == label_writing.layer_key(layer)
+        if same and self.click_tools.has_prompts():
+            self.clear_clicks()
+            self.status.setText(f"Label {layer.selected_label} selected: the clicks of the label before were "
+                                "cleared.")
+
+    def _remember_object(self, target, index: tuple, value: int, probs) -> None:
+        """The probabilities behind label ``value`` as just written: the next click refines
+        them, as long as the layer still shows what they gave there."""
+        mask = plane(target, index) == value
+        self._object_probs[(label_writing.layer_key(target), index, value)] = (probs, label_writing.digest(mask))
+
+    def _previous(self, target, index: tuple, value: int):
+        """What a click refines: the object's probabilities when the layer shows them as they
+        were written, else its mask there (edited since), or None when it has no pixel."""
+        mask = plane(target, index) == value
+        stored = self._object_probs.get((label_writing.layer_key(target), index, value))
+        if stored is not None and stored[1] == label_writing.digest(mask):
+            return stored[0]
+        return mask if mask.any() else None
+
+    def _click_target_layer(self):
+        """The Labels layer clicks write into: the one chosen, or (new layer mode) the last result's."""
+        if self.mode != "new":
+            return self._target_layer()
+        last = self._last_target
+        return last if last is not None and last in self.viewer.layers else None
+
+    def _clicks_changed(self) -> None:
+        self._click_timer.start()
+
+    def _answer_clicks(self) -> None:
+        """The clicks or the box changed: refine the object in a worker. One worker at a time;
+        a request made meanwhile waits, replacing any that waited before it, and the result of
+        a request that is no longer the newest is dropped."""
+        self._click_serial += 1
+        self._pending_click = None
+        if self.worker is not None:  # a segmentation runs: refine its result once it is written
+            serial = self._click_serial
+            self.when_done(lambda: serial == self._click_serial and self._answer_clicks())
+            return
+        request = self._click_request()
+        if request is None:
+            return
+        self._pending_click = request
+        if self.clicking is None:
+            self._start_click()
+
+    def _click_request(self) -> dict | None:
+        image = self.image_layer()
+        if image is None:
+            return self._refuse("No image layer: open an image (File > Open, or a sample) and choose it above.")
+        if not self.takes_clicks():
+            self.status.setText(self.clicks_group.toolTip() + " The clicks were not used.")
+            return None
+        try:
+            check_single_scale(image)
+        except ValueError as exc:
+            return self._refuse(str(exc))
+        index = current_index(image, self.viewer.dims.point)
+        clicks = click_tools.clicks_on_plane(self.click_tools.points, image, index)
+        box = click_tools.box_on_plane(self.click_tools.shapes, image, index)
+        if not clicks and box is None:
+            self.status.setText("No clicks or box left on this plane; the labels stay as they are (Ctrl+Z on the "
+                                "Labels layer undoes what the clicks wrote).")
+            return None
+        target = self._click_target_layer()
+        if self.mode != "new" and target is None:
+            return self._refuse("Choose the Labels layer the clicks refine, or write to a new Labels layer.")
+        if target is not None:
+            try:
+                label_writing.check_target(target, image)
+            except ValueError as exc:
+                if self.mode != "new":
+                    return self._refuse(str(exc))
+                target = None
+        if target is None:  # made before napari sees data in it: no undo entry for the new layer
+            with self.click_tools.quiet():
+                active = self.viewer.layers.selection.active
+                target = label_writing.new_labels_layer(self.viewer, image, f"{image.name} · clicks")
+                label_writing.use_bright_colours(target, list(range(1, 9)))
+                target.metadata["vlsm_image"] = image.name
+                self.viewer.layers.selection.active = active
+            self._last_target = target
+            self._refresh_layers()
+            self.click_tools.raise_()
+        value = int(target.selected_label)
+        if value == 0:
+            return self._refuse(f"Label 0 is the background of '{target.name}'; select the label of the object "
+                                "to refine (the Labels layer's label field).")
+        names = {int(k): v for k, v in target.metadata.get("vlsm_labels", {}).items()}
+        return dict(serial=self._click_serial, image=image, image_data=image.data, target=target,
+                    target_data=target.data, index=index, value=value, prompt=names.get(value, ""), clicks=clicks,
+                    box=box, previous=self._previous(target, index, value),
+                    before=plane(target, index).copy(), threshold=self.threshold_value)
+
+    def _start_click(self) -> None:
+        request, self._pending_click = self._pending_click, None
+        worker = thread_worker(self.session.refine, ignore_errors=True)(
+            self.model_spec, self.device_combo.currentText(), request["image"], request["index"], request["prompt"],
+            request["clicks"], request["box"], request["previous"], request["threshold"])
+        worker.returned.connect(lambda result: self._write_click(request, result))
+        worker.errored.connect(lambda exc: self._click_failed(request, exc))
+        worker.finished.connect(self._click_done)
+        self.clicking = worker
+        worker.start()
+
+    def _click_done(self) -> None:
+        self.clicking = None
+        if self._pending_click is not None:
+            self._start_click()
+
+    def _click_failed(self, request: dict, exc: Exception) -> None:
+        if request["serial"] != self._click_serial:
+            return
+        text = str(exc) if isinstance(exc, (VLSMError, ValueError, OSError)) else \
+            f"The click could not be answered: {type(exc).__name__}: {exc}"
+        show_error(text)
+        self.status.setText(f"{text} The labels were not changed.")
+        self._enable_clicks()
+
+    def _write_click(self, request: dict, result) -> None:
+        """Write a refined object into its label value, as one undo step: pixels of the object
+        no longer found cleared, new ones set where nothing else is, other labels and the
+        strokes made since the last result left as they are. Dropped when a newer request was
+        made, or the image or its labels were swapped meanwhile (the series moved on)."""
+        target, index, value = request["target"], request["index"], request["value"]
+        if request["serial"] != self._click_serial or target not in self.viewer.layers:
+            return
+        if request["image"].data is not request["image_data"] or target.data is not request["target_data"]:
+            return
+        probs, mask = result
+        current = plane(target, index)
+        keep = current != request["before"]  # painted while it ran
+        touched = self.edits.touched(target, index)
+        if touched is not None:
+            keep |= touched  # painted or erased since the last result
+        label_writing.widen_for(target, value)
+        planned = click_tools.refined_plane(current, mask, value, keep)
+        label_writing.write_plane(target, index, planned)  # one undo step
+        self.edits.forget(target, index)
+        if request["prompt"]:
+            label_writing.set_label_names(target, {value: request["prompt"]})
+        kept = int((planned != click_tools.refined_plane(current, mask, value)).sum())
+        if not kept:
+            self._remember_object(target, index, value, probs)
+        else:  # strokes were kept: the next click refines the layer's mask, strokes and all
+            self._object_probs.pop((label_writing.layer_key(target), index, value), None)
+        added = int(((planned == value) & (current != value)).sum())
+        removed = int(((planned != value) & (current == value)).sum())
+        n = len(request["clicks"])
+        what = f"{n} click{'s' * (n != 1)}" + (" and a box" if request["box"] is not None else "")
+        if not n:
+            what = "a box"
+        name = f" ('{request['prompt']}')" if request["prompt"] else ""
+        text = f"Refined label {value}{name} of '{target.name}' with {what}: {added} pixel(s) added, {removed} removed."
+        if kept:
+            text += f" Kept {kept} pixel(s) you painted since the last result."
+        self.status.setText(text)

@@ -57,6 +57,8 @@ class SeriesWidget(QWidget):
         self._scored_with = None  # (model, prompt, order) of those scores or descriptions
         self.scoring = None  # the worker scoring (or describing) the images
         self.proposal: tuple[int, np.ndarray] | None = None  # (image, the model's mask as shown)
+        self.clicks_of: dict[str, dict] = {}  # image name -> its clicks and box, kept over Next and Back
+        self._clicks_name: str | None = None  # the image those shown belong to
         self._build()
         join_tabs(self, FinetuneWidget, SegmentWidget)
         self.timer = QTimer(self)
@@ -164,11 +166,14 @@ class SeriesWidget(QWidget):
         self.folder_edit.setText(str(series.folder))
         self.out_label.setText(str(series.out_dir))
         self._forget_order()
+        self.clicks_of, self._clicks_name = {}, None
         self.show(series.first_undone())
 
     def show(self, i: int) -> None:
         """Show image ``i`` with its saved mask, or segment it if it has none (and that is on)."""
         s = self.series
+        seg = sibling(self, SegmentWidget)
+        self._keep_clicks(seg)
         self.index = i
         image = s.image(i)
         saved = s.saved_mask(i)
@@ -178,6 +183,10 @@ class SeriesWidget(QWidget):
                         "labels")
         forget_history(self.labels_layer)  # undo stays within the image shown
         self.loaded = self.labels_layer.data.copy()
+        if seg is not None:  # clicks refine this image's labels; its own clicks come back, or none
+            seg.use_layers(IMAGE_LAYER, LABELS_LAYER)
+            self._clicks_name = s.images[i].name
+            seg.restore_clicks(self.clicks_of.get(self._clicks_name), self.viewer.layers[IMAGE_LAYER])
         fine = sibling(self, FinetuneWidget)
         if fine is not None:
             fine.activate_pending()  # a model trained meanwhile comes in between images
@@ -186,6 +195,16 @@ class SeriesWidget(QWidget):
         self._report()
         if saved is None and self.auto_segment.isChecked():
             self._segment()
+
+    def _keep_clicks(self, seg) -> None:
+        """Keep the clicks and box of the image shown with it, for when Back or Next returns."""
+        if seg is None or self._clicks_name is None:
+            return
+        state = seg.click_state()
+        if state is None:
+            self.clicks_of.pop(self._clicks_name, None)
+        else:
+            self.clicks_of[self._clicks_name] = state
 
     def _set_layer(self, name, data, kind, **kwargs):
         cls = napari.layers.Image if kind == "image" else napari.layers.Labels
@@ -215,10 +234,7 @@ class SeriesWidget(QWidget):
             index = self.index
             seg.when_done(lambda: self.index == index and self._segment())
             return
-        seg.image_combo.setCurrentText(IMAGE_LAYER)
-        seg.mode_combo.setCurrentIndex(seg.mode_combo.findData("replace"))
-        seg._refresh_layers()
-        seg.target_combo.setCurrentText(LABELS_LAYER)
+        seg.use_layers(IMAGE_LAYER, LABELS_LAYER)
         if seg.run() is not None:
             index = self.index
             seg.when_done(lambda: self._remember_proposal(index))
