@@ -27,7 +27,7 @@ def main(folder: str, data_dirs: list[str]) -> None:
     without some of them (a leave-one-domain-out base) gets a card without them."""
     card = json.loads((HERE / "default_model_card.json").read_text())
     sets = [Path(d).name for d in data_dirs]
-    negatives = [line.strip() for line in (HERE / "negative_prompts.txt").read_text().splitlines()
+    negatives = [line.strip() for line in (HERE / "negative_prompts_five_modalities.txt").read_text().splitlines()
                  if line.strip() and not line.startswith("#")]
     card["negatives"] = negatives
     examples = [ex for d in data_dirs for ex in benchmark_examples(d, "train")]

