@@ -123,6 +123,15 @@ def _dask_client(cluster: str | None, scheduler: str | None):
     return client
 
 
+def _note_slow_workers(client, threads: int | None) -> None:
+    """Say once if a worker was started in an environment that makes it slower than this process."""
+    from napari_vlsm.core.inference.cluster import slow_worker_note
+
+    note = slow_worker_note(client, threads)
+    if note:
+        console.print(f"Note: {escape(note)}", soft_wrap=True)
+
+
 @app.command()
 def segment(
     paths: list[Path] = typer.Argument(..., help="Image files or folders (PNG, JPEG, TIFF)."),
@@ -183,6 +192,7 @@ def segment(
     if cluster or scheduler:
         _check_model(model)
         client, outcomes = _dask_client(cluster, scheduler), None
+        _note_slow_workers(client, threads or client.vlsm_threads)
     else:
         backend = _load(model, device, dtype)
         client = None
