@@ -341,8 +341,13 @@ def evaluate(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
     dtype: str = typer.Option("auto", help="auto, fp32, bf16, fp16."),
     threads: int | None = typer.Option(None, min=1, help=THREADS_HELP),
+    cluster: str | None = typer.Option(None, help="local:N: score on a Dask LocalCluster of N worker processes on "
+                                                  "this machine (pip install 'napari-vlsm\\[distributed]')."),
+    scheduler: str | None = typer.Option(None, help="Address of a running Dask scheduler (tcp://HOST:8786) whose "
+                                                    "workers see DATA_DIR under the same path."),
 ):
-    """Mean Dice and IoU against the ground-truth masks."""
+    """Mean Dice and IoU against the ground-truth masks (on one process or a Dask cluster: the
+    same prompts, the same scores)."""
     _set_threads(threads)
     from napari_vlsm.core.inference.evaluate import evaluate as run_eval
     from napari_vlsm.core.inference.evaluate import summarize
@@ -352,7 +357,15 @@ def evaluate(
         _fail(f"--prompt-type must be one of p1 to p9 (p0 is the empty prompt), not {prompt_type!r}.")
     if not (data_dir / "anns" / f"{split}.json").exists():
         _fail(f"{data_dir} has no anns/{split}.json: expected the benchmark's layout (images/, masks/, anns/).")
-    predictor = Predictor(_load(model, device, dtype))
+    if cluster and scheduler:
+        _fail("Give --cluster local:N or --scheduler ADDRESS, not both.")
+    client = None
+    if cluster or scheduler:
+        _check_model(model)
+        client = _dask_client(cluster, scheduler)
+        _note_slow_workers(client, threads or client.vlsm_threads)
+    else:
+        predictor = Predictor(_load(model, device, dtype))
     rows = []
     from napari_vlsm.core.data.prompts import load_annotations
 
@@ -362,14 +375,24 @@ def evaluate(
         _fail(str(exc))
     if n == 0:
         _fail(f"{data_dir / 'anns' / (split + '.json')} lists no images; nothing to evaluate.")
-    with _progress() as bar:
-        task = bar.add_task("Evaluating", total=min(n, limit or n), info="")
-        try:
-            for row in run_eval(predictor, data_dir, prompt_type, split, threshold, limit=limit):
+    try:
+        with _progress() as bar:
+            task = bar.add_task("Evaluating", total=min(n, limit or n), info="")
+            if client is not None:
+                from napari_vlsm.core.inference.cluster import evaluate_on_cluster
+
+                scored = evaluate_on_cluster(client, model, data_dir, prompt_type, split, threshold, limit=limit,
+                                             device=device, dtype=dtype, threads=threads or client.vlsm_threads)
+            else:
+                scored = run_eval(predictor, data_dir, prompt_type, split, threshold, limit=limit)
+            for row in scored:
                 rows.append(row)
                 bar.update(task, advance=1, info=f"Dice {summarize(rows)['dice']:.3f}")
-        except (ValueError, OSError) as exc:
-            _fail(str(exc))
+    except (ValueError, OSError, RuntimeError) as exc:
+        _fail(str(exc))
+    finally:
+        if client is not None:
+            client.vlsm_close()
     if not rows:
         _fail(f"No images were evaluated in {data_dir} ({split}).")
     summary = summarize(rows)

@@ -155,3 +155,19 @@ def test_a_worker_started_with_dasks_defaults_is_reported_once(images, tiny_unet
     assert "1 of 1 Dask workers" in res.output and "docs/performance.md" in res.output
     assert mask_bytes(tmp_path / "masks") == mask_bytes(single)
 
+
+def test_evaluate_on_a_cluster_gives_the_single_process_scores(kvasir, tiny_unet, cluster, tmp_path):
+    from .conftest import small_copy
+
+    data = small_copy(kvasir, tmp_path / "kvasir_seg", 0, 6)  # two tasks of images
+    base = ["evaluate", str(data), "--model", str(tiny_unet), "--prompt-type", "p7"]  # p7: drawn from a list
+    res = runner.invoke(app, [*base, "--csv", str(tmp_path / "alone.csv")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, [*base, "--csv", str(tmp_path / "cluster.csv"), "--scheduler",
+                              cluster.scheduler_address])
+    assert res.exit_code == 0, res.output
+    alone, spread = (list(csv.DictReader((tmp_path / name).read_text().splitlines()))
+                     for name in ("alone.csv", "cluster.csv"))
+    assert len(alone) == 6 and spread == alone  # same images, order, prompts and scores
+    res = runner.invoke(app, [*base, "--cluster", "local:1", "--scheduler", cluster.scheduler_address])
+    assert res.exit_code != 0 and "not both" in res.output

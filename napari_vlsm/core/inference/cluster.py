@@ -12,6 +12,10 @@ twice is written whole both times, with the same bytes); a task that kills worke
 (Dask's ``allowed-failures``) is reported as failed for its images, and an image that cannot be
 read or segmented fails alone, reported, never retried.
 
+``evaluate_on_cluster`` scores a benchmark folder the same way: the client picks every image's
+prompt in the order the single process does, the workers segment and score, and the rows come
+back in the folder's order, so the Dice is the single process's.
+
 The workers' environment. ``distributed`` starts every worker process with its
 ``distributed.nanny.pre-spawn-environ``, by default ``MALLOC_TRIM_THRESHOLD_=65536`` and
 ``OMP_NUM_THREADS=1``. Any explicit glibc malloc threshold switches off glibc's adaptive mmap
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -213,3 +218,50 @@ def segment_on_cluster(client, spec: str, paths: list[Path], prompts: list[str],
     finally:
         client.cancel(list(chunks))  # an interrupted run leaves nothing running
 
+
+def evaluate_task(spec: str, device: str, dtype: str, threads: int | None, items: list, threshold: float
+                  ) -> list[dict]:
+    """Run on a worker: score each (example, prompt) of ``items`` with ``evaluate``'s own code."""
+    from napari_vlsm.core.inference.evaluate import score_example
+
+    predictor = _predictor(spec, device, dtype, threads)
+    return [score_example(predictor, ex, prompt, threshold) for ex, prompt in items]
+
+
+def evaluate_on_cluster(client, spec: str, data_dir, prompt_type: str = "p1", split: str = "val",
+                        threshold: float = 0.5, seed: int = 0, limit: int | None = None, device: str = "auto",
+                        dtype: str = "auto", threads: int | None = None, task_size: int = TASK_SIZE
+                        ) -> Iterator[dict]:
+    """Like ``evaluate``: one row per image, in the folder's order (a row waits for the ones
+    before it), each image asked the prompt the single process asks it. A worker's error (a
+    mask that does not fit its image) is raised here as it is raised there; a task that kills
+    its workers over and over is a RuntimeError."""
+    from distributed import as_completed
+    from distributed.scheduler import KilledWorker
+
+    from napari_vlsm.core.inference.evaluate import planned_examples
+
+    plan = list(planned_examples(data_dir, prompt_type, split, seed, limit))  # the prompts, in order
+    local = Path(spec).expanduser()
+    spec = str(local.absolute()) if local.exists() else spec
+    futures = {}
+    for i in range(0, len(plan), task_size):
+        # paths made absolute: workers may start in another folder
+        chunk = [(replace(ex, image=Path(ex.image).absolute(), mask=Path(ex.mask).absolute()), prompt)
+                 for ex, prompt in plan[i:i + task_size]]
+        key = f"napari-vlsm-evaluate-{chunk[0][0].name}-{uuid.uuid4().hex[:8]}"
+        futures[client.submit(evaluate_task, spec, device, dtype, threads, chunk, threshold, key=key,
+                              pure=False)] = i // task_size
+    done: dict = {}
+    ahead = 0
+    try:
+        for future in as_completed(futures):
+            try:
+                done[futures[future]] = future.result()
+            except KilledWorker:
+                raise RuntimeError("a worker scoring the images died on every try (out of memory?)") from None
+            while ahead in done:
+                yield from done.pop(ahead)
+                ahead += 1
+    finally:
+        client.cancel(list(futures))
