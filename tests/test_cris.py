@@ -2,6 +2,7 @@
 composition (written out below from CRIS.pytorch's model/ and medvlsm's cris_model/),
 through the predictor, finetuning, the release-checkpoint converter and ONNX export."""
 
+import json
 import math
 
 import numpy as np
@@ -182,13 +183,19 @@ def _ref_projector(p, x, word):
     return F.conv2d(x, weight, padding=p.kernel_size // 2, groups=weight.size(0), bias=bias).transpose(0, 1)
 
 
-def _benchmark_logits(module, pixels, prompts, tokenizer, use_pad_mask=True):
-    """medvlsm's CRIS.forward on the benchmark's inputs: CLIPSeg's tokenizer pads with "!"
-    (id 0) to context_length 77; pad_mask = input_ids == 0."""
+def _benchmark_logits(module, pixels, prompts, tokenizer, use_pad_mask=True, padding="zero"):
+    """CRIS.forward (segmenter.py) on token rows of context_length 77 and pad_mask =
+    input_ids == 0, the rows made as the weights' trainer made them: padding "zero" is
+    CRIS.pytorch's tokenizer (0 at padding); "eot" is medvlsm's image_text_mask.py, the CLIPSeg
+    tokenizer with padding="max_length", whose pad token is <|endoftext|> (49407), taken as is."""
     cfg = module.config
     tok = tokenizer(prompts, padding="max_length", max_length=cfg.context_length, truncation=True,
                     return_tensors="pt")
-    input_ids = tok["input_ids"].masked_fill(tok["attention_mask"] == 0, 0)
+    if padding == "eot":
+        input_ids = tok["input_ids"]
+        assert input_ids[0, -1].item() == 49407  # the tokenizer's own padding, as the benchmark feeds it
+    else:
+        input_ids = tok["input_ids"].masked_fill(tok["attention_mask"] == 0, 0)
     pad_mask = torch.zeros_like(input_ids).masked_fill_(input_ids == 0, 1).bool()
     vis = _ref_encode_image(module.backbone.visual, pixels)
     words, state = _ref_encode_text(module.backbone, input_ids, cfg.context_length)
@@ -342,7 +349,109 @@ def test_a_checkpoint_holding_code_is_refused_and_never_run(folder, tmp_path):
         convert_cris_checkpoint(evil, tmp_path / "out")
     with pytest.raises(UnsafeWeightsError):
         cris_family.new_cris("cpu", encoders=evil)
+    # the same in a protocol-5 file, which goes past torch's reader to the tensors-only one
+    torch.save({"module.neck.txt_proj.0.weight": CodeInPickle(marker)}, tmp_path / "p5.pth", pickle_protocol=5)
+    with pytest.raises(UnsafeWeightsError, match=r"not a plain weights file \(its weights hold io.open"):
+        convert_cris_checkpoint(tmp_path / "p5.pth", tmp_path / "out")
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+class SystemCall:
+    """Unpickled, it would run a shell command: torch blocks os/posix by module."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_the_refusal_names_the_true_reason(tmp_path, zipped):
+    """torch says "Trying to load unsupported GLOBAL posix.system whose module posix is
+    blocked" (lower-case "unsupported"); the message gives that line, not torch's link."""
+    marker = tmp_path / "ran"
+    path = tmp_path / "best_model.pth"
+    torch.save({"state_dict": {"module.proj.txt.bias": SystemCall(marker)}}, path,
+               _use_new_zipfile_serialization=zipped)
+    with pytest.raises(UnsafeWeightsError) as info:
+        read_release_checkpoint(path)
+    message = str(info.value)
+    assert "system" in message.split("nothing in it ran")[0], message
+    assert "https://" not in message and "documentation" not in message
+    assert not marker.exists()
+
+
+class AttributeDict(dict):
+    """Stands for Lightning's AttributeDict, the class of a checkpoint's hyper_parameters."""
+
+
+def _benchmark_checkpoint(module, path, marker=None, threshold=0.35):
+    """A checkpoint as the benchmark's own runs leave them: the Lightning module's state dict
+    (every key "net."), its hyper_parameters holding the loss and optimizer objects and the
+    threshold, saved with pickle protocol 5 (medvlsm's convert_cris_model.py protocol)."""
+    import functools
+
+    hp = AttributeDict(threshold=threshold, multi_class=False, scheduler_monitor="val_loss",
+                       optimizer=functools.partial(torch.optim.AdamW, lr=2e-5, weight_decay=1e-3),
+                       loss_fn=torch.nn.BCEWithLogitsLoss())
+    if marker is not None:
+        hp["callback"] = CodeInPickle(marker)  # code where the weights are not: never run either
+    torch.save({"epoch": 12, "global_step": 300, "pytorch-lightning_version": "2.0.2",
+                "state_dict": {"net." + k: v for k, v in module.state_dict().items()},
+                "optimizer_states": [], "lr_schedulers": [], "hparams_name": "kwargs", "hyper_parameters": hp},
+               path, pickle_protocol=5)
+    return path
+
+
+def test_a_benchmark_checkpoint_converts_and_reads_prompts_its_way(folder, tmp_path, polyp_image):
+    backend = _backend(folder)
+    marker = tmp_path / "ran"
+    ckpt = _benchmark_checkpoint(backend.module, tmp_path / "epoch_012.ckpt", marker, threshold=0.4)
+    with pytest.raises(Exception, match="Unsupported operand 149"):  # torch's own reader gives up on it
+        torch.load(ckpt, weights_only=True)
+    out = convert_cris_checkpoint(ckpt, tmp_path / "converted", image_size=64)
+    assert not marker.exists()
+    converted = cris.load(out, "cpu", torch.float32)
+    assert converted.module.config.text_padding == "eot"
+    card = json.loads((out / "vlsm_card.json").read_text())
+    assert card["threshold"] == 0.4 and card["converted_from"]["threshold_from"] == "the checkpoint's hyper_parameters"
+    assert "io.open" in card["converted_from"]["not_loaded"]
+    sa, sb = backend.module.state_dict(), converted.module.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    predictor = Predictor(converted)
+    predictor.set_image(polyp_image)
+    ours = predictor.predict(PROMPTS).probs
+    with torch.no_grad():
+        pixels = converted.preprocess([polyp_image]).expand(len(PROMPTS), -1, -1, -1)
+        benchmark = _benchmark_logits(converted.module, pixels, PROMPTS, converted.tokenizer, padding="eot")
+        zero = _benchmark_logits(converted.module, pixels, PROMPTS, converted.tokenizer, padding="zero")
+    size = polyp_image.shape[:2]
+    assert np.abs(ours - logits_to_probs(benchmark, size)).max() < 1e-4
+    assert np.abs(ours - logits_to_probs(zero, size)).max() > 1e-3  # the padding does show
+    # the same prompt alone or beside a longer one: still the same row (padded to 77 either way)
+    with torch.no_grad():
+        alone, beside = converted.encode_text([PROMPTS[0]]), converted.encode_text(PROMPTS)
+    assert torch.allclose(alone[0], beside[0], atol=1e-6)
+    # the option overrides what the keys tell
+    again = convert_cris_checkpoint(ckpt, tmp_path / "as_zero", image_size=64, text_padding="zero", threshold=0.5)
+    assert cris.CrisConfig.from_pretrained(again).text_padding == "zero"
+    assert json.loads((again / "vlsm_card.json").read_text())["threshold"] == 0.5
+
+
+def test_medvlsm_single_checkpoint_protocol_5_converts_with_zero_padding(folder, tmp_path):
+    """convert_cris_model.py's output: CRIS.pytorch's weights, bare, pickle protocol 5."""
+    backend = _backend(folder)
+    torch.save(dict(backend.module.state_dict()), tmp_path / "cris_best_single.pth", pickle_protocol=5)
+    out = convert_cris_checkpoint(tmp_path / "cris_best_single.pth", tmp_path / "converted", image_size=64)
+    converted = cris.load(out, "cpu", torch.float32)
+    assert converted.module.config.text_padding == "zero"
+    assert json.loads((out / "vlsm_card.json").read_text())["threshold"] == cris.BENCHMARK_THRESHOLD
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(converted.forward(pixels, ["polyp"]), backend.forward(pixels, ["polyp"]))
 
 
 def test_new_cris_from_a_checkpoint_or_a_folder(folder, tmp_path):
