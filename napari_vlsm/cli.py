@@ -28,6 +28,8 @@ VAL_DICE_NOTE = ("val Dice is training's own check: at the model's input size, i
 REPORT_EVERY = 50  # results between report rewrites during a long segment run
 RECIPE = TrainSettings()  # finetune's defaults and the numbers in its help come from the one recipe
 
+THRESHOLD_HELP = ("Probability above which a pixel is the prompt's (default: the model's own, from its folder's "
+                  "vlsm_card.json: 0.35 for a converted CRIS, as its benchmark uses; else 0.5).")
 MODEL_HELP = ("Model: 'default' (embedded offline model), a local folder (Hugging Face format, or an ONNX export "
               "from export-onnx), or a Hugging Face id.")
 
@@ -132,13 +134,20 @@ def _note_slow_workers(client, threads: int | None) -> None:
         console.print(f"Note: {escape(note)}", soft_wrap=True)
 
 
+def _threshold(threshold: float | None, model: str) -> float:
+    """--threshold as given, else the model folder's own (``default_threshold``)."""
+    from napari_vlsm.core.inference.folder_labeling import default_threshold
+
+    return default_threshold(model) if threshold is None else threshold
+
+
 @app.command()
 def segment(
     paths: list[Path] = typer.Argument(..., help="Image files or folders (PNG, JPEG, TIFF)."),
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Text prompt; repeat for several (label 1, 2, ...)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the masks and labels.json."),
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
-    threshold: float = typer.Option(0.5, min=0.0, max=1.0),
+    threshold: float | None = typer.Option(None, min=0.0, max=1.0, help=THRESHOLD_HELP),
     resume: bool = typer.Option(False, help="Go on from an earlier run into --out: the images its report lists as "
                                             "done (with their mask still there) are skipped; same prompts, model "
                                             "and threshold only."),
@@ -182,6 +191,7 @@ def segment(
         _fail(f"--out {out} holds the input image {describe_held(held)}: the masks would be written over the "
               f"images. Choose another folder for --out, e.g. {out / 'masks'}.")
     made_by = model_identity(model)  # what labels.json records, and compares with an earlier run's
+    threshold = _threshold(threshold, model)
     try:
         check_writable(out, "masks")
         check_resume(out, prompts, made_by, threshold)  # resumed or not: labels.json must describe every mask
@@ -255,7 +265,7 @@ def rank(
                                               "docs/corrections.md."),
     masks: Path | None = typer.Option(None, help="The image series' mask folder, whose corrections give the "
                                                  "estimate (default: FOLDER/vlsm_masks)."),
-    threshold: float = typer.Option(0.5, min=0.0, max=1.0),
+    threshold: float | None = typer.Option(None, min=0.0, max=1.0, help=THRESHOLD_HELP),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
     dtype: str = typer.Option("auto", help="auto, fp32, bf16, fp16."),
     threads: int | None = typer.Option(None, min=1, help=THREADS_HELP),
@@ -278,6 +288,7 @@ def rank(
         _fail(f"--order is kinds or uncertain, not {order!r}.")
     if not prompt.strip():
         _fail("Give the prompt to rank by, e.g. -p polyp.")
+    threshold = _threshold(threshold, model)
     try:
         images = series_images(folder)
     except OSError as exc:
@@ -334,7 +345,7 @@ def evaluate(
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
     prompt_type: str = typer.Option("p1", help="Benchmark prompt type, p1 to p9."),
     split: str = typer.Option("val", help="Which anns/<split>.json to score: val, test or train."),
-    threshold: float = typer.Option(0.5, min=0.0, max=1.0),
+    threshold: float | None = typer.Option(None, min=0.0, max=1.0, help=THRESHOLD_HELP),
     csv_out: Path | None = typer.Option(None, "--csv",
                                            help="Per-image CSV (default: evaluation_<folder>_<split>_<type>.csv)."),
     limit: int | None = typer.Option(None, min=1, help="Only the first N images."),
@@ -359,6 +370,7 @@ def evaluate(
         _fail(f"{data_dir} has no anns/{split}.json: expected the benchmark's layout (images/, masks/, anns/).")
     if cluster and scheduler:
         _fail("Give --cluster local:N or --scheduler ADDRESS, not both.")
+    threshold = _threshold(threshold, model)
     client = None
     if cluster or scheduler:
         _check_model(model)
@@ -480,16 +492,38 @@ def models_convert(folder: Path = typer.Argument(..., help="open_clip files: ope
 def models_convert_cris(checkpoint: Path = typer.Argument(..., help="A CRIS release checkpoint (a torch.save of "
                                                                      "{'state_dict': ...}, e.g. best_model.pth)."),
                         out: Path = typer.Option(..., "--out", "-o", help="New folder for the CRIS model."),
-                        image_size: int = typer.Option(416, help="Input side the checkpoint was trained at.")):
-    """Turn a CRIS release checkpoint into a CRIS model folder (safetensors). The file is read
-    once with torch.load(weights_only=True): tensors only; a pickle that holds code is refused."""
+                        image_size: int = typer.Option(416, help="Input side the checkpoint was trained at."),
+                        padding: str | None = typer.Option(
+                            None, help="How its prompts were padded in training: zero (CRIS.pytorch's) or eot "
+                                       "(the medvlsm benchmark's <|endoftext|>, not masked). Default: what the "
+                                       "file tells: eot for net. keys (the benchmark's Lightning module), else zero."),
+                        threshold: float | None = typer.Option(
+                            None, min=0.0, max=1.0, help="Threshold the folder asks for (default: the checkpoint's "
+                                                         "own, else the benchmark's 0.35).")):
+    """Turn a CRIS checkpoint (CRIS.pytorch's release, medvlsm's cris_best_single.pth or a
+    checkpoint of the benchmark's CRIS finetuning) into a CRIS model folder (safetensors). The
+    file is read with tensors only: nothing in it is run, and a pickle whose weights hold code
+    is refused."""
     from napari_vlsm.core.errors import VLSMError
+    from napari_vlsm.core.inference.folder_labeling import default_threshold
     from napari_vlsm.core.models.cris.convert import convert_cris_checkpoint
+    from napari_vlsm.core.models.cris.model import TEXT_PADDINGS, CrisConfig
+    from napari_vlsm.core.models.model_card import read_card
 
+    if padding is not None and padding not in TEXT_PADDINGS:
+        _fail(f"--padding is {' or '.join(TEXT_PADDINGS)}, not {padding!r}.")
     try:
-        path = convert_cris_checkpoint(checkpoint, out, image_size=image_size)
+        path = convert_cris_checkpoint(checkpoint, out, text_padding=padding, threshold=threshold,
+                                       image_size=image_size)
     except (VLSMError, OSError, ValueError) as exc:
         _fail(str(exc))
+    source = read_card(path).get("converted_from", {})
+    padded = {"zero": "padded with 0 and masked (CRIS.pytorch's way)",
+              "eot": "padded with <|endoftext|>, unmasked (the medvlsm benchmark's way)"}
+    how = padded[CrisConfig.from_pretrained(path).text_padding]
+    console.print(escape(f"Trained by {source.get('trained_by', '?')}: prompts are {how} "
+                         f"({source.get('text_padding_from')}); threshold {default_threshold(path)} "
+                         f"({source.get('threshold_from')})."), soft_wrap=True)
     console.print(escape(f"CRIS model written to {path}. Segment with it (--model {path}) or finetune it: "
                          f"napari-vlsm finetune DATA --model {path} --out RUN"), soft_wrap=True)
 

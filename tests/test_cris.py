@@ -454,6 +454,36 @@ def test_medvlsm_single_checkpoint_protocol_5_converts_with_zero_padding(folder,
         assert torch.equal(converted.forward(pixels, ["polyp"]), backend.forward(pixels, ["polyp"]))
 
 
+def test_a_converted_folder_threshold_reaches_segment(folder, tmp_path, polyp_image):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from napari_vlsm.cli import app
+    from napari_vlsm.core.inference.folder_labeling import default_threshold, model_threshold
+
+    ckpt = write_release_checkpoint(_backend(folder), tmp_path / "best_model.pth")
+    out = convert_cris_checkpoint(ckpt, tmp_path / "cris", image_size=64)
+    assert model_threshold(out) == default_threshold(str(out)) == 0.35
+    assert model_threshold(tmp_path) is None and default_threshold(str(tmp_path)) == 0.5
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(polyp_image).save(images / "frame.png")
+    runner = CliRunner()
+    for args, want in (([], 0.35), (["--threshold", "0.6"], 0.6)):
+        masks = tmp_path / f"masks{want}"
+        res = runner.invoke(app, ["segment", str(images), "-p", "polyp", "--model", str(out), "-o", str(masks),
+                                  *args])
+        assert res.exit_code == 0, res.output
+        assert json.loads((masks / "labels.json").read_text())["threshold"] == want
+    from napari_vlsm.core.images.imageio import read_mask
+
+    predictor = Predictor(cris.load(out, "cpu", torch.float32))
+    predictor.set_image(polyp_image)
+    probs = predictor.predict(["polyp"]).probs[0]
+    assert ((probs > 0.35) != (probs > 0.5)).any()  # the mask tells 0.35 from the 0.5 it would be otherwise
+    np.testing.assert_array_equal(read_mask(tmp_path / "masks0.35" / "frame.png") > 0, probs > 0.35)
+
+
 def test_new_cris_from_a_checkpoint_or_a_folder(folder, tmp_path):
     ckpt = write_release_checkpoint(_backend(folder), tmp_path / "best_model.pth")
     for encoders in (ckpt, folder):
