@@ -384,6 +384,14 @@ def test_the_refusal_names_the_true_reason(tmp_path, zipped):
     assert not marker.exists()
 
 
+def test_an_old_format_protocol_5_file_is_not_called_code(folder, tmp_path):
+    torch.save(dict(_backend(folder).module.state_dict()), tmp_path / "old.pth", pickle_protocol=5,
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(ModelNotFoundError, match=r"old \(non-zip\) format .*Unsupported operand 149") as info:
+        read_release_checkpoint(tmp_path / "old.pth")
+    assert "arbitrary code" not in str(info.value)
+
+
 class AttributeDict(dict):
     """Stands for Lightning's AttributeDict, the class of a checkpoint's hyper_parameters."""
 
@@ -518,6 +526,24 @@ def test_onnx_export_matches_torch(folder, tmp_path, polyp_image):
         np.testing.assert_allclose(g.probs, w.probs, atol=1e-4)
 
 
+def test_onnx_export_of_an_eot_folder_pads_its_way(folder, tmp_path, polyp_image):
+    import shutil
+
+    from napari_vlsm.core.models.onnx_export import export
+
+    eot = shutil.copytree(folder, tmp_path / "eot")
+    config = json.loads((eot / "config.json").read_text())
+    (eot / "config.json").write_text(json.dumps({**config, "text_padding": "eot"}))
+    export(_backend(eot), tmp_path / "onnx")
+    ours, ref, zero = Predictor(load_model(tmp_path / "onnx")), Predictor(_backend(eot)), Predictor(_backend(folder))
+    for p in (ours, ref, zero):
+        p.set_image(polyp_image)
+    prompts = PROMPTS + ["lesion"]
+    got = ours.predict(prompts).probs
+    np.testing.assert_allclose(got, ref.predict(prompts).probs, atol=1e-4)
+    assert np.abs(got - zero.predict(prompts).probs).max() > 1e-3
+
+
 def test_family_spec_and_config_checks():
     fam = cris_family.FAMILY
     assert (fam.model_type, fam.name, fam.new_spec, fam.new_needs_encoders, fam.adapters) == \
@@ -530,6 +556,9 @@ def test_family_spec_and_config_checks():
         cris.CrisConfig(vision_width=32)
     with pytest.raises(ValueError, match="must be equal"):
         cris.CrisConfig(vis_dim=256)
+    assert release.text_padding == "zero"  # folders from before the setting read as they did
+    with pytest.raises(ValueError, match="text_padding is zero or eot"):
+        cris.CrisConfig(text_padding="pad")
 
 
 def test_the_trainer_finetunes_it_with_a_last_batch_of_one(folder, data_sets, tmp_path):

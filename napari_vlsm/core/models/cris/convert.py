@@ -284,7 +284,14 @@ def read_checkpoint(path) -> CrisCheckpoint:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # an opcode or an object torch's safe reader does not take
         if not zipfile.is_zipfile(path):
-            raise _unsafe(path, _torch_reason(exc)) from None
+            why = _torch_reason(exc)
+            if "unsupported operand" in why.lower():  # a newer pickle protocol, not an object
+                raise ModelNotFoundError(
+                    f"{path} is in torch's old (non-zip) format with a pickle protocol that torch's safe reader "
+                    f"does not take ({why}), so it was not loaded and nothing in it ran. Where you trust the "
+                    "file, load it and save its state dict again with torch.save (the current zip format, which "
+                    "is read here whatever its protocol), then convert that.") from None
+            raise _unsafe(path, why) from None
         try:
             obj, skipped = read_tensors_only(path)
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
