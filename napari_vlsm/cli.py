@@ -518,12 +518,13 @@ def models_convert_cris(checkpoint: Path = typer.Argument(..., help="A CRIS rele
     except (VLSMError, OSError, ValueError) as exc:
         _fail(str(exc))
     source = read_card(path).get("converted_from", {})
-    padded = {"zero": "padded with 0 and masked (CRIS.pytorch's way)",
-              "eot": "padded with <|endoftext|>, unmasked (the medvlsm benchmark's way)"}
+    padded = {"zero": "padded with 0 and masked out, as CRIS.pytorch does",
+              "eot": "padded with <|endoftext|> and not masked, as the medvlsm benchmark does"}
     how = padded[CrisConfig.from_pretrained(path).text_padding]
-    console.print(escape(f"Trained by {source.get('trained_by', '?')}: prompts are {how} "
-                         f"({source.get('text_padding_from')}); threshold {default_threshold(path)} "
-                         f"({source.get('threshold_from')})."), soft_wrap=True)
+    why = "--padding" if padding else "from its keys"
+    console.print(escape(f"Trained by {source.get('trained_by', '?')}: prompts are read {how} ({why}); "
+                         f"threshold {default_threshold(path)} (from {source.get('threshold_from')})."),
+                  soft_wrap=True)
     console.print(escape(f"CRIS model written to {path}. Segment with it (--model {path}) or finetune it: "
                          f"napari-vlsm finetune DATA --model {path} --out RUN"), soft_wrap=True)
 
