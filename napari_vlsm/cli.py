@@ -28,6 +28,8 @@ VAL_DICE_NOTE = ("val Dice is training's own check: at the model's input size, i
 REPORT_EVERY = 50  # results between report rewrites during a long segment run
 RECIPE = TrainSettings()  # finetune's defaults and the numbers in its help come from the one recipe
 
+THRESHOLD_HELP = ("Probability above which a pixel is the prompt's (default: the model's own, from its folder's "
+                  "vlsm_card.json: 0.35 for a converted CRIS, as its benchmark uses; else 0.5).")
 MODEL_HELP = ("Model: 'default' (embedded offline model), a local folder (Hugging Face format, or an ONNX export "
               "from export-onnx), or a Hugging Face id.")
 
@@ -123,13 +125,29 @@ def _dask_client(cluster: str | None, scheduler: str | None):
     return client
 
 
+def _note_slow_workers(client, threads: int | None) -> None:
+    """Say once if a worker was started in an environment that makes it slower than this process."""
+    from napari_vlsm.core.inference.cluster import slow_worker_note
+
+    note = slow_worker_note(client, threads)
+    if note:
+        console.print(f"Note: {escape(note)}", soft_wrap=True)
+
+
+def _threshold(threshold: float | None, model: str) -> float:
+    """--threshold as given, else the model folder's own (``default_threshold``)."""
+    from napari_vlsm.core.inference.folder_labeling import default_threshold
+
+    return default_threshold(model) if threshold is None else threshold
+
+
 @app.command()
 def segment(
     paths: list[Path] = typer.Argument(..., help="Image files or folders (PNG, JPEG, TIFF)."),
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Text prompt; repeat for several (label 1, 2, ...)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the masks and labels.json."),
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
-    threshold: float = typer.Option(0.5, min=0.0, max=1.0),
+    threshold: float | None = typer.Option(None, min=0.0, max=1.0, help=THRESHOLD_HELP),
     resume: bool = typer.Option(False, help="Go on from an earlier run into --out: the images its report lists as "
                                             "done (with their mask still there) are skipped; same prompts, model "
                                             "and threshold only."),
@@ -173,6 +191,7 @@ def segment(
         _fail(f"--out {out} holds the input image {describe_held(held)}: the masks would be written over the "
               f"images. Choose another folder for --out, e.g. {out / 'masks'}.")
     made_by = model_identity(model)  # what labels.json records, and compares with an earlier run's
+    threshold = _threshold(threshold, model)
     try:
         check_writable(out, "masks")
         check_resume(out, prompts, made_by, threshold)  # resumed or not: labels.json must describe every mask
@@ -183,6 +202,7 @@ def segment(
     if cluster or scheduler:
         _check_model(model)
         client, outcomes = _dask_client(cluster, scheduler), None
+        _note_slow_workers(client, threads or client.vlsm_threads)
     else:
         backend = _load(model, device, dtype)
         client = None
@@ -245,7 +265,7 @@ def rank(
                                               "docs/corrections.md."),
     masks: Path | None = typer.Option(None, help="The image series' mask folder, whose corrections give the "
                                                  "estimate (default: FOLDER/vlsm_masks)."),
-    threshold: float = typer.Option(0.5, min=0.0, max=1.0),
+    threshold: float | None = typer.Option(None, min=0.0, max=1.0, help=THRESHOLD_HELP),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
     dtype: str = typer.Option("auto", help="auto, fp32, bf16, fp16."),
     threads: int | None = typer.Option(None, min=1, help=THREADS_HELP),
@@ -268,6 +288,7 @@ def rank(
         _fail(f"--order is kinds or uncertain, not {order!r}.")
     if not prompt.strip():
         _fail("Give the prompt to rank by, e.g. -p polyp.")
+    threshold = _threshold(threshold, model)
     try:
         images = series_images(folder)
     except OSError as exc:
@@ -324,15 +345,20 @@ def evaluate(
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
     prompt_type: str = typer.Option("p1", help="Benchmark prompt type, p1 to p9."),
     split: str = typer.Option("val", help="Which anns/<split>.json to score: val, test or train."),
-    threshold: float = typer.Option(0.5, min=0.0, max=1.0),
+    threshold: float | None = typer.Option(None, min=0.0, max=1.0, help=THRESHOLD_HELP),
     csv_out: Path | None = typer.Option(None, "--csv",
                                            help="Per-image CSV (default: evaluation_<folder>_<split>_<type>.csv)."),
     limit: int | None = typer.Option(None, min=1, help="Only the first N images."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
     dtype: str = typer.Option("auto", help="auto, fp32, bf16, fp16."),
     threads: int | None = typer.Option(None, min=1, help=THREADS_HELP),
+    cluster: str | None = typer.Option(None, help="local:N: score on a Dask LocalCluster of N worker processes on "
+                                                  "this machine (pip install 'napari-vlsm\\[distributed]')."),
+    scheduler: str | None = typer.Option(None, help="Address of a running Dask scheduler (tcp://HOST:8786) whose "
+                                                    "workers see DATA_DIR under the same path."),
 ):
-    """Mean Dice and IoU against the ground-truth masks."""
+    """Mean Dice and IoU against the ground-truth masks (on one process or a Dask cluster: the
+    same prompts, the same scores)."""
     _set_threads(threads)
     from napari_vlsm.core.inference.evaluate import evaluate as run_eval
     from napari_vlsm.core.inference.evaluate import summarize
@@ -342,7 +368,16 @@ def evaluate(
         _fail(f"--prompt-type must be one of p1 to p9 (p0 is the empty prompt), not {prompt_type!r}.")
     if not (data_dir / "anns" / f"{split}.json").exists():
         _fail(f"{data_dir} has no anns/{split}.json: expected the benchmark's layout (images/, masks/, anns/).")
-    predictor = Predictor(_load(model, device, dtype))
+    if cluster and scheduler:
+        _fail("Give --cluster local:N or --scheduler ADDRESS, not both.")
+    threshold = _threshold(threshold, model)
+    client = None
+    if cluster or scheduler:
+        _check_model(model)
+        client = _dask_client(cluster, scheduler)
+        _note_slow_workers(client, threads or client.vlsm_threads)
+    else:
+        predictor = Predictor(_load(model, device, dtype))
     rows = []
     from napari_vlsm.core.data.prompts import load_annotations
 
@@ -352,14 +387,24 @@ def evaluate(
         _fail(str(exc))
     if n == 0:
         _fail(f"{data_dir / 'anns' / (split + '.json')} lists no images; nothing to evaluate.")
-    with _progress() as bar:
-        task = bar.add_task("Evaluating", total=min(n, limit or n), info="")
-        try:
-            for row in run_eval(predictor, data_dir, prompt_type, split, threshold, limit=limit):
+    try:
+        with _progress() as bar:
+            task = bar.add_task("Evaluating", total=min(n, limit or n), info="")
+            if client is not None:
+                from napari_vlsm.core.inference.cluster import evaluate_on_cluster
+
+                scored = evaluate_on_cluster(client, model, data_dir, prompt_type, split, threshold, limit=limit,
+                                             device=device, dtype=dtype, threads=threads or client.vlsm_threads)
+            else:
+                scored = run_eval(predictor, data_dir, prompt_type, split, threshold, limit=limit)
+            for row in scored:
                 rows.append(row)
                 bar.update(task, advance=1, info=f"Dice {summarize(rows)['dice']:.3f}")
-        except (ValueError, OSError) as exc:
-            _fail(str(exc))
+    except (ValueError, OSError, RuntimeError) as exc:
+        _fail(str(exc))
+    finally:
+        if client is not None:
+            client.vlsm_close()
     if not rows:
         _fail(f"No images were evaluated in {data_dir} ({split}).")
     summary = summarize(rows)
@@ -447,16 +492,39 @@ def models_convert(folder: Path = typer.Argument(..., help="open_clip files: ope
 def models_convert_cris(checkpoint: Path = typer.Argument(..., help="A CRIS release checkpoint (a torch.save of "
                                                                      "{'state_dict': ...}, e.g. best_model.pth)."),
                         out: Path = typer.Option(..., "--out", "-o", help="New folder for the CRIS model."),
-                        image_size: int = typer.Option(416, help="Input side the checkpoint was trained at.")):
-    """Turn a CRIS release checkpoint into a CRIS model folder (safetensors). The file is read
-    once with torch.load(weights_only=True): tensors only; a pickle that holds code is refused."""
+                        image_size: int = typer.Option(416, help="Input side the checkpoint was trained at."),
+                        padding: str | None = typer.Option(
+                            None, help="How its prompts were padded in training: zero (CRIS.pytorch's) or eot "
+                                       "(the medvlsm benchmark's <|endoftext|>, not masked). Default: what the "
+                                       "file tells: eot for net. keys (the benchmark's Lightning module), else zero."),
+                        threshold: float | None = typer.Option(
+                            None, min=0.0, max=1.0, help="Threshold the folder asks for (default: the checkpoint's "
+                                                         "own, else the benchmark's 0.35).")):
+    """Turn a CRIS checkpoint (CRIS.pytorch's release, medvlsm's cris_best_single.pth or a
+    checkpoint of the benchmark's CRIS finetuning) into a CRIS model folder (safetensors). The
+    file is read with tensors only: nothing in it is run, and a pickle whose weights hold code
+    is refused."""
     from napari_vlsm.core.errors import VLSMError
+    from napari_vlsm.core.inference.folder_labeling import default_threshold
     from napari_vlsm.core.models.cris.convert import convert_cris_checkpoint
+    from napari_vlsm.core.models.cris.model import TEXT_PADDINGS, CrisConfig
+    from napari_vlsm.core.models.model_card import read_card
 
+    if padding is not None and padding not in TEXT_PADDINGS:
+        _fail(f"--padding is {' or '.join(TEXT_PADDINGS)}, not {padding!r}.")
     try:
-        path = convert_cris_checkpoint(checkpoint, out, image_size=image_size)
+        path = convert_cris_checkpoint(checkpoint, out, text_padding=padding, threshold=threshold,
+                                       image_size=image_size)
     except (VLSMError, OSError, ValueError) as exc:
         _fail(str(exc))
+    source = read_card(path).get("converted_from", {})
+    padded = {"zero": "padded with 0 and masked out, as CRIS.pytorch does",
+              "eot": "padded with <|endoftext|> and not masked, as the medvlsm benchmark does"}
+    how = padded[CrisConfig.from_pretrained(path).text_padding]
+    why = "--padding" if padding else "from its keys"
+    console.print(escape(f"Trained by {source.get('trained_by', '?')}: prompts are read {how} ({why}); "
+                         f"threshold {default_threshold(path)} (from {source.get('threshold_from')})."),
+                  soft_wrap=True)
     console.print(escape(f"CRIS model written to {path}. Segment with it (--model {path}) or finetune it: "
                          f"napari-vlsm finetune DATA --model {path} --out RUN"), soft_wrap=True)
 

@@ -2,6 +2,7 @@
 composition (written out below from CRIS.pytorch's model/ and medvlsm's cris_model/),
 through the predictor, finetuning, the release-checkpoint converter and ONNX export."""
 
+import json
 import math
 
 import numpy as np
@@ -182,13 +183,19 @@ def _ref_projector(p, x, word):
     return F.conv2d(x, weight, padding=p.kernel_size // 2, groups=weight.size(0), bias=bias).transpose(0, 1)
 
 
-def _benchmark_logits(module, pixels, prompts, tokenizer, use_pad_mask=True):
-    """medvlsm's CRIS.forward on the benchmark's inputs: CLIPSeg's tokenizer pads with "!"
-    (id 0) to context_length 77; pad_mask = input_ids == 0."""
+def _benchmark_logits(module, pixels, prompts, tokenizer, use_pad_mask=True, padding="zero"):
+    """CRIS.forward (segmenter.py) on token rows of context_length 77 and pad_mask =
+    input_ids == 0, the rows made as the weights' trainer made them: padding "zero" is
+    CRIS.pytorch's tokenizer (0 at padding); "eot" is medvlsm's image_text_mask.py, the CLIPSeg
+    tokenizer with padding="max_length", whose pad token is <|endoftext|> (49407), taken as is."""
     cfg = module.config
     tok = tokenizer(prompts, padding="max_length", max_length=cfg.context_length, truncation=True,
                     return_tensors="pt")
-    input_ids = tok["input_ids"].masked_fill(tok["attention_mask"] == 0, 0)
+    if padding == "eot":
+        input_ids = tok["input_ids"]
+        assert input_ids[0, -1].item() == 49407  # the tokenizer's own padding, as the benchmark feeds it
+    else:
+        input_ids = tok["input_ids"].masked_fill(tok["attention_mask"] == 0, 0)
     pad_mask = torch.zeros_like(input_ids).masked_fill_(input_ids == 0, 1).bool()
     vis = _ref_encode_image(module.backbone.visual, pixels)
     words, state = _ref_encode_text(module.backbone, input_ids, cfg.context_length)
@@ -342,7 +349,147 @@ def test_a_checkpoint_holding_code_is_refused_and_never_run(folder, tmp_path):
         convert_cris_checkpoint(evil, tmp_path / "out")
     with pytest.raises(UnsafeWeightsError):
         cris_family.new_cris("cpu", encoders=evil)
+    # the same in a protocol-5 file, which goes past torch's reader to the tensors-only one
+    torch.save({"module.neck.txt_proj.0.weight": CodeInPickle(marker)}, tmp_path / "p5.pth", pickle_protocol=5)
+    with pytest.raises(UnsafeWeightsError, match=r"not a plain weights file \(its weights hold io.open"):
+        convert_cris_checkpoint(tmp_path / "p5.pth", tmp_path / "out")
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+class SystemCall:
+    """Unpickled, it would run a shell command: torch blocks os/posix by module."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_the_refusal_names_the_true_reason(tmp_path, zipped):
+    """torch says "Trying to load unsupported GLOBAL posix.system whose module posix is
+    blocked" (lower-case "unsupported"); the message gives that line, not torch's link."""
+    marker = tmp_path / "ran"
+    path = tmp_path / "best_model.pth"
+    torch.save({"state_dict": {"module.proj.txt.bias": SystemCall(marker)}}, path,
+               _use_new_zipfile_serialization=zipped)
+    with pytest.raises(UnsafeWeightsError) as info:
+        read_release_checkpoint(path)
+    message = str(info.value)
+    assert "system" in message.split("nothing in it ran")[0], message
+    assert "https://" not in message and "documentation" not in message
+    assert not marker.exists()
+
+
+def test_an_old_format_protocol_5_file_is_not_called_code(folder, tmp_path):
+    torch.save(dict(_backend(folder).module.state_dict()), tmp_path / "old.pth", pickle_protocol=5,
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(ModelNotFoundError, match=r"old \(non-zip\) format .*Unsupported operand 149") as info:
+        read_release_checkpoint(tmp_path / "old.pth")
+    assert "arbitrary code" not in str(info.value)
+
+
+class AttributeDict(dict):
+    """Stands for Lightning's AttributeDict, the class of a checkpoint's hyper_parameters."""
+
+
+def _benchmark_checkpoint(module, path, marker=None, threshold=0.35):
+    """A checkpoint as the benchmark's own runs leave them: the Lightning module's state dict
+    (every key "net."), its hyper_parameters holding the loss and optimizer objects and the
+    threshold, saved with pickle protocol 5 (medvlsm's convert_cris_model.py protocol)."""
+    import functools
+
+    hp = AttributeDict(threshold=threshold, multi_class=False, scheduler_monitor="val_loss",
+                       optimizer=functools.partial(torch.optim.AdamW, lr=2e-5, weight_decay=1e-3),
+                       loss_fn=torch.nn.BCEWithLogitsLoss())
+    if marker is not None:
+        hp["callback"] = CodeInPickle(marker)  # code where the weights are not: never run either
+    torch.save({"epoch": 12, "global_step": 300, "pytorch-lightning_version": "2.0.2",
+                "state_dict": {"net." + k: v for k, v in module.state_dict().items()},
+                "optimizer_states": [], "lr_schedulers": [], "hparams_name": "kwargs", "hyper_parameters": hp},
+               path, pickle_protocol=5)
+    return path
+
+
+def test_a_benchmark_checkpoint_converts_and_reads_prompts_its_way(folder, tmp_path, polyp_image):
+    backend = _backend(folder)
+    marker = tmp_path / "ran"
+    ckpt = _benchmark_checkpoint(backend.module, tmp_path / "epoch_012.ckpt", marker, threshold=0.4)
+    with pytest.raises(Exception, match="Unsupported operand 149"):  # torch's own reader gives up on it
+        torch.load(ckpt, weights_only=True)
+    out = convert_cris_checkpoint(ckpt, tmp_path / "converted", image_size=64)
+    assert not marker.exists()
+    converted = cris.load(out, "cpu", torch.float32)
+    assert converted.module.config.text_padding == "eot"
+    card = json.loads((out / "vlsm_card.json").read_text())
+    assert card["threshold"] == 0.4 and card["converted_from"]["threshold_from"] == "the checkpoint's hyper_parameters"
+    assert "io.open" in card["converted_from"]["not_loaded"]
+    sa, sb = backend.module.state_dict(), converted.module.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    predictor = Predictor(converted)
+    predictor.set_image(polyp_image)
+    ours = predictor.predict(PROMPTS).probs
+    with torch.no_grad():
+        pixels = converted.preprocess([polyp_image]).expand(len(PROMPTS), -1, -1, -1)
+        benchmark = _benchmark_logits(converted.module, pixels, PROMPTS, converted.tokenizer, padding="eot")
+        zero = _benchmark_logits(converted.module, pixels, PROMPTS, converted.tokenizer, padding="zero")
+    size = polyp_image.shape[:2]
+    assert np.abs(ours - logits_to_probs(benchmark, size)).max() < 1e-4
+    assert np.abs(ours - logits_to_probs(zero, size)).max() > 1e-3  # the padding does show
+    # the same prompt alone or beside a longer one: still the same row (padded to 77 either way)
+    with torch.no_grad():
+        alone, beside = converted.encode_text([PROMPTS[0]]), converted.encode_text(PROMPTS)
+    assert torch.allclose(alone[0], beside[0], atol=1e-6)
+    # the option overrides what the keys tell
+    again = convert_cris_checkpoint(ckpt, tmp_path / "as_zero", image_size=64, text_padding="zero", threshold=0.5)
+    assert cris.CrisConfig.from_pretrained(again).text_padding == "zero"
+    assert json.loads((again / "vlsm_card.json").read_text())["threshold"] == 0.5
+
+
+def test_medvlsm_single_checkpoint_protocol_5_converts_with_zero_padding(folder, tmp_path):
+    """convert_cris_model.py's output: CRIS.pytorch's weights, bare, pickle protocol 5."""
+    backend = _backend(folder)
+    torch.save(dict(backend.module.state_dict()), tmp_path / "cris_best_single.pth", pickle_protocol=5)
+    out = convert_cris_checkpoint(tmp_path / "cris_best_single.pth", tmp_path / "converted", image_size=64)
+    converted = cris.load(out, "cpu", torch.float32)
+    assert converted.module.config.text_padding == "zero"
+    assert json.loads((out / "vlsm_card.json").read_text())["threshold"] == cris.BENCHMARK_THRESHOLD
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(converted.forward(pixels, ["polyp"]), backend.forward(pixels, ["polyp"]))
+
+
+def test_a_converted_folder_threshold_reaches_segment(folder, tmp_path, polyp_image):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from napari_vlsm.cli import app
+    from napari_vlsm.core.inference.folder_labeling import default_threshold, model_threshold
+
+    ckpt = write_release_checkpoint(_backend(folder), tmp_path / "best_model.pth")
+    out = convert_cris_checkpoint(ckpt, tmp_path / "cris", image_size=64)
+    assert model_threshold(out) == default_threshold(str(out)) == 0.35
+    assert model_threshold(tmp_path) is None and default_threshold(str(tmp_path)) == 0.5
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(polyp_image).save(images / "frame.png")
+    runner = CliRunner()
+    for args, want in (([], 0.35), (["--threshold", "0.6"], 0.6)):
+        masks = tmp_path / f"masks{want}"
+        res = runner.invoke(app, ["segment", str(images), "-p", "polyp", "--model", str(out), "-o", str(masks),
+                                  *args])
+        assert res.exit_code == 0, res.output
+        assert json.loads((masks / "labels.json").read_text())["threshold"] == want
+    from napari_vlsm.core.images.imageio import read_mask
+
+    predictor = Predictor(cris.load(out, "cpu", torch.float32))
+    predictor.set_image(polyp_image)
+    probs = predictor.predict(["polyp"]).probs[0]
+    assert ((probs > 0.35) != (probs > 0.5)).any()  # the mask tells 0.35 from the 0.5 it would be otherwise
+    np.testing.assert_array_equal(read_mask(tmp_path / "masks0.35" / "frame.png") > 0, probs > 0.35)
 
 
 def test_new_cris_from_a_checkpoint_or_a_folder(folder, tmp_path):
@@ -379,6 +526,24 @@ def test_onnx_export_matches_torch(folder, tmp_path, polyp_image):
         np.testing.assert_allclose(g.probs, w.probs, atol=1e-4)
 
 
+def test_onnx_export_of_an_eot_folder_pads_its_way(folder, tmp_path, polyp_image):
+    import shutil
+
+    from napari_vlsm.core.models.onnx_export import export
+
+    eot = shutil.copytree(folder, tmp_path / "eot")
+    config = json.loads((eot / "config.json").read_text())
+    (eot / "config.json").write_text(json.dumps({**config, "text_padding": "eot"}))
+    export(_backend(eot), tmp_path / "onnx")
+    ours, ref, zero = Predictor(load_model(tmp_path / "onnx")), Predictor(_backend(eot)), Predictor(_backend(folder))
+    for p in (ours, ref, zero):
+        p.set_image(polyp_image)
+    prompts = PROMPTS + ["lesion"]
+    got = ours.predict(prompts).probs
+    np.testing.assert_allclose(got, ref.predict(prompts).probs, atol=1e-4)
+    assert np.abs(got - zero.predict(prompts).probs).max() > 1e-3
+
+
 def test_family_spec_and_config_checks():
     fam = cris_family.FAMILY
     assert (fam.model_type, fam.name, fam.new_spec, fam.new_needs_encoders, fam.adapters) == \
@@ -391,6 +556,9 @@ def test_family_spec_and_config_checks():
         cris.CrisConfig(vision_width=32)
     with pytest.raises(ValueError, match="must be equal"):
         cris.CrisConfig(vis_dim=256)
+    assert release.text_padding == "zero"  # folders from before the setting read as they did
+    with pytest.raises(ValueError, match="text_padding is zero or eot"):
+        cris.CrisConfig(text_padding="pad")
 
 
 def test_the_trainer_finetunes_it_with_a_last_batch_of_one(folder, data_sets, tmp_path):

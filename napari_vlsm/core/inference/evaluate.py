@@ -9,27 +9,39 @@ from typing import Iterator
 from napari_vlsm.core.images.metrics import dice, iou
 from napari_vlsm.core.inference.predictor import Predictor
 from napari_vlsm.core.data.prompts import pick_prompt
-from napari_vlsm.core.data.training_sets import benchmark_examples
+from napari_vlsm.core.data.training_sets import Example, benchmark_examples
+
+
+def planned_examples(data_dir, prompt_type: str = "p1", split: str = "val", seed: int = 0,
+                     limit: int | None = None) -> Iterator[tuple[Example, str]]:
+    """(example, its prompt) for the first ``limit`` images of the split (None: all), the
+    prompts drawn in this order with one generator seeded ``seed``: every way of evaluating
+    (one process, a cluster) asks each image the same prompt."""
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit is how many images to score (0 or more, None: all), not {limit!r}.")
+    rng = random.Random(seed)
+    for ex in benchmark_examples(Path(data_dir), split)[:limit]:
+        if not ex.prompts.get(prompt_type):
+            raise ValueError(f"{ex.name} has no prompt of type {prompt_type}; "
+                             "the benchmark's types with text are p1-p9.")
+        yield ex, pick_prompt({"prompts": ex.prompts}, prompt_type, rng)
+
+
+def score_example(predictor: Predictor, ex: Example, prompt: str, threshold: float) -> dict:
+    """One row: name, prompt, dice, iou (at the image's own size), areas."""
+    image, truth = ex.load()
+    predictor.set_image(image)
+    mask = predictor.predict(prompt, threshold).masks[0]
+    return {"image": ex.name, "prompt": prompt, "dice": dice(mask, truth), "iou": iou(mask, truth),
+            "area": int(mask.sum()), "true_area": int(truth.sum())}
 
 
 def evaluate(predictor: Predictor, data_dir, prompt_type: str = "p1", split: str = "val",
              threshold: float = 0.5, seed: int = 0, limit: int | None = None) -> Iterator[dict]:
-    """Yield one row per image: name, prompt, dice, iou (at the image's own size), for the
-    first ``limit`` images of the split (None: all)."""
-    if limit is not None and (not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"limit is how many images to score (0 or more, None: all), not {limit!r}.")
-    rng = random.Random(seed)
-    examples = benchmark_examples(Path(data_dir), split)[:limit]
-    for ex in examples:
-        image, truth = ex.load()
-        if not ex.prompts.get(prompt_type):
-            raise ValueError(f"{ex.name} has no prompt of type {prompt_type}; "
-                             "the benchmark's types with text are p1-p9.")
-        prompt = pick_prompt({"prompts": ex.prompts}, prompt_type, rng)
-        predictor.set_image(image)
-        mask = predictor.predict(prompt, threshold).masks[0]
-        yield {"image": ex.name, "prompt": prompt, "dice": dice(mask, truth), "iou": iou(mask, truth),
-               "area": int(mask.sum()), "true_area": int(truth.sum())}
+    """Yield one row per image (``score_example``) for the first ``limit`` images of the
+    split (None: all)."""
+    for ex, prompt in planned_examples(data_dir, prompt_type, split, seed, limit):
+        yield score_example(predictor, ex, prompt, threshold)
 
 
 def summarize(rows: list[dict]) -> dict:

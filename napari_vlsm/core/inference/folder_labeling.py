@@ -32,6 +32,31 @@ class FileOutcome:
     areas: tuple = ()    # pixels per label value 1..P
 
 
+DEFAULT_THRESHOLD = 0.5  # for a model whose folder names no threshold of its own
+
+
+def model_threshold(spec) -> float | None:
+    """The threshold a model's folder asks for: the ``threshold`` of its vlsm_card.json (a
+    converted CRIS folder carries the 0.35 its benchmark thresholds it at), None when it names
+    none or the spec is not a local folder (nothing is fetched)."""
+    from napari_vlsm.core.models.model_card import card_for
+
+    try:
+        value = card_for(None if spec is None else str(spec)).get("threshold")
+    except (OSError, ValueError):
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= float(value) <= 1.0:
+        return float(value)
+    return None
+
+
+def default_threshold(spec) -> float:
+    """The threshold to use with the model ``spec`` when none is given: its folder's own
+    (``model_threshold``), else 0.5. The command line and the segmentation dock both ask this."""
+    own = model_threshold(spec)
+    return DEFAULT_THRESHOLD if own is None else own
+
+
 def _label_table(prompts: list[str]) -> dict[str, str]:
     return {str(i + 1): p for i, p in enumerate(prompts)}
 

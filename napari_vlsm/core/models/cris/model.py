@@ -22,10 +22,19 @@ Module and parameter names are those of the original, so a CRIS release checkpoi
 
 The split for the predictor: ``encode_image`` runs the ResNet and the neck's image-only
 convolutions once per image; ``decode`` runs the rest of the neck, the decoder and the
-projector once per prompt. Prompts are read as the benchmark reads them: token ids padded
-with 0 to ``context_length`` (77) and ``pad_mask = tokens == 0``. Padding does not change
-a prompt's result: the text transformer is causal and the padded words are masked out of
-the cross-attention.
+projector once per prompt.
+
+Prompts are padded to ``context_length`` (77) and ``pad_mask = tokens == 0`` (CRIS's rule) in
+one of two ways, the one the weights were trained with (``CrisConfig.text_padding``):
+
+* ``"zero"``: CRIS.pytorch's own tokenizer pads with 0, so the padding words are masked out of
+  the decoder's cross-attention. Padding then does not change a prompt's result (the text
+  transformer is causal). A release checkpoint (``module.`` keys) was trained so.
+* ``"eot"``: medvlsm tokenizes for CRIS with CLIPSeg's tokenizer and ``padding="max_length"``,
+  whose pad token is ``<|endoftext|>`` (49407), not 0: the pad mask then masks nothing and the
+  decoder attends to all 77 positions, the end-of-text copies included. Weights finetuned by
+  the benchmark (its Lightning module's ``net.`` keys) learnt that. On one such model the two
+  paddings gave probabilities up to 0.50 apart, so a folder records its own.
 """
 
 from __future__ import annotations
@@ -45,6 +54,11 @@ from napari_vlsm.core.models.backend import TRAIN_MODES, TorchBackend
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the benchmark's img_mean / img_std for CRIS
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+EOT_TOKEN_ID = 49407  # CLIP's <|endoftext|>: the CLIP/CLIPSeg tokenizer's pad token
+# How prompts are padded to context_length: with 0, masked out of the decoder (CRIS.pytorch), or
+# with <|endoftext|>, which the pad mask (tokens == 0) does not mask (medvlsm); module docstring.
+TEXT_PADDINGS = ("zero", "eot")
+BENCHMARK_THRESHOLD = 0.35  # medvlsm's configs/model/cris.yaml (CRIS.pytorch tests at 0.35 too)
 # peft LoRA goes into the backbone's linear layers that run as modules: the attention pool's
 # q/k/v/c projections, the text blocks' attention output and MLP
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "c_proj", "c_fc", "out_proj"]
@@ -73,7 +87,8 @@ class CrisConfig(PretrainedConfig):
                  attnpool_grid=7, text_width=512, text_layers=12, text_heads=8, vocab_size=49408,
                  context_length=77, fpn_in=(512, 1024, 1024), fpn_out=(256, 512, 1024), vis_dim=512,
                  word_dim=1024, num_layers=3, num_head=8, dim_ffn=2048, dropout=0.2, intermediate=False,
-                 image_size=416, image_mean=CLIP_MEAN, image_std=CLIP_STD, **kwargs):
+                 image_size=416, image_mean=CLIP_MEAN, image_std=CLIP_STD, text_padding="zero",
+                 eot_token_id=EOT_TOKEN_ID, **kwargs):
         super().__init__(**kwargs)
         self.vision_layers = list(vision_layers)
         self.vision_width = vision_width
@@ -90,6 +105,8 @@ class CrisConfig(PretrainedConfig):
         self.intermediate = intermediate
         self.image_size = image_size
         self.image_mean, self.image_std = list(image_mean), list(image_std)
+        self.text_padding = text_padding  # "zero" (CRIS.pytorch's) or "eot" (the benchmark's): module docstring
+        self.eot_token_id = eot_token_id  # CLIP's <|endoftext|>, the pad token of the "eot" padding
         self._check()
 
     def _check(self) -> None:
@@ -108,6 +125,8 @@ class CrisConfig(PretrainedConfig):
             raise ValueError("vis_dim must be divisible by 4 and by num_head, text_width by text_heads.")
         if self.image_size % 32:
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of 32.")
+        if self.text_padding not in TEXT_PADDINGS:
+            raise ValueError(f"text_padding is {' or '.join(TEXT_PADDINGS)}, not {self.text_padding!r}.")
 
 
 # ---------------------------------------------------------------- CLIP RN50 (CRIS's clip.py)
@@ -531,16 +550,18 @@ class CrisForImageSegmentation(PreTrainedModel):
         return self.neck.encode_image(self.backbone.encode_image(pixel_values))
 
     def fixed_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The benchmark's token rows: 0 at padding, padded with 0 (or cut) to context_length."""
-        ids = input_ids.masked_fill(attention_mask == 0, 0)
+        """Token rows as the weights were trained on them, padded (or cut) to context_length:
+        with 0 (``text_padding`` "zero") or with <|endoftext|> ("eot")."""
+        pad = self.config.eot_token_id if self.config.text_padding == "eot" else 0
+        ids = input_ids.masked_fill(attention_mask == 0, pad)
         n = self.config.context_length
         # concatenate-then-slice, not a computed pad width: an ONNX trace keeps the length dynamic
-        return torch.cat([ids, ids.new_zeros(ids.shape[0], n)], dim=1)[:, :n]
+        return torch.cat([ids, ids.new_full((ids.shape[0], n), pad)], dim=1)[:, :n]
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         ids = self.fixed_tokens(input_ids, attention_mask)
         words, state = self.backbone.encode_text(ids)
-        return pack_text(words, ids == 0, state)
+        return pack_text(words, ids == 0, state)  # CRIS's pad mask, whichever the padding
 
     def decode_parts(self, feats, words, pad_mask, state) -> torch.Tensor:
         """Neck fusion, decoder, projector, bicubic upsampling to the input: logits (P, s, s)."""
@@ -560,8 +581,8 @@ class CrisForImageSegmentation(PreTrainedModel):
         return self.decode_parts(feats, words, pad_mask, state)
 
     def forward(self, pixel_values, input_ids, attention_mask=None):
-        if attention_mask is None:
-            attention_mask = (input_ids != 0).long()
+        if attention_mask is None:  # the ids as given, padding included (the benchmark's forward)
+            attention_mask = torch.ones_like(input_ids)
         return self.decode(self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask))
 
 
