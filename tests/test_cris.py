@@ -617,3 +617,16 @@ def test_the_documented_commands_on_a_release_shaped_checkpoint(folder, data_set
     assert load_model(tmp_path / "run" / "best", "cpu").name == "CRIS"
     res = runner.invoke(app, ["models", "convert-cris", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "x")])
     assert res.exit_code != 0 and "Traceback" not in res.output
+
+
+def test_a_converted_folder_threshold_reaches_the_dock(folder, tmp_path, make_napari_viewer, tiny_unet):
+    """Choosing a converted CRIS folder in the segmentation dock sets its threshold (0.35);
+    choosing a model without one goes back to 0.5."""
+    ckpt = write_release_checkpoint(_backend(folder), tmp_path / "best_model.pth")
+    out = convert_cris_checkpoint(ckpt, tmp_path / "cris", image_size=64)
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation")
+    seg.add_model(str(out))
+    assert seg.threshold.value() == 35 and seg.threshold_label.text() == "0.35"
+    seg.add_model(str(tiny_unet))
+    assert seg.threshold.value() == 50 and seg.threshold_label.text() == "0.50"

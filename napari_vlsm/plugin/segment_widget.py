@@ -267,6 +267,21 @@ class SegmentWidget(QWidget):
         self.suggestions = list(card.get("suggestions", []))
         self._fill_prompt_choices()
         self._enable_clicks()
+        self._show_model_threshold(spec)
+
+    def _show_model_threshold(self, spec: str) -> None:
+        """The model's own threshold (a converted CRIS folder carries the benchmark's 0.35), set
+        without re-thresholding the previous model's result."""
+        from napari_vlsm.core.inference.folder_labeling import default_threshold
+
+        try:
+            value = round(default_threshold(spec) * 100)
+        except Exception:  # a folder that cannot be read: its loading will say why
+            return
+        self.threshold.blockSignals(True)
+        self.threshold.setValue(value)
+        self.threshold.blockSignals(False)
+        self.threshold_label.setText(f"{value / 100:.2f}")
 
     def _add_built_prompt(self):
         attrs = {k: c.currentText().strip() for k, c in self.attr_combos.items()}
