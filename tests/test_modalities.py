@@ -136,3 +136,16 @@ def test_a_generic_negative_that_names_a_folders_target_is_not_asked_of_its_imag
     on_xray = {negatives.draw(xray, rng) for _ in range(80)}
     assert "fetal head" not in on_fetal and {"car", "lung nodule"} <= on_fetal
     assert not on_xray & {"lung nodule", "covid-19 infection"} and "fetal head" in on_xray
+
+
+def test_repeat_may_name_one_target_of_a_folder(data_sets):
+    from napari_vlsm.core.errors import TrainingError
+    from napari_vlsm.core.training.train import oversample
+
+    rows = benchmark_examples(data_sets / "chest_xray", "train")
+    more = oversample(rows, {"chest_xray:covid-19 lung infection": 2})
+    infection = [ex for ex in rows if ex.kind.endswith("infection")]
+    assert len(more) == len(rows) + len(infection)
+    assert len(oversample(rows, {"chest_xray": 2})) == 2 * len(rows)
+    with pytest.raises(TrainingError, match="FOLDER:TARGET"):
+        oversample(rows, {"chest_xray:heart": 2})

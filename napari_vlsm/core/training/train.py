@@ -941,13 +941,13 @@ def check_resumed_model(spec, out: Path, previous: dict) -> None:
 def oversample(examples: list[Example], repeat: dict) -> list[Example]:
     """Each example of data set ``g`` ``repeat[g]`` times (1 for sets not named): a small set
     of a pooled run is drawn as often as the others instead of being learned last."""
-    unknown = set(repeat) - {e.group for e in examples}
+    unknown = set(repeat) - {e.group for e in examples} - {e.kind for e in examples}
     if unknown:
-        raise TrainingError(f"--repeat names {', '.join(sorted(unknown))}, which no training folder is; "
-                            f"the folders are: {', '.join(sorted({e.group for e in examples}))}.")
+        raise TrainingError(f"--repeat names {', '.join(sorted(unknown))}, which no training folder (or "
+                            f"FOLDER:TARGET) is; the folders are: {', '.join(sorted({e.group for e in examples}))}.")
     if any(int(n) < 1 for n in repeat.values()):
         raise TrainingError("--repeat needs a whole number of times, at least 1 (e.g. --repeat busi=2).")
-    return [e for e in examples for _ in range(int(repeat.get(e.group, 1)))]
+    return [e for e in examples for _ in range(int(repeat.get(e.kind, repeat.get(e.group, 1))))]
 
 
 def check_run_folder(out_dir, resume: bool) -> None:
