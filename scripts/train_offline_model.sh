@@ -19,10 +19,8 @@
 #   ultrasound join), one-cycle to 5e-4, half of the images that show their object trained with
 #   simulated clicks or a box (core/training/click_simulation.py), half of those with the empty
 #   prompt; the generic negatives less the findings of the new modalities
-#   (scripts/negative_prompts_five_modalities.txt). Stage 3: STAGE3_EPOCHS (2) more at 3e-4 with
-#   CVC-ClinicDB, BKAI-IGH and the X-rays' infection rows drawn twice. FROM=folder skips stage 1 and
-#   starts stage 2 from that text-only model (the embedded default of git history was stage 1:
-#   docs/offline_model.md says how the installed model was made).
+#   (scripts/negative_prompts_five_modalities.txt). FROM=folder skips stage 1 and starts stage 2 from that text-only model (the embedded
+#   default of git history was stage 1: docs/offline_model.md).
 #   ASSET=folder installs elsewhere (a candidate to compare first). Time: docs/offline_model.md.
 #   LEAVE_OUT=busi trains the same recipe without that set (and its synonyms and repeats): the
 #   leave-one-domain-out base of benchmarks/bench_corrections.py (docs/corrections.md).
@@ -33,7 +31,6 @@ OUT=${OUT:-runs/default_film_unet}
 THREADS=${THREADS:-2}
 EPOCHS=${EPOCHS:-20}
 STAGE2_EPOCHS=${STAGE2_EPOCHS:-4}
-STAGE3_EPOCHS=${STAGE3_EPOCHS:-2}
 FROM=${FROM:-}
 ASSET=${ASSET:-napari_vlsm/assets/default_film_unet}
 LEAVE_OUT=${LEAVE_OUT:-}
@@ -88,14 +85,5 @@ fi
 .venv/bin/napari-vlsm finetune $SETS --model "$OUT.guided_init" --out "$OUT" --epochs "$STAGE2_EPOCHS" --lr 5e-4 \
   --encoder-lr-scale 0.5 $REPEAT --crop 160 --synonyms "$SYNONYMS" --guidance-share 0.5 --click-iterations 3 \
   --negatives-file scripts/negative_prompts_five_modalities.txt $COMMON
-# Stage 3: two epochs more at 3e-4 with the polyp sets of the first default and the infection rows drawn
-# twice (after stage 2 the polyp Dice had fallen 0.03-0.04 and the infection prompt still found nothing)
-REPEAT3="$REPEAT"
-for s in clinicdb bkai_polyp "chest_xray:covid-19 lung infection"; do
-  [ "${s%%:*}" = "$LEAVE_OUT" ] || REPEAT3="$REPEAT3 --repeat $s=2"
-done
-.venv/bin/napari-vlsm finetune $SETS --model "$OUT/best" --out "$OUT.stage3" --epochs "$STAGE3_EPOCHS" --lr 3e-4 \
-  --encoder-lr-scale 0.5 $REPEAT3 --crop 160 --synonyms "$SYNONYMS" --guidance-share 0.5 --click-iterations 3 \
-  --negatives-file scripts/negative_prompts_five_modalities.txt $COMMON
-install "$OUT.stage3/best" "$ASSET"
-echo "Installed $OUT.stage3/best as the embedded default model, with its card and replay sample."
+install "$OUT/best" "$ASSET"
+echo "Installed $OUT/best as the embedded default model, with its card and replay sample."
