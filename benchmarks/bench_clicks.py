@@ -133,6 +133,8 @@ def bench_folder(pred: Predictor, folder: Path, split: str, limit: int, n_clicks
         out["ellipse"].append(dice(inscribed_ellipse(truth.shape, box), truth))
         if rw:
             series["random walker"].append([dice(random_walker_mask(image, clicks[:k]), truth) for k in RW_AT])
+    if not taken:
+        return {}
     summary = {"images": taken, "text": float(np.mean(out["text"])), "box": float(np.mean(out["box"])),
                "ellipse in box": float(np.mean(out["ellipse"])),
                "median click ms": 1000 * statistics.median(out["seconds"]) if out["seconds"] else None}
@@ -179,9 +181,10 @@ def main(argv=None) -> None:
         sys.exit(f"{args.model} takes text prompts only; clicks need a model that takes them (the default).")
     results = {}
     for folder in args.folders:
-        results[folder.name] = bench_folder(pred, folder, args.split, args.limit, args.clicks,
-                                            not args.no_random_walker)
-        print(folder.name, json.dumps(results[folder.name]), flush=True)
+        found = bench_folder(pred, folder, args.split, args.limit, args.clicks, not args.no_random_walker)
+        if found:  # a folder without any image of its object (polyp-free frames) has nothing to click
+            results[folder.name] = found
+            print(folder.name, json.dumps(found), flush=True)
     print(f"\nModel {args.model}; {args.split} split, up to {args.limit} images with their object per set; "
           f"{machine()}\n")
     print(table(results))

@@ -75,11 +75,13 @@ def test_words_the_default_model_was_never_trained_on_are_named():
 
 
 def test_the_default_cards_vocabulary_is_what_its_training_drew_from(data_sets, tmp_path):
-    sets = [data_sets / n for n in ("kvasir_seg", "clinicdb", "bkai_polyp", "busi", "colonoscopy_negatives")]
+    sets = [data_sets / n for n in ("kvasir_seg", "clinicdb", "bkai_polyp", "busi", "colonoscopy_negatives", "isic",
+                                    "chest_xray", "fetal_head")]
     subprocess.run([sys.executable, str(REPO / "scripts" / "default_model_card.py"), str(tmp_path), *map(str, sets)],
                    check=True, cwd=REPO)
     made, installed = read_card(tmp_path), read_card(default_model_dir())
-    assert {"polyp", "tumor", "breast", "ultrasound", "lung"} <= set(made[VOCABULARY])
+    assert {"polyp", "tumor", "breast", "ultrasound", "lung", "skin", "melanoma", "fetal", "head", "covid-19"} <= set(
+        made[VOCABULARY])
     if data_sets == SHARED_DATA:  # the full training sets: the installed card, exactly
         assert made == installed
     else:  # the committed few pairs: a part of it

@@ -68,10 +68,12 @@ def folder_of_kind(kind: str) -> str:
 
 
 def row_targets(rows: list[dict]) -> list[str]:
-    """Each row's target where an image is annotated in several rows (one per target, as
-    chest_xray's lungs and infection): its p1, case-folded; "" for every row otherwise."""
-    names = [r.get("img_name") for r in rows]
-    if len(set(names)) == len(names):
+    """Each row's target where an image is annotated in several rows with different masks (one
+    per target, as chest_xray's lungs and infection): its p1, case-folded; "" for every row otherwise."""
+    masks: dict = {}
+    for r in rows:
+        masks.setdefault(r.get("img_name"), set()).add(r.get("mask_name"))
+    if all(len(m) == 1 for m in masks.values()):  # a row repeated (BKAI-IGH has one) is not a second target
         return [""] * len(rows)
     return [str(r.get("prompts", {}).get("p1", "")).strip().casefold() for r in rows]
 
