@@ -78,8 +78,6 @@ def test_demo_without_viewer_writes_the_mask(tmp_path):
     assert mask.shape == (256, 256) and mask.max() == 1  # 0/1 like `segment`
 
 
-@pytest.mark.xfail(strict=True, reason="the five-modality default draws a tumour on 7 of the 13 normal BUSI val "
-                                       "images (the two-modality one on 2): docs/offline_model.md")
 def test_normal_breast_images_asked_for_the_tumour_give_nothing(predictor, data_sets):
     """As a person asks: every image gets the tumour prompt, normal ones included (their own
     p1 is "No tumor ..."): most normal images give nothing. The model before the own-class rule
