@@ -141,3 +141,26 @@ class CodeInPickle:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
+
+
+def cli(*args):
+    """Run the command line with ``args``; whatever it answers, never a traceback."""
+    from typer.testing import CliRunner
+
+    from napari_vlsm.cli import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert "Traceback" not in res.output, res.output
+    return res
+
+
+@pytest.fixture
+def images(tmp_path, polyp_image):
+    """A folder of three copies of a real polyp frame (a.jpg, b.png, c.png)."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("a.jpg", "b.png", "c.png"):
+        Image.fromarray(polyp_image).save(folder / name)
+    return folder

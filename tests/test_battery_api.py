@@ -5,20 +5,13 @@ import math
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from napari_vlsm.cli import app
 from napari_vlsm.core.inference.evaluate import evaluate
 from napari_vlsm.core.inference.predictor import Predictor
 from napari_vlsm.core.models.loading import load_model
+from tests.conftest import cli
 
-runner = CliRunner()
-
-
-def cli(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in res.output, res.output
-    return res
 
 
 @pytest.fixture(scope="module")

@@ -5,20 +5,13 @@ import shutil
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from napari_vlsm.cli import app
 from napari_vlsm.core.models import onnx_export
 from napari_vlsm.core.models.loading import load_model
 from napari_vlsm.core.models.onnx_backend import OnnxBackend
+from tests.conftest import cli
 
-runner = CliRunner()
-
-
-def cli(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in res.output, res.output
-    return res
 
 
 def _contents(folder):

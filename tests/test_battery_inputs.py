@@ -5,18 +5,11 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
-from typer.testing import CliRunner
 
 from napari_vlsm.cli import app
 from napari_vlsm.core.images.imageio import read_image
+from tests.conftest import cli
 
-runner = CliRunner()
-
-
-def cli(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in res.output, res.output
-    return res
 
 
 def tiff_bomb(path, side=16384):

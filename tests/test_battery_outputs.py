@@ -5,29 +5,12 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
-from typer.testing import CliRunner
 
 from napari_vlsm.cli import app
 from napari_vlsm.core.images.imageio import read_image
 from napari_vlsm.core.inference.folder_labeling import plan_masks
+from tests.conftest import cli
 
-runner = CliRunner()
-
-
-def cli(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in res.output, res.output
-    return res
-
-
-@pytest.fixture
-def images(tmp_path, polyp_image):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for name in ("a.jpg", "b.png", "c.png"):
-        Image.fromarray(polyp_image).save(folder / name)
-    return folder
 
 
 def _contents(folder):

@@ -5,18 +5,11 @@ import json
 import shutil
 
 import pytest
-from typer.testing import CliRunner
 
 from napari_vlsm.cli import app
 from napari_vlsm.core.data.training_sets import benchmark_examples, remove_example
+from tests.conftest import cli
 
-runner = CliRunner()
-
-
-def cli(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in res.output, res.output
-    return res
 
 
 @pytest.fixture

@@ -7,19 +7,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from napari_vlsm.cli import app
 from napari_vlsm.core.models.loading import load_model
 from napari_vlsm.core.training import train as T
+from tests.conftest import cli
 
-runner = CliRunner()
-
-
-def cli(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in res.output, res.output
-    return res
 
 
 def _max_weight(folder) -> float:

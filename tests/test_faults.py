@@ -24,23 +24,8 @@ from napari_vlsm.core.images.imageio import list_images, read_image
 from napari_vlsm.core.models.loading import load_model
 from napari_vlsm.core.inference.predictor import Predictor
 from napari_vlsm.core.images.preprocess import shrink_for_model
+from tests.conftest import cli
 
-runner = CliRunner()
-
-
-def cli(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in res.output, res.output
-    return res
-
-
-@pytest.fixture
-def images(tmp_path, polyp_image):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for name in ("a.jpg", "b.png", "c.png"):
-        Image.fromarray(polyp_image).save(folder / name)
-    return folder
 
 
 # ---------- nothing lost ----------
