@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 
-from napari_vlsm.cli import app
 from napari_vlsm.core.inference.evaluate import evaluate
 from napari_vlsm.core.inference.predictor import Predictor
 from napari_vlsm.core.models.loading import load_model

@@ -6,7 +6,6 @@ import shutil
 import pytest
 import torch
 
-from napari_vlsm.cli import app
 from napari_vlsm.core.models import onnx_export
 from napari_vlsm.core.models.loading import load_model
 from napari_vlsm.core.models.onnx_backend import OnnxBackend

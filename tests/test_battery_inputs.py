@@ -6,7 +6,6 @@ import pytest
 import tifffile
 from PIL import Image
 
-from napari_vlsm.cli import app
 from napari_vlsm.core.images.imageio import read_image
 from tests.conftest import cli
 

@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 
-from napari_vlsm.cli import app
 from napari_vlsm.core.images.imageio import read_image
 from napari_vlsm.core.inference.folder_labeling import plan_masks
 from tests.conftest import cli

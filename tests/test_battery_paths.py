@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 
-from napari_vlsm.cli import app
 from napari_vlsm.core.data.training_sets import benchmark_examples, remove_example
 from tests.conftest import cli
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from napari_vlsm.cli import app
 from napari_vlsm.core.models.loading import load_model
 from napari_vlsm.core.training import train as T
 from tests.conftest import cli
