@@ -88,6 +88,8 @@ def small_copy(src: Path, out: Path, n_train: int, n_val: int) -> Path:
     """A benchmark-format folder with the first pairs of ``src``'s splits, named like ``out``."""
     for split, n in (("train", n_train), ("val", n_val)):
         entries = json.loads((src / "anns" / f"{split}.json").read_text())[:n]
+        # a silently shorter copy passes with ../shared and fails on the fixture: say so here
+        assert len(entries) == n, f"{src.name}/{split} has {len(entries)} pairs, the test asks for {n}"
         (out / "anns").mkdir(parents=True, exist_ok=True)
         (out / "anns" / f"{split}.json").write_text(json.dumps(entries))
         for e in entries:

@@ -159,8 +159,9 @@ def test_a_worker_started_with_dasks_defaults_is_reported_once(images, tiny_unet
 def test_evaluate_on_a_cluster_gives_the_single_process_scores(kvasir, tiny_unet, cluster, tmp_path):
     from .conftest import small_copy
 
-    data = small_copy(kvasir, tmp_path / "kvasir_seg", 0, 6)  # two tasks of images
-    base = ["evaluate", str(data), "--model", str(tiny_unet), "--prompt-type", "p7"]  # p7: drawn from a list
+    data = small_copy(kvasir, tmp_path / "kvasir_seg", 6, 0)  # two tasks of images; the fixture's val has only 4
+    base = ["evaluate", str(data), "--split", "train", "--model", str(tiny_unet),
+            "--prompt-type", "p7"]  # p7: drawn from a list
     res = runner.invoke(app, [*base, "--csv", str(tmp_path / "alone.csv")])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, [*base, "--csv", str(tmp_path / "cluster.csv"), "--scheduler",
