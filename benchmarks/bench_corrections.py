@@ -181,8 +181,8 @@ def score_check(args) -> None:
     """How well each score ranks the pool by the base model's error (Spearman's rho)."""
     from scipy.stats import spearmanr
 
-    pool = benchmark_examples(Path(args.domain), "train")
-    pool = [pool[i] for i in np.random.default_rng(args.seed).permutation(len(pool))][:args.estimate_sample * 3]
+    # the pool as the rounds see it, less the first round's images (a --score-model of round 1 trained on them)
+    pool = split_pool(args)[0][args.per_round:][:args.estimate_sample * 3]
     model = args.score_model or args.base_with_replay
     scores = uncertainty(model, pool, args.prompt)
     pred = Predictor(load_model(model, device="cpu", dtype="fp32"))
@@ -203,7 +203,7 @@ def batch_check(args) -> None:
     folder of video frames numbered in order (CVC-ClinicDB): how many are near copies (another
     of them within 3 frames), how many different stretches of 50 frames they come from, and the
     base's mean 1 - Dice on them (how much there is to correct)."""
-    pool = benchmark_examples(Path(args.domain), "train")
+    pool = domain_examples(args, "train")
     pool = [pool[i] for i in np.random.default_rng(args.seed).permutation(len(pool))]
     model = args.base_with_replay
     pred = Predictor(load_model(model, device="cpu", dtype="fp32"))
@@ -257,15 +257,26 @@ def ceiling(args, name: str, extra: list[str]) -> dict:
     return row
 
 
+def domain_examples(args, split: str) -> list:
+    """The domain's rows of ``split``; in a folder of several targets on the same images
+    (chest_xray), only the rows of ``--target``."""
+    rows = benchmark_examples(Path(args.domain), split)
+    if args.target:
+        rows = [ex for ex in rows if ex.target == args.target.casefold()]
+        if not rows:
+            sys.exit(f"{args.domain} has no {split} rows of target {args.target!r}")
+    return rows
+
+
 def split_pool(args) -> tuple[list, list]:
     """The annotator's pool (the domain's training split less ``--test-from-pool`` images, in
     the order of ``--seed``) and the test set (its val split and those images, the same for
     every seed)."""
-    train = benchmark_examples(Path(args.domain), "train")
+    train = domain_examples(args, "train")
     held = set(np.random.default_rng(12345).permutation(len(train))[:args.test_from_pool].tolist())
     pool = [ex for i, ex in enumerate(train) if i not in held]
     pool = [pool[i] for i in np.random.default_rng(args.seed).permutation(len(pool))]
-    return pool, benchmark_examples(Path(args.domain), "val") + [train[i] for i in sorted(held)]
+    return pool, domain_examples(args, "val") + [train[i] for i in sorted(held)]
 
 
 def run_arm(args, name: str, extra: list[str], order: str = "random") -> list[dict]:
@@ -336,6 +347,8 @@ def main():
                                                                    "sample, when it has none).")
     ap.add_argument("--replay-per-set", type=int, default=24, help="Pairs of each --replay-from folder.")
     ap.add_argument("--domain", default=str(DATA / "busi"))
+    ap.add_argument("--target", default="", help="In a folder of several targets on the same images (chest_xray), "
+                                                 "the rows of this one (its p1, e.g. 'COVID-19 lung infection').")
     ap.add_argument("--prompt", default="breast tumor", help="What the annotator types for the new domain.")
     ap.add_argument("--forget-set", default=str(DATA / "kvasir_seg"))
     ap.add_argument("--rounds", type=int, default=4)
@@ -413,7 +426,7 @@ def rescore(args) -> None:
     torch.set_num_threads(args.threads)
     work = Path(args.rescore)
     rows = json.loads((work / "results.json").read_text())
-    test = benchmark_examples(Path(args.domain), "val")
+    test = domain_examples(args, "val")
     for row in rows:
         arm = row["arm"].removesuffix(": ceiling").replace(": ", "_")
         if row["arm"].endswith(": ceiling"):
