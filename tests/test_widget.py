@@ -8,6 +8,8 @@ from qtpy.QtCore import Qt, QTimer
 
 from napari_vlsm.plugin.segment_widget import SegmentWidget
 
+from .conftest import open_docks
+
 
 @pytest.fixture
 def widget(make_napari_viewer, tiny_clipseg):
@@ -322,9 +324,7 @@ def test_renamed_layers_and_a_model_that_fails_to_load(qtbot, widget, polyp_imag
 @pytest.fixture
 def docked(make_napari_viewer, tiny_clipseg):
     """The segmentation dock as napari opens it from the Plugins menu."""
-    viewer = make_napari_viewer()
-    _, w = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation")
-    w.add_model(str(tiny_clipseg))
+    (w,) = open_docks(make_napari_viewer(), "segment", model=tiny_clipseg)
     return w
 
 

@@ -1,5 +1,6 @@
 """A small live plot of training loss and validation Dice, drawn with QPainter: axes with
-ticks, one point per logged step (lines between them), and a legend above the curves."""
+ticks, one point per logged step (lines between them), and a legend above the curves that
+names only the curves drawn (a run without validation has no val Dice)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ class CurvePlot(QWidget):
         legend_x = LEFT
         for name, color in SERIES.items():
             series = self.data[name]
+            if not series:
+                continue
             label = f"{name} {series[-1][1]:.3f}" if series else name
             p.setPen(QPen(color, 2))
             p.drawLine(QPointF(legend_x, 9), QPointF(legend_x + 12, 9))
