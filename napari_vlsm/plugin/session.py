@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from napari_vlsm.core.inference.predictor import Predictor, clean_prompts
-from .label_writing import LabelWrite, choose
+from .label_writing import LabelWrite, choose, reaches
 from .planes import plane, plane_key
 
 
@@ -86,7 +86,7 @@ class SegmentSession:
             self._set_plane(layer, index)
             probs = self.predictor.predict(prompt, threshold, clicks=list(clicks) or None, box=box,
                                            previous=previous).probs[0]
-        return probs, probs >= threshold
+        return probs, reaches(probs, threshold)
 
     def _set_plane(self, layer, index) -> None:
         image = plane(layer, index)
