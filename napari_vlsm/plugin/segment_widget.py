@@ -73,6 +73,7 @@ class SegmentWidget(QWidget):
         self.worker = None
         self._request: SegmentRequest | None = None  # the series' request the running segmentation answers
         self._outcome: SegmentOutcome | None = None
+        self._queued: SegmentRequest | None = None  # asked for while a run was going on
         self._clicks_of: dict[str, dict] = {}  # series image -> its clicks and box, kept over Next and Back
         self._clicks_name: str | None = None  # the series image the clicks shown belong to
         self._when_done: list = []  # calls waiting for the running segmentation to end
@@ -103,6 +104,9 @@ class SegmentWidget(QWidget):
         self.device_combo.setCurrentText(self.state.device)
         self._bind()
         join_plugin_tabs(self, "Segment")
+        state = self.state
+        if state.series is not None and 0 <= state.walk_pos < len(state.walk):  # opened after the series
+            self._series_shown(state.walk[state.walk_pos])
         waiting = self.state.take_waiting_request()
         if waiting is not None:  # the series asked before this dock was open
             QTimer.singleShot(0, lambda: self.segment_request(waiting))
@@ -229,7 +233,7 @@ class SegmentWidget(QWidget):
         self._undo_timer.timeout.connect(self._show_threshold_of_plane)
         self.threshold.sliderMoved.connect(lambda v: self.threshold_label.setText(f"{v / 100:.2f}"))
         self.mode_combo.currentIndexChanged.connect(self._refresh_layers)
-        self.segment_btn.clicked.connect(self.run)
+        self.segment_btn.clicked.connect(lambda: self.run())  # not run(checked)
         self.cancel_btn.clicked.connect(self.cancel)
         self.clicks_btn.clicked.connect(self.start_clicking)
         self.box_btn.clicked.connect(self.start_box)
@@ -274,9 +278,11 @@ class SegmentWidget(QWidget):
         from napari_vlsm.core.models.registry import find_models
 
         self.model_combo.blockSignals(True)
-        if not self.model_combo.count():
+        if not self.model_combo.count():  # the name alone fits the chooser; what kind of model it is, on hover
             for m in find_models():
-                self.model_combo.addItem(f"{m.spec}  [{m.kind}]", m.spec)
+                self.model_combo.addItem(short_model_name(m.spec), m.spec)
+                self.model_combo.setItemData(self.model_combo.count() - 1, f"{m.spec} [{m.kind}]",
+                                             Qt.ItemDataRole.ToolTipRole)
         for spec in self.state.models:
             self._offer(spec)
         self.model_combo.setCurrentIndex(self._offer(self.state.model))
@@ -375,12 +381,27 @@ class SegmentWidget(QWidget):
     # ---------- running ----------
     def segment_request(self, request: SegmentRequest) -> None:
         """Segment what the series asks for: its image into its Labels layer. A run still
-        going on (the image left behind) ends first; the result of that one is dropped."""
+        going on (the image left behind) ends first; the result of that one is dropped. Of the
+        requests made meanwhile only the newest runs."""
         if self.worker is not None:
-            self.when_done(lambda: self.segment_request(request))
+            if self._queued is None:
+                self.when_done(self._run_queued)
+            else:
+                self._answer(self._queued, SegmentOutcome(self._queued, False))
+            self._queued = request
             return
-        if self.run(request) is None and request.on_done is not None:
-            request.on_done(SegmentOutcome(request, False))
+        if self.run(request) is None:
+            self._answer(request, SegmentOutcome(request, False))
+
+    def _run_queued(self) -> None:
+        request, self._queued = self._queued, None
+        if request is not None:
+            self.segment_request(request)
+
+    @staticmethod
+    def _answer(request: SegmentRequest, outcome: SegmentOutcome) -> None:
+        if request.on_done is not None:
+            request.on_done(outcome)
 
     def _series_target(self, layer):
         """The Labels layer the image ``layer`` always segments into (the series'), shown in the choosers."""
@@ -456,8 +477,8 @@ class SegmentWidget(QWidget):
         self._set_running(False)
         self._enable_clicks()  # the model that loaded says whether it takes clicks
         request, self._request = self._request, None
-        if request is not None and request.on_done is not None:
-            request.on_done(self._outcome or SegmentOutcome(request, False))
+        if request is not None:
+            self._answer(request, self._outcome or SegmentOutcome(request, False))
         calls, self._when_done = self._when_done, []
         for call in calls:
             call()
@@ -522,6 +543,7 @@ class SegmentWidget(QWidget):
         keep, kept = ({}, 0) if target is None else label_writing.pixels_to_keep(target, segmented[2], self.edits, mode)
         if result.threshold != self.threshold_value:  # the slider moved while it ran
             result.choices = {i: label_writing.choose(p, self.threshold_value) for i, p in result.probs.items()}
+        before = None if target is None else {i: plane(target, i).copy() for i in result.choices}
         target, write = label_writing.write_result(self.viewer, image_layer, target, result.choices, result.prompts,
                                                    self.threshold_value, mode, keep)
         result.choices = {}  # written; the probabilities stay for the slider
@@ -550,18 +572,25 @@ class SegmentWidget(QWidget):
         backend = self.session.backend
         from napari_vlsm.core.device import describe
 
+        changed = None if before is None else sum(int((plane(target, i) != b).sum()) for i, b in before.items())
         self.status.setText(self._result_message(result, target, f"{backend.name} on "
-                                                 f"{describe(backend.device, backend.dtype)}", kept))
+                                                 f"{describe(backend.device, backend.dtype)}", kept, mode, changed))
 
-    def _result_message(self, result, target, engine: str, kept: int = 0) -> str:
+    def _result_message(self, result, target, engine: str, kept: int = 0, mode: str = "new",
+                        changed: int | None = None) -> str:
         card = card_for(self.session.spec)
         highest = [max(float(p[i].max()) for p in result.probs.values()) for i in range(len(result.prompts))]
-        empty = [p for p, h in zip(result.prompts, highest) if h < self.threshold_value]
+        empty = [p for p, h in zip(result.prompts, highest) if not label_writing.reaches(h, self.threshold_value)]
         if len(empty) == len(result.prompts):
             text = (f"Nothing above threshold {self.threshold_value:.2f} (highest probability {max(highest):.2f}) "
                     f"for {', '.join(repr(p) for p in result.prompts)}. " + nothing_found_hint(card, result.prompts))
+        elif changed == 0:
+            text = (f"Nothing changed in '{target.name}': " + (
+                "every pixel the model found is labelled there already (this mode writes only where the layer is 0)."
+                if mode == "fill" else "it held this result already."))
         else:
-            text = f"Wrote {len(result.probs)} plane(s) to '{target.name}' with {engine}."
+            pixels = "" if changed is None else f" ({changed} pixel(s) changed)"
+            text = f"Wrote {len(result.probs)} plane(s) to '{target.name}' with {engine}{pixels}."
             if empty:
                 text += (f" Nothing above threshold {self.threshold_value:.2f} for "
                          f"{', '.join(repr(p) for p in empty)}.")
