@@ -30,6 +30,10 @@ class CurvePlot(QWidget):
             series.append((x, float(value)))
             self.update()
 
+    def legend(self) -> list[str]:
+        """The legend's entries: the curves drawn, each with its last value."""
+        return [f"{name} {series[-1][1]:.3f}" for name, series in self.data.items() if series]
+
     def paintEvent(self, event):
         p = QPainter(self)
         p.setRenderHint(QPainter.RenderHint.Antialiasing)
@@ -50,11 +54,8 @@ class CurvePlot(QWidget):
             x = box.left() + frac * box.width() - (0 if frac == 0 else 60 if frac == 1 else 30)
             p.drawText(QRectF(x, box.bottom() + 2, 60, 14), align.get(frac, Qt.AlignmentFlag.AlignCenter), text)
         legend_x = LEFT
-        for name, color in SERIES.items():
+        for (name, color), label in zip(((n, c) for n, c in SERIES.items() if self.data[n]), self.legend()):
             series = self.data[name]
-            if not series:
-                continue
-            label = f"{name} {series[-1][1]:.3f}" if series else name
             p.setPen(QPen(color, 2))
             p.drawLine(QPointF(legend_x, 9), QPointF(legend_x + 12, 9))
             p.setPen(QPen(QColor("#dddddd")))
