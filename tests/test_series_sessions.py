@@ -282,6 +282,7 @@ def test_an_auto_length_run_counts_steps_and_its_plot_names_only_what_it_draws(q
     fine.stop()
     qtbot.waitUntil(lambda: fine.worker is None, timeout=60000)
     assert seen[1].startswith(f"Step 2/{ROUND_STEPS}:"), seen[1]
+    assert "estimating the time left" in seen[0] and "s left" in seen[1].replace("time left", "")
     legend = fine.plot.legend()  # no validation in a run of one correction: no val Dice in the legend
     assert len(legend) == 1 and legend[0].startswith("loss")
 

@@ -108,8 +108,10 @@ class FinetuneWidget(QWidget):
         self.epochs = QSpinBox()
         self.epochs.setRange(0, 1000)
         self.epochs.setSpecialValueText(f"auto ({ROUND_STEPS} steps)")
-        self.epochs.setToolTip(f"auto: {ROUND_STEPS} steps for up to about 90 corrections (under a minute on a "
-                               "laptop CPU), more for a larger set")
+        # no promise of a duration: 100 steps of the default model on 6 corrections took 278 s on a
+        # busy 2-core CPU here; the status line estimates the time left from the run's own pace
+        self.epochs.setToolTip(f"auto: {ROUND_STEPS} optimiser steps for a round of corrections, more for a larger "
+                               "set; the time left is estimated once the run is going")
         self.epochs.setValue(DEFAULTS.epochs or 0)
         self.lr = QLineEdit("")
         self.lr.setPlaceholderText("model's default")
@@ -169,7 +171,7 @@ class FinetuneWidget(QWidget):
 
     def _bind(self):
         """Follow the state; let go of it when the dock goes."""
-        bound = [(self.state.examples_changed, self._refresh_examples),
+        bound = [(self.state.examples_changed, self._examples_changed),
                  (self.state.training_wanted, self.start),
                  (self.state.model_changed, self._show_models), (self.state.pending_changed, self._show_models)]
         for signal, slot in bound:
@@ -222,9 +224,13 @@ class FinetuneWidget(QWidget):
             self.folder_edit.setText(folder)
             self.state.set_training_folder(folder)
 
-    def _refresh_examples(self):
+    def _examples_changed(self):
+        """The training set's folder or contents changed (the series stored pairs)."""
         if self.folder != self.state.training_folder:
             self.folder_edit.setText(str(self.state.training_folder))
+        self._refresh_examples()
+
+    def _refresh_examples(self):
         self.examples.clear()
         try:
             entries = read_index(self.folder)
@@ -356,7 +362,10 @@ class FinetuneWidget(QWidget):
             self.plot.add("loss", ev.loss, ev.step)
         elif ev.kind == "epoch":
             self.plot.add("val Dice", ev.val_dice, ev.step)
-            eta = f", about {ev.eta:.0f} s left" if ev.eta and ev.epoch < ev.epochs else ""
+            # the first epoch also loads the images and writes the first checkpoint: its pace
+            # would overstate the rest (measured: 562 s said, 265 s taken), so wait for the second
+            eta = "" if ev.epoch >= ev.epochs else ", estimating the time left" if ev.epoch < 2 or not ev.eta \
+                else f", about {ev.eta:.0f} s left"
             self.status.setText(f"{self._where(ev)}: loss {ev.loss:.3f}"
                                 + (f", val Dice {ev.val_dice:.3f}" if ev.val_dice is not None else "") + eta)
         elif ev.kind == "done":

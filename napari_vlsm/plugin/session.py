@@ -1,5 +1,6 @@
-"""State behind the segmentation widget, without Qt: the loaded model, the cached image
-features, the last probabilities. Its ``segment`` generator is what a thread_worker runs."""
+"""The loaded model, the cached image features and the last probabilities, without Qt: the
+viewer's ``PluginState`` holds one, so every dock uses the backend loaded once. Its
+``segment`` generator is what a thread_worker runs."""
 
 from __future__ import annotations
 
