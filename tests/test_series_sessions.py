@@ -96,10 +96,12 @@ def test_auto_save_writes_only_edits_and_asks_before_replacing_an_earlier_sessio
         qtbot, make_napari_viewer, tiny_unet, folder, monkeypatch):
     first = make_napari_viewer()
     seg, series = open_docks(first, "segment", "series", model=tiny_unet, prompt="polyp", order="name")
+    seg.threshold.setValue(5)  # the random model proposes something
     series.to_training.setChecked(False)
     open_folder(series, folder)
     wait_segmented(qtbot, seg, series)
     s = series.series
+    assert series.proposal[1].any()
     series.autosave()
     assert not s.mask_path(0).exists()  # the model's proposal, untouched, is not saved
     stroke(first.layers["series labels"], (40, 40), 2)
