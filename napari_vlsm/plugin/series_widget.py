@@ -63,6 +63,7 @@ class SeriesWidget(QWidget):
         self._scored_with = None  # (model, prompt, order) of those scores or descriptions
         self.scoring = None  # the worker scoring (or describing) the images
         self.proposal: tuple[int, np.ndarray] | None = None  # (image, the model's mask as shown)
+        self._walk_unknown = False
         self._build()
         join_plugin_tabs(self, "Series")
         self.timer = QTimer(self)
@@ -205,6 +206,7 @@ class SeriesWidget(QWidget):
             self._leave()
             self.state.close_series()
         self._forget_order()
+        self._walk_unknown = "walked" not in series.settings and series.n_done > 0  # a series.json from before walks
         notes = self.state.open_series(series)
         self.state.targets = {IMAGE_LAYER: LABELS_LAYER}  # the series image always segments into its labels
         self._closing = self._closing or on_window_close(self, self._on_close)  # closing napari saves first
@@ -322,7 +324,7 @@ class SeriesWidget(QWidget):
         before = self.state.walked_before()
         if before in names:
             target = names.index(before)
-        elif self.index > 0:  # a series.json from before walks were kept
+        elif self._walk_unknown and self.index > 0:  # the way walked before is not known: back by name
             target = self.index - 1
         else:
             self.status.setText("This is the first image shown in this series.")
