@@ -72,6 +72,16 @@ BUGS = [
     Bug("replace mode writes like fill (the annotator's labels stay)", "napari_vlsm/plugin/label_writing.py",
         '    write_mode = "fill" if mode == "fill" else "replace"', '    write_mode = "fill"',
         ("tests/test_widget.py::test_replace_mode_is_undoable",)),
+    Bug("the slider re-thresholds a single prompt with > (the predictor uses >=)", "napari_vlsm/plugin/label_writing.py",
+        "    return combine_labels(probs, threshold)\n",
+        "    return (probs[0] > threshold).astype(np.uint8) if len(probs) == 1 else combine_labels(probs, threshold)\n",
+        ("tests/test_widget.py::test_the_slider_labels_a_probability_exactly_at_the_threshold_as_the_predictor_does",)),
+    Bug("the series auto-saves a proposal nobody touched", "napari_vlsm/plugin/series_widget.py",
+        "        if not outcome.kept:", "        if False:",
+        ("tests/test_series_sessions.py::test_auto_save_writes_only_edits_and_asks_before_replacing_an_earlier_sessions_mask",)),
+    Bug("Previous goes back by name, not the way the annotator walked", "napari_vlsm/plugin/series_widget.py",
+        "        if before in names:\n", "        if False:\n",
+        ("tests/test_series_sessions.py::test_previous_goes_back_the_way_the_annotator_walked",)),
 ]
 
 

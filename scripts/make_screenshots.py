@@ -39,10 +39,10 @@ def shoot(out: Path):
     viewer = napari.Viewer(title="napari-vlsm", show=True)
     window = viewer.window._qt_window
     window.resize(1600, 1000)
-    _, seg = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation")
+    seg_dock, seg = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation")
     fine_dock, fine = viewer.window.add_plugin_dock_widget("napari-vlsm", "Finetune")
     fine.folder_edit.setText(tempfile.mkdtemp(prefix="vlsm-training-set-"))
-    fine._refresh_examples()
+    fine.folder_edit.editingFinished.emit()  # as pressing Enter: the series stores its pairs there too
 
     # 1. the prompt chooses: a tumour in breast ultrasound
     viewer.open_sample("napari-vlsm", "breast_ultrasound")
@@ -51,6 +51,8 @@ def shoot(out: Path):
     seg.run()
     wait(seg)
     viewer.reset_view()
+    settle()
+    seg_dock.raise_()  # the docks are tabs: the segmentation's in front
     settle()
     viewer.screenshot(str(out / "screenshot.png"), canvas_only=False, flash=False)
 

@@ -166,3 +166,27 @@ def images(tmp_path, polyp_image):
     for name in ("a.jpg", "b.png", "c.png"):
         Image.fromarray(polyp_image).save(folder / name)
     return folder
+
+
+DOCKS = {"segment": "Text-prompt segmentation", "finetune": "Finetune", "series": "Image series"}  # napari.yaml
+
+
+def open_docks(viewer, *names, model=None, prompt=None, training_folder=None, order=None, tabify=False):
+    """The plugin's docks ``names`` (keys of DOCKS) opened as the Plugins menu opens them
+    (napari's add_plugin_dock_widget: each dock gets its own proxy of the viewer), in that
+    order, then set up through their own controls: the model added and chosen, the prompt
+    typed, the training set's folder, the series' order. Returns the dock widgets."""
+    docks = {}
+    for name in names:
+        _, docks[name] = viewer.window.add_plugin_dock_widget("napari-vlsm", DOCKS[name], tabify=tabify)
+    seg, fine, series = docks.get("segment"), docks.get("finetune"), docks.get("series")
+    if model is not None:
+        seg.add_model(str(model))
+    if prompt is not None:
+        seg.prompt_edit.setPlainText(prompt)
+    if training_folder is not None:
+        fine.folder_edit.setText(str(training_folder))
+        fine.folder_edit.editingFinished.emit()
+    if order is not None:
+        series.order_combo.setCurrentIndex(series.order_combo.findData(order))
+    return [docks[name] for name in names]

@@ -14,7 +14,7 @@ from napari_vlsm.core.models.film_unet import FilmUNetForSegmentation
 from napari_vlsm.core.models.loading import load_model, strict_from_pretrained
 from napari_vlsm.core.models.random_models import TINY_FILM_UNET, build_random_film_unet
 
-from .conftest import copy_images
+from .conftest import copy_images, open_docks
 
 OBJECT, OTHER = 1, 7
 
@@ -57,9 +57,7 @@ def text_only_unet(tmp_path):
 
 @pytest.fixture
 def dock(make_napari_viewer, clicky_unet):
-    viewer = make_napari_viewer()
-    _, seg = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation")
-    seg.add_model(str(clicky_unet))
+    (seg,) = open_docks(make_napari_viewer(), "segment", model=clicky_unet)
     return seg
 
 
@@ -272,13 +270,8 @@ def test_a_text_only_model_disables_the_click_tools(qtbot, dock, polyp_image, te
 @pytest.fixture
 def series_docks(make_napari_viewer, clicky_unet, tmp_path, kvasir):
     viewer = make_napari_viewer()
-    _, seg = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation")
-    _, fine = viewer.window.add_plugin_dock_widget("napari-vlsm", "Finetune")
-    _, series = viewer.window.add_plugin_dock_widget("napari-vlsm", "Image series")
-    seg.add_model(str(clicky_unet))
-    seg.prompt_edit.setPlainText("polyp")
-    fine.folder_edit.setText(str(tmp_path / "training_set"))
-    series.order_combo.setCurrentIndex(series.order_combo.findData("name"))
+    seg, fine, series = open_docks(viewer, "segment", "finetune", "series", model=clicky_unet, prompt="polyp",
+                                   training_folder=tmp_path / "training_set", order="name")
     return viewer, seg, series, copy_images(kvasir, tmp_path / "images", 3)
 
 

@@ -10,16 +10,14 @@ import pytest
 from napari_vlsm.core.images.imageio import read_image
 from napari_vlsm.core.data.training_sets import read_index
 
+from .conftest import open_docks
+
 
 @pytest.fixture
 def menu_widgets(make_napari_viewer, tiny_unet, tmp_path):
     viewer = make_napari_viewer()
-    _, seg = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation")
-    _, fine = viewer.window.add_plugin_dock_widget("napari-vlsm", "Finetune")
+    seg, fine = open_docks(viewer, "segment", "finetune", model=tiny_unet, training_folder=tmp_path / "training_set")
     assert seg.viewer is not fine.viewer  # napari hands each dock its own proxy
-    seg.add_model(str(tiny_unet))
-    fine.folder_edit.setText(str(tmp_path / "training_set"))
-    fine._refresh_examples()
     return viewer, seg, fine
 
 

@@ -18,7 +18,7 @@ from napari_vlsm.core.images.postprocess import logits_to_probs
 from napari_vlsm.core.inference.predictor import Predictor
 from napari_vlsm.core.models.loading import load_model
 
-from .conftest import CodeInPickle
+from .conftest import CodeInPickle, open_docks
 from napari_vlsm.core.training.train import dice_bce_loss, train_mode
 
 PROMPTS = ["polyp", "a small pink polyp in the colon, left of the image"]
@@ -624,9 +624,7 @@ def test_a_converted_folder_threshold_reaches_the_dock(folder, tmp_path, make_na
     choosing a model without one goes back to 0.5."""
     ckpt = write_release_checkpoint(_backend(folder), tmp_path / "best_model.pth")
     out = convert_cris_checkpoint(ckpt, tmp_path / "cris", image_size=64)
-    viewer = make_napari_viewer()
-    _, seg = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation")
-    seg.add_model(str(out))
+    (seg,) = open_docks(make_napari_viewer(), "segment", model=out)
     assert seg.threshold.value() == 35 and seg.threshold_label.text() == "0.35"
     seg.add_model(str(tiny_unet))
     assert seg.threshold.value() == 50 and seg.threshold_label.text() == "0.50"

@@ -6,20 +6,14 @@ from qtpy.QtCore import QTimer
 
 from napari_vlsm.core.images.imageio import read_image
 from napari_vlsm.core.data.training_sets import read_index
-from napari_vlsm.plugin.finetune_widget import FinetuneWidget
-from napari_vlsm.plugin.segment_widget import SegmentWidget
+
+from .conftest import open_docks
 
 
 @pytest.fixture
 def widgets(make_napari_viewer, tiny_unet, tmp_path):
-    viewer = make_napari_viewer()
-    seg, fine = SegmentWidget(viewer), FinetuneWidget(viewer)
-    viewer.window.add_dock_widget(seg)
-    viewer.window.add_dock_widget(fine)
-    seg.add_model(str(tiny_unet))
-    fine.folder_edit.setText(str(tmp_path / "training_set"))
-    fine._refresh_examples()
-    return seg, fine
+    return open_docks(make_napari_viewer(), "segment", "finetune", model=tiny_unet,
+                      training_folder=tmp_path / "training_set")
 
 
 def add_pair(viewer, fine, image, mask, prompt="polyp", name="frame"):
@@ -126,10 +120,7 @@ def test_closing_napari_during_a_training_run_raises_nothing(qtbot, make_napari_
     from napari_vlsm.core.data.training_sets import write_benchmark_example
 
     viewer = make_napari_viewer()
-    _, seg = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation")
-    _, fine = viewer.window.add_plugin_dock_widget("napari-vlsm", "Finetune")
-    seg.add_model(str(tiny_unet))
-    fine.folder_edit.setText(str(tmp_path / "set"))
+    seg, fine = open_docks(viewer, "segment", "finetune", model=tiny_unet, training_folder=tmp_path / "set")
     mask = np.zeros(polyp_image.shape[:2], bool)
     mask[60:120, 60:120] = True
     write_benchmark_example(fine.folder, "a", polyp_image, mask, "polyp")

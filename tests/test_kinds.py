@@ -14,6 +14,8 @@ from napari_vlsm.core.inference.predictor import Predictor, pooled_features
 from napari_vlsm.core.inference.series import PROGRESS, Series, estimate_of
 from napari_vlsm.core.models.loading import load_model
 
+from .conftest import open_docks
+
 
 def planted(sizes, seed=0, spread=0.05):
     """Points in well-separated groups of the given sizes (group k around 10 * e_k), and the
@@ -105,10 +107,7 @@ def open_series(make_napari_viewer, qtbot, model, folder):
     """The segmentation and series docks as napari opens them, ``model`` and "polyp", the
     folder open in the default order (checked to be by kind), its order worked out."""
     viewer = make_napari_viewer()
-    _, seg = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation")
-    _, series = viewer.window.add_plugin_dock_widget("napari-vlsm", "Image series")
-    seg.add_model(str(model))
-    seg.prompt_edit.setPlainText("polyp")
+    seg, series = open_docks(viewer, "segment", "series", model=model, prompt="polyp")
     series.to_training.setChecked(False)
     assert series.order_combo.currentData() == "kinds"  # the default
     series.open(folder)
@@ -228,8 +227,8 @@ def test_the_series_checks_the_model_on_images_drawn_at_random(
     agreement = dict(progress["agreements"])[drawn]
     assert series.series.estimate() == (pytest.approx(agreement), 1)
     assert Series(folder).estimate() == (pytest.approx(agreement), 1)  # reopened, the same
-    assert f"{agreement:.2f} (the model's proposals against your corrections of the last 1 image drawn at random)" \
-        in series.progress.text()
+    # one image says little: the dock waits for three drawn at random before it estimates
+    assert "estimated once 3 images drawn at random are corrected (1 so far)" in series.progress.text()
     res = CliRunner().invoke(app, ["rank", str(folder), "-p", "polyp", "--model", str(tiny_unet),
                                    "-o", str(tmp_path / "ranked.csv")])
     assert res.exit_code == 0, res.output

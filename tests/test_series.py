@@ -13,7 +13,7 @@ from napari_vlsm.core.images.imageio import read_image
 from napari_vlsm.core.inference.series import Series
 from napari_vlsm.core.data.training_sets import read_index
 
-from .conftest import copy_images
+from .conftest import DOCKS, copy_images, open_docks
 
 
 @pytest.fixture
@@ -24,13 +24,9 @@ def folder(tmp_path, kvasir):
 @pytest.fixture
 def docks(make_napari_viewer, tiny_unet, tmp_path):
     viewer = make_napari_viewer()
-    _, seg = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation")
-    _, fine = viewer.window.add_plugin_dock_widget("napari-vlsm", "Finetune")
-    _, series = viewer.window.add_plugin_dock_widget("napari-vlsm", "Image series")
-    seg.add_model(str(tiny_unet))
-    seg.prompt_edit.setPlainText("polyp")
-    fine.folder_edit.setText(str(tmp_path / "training_set"))
-    series.order_combo.setCurrentIndex(series.order_combo.findData("name"))  # these walk by name; see test_uncertainty
+    seg, fine, series = open_docks(viewer, "segment", "finetune", "series", model=tiny_unet, prompt="polyp",
+                                   training_folder=tmp_path / "training_set",
+                                   order="name")  # these walk by name; see test_uncertainty
     return viewer, seg, fine, series
 
 
@@ -131,18 +127,19 @@ def test_training_every_n_images_swaps_the_model_in_between_images(qtbot, docks,
         viewer.layers["series labels"].data[30:80, 30:80] = 1
         series.next()
         wait(qtbot, seg)
-    assert fine.worker is not None or fine.pending_model  # training started after the second image
+    state = fine.state
+    assert fine.worker is not None or state.pending_model  # training started after the second image
     qtbot.waitUntil(lambda: fine.worker is None, timeout=120000)
-    assert seg.model_spec == base and fine.pending_model  # not in the middle of an image
+    assert seg.model_spec == base and state.pending_model  # not in the middle of an image
     series.next()
     wait(qtbot, seg)
-    assert seg.model_spec == fine.last_model != base
+    assert seg.model_spec == state.last_trained != base
     assert "model: " + seg.model_spec in series.progress.text()
     # a run started from the Finetune dock afterwards is used at once, not from the next image
     first = seg.model_spec
     fine.start()
     qtbot.waitUntil(lambda: fine.worker is None, timeout=120000)
-    assert seg.model_spec == fine.last_model != first and not fine.pending_model
+    assert seg.model_spec == state.last_trained != first and not state.pending_model
 
 
 def test_moving_on_while_segmenting_writes_the_result_to_no_other_image(qtbot, docks, folder, monkeypatch):
@@ -209,8 +206,7 @@ def test_the_three_docks_fit_a_laptop_screen(make_napari_viewer, qtbot, tmp_path
     window = viewer.window._qt_window
     window.resize(*screen)
     viewer.open_sample("napari-vlsm", "kvasir_polyp")  # long layer names widen the choosers
-    opened = [viewer.window.add_plugin_dock_widget("napari-vlsm", name)
-              for name in ("Text-prompt segmentation", "Finetune", "Image series")]
+    opened = [viewer.window.add_plugin_dock_widget("napari-vlsm", DOCKS[name]) for name in ("segment", "finetune", "series")]
     (seg_dock, seg), (fine_dock, fine), (series_dock, series) = opened
     qtbot.waitUntil(lambda: len(window.tabifiedDockWidgets(seg_dock)) == 2, timeout=5000)
     assert set(window.tabifiedDockWidgets(seg_dock)) == {fine_dock, series_dock}
@@ -362,15 +358,15 @@ def test_back_to_the_previous_model_sticks_and_trainings_build_on_each_other(qtb
 
     annotate_and_next()  # training 1 starts from the model in use
     qtbot.waitUntil(lambda: fine.worker is None, timeout=120000)
-    first = fine.pending_model
+    first = fine.state.pending_model
     assert first and seg.model_spec == base  # waits for the next image
     annotate_and_next()  # training 2 starts from the first's model, now in use
     assert seg.model_spec == first
     qtbot.waitUntil(lambda: fine.worker is None, timeout=120000)
-    second = fine.pending_model
+    second = fine.state.pending_model
     assert json.loads((Path(second) / "training.json").read_text())["base_model"] == first
     fine.use_previous_model()
-    assert seg.model_spec == base and not fine.pending_model
+    assert seg.model_spec == base and not fine.state.pending_model
     annotate_and_next()
     assert seg.model_spec == base  # Back won over the model that was waiting
     qtbot.waitUntil(lambda: fine.worker is None, timeout=120000)  # the third run, from base

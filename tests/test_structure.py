@@ -85,3 +85,38 @@ def test_the_readme_s_import_paths_work():
 
     assert load_model is L0 and Predictor is P0
     assert "from napari_vlsm.core.loading import load_model" in (PACKAGE.parent / "README.md").read_text()
+
+
+DOCKS = ["napari_vlsm.plugin.segment_widget", "napari_vlsm.plugin.finetune_widget", "napari_vlsm.plugin.series_widget"]
+QT = ("qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "napari.qt", "napari._qt", "magicgui", "vispy")
+
+
+def reachable(g: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for n in g[todo.pop()] - seen:
+            seen.add(n)
+            todo.append(n)
+    return seen
+
+
+def test_the_plugin_docks_do_not_import_each_other():
+    """Each dock is layout and wiring bound to the viewer's PluginState; none reaches another
+    dock's controls, not through a helper either."""
+    g = graph()
+    assert set(DOCKS) <= set(g)
+    crossed = [f"{d} reaches {o}" for d in DOCKS for o in reachable(g, d) if o in DOCKS]
+    assert not crossed, crossed
+    for dock in DOCKS:
+        assert "findChildren" not in (PACKAGE.parent / (dock.replace(".", "/") + ".py")).read_text(), dock
+
+
+def test_the_plugin_state_imports_no_qt():
+    g = graph()
+    state = "napari_vlsm.plugin.state"
+    for module in {state} | reachable(g, state):
+        path = PACKAGE.parent / (module.replace(".", "/") + ".py")
+        if not path.exists():
+            path = PACKAGE.parent / module.replace(".", "/") / "__init__.py"
+        bad = {i for i in imports(path) if i.startswith(QT)}
+        assert not bad, f"{module} imports {bad}"

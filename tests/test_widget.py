@@ -8,6 +8,8 @@ from qtpy.QtCore import Qt, QTimer
 
 from napari_vlsm.plugin.segment_widget import SegmentWidget
 
+from .conftest import open_docks
+
 
 @pytest.fixture
 def widget(make_napari_viewer, tiny_clipseg):
@@ -88,6 +90,19 @@ def test_threshold_slider_rethresholds_without_running_the_model(qtbot, widget, 
     np.testing.assert_array_equal(labels.data > 0, probs >= 0.8)
     set_threshold(qtbot, widget, 20)
     np.testing.assert_array_equal(labels.data > 0, probs >= 0.2)
+
+
+def test_the_slider_labels_a_probability_exactly_at_the_threshold_as_the_predictor_does(qtbot, docked,
+                                                                                        polyp_image):
+    """A pixel whose probability equals the threshold is labelled (>=), by the slider as by Segment."""
+    docked.viewer.add_image(polyp_image, name="frame")
+    segment(qtbot, docked)
+    labels = labels_layers(docked.viewer)[0]
+    probs = docked.session.last.probs[()]
+    probs[0, 10, 10], probs[0, 20, 20] = 0.25, np.nextafter(np.float32(0.25), np.float32(0))  # 0.25: exact in float32
+    set_threshold(qtbot, docked, 25)
+    assert labels.data[10, 10] == 1 and labels.data[20, 20] == 0
+    np.testing.assert_array_equal(labels.data > 0, probs[0] >= 0.25)
 
 
 def test_fill_mode_never_overwrites_annotations(qtbot, widget, polyp_image):
@@ -322,9 +337,7 @@ def test_renamed_layers_and_a_model_that_fails_to_load(qtbot, widget, polyp_imag
 @pytest.fixture
 def docked(make_napari_viewer, tiny_clipseg):
     """The segmentation dock as napari opens it from the Plugins menu."""
-    viewer = make_napari_viewer()
-    _, w = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation")
-    w.add_model(str(tiny_clipseg))
+    (w,) = open_docks(make_napari_viewer(), "segment", model=tiny_clipseg)
     return w
 
 

@@ -1,5 +1,7 @@
 """The "Finetune" dock widget: collect corrected masks, train in the background, use the
-new model at once. Layout and wiring only; the work is ``core.train.finetune``."""
+new model at once. Layout and wiring only; the work is ``core.train.finetune``. The model it
+trains, the device, the training set's folder and what becomes of a new model are the
+viewer's ``PluginState``'s; the image series asks it for runs there."""
 
 from __future__ import annotations
 
@@ -32,19 +34,19 @@ from napari_vlsm.core.file_names import CONFIG
 from napari_vlsm.core.training.settings import ROUND_STEPS
 from napari_vlsm.core.training.train import SMALL_SET, TRAIN_MODES_OFFERED, TrainSettings, finetune
 from napari_vlsm.core.data.training_sets import read_index, remove_example, write_benchmark_example
+from . import layer_keys
 from .label_writing import check_target
 from .planes import check_single_scale, current_index, plane
 from .qt_helpers import (
     ask,
     fill_layer_combo,
-    join_tabs,
+    join_plugin_tabs,
     name_combo,
     on_layers_changed,
     on_window_close,
     scrolling_layout,
-    sibling,
 )
-from .segment_widget import SegmentWidget
+from .state import FINETUNE, state_for
 from .training_plot import CurvePlot
 
 DEFAULTS = TrainSettings()  # one recipe for the widget and the command line
@@ -60,30 +62,26 @@ def _finetune_with_summary(*args, **kwargs):
     return summary
 
 
-def default_training_folder() -> Path:
-    return Path.home() / "napari-vlsm" / "training_set"
-
-
 class FinetuneWidget(QWidget):
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__()
         self.viewer = viewer
+        self.state = state_for(viewer)
         self.worker = None
         self.pbar = None
-        self.last_model: str | None = None
-        self.previous_model: str | None = None
-        self.defer_activation = False  # set by the image series: new models come in between images
-        self.pending_model: str | None = None
+        self._summary = ""  # the last run's closing line
+        self._auto_epochs = False  # the run going on has its length in steps, not epochs
         self._closing = None  # watches the window once a run starts
         self._build()
-        join_tabs(self, SegmentWidget)
+        join_plugin_tabs(self, "Finetune")
         self._wire()
+        self._bind()
         self._refresh_layers()
         self._refresh_examples()
 
     def _build(self):
         form = QFormLayout()
-        self.folder_edit = QLineEdit(str(default_training_folder()))
+        self.folder_edit = QLineEdit(str(state_for(self.viewer).training_folder))
         self.folder_btn = QPushButton("…")
         row = QHBoxLayout()
         row.addWidget(self.folder_edit, 1)
@@ -110,8 +108,10 @@ class FinetuneWidget(QWidget):
         self.epochs = QSpinBox()
         self.epochs.setRange(0, 1000)
         self.epochs.setSpecialValueText(f"auto ({ROUND_STEPS} steps)")
-        self.epochs.setToolTip(f"auto: {ROUND_STEPS} steps for up to about 90 corrections (under a minute on a "
-                               "laptop CPU), more for a larger set")
+        # no promise of a duration: 100 steps of the default model on 6 corrections took 278 s on a
+        # busy 2-core CPU here; the status line estimates the time left from the run's own pace
+        self.epochs.setToolTip(f"auto: {ROUND_STEPS} optimiser steps for a round of corrections, more for a larger "
+                               "set; the time left is estimated once the run is going")
         self.epochs.setValue(DEFAULTS.epochs or 0)
         self.lr = QLineEdit("")
         self.lr.setPlaceholderText("model's default")
@@ -162,12 +162,29 @@ class FinetuneWidget(QWidget):
         self.labels_combo.currentTextChanged.connect(self._suggest_prompt)
         self.label_value.valueChanged.connect(self._suggest_prompt)
         self.folder_btn.clicked.connect(self._browse)
-        self.folder_edit.editingFinished.connect(self._refresh_examples)
+        self.folder_edit.editingFinished.connect(lambda: self.state.set_training_folder(self.folder))
         self.add_btn.clicked.connect(self.add_current)
         self.remove_btn.clicked.connect(self.remove_selected)
         self.train_btn.clicked.connect(self.start)
         self.stop_btn.clicked.connect(self.stop)
         self.back_btn.clicked.connect(self.use_previous_model)
+
+    def _bind(self):
+        """Follow the state; let go of it when the dock goes."""
+        bound = [(self.state.examples_changed, self._examples_changed),
+                 (self.state.training_wanted, self.start),
+                 (self.state.model_changed, self._show_models), (self.state.pending_changed, self._show_models)]
+        for signal, slot in bound:
+            signal.connect(slot)
+        self.state.dock_opened(FINETUNE)
+        state = self.state
+
+        def unbind(*_):
+            for signal, slot in bound:
+                signal.disconnect(slot)
+            state.dock_closed(FINETUNE)
+
+        self.destroyed.connect(unbind)
 
     @property
     def folder(self) -> Path:
@@ -186,10 +203,10 @@ class FinetuneWidget(QWidget):
             return
         self._refresh_layers()
         self.labels_combo.setCurrentText(layer.name)
-        image = layer.metadata.get("vlsm_image")
+        image = layer.metadata.get(layer_keys.IMAGE)
         if image in self.viewer.layers:
             self.image_combo.setCurrentText(image)
-        names = layer.metadata.get("vlsm_labels") or {}
+        names = layer.metadata.get(layer_keys.LABELS) or {}
         if names:
             self.label_value.setValue(int(max(names)))  # the newest label written
         self._suggest_prompt()
@@ -197,7 +214,7 @@ class FinetuneWidget(QWidget):
     def _suggest_prompt(self, *_):
         name = self.labels_combo.currentText()
         if name in self.viewer.layers:
-            names = self.viewer.layers[name].metadata.get("vlsm_labels", {})
+            names = self.viewer.layers[name].metadata.get(layer_keys.LABELS, {})
             if self.label_value.value() in names:
                 self.prompt_edit.setText(names[self.label_value.value()])
 
@@ -205,7 +222,13 @@ class FinetuneWidget(QWidget):
         folder = QFileDialog.getExistingDirectory(self, "Training-set folder")
         if folder:
             self.folder_edit.setText(folder)
-            self._refresh_examples()
+            self.state.set_training_folder(folder)
+
+    def _examples_changed(self):
+        """The training set's folder or contents changed (the series stored pairs)."""
+        if self.folder != self.state.training_folder:
+            self.folder_edit.setText(str(self.state.training_folder))
+        self._refresh_examples()
 
     def _refresh_examples(self):
         self.examples.clear()
@@ -261,9 +284,6 @@ class FinetuneWidget(QWidget):
         self._refresh_examples()
 
     # ---------- training ----------
-    def segment_widget(self):
-        return sibling(self, SegmentWidget)
-
     def settings(self) -> TrainSettings:
         text = self.lr.text().strip()
         val = self.val_share.value()
@@ -272,37 +292,50 @@ class FinetuneWidget(QWidget):
                              val_fraction=None if val < 0 else val)
 
     def start(self):
+        """Train the model in use on the training set, in a worker; the job, or None when refused."""
+        job = self._start()
+        if job is None and not self.state.training:
+            self.state.defer_activation = False  # a run the series asked for did not start
+        return job
+
+    def _start(self):
         if self.worker is not None:
             return show_warning("Training is already running.")
         try:
             settings = self.settings()
         except ValueError:
             return show_error(f"The learning rate {self.lr.text()!r} is not a number (e.g. 1e-4).")
+        self.state.set_training_folder(self.folder)  # what the field says, typed or not
         if not read_index(self.folder):
             return show_error("The training set is empty: add an image and its corrected labels first.")
-        seg = self.segment_widget()
-        spec = seg.model_spec if seg else "default"
+        spec, device = self.state.model, self.state.device
         try:
             out = new_run_folder(self.folder.parent / "models")
         except OSError as exc:
             return show_error(f"Cannot create a folder for the new model: {exc}. Choose a writable training "
                               "set folder.")
         self.plot.clear()
+        self._auto_epochs = settings.epochs is None
         job = thread_worker(_finetune_with_summary, ignore_errors=True)(
-            spec, [self.folder], out, settings, val_split="none", metadata={"source": "napari widget"})
+            spec, [self.folder], out, settings, val_split="none", device=device, metadata={"source": "napari widget"})
         job.yielded.connect(self._on_progress)
         job.returned.connect(lambda summary: self._finished(out, summary))
         job.errored.connect(self._failed)
         job.finished.connect(self._cleanup)
         job.aborted.connect(lambda: self._stopped(out))
         self.worker = job
+        self.state.training_started()
         self._closing = self._closing or on_window_close(self, self._window_closing)
         self.pbar = progress(total=0, desc="Finetuning")
         self.train_btn.setEnabled(False)
         self.stop_btn.setEnabled(True)
-        self.status.setText(f"Training {settings.mode} of {spec} on {self.examples.count()} example(s)…")
+        self.status.setText(f"Training {settings.mode} of {spec} on {self.examples.count()} example(s) "
+                            f"({self.device_text()})…")
         job.start()
         return job
+
+    def device_text(self) -> str:
+        return "the device chosen automatically" if self.state.device == "auto" else self.state.device
 
     def stop(self):
         if self.worker is not None:
@@ -317,6 +350,7 @@ class FinetuneWidget(QWidget):
         for signal in (job.yielded, job.returned, job.errored, job.finished, job.aborted):
             signal.disconnect()
         job.quit()
+        self.state.training_ended(None)
         if self.pbar is not None:
             self.pbar.close()
             self.pbar = None
@@ -328,64 +362,66 @@ class FinetuneWidget(QWidget):
             self.plot.add("loss", ev.loss, ev.step)
         elif ev.kind == "epoch":
             self.plot.add("val Dice", ev.val_dice, ev.step)
-            eta = f", about {ev.eta:.0f} s left" if ev.eta and ev.epoch < ev.epochs else ""
-            self.status.setText(f"Epoch {ev.epoch}/{ev.epochs}: loss {ev.loss:.3f}"
+            # the first epoch also loads the images and writes the first checkpoint: its pace
+            # would overstate the rest (measured: 562 s said, 265 s taken), so wait for the second
+            eta = "" if ev.epoch >= ev.epochs else ", estimating the time left" if ev.epoch < 2 or not ev.eta \
+                else f", about {ev.eta:.0f} s left"
+            self.status.setText(f"{self._where(ev)}: loss {ev.loss:.3f}"
                                 + (f", val Dice {ev.val_dice:.3f}" if ev.val_dice is not None else "") + eta)
         elif ev.kind == "done":
             self.status.setText(ev.message)
         pbar = self.pbar
         if pbar is not None:  # last: redrawing it processes Qt events, the worker's end among them
             pbar.total, pbar.n = ev.steps, ev.step
-            pbar.set_description(f"Finetuning, epoch {ev.epoch}/{ev.epochs}")
+            pbar.set_description(f"Finetuning, {self._where(ev).lower()}")
+
+    def _where(self, ev) -> str:
+        """How far the run is, in the unit its length was given in (auto: steps)."""
+        return f"Step {ev.step}/{ev.steps}" if self._auto_epochs else f"Epoch {ev.epoch}/{ev.epochs}"
 
     def _finished(self, out: Path, summary: str = ""):
-        if summary:
-            self.status.setText(summary)
         best = out / BEST
         if not (best / CONFIG).exists():
+            self.state.training_ended(None)
+            self.status.setText(f"{summary} Training ended before any checkpoint was written.".strip())
             return show_warning("Training ended before any checkpoint was written.")
-        if self.defer_activation:  # a run the image series started: its model comes in between images
-            self.pending_model = str(best)
-            self.status.setText(f"New model {best} is ready; it is used from the next image.")
-            return
-        if self._activate(str(best)):
+        self._summary = summary
+        if self.state.training_ended(str(best)) == "used":
             show_info(f"Finetuned model saved to {best} and now in use.")
+        self._show_models()
 
     def _stopped(self, out: Path):
         best = out / BEST
         if (best / CONFIG).exists():
-            self._activate(str(best))
-            self.status.setText(f"Stopped. The last good checkpoint {best} is in use.")
+            self._summary = f"Stopped; the last good checkpoint is {best}."
+            self.state.training_ended(str(best))
+            self._show_models()
         else:
-            self.status.setText("Stopped before the first checkpoint; the model in use is unchanged.")
+            self.state.training_ended(None)
+            self.status.setText(f"Stopped before the first checkpoint; the model in use ({self.state.model}) is "
+                                "unchanged.")
 
-    def _activate(self, spec: str):
-        seg = self.segment_widget()
-        if seg is not None:
-            self.previous_model = seg.model_spec
-            seg.add_model(spec, select=True)
-            self.back_btn.setEnabled(True)
+    def _show_models(self, *_):
+        """The status after a run: which model is in use, and the new one's fate. Said again
+        whenever either changes (the series brings a waiting model in, Back is pressed)."""
+        state = self.state
+        self.back_btn.setEnabled(bool(state.previous_model or state.pending_model))
+        if state.training or not state.last_trained:
+            return
+        new = state.last_trained
+        if state.pending_model == new:
+            text = f"New model {new} is ready; it is used from the series' next image."
+        elif state.model == new:
+            text = f"The new model {new} is in use."
         else:
-            show_warning(f"Open Plugins > napari-vlsm > Text-prompt segmentation to use the new model {spec}.")
-        self.last_model = spec
-        return seg is not None
-
-    def activate_pending(self) -> None:
-        """Use a model that finished while an image was being annotated (called between images)."""
-        if self.pending_model:
-            spec, self.pending_model = self.pending_model, None
-            self._activate(spec)
+            text = f"In use: {state.model}. The new model {new} stays on disk."
+        self.status.setText(f"{self._summary} {text}".strip())
 
     def use_previous_model(self):
         """Back to the model used before the last one came in; a model still waiting for the
         next image is dropped, so Back sticks."""
-        seg = self.segment_widget()
-        if self.pending_model:
-            self.status.setText(f"Not switching to {self.pending_model}; it stays on disk.")
-            self.pending_model = None
-        if seg is not None and self.previous_model:
-            seg.add_model(self.previous_model, select=True)
-            self.back_btn.setEnabled(False)
+        self.state.back_to_previous_model()
+        self._show_models()
 
     def _failed(self, exc):
         msg = str(exc) if isinstance(exc, (VLSMError, ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
@@ -394,7 +430,8 @@ class FinetuneWidget(QWidget):
 
     def _cleanup(self):
         self.worker = None
-        self.defer_activation = False  # only the run the image series started waits for the next image
+        if self.state.training:  # failed: nothing came of it
+            self.state.training_ended(None)
         if self.pbar is not None:
             self.pbar.close()
             self.pbar = None

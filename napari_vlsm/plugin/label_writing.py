@@ -192,8 +192,15 @@ def layer_name(image_layer, prompts: list[str]) -> str:
 
 def choose(probs: np.ndarray, threshold: float) -> np.ndarray:
     """(P, H, W) probabilities -> which prompt each pixel is (1..P, 0 for none): the slow part
-    of a write, done off the GUI thread; the label values are applied when it lands."""
+    of a write, done off the GUI thread; the label values are applied when it lands. A pixel
+    at the threshold counts, as in the predictor (``combine_labels``)."""
     return combine_labels(probs, threshold)
+
+
+def reaches(probs, threshold: float):
+    """Where probabilities reach ``threshold``: the plugin's one comparison with it outside
+    ``choose`` (>=, as the predictor's)."""
+    return np.asarray(probs) >= threshold
 
 
 def to_labels(choice: np.ndarray, values: list[int], dtype) -> np.ndarray:

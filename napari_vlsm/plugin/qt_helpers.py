@@ -1,12 +1,14 @@
-"""Small Qt helpers the two dock widgets share."""
+"""Small Qt helpers the dock widgets share."""
 
 from __future__ import annotations
 
-PROBABILITY_KEY = "vlsm_probability"
+from . import layer_keys
+
+DOCK_PROPERTY = "vlsm_dock"  # set on the plugin's QDockWidgets, so they find each other's docks to join as tabs
 
 
 def is_probability_map(layer) -> bool:
-    return bool(layer.metadata.get(PROBABILITY_KEY))
+    return bool(layer.metadata.get(layer_keys.PROBABILITY))
 
 
 def on_layers_changed(viewer, callback) -> None:
@@ -60,16 +62,6 @@ def ask(parent, question: str) -> bool:
     return QMessageBox.question(parent, "napari-vlsm", question, buttons) == QMessageBox.StandardButton.Yes
 
 
-def sibling(widget, cls):
-    """The first widget of class ``cls`` in the same main window as ``widget`` (napari gives
-    each dock widget its own viewer proxy, so the window is what plugin docks share)."""
-    window = widget.window()
-    if window is widget:  # not docked
-        return None
-    found = window.findChildren(cls)
-    return found[0] if found else None
-
-
 def name_combo(min_chars: int = 20):
     """A chooser of names (layers, prompts) that does not widen its dock to the longest name:
     it shows ``min_chars`` characters or more; the list it opens shows every name whole."""
@@ -109,30 +101,38 @@ def on_window_close(widget, callback):
     return watcher
 
 
-def join_tabs(widget, *classes) -> None:
-    """Once ``widget`` is docked, put its dock in tabs with the dock of the first widget of
-    ``classes`` open in the same window (three docks stacked in one column leave each too
-    little height)."""
+def dock_of(widget):
+    """The QDockWidget holding ``widget``, or None while it is not docked."""
+    from qtpy.QtWidgets import QDockWidget
+
+    while widget is not None and not isinstance(widget, QDockWidget):
+        widget = widget.parentWidget()
+    return widget
+
+
+def join_plugin_tabs(widget, title: str) -> None:
+    """Once ``widget`` is docked: give its dock the short tab title ``title`` (napari's
+    "Text-prompt segmentation (napari-vlsm)" is cut in a tab), and put it in tabs with the
+    plugin's other docks in the same area, whichever was opened first (three docks stacked
+    in one column leave each too little height, and the last buttons scroll out of view)."""
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QDockWidget, QMainWindow
 
-    def dock_of(w):
-        while w is not None and not isinstance(w, QDockWidget):
-            w = w.parentWidget()
-        return w
-
     def join():
         try:
-            others = [sibling(widget, cls) for cls in classes]
-            mine, theirs = dock_of(widget), dock_of(next((o for o in others if o is not None), None))
-            window = widget.window()
+            mine, window = dock_of(widget), widget.window()
         except RuntimeError:  # closed before the event loop came round
             return
-        if mine is None or theirs is None or mine is theirs or not isinstance(window, QMainWindow):
+        if mine is None or not isinstance(window, QMainWindow):
             return
-        if theirs.isFloating() or mine in window.tabifiedDockWidgets(theirs):
+        mine.setWindowTitle(title)
+        mine.setProperty(DOCK_PROPERTY, True)
+        others = [d for d in window.findChildren(QDockWidget)
+                  if d is not mine and d.property(DOCK_PROPERTY) and not d.isFloating() and d.isVisible()
+                  and window.dockWidgetArea(d) == window.dockWidgetArea(mine)]
+        if not others or mine.isFloating() or mine in window.tabifiedDockWidgets(others[0]):
             return
-        window.tabifyDockWidget(theirs, mine)
+        window.tabifyDockWidget(others[0], mine)
         QTimer.singleShot(0, mine.raise_)  # the newest tab in front, once the tabs exist
 
     QTimer.singleShot(0, join)

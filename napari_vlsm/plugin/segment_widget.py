@@ -2,6 +2,8 @@
 
 Work happens in ``SegmentSession.segment`` (core predictor underneath) inside a napari
 ``thread_worker``; results go into Labels layers through ``napari_vlsm.plugin.label_writing``.
+The model, device and prompts are the viewer's ``PluginState``'s: the dock shows them and
+sets them there; it answers the segmentations the image series asks for there.
 """
 
 from __future__ import annotations
@@ -29,17 +31,17 @@ from qtpy.QtWidgets import (
 from napari_vlsm.core.errors import VLSMError
 from napari_vlsm.core.models.model_card import card_for, describe_card, nothing_found_hint, unknown_words_note
 from napari_vlsm.core.data.prompts import CHOICES, build_prompt
-from . import click_tools, label_writing
+from . import click_tools, label_writing, layer_keys
 from .planes import all_indices, check_single_scale, current_index, plane
 from .qt_helpers import (
-    PROBABILITY_KEY,
     fill_layer_combo,
     is_probability_map,
+    join_plugin_tabs,
     name_combo,
     on_layers_changed,
     scrolling_layout,
 )
-from .session import SegmentSession
+from .state import SEGMENT, SegmentOutcome, SegmentRequest, state_for
 
 CLICKS_HELP = ("Refine the selected label of the Labels layer (its prompt, or the thing clicked) by clicking: each "
                "click, move or deletion of a click, and the box, is answered at once and written as one undo step "
@@ -66,8 +68,14 @@ class SegmentWidget(QWidget):
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__()
         self.viewer = viewer
-        self.session = SegmentSession()
+        self.state = state_for(viewer)
+        self.session = self.state.session  # the loaded model and its cached image features
         self.worker = None
+        self._request: SegmentRequest | None = None  # the series' request the running segmentation answers
+        self._outcome: SegmentOutcome | None = None
+        self._queued: SegmentRequest | None = None  # asked for while a run was going on
+        self._clicks_of: dict[str, dict] = {}  # series image -> its clicks and box, kept over Next and Back
+        self._clicks_name: str | None = None  # the series image the clicks shown belong to
         self._when_done: list = []  # calls waiting for the running segmentation to end
         self.edits = label_writing.EditTracker()  # what the annotator touched since the last result
         self.thresholding = None  # the worker planning a new threshold's plane
@@ -91,6 +99,17 @@ class SegmentWidget(QWidget):
         self._wire()
         self._refresh_layers()
         self._refresh_models()
+        self._model_changed()
+        self._show_prompts(self.state.prompts)
+        self.device_combo.setCurrentText(self.state.device)
+        self._bind()
+        join_plugin_tabs(self, "Segment")
+        state = self.state
+        if state.series is not None and 0 <= state.walk_pos < len(state.walk):  # opened after the series
+            self._series_shown(state.walk[state.walk_pos])
+        waiting = self.state.take_waiting_request()
+        if waiting is not None:  # the series asked before this dock was open
+            QTimer.singleShot(0, lambda: self.segment_request(waiting))
 
     # ---------- layout ----------
     def _build(self):
@@ -132,9 +151,10 @@ class SegmentWidget(QWidget):
         bform.addRow(self.add_prompt_btn)
 
         self.model_combo = QComboBox()
-        # long folder names must not widen the dock: show about 24 characters, the rest on hover
+        # long folder names must not widen the dock: show about 16 characters (the short
+        # names fit), the rest on hover and in the list it opens
         self.model_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        self.model_combo.setMinimumContentsLength(24)
+        self.model_combo.setMinimumContentsLength(16)
         self.browse_btn = QPushButton("Folder…")
         row = QHBoxLayout()
         row.addWidget(self.model_combo, 1)
@@ -206,18 +226,38 @@ class SegmentWidget(QWidget):
         self.history_combo.textActivated.connect(self.prompt_edit.setPlainText)
         self.add_prompt_btn.clicked.connect(self._add_built_prompt)
         self.browse_btn.clicked.connect(self._browse_model)
-        self.model_combo.currentIndexChanged.connect(self._model_changed)
+        self.model_combo.currentIndexChanged.connect(self._model_chosen)
+        self.device_combo.currentTextChanged.connect(self.state.set_device)
+        self.prompt_edit.textChanged.connect(lambda: self.state.set_prompts(self.prompts))
         self.threshold.valueChanged.connect(self._rethreshold)
         self._undo_timer.timeout.connect(self._show_threshold_of_plane)
         self.threshold.sliderMoved.connect(lambda v: self.threshold_label.setText(f"{v / 100:.2f}"))
         self.mode_combo.currentIndexChanged.connect(self._refresh_layers)
-        self.segment_btn.clicked.connect(self.run)
+        self.segment_btn.clicked.connect(lambda: self.run())  # not run(checked)
         self.cancel_btn.clicked.connect(self.cancel)
         self.clicks_btn.clicked.connect(self.start_clicking)
         self.box_btn.clicked.connect(self.start_box)
         self.sign_btn.clicked.connect(lambda: self.set_next_sign(not self.next_positive))
         self.clear_clicks_btn.clicked.connect(self.clear_clicks)
         self._click_timer.timeout.connect(self._answer_clicks)
+
+    def _bind(self):
+        """Follow the state; let go of it when the dock goes."""
+        bound = [(self.state.model_changed, self._show_model), (self.state.models_changed, self._refresh_models),
+                 (self.state.device_changed, self._show_device),
+                 (self.state.prompts_changed, self._show_prompts), (self.state.segment_wanted, self.segment_request),
+                 (self.state.series_shown, self._series_shown)]
+        for signal, slot in bound:
+            signal.connect(slot)
+        self.state.dock_opened(SEGMENT)
+        state = self.state
+
+        def unbind(*_):
+            for signal, slot in bound:
+                signal.disconnect(slot)
+            state.dock_closed(SEGMENT)
+
+        self.destroyed.connect(unbind)
 
     def _refresh_layers(self, *_):
         for layer in self.viewer.layers:
@@ -234,24 +274,51 @@ class SegmentWidget(QWidget):
             self.image_combo.setCurrentText(layer.name)
 
     def _refresh_models(self):
+        """The models found (embedded, cached, ...) and those added in this session, the one in use chosen."""
         from napari_vlsm.core.models.registry import find_models
 
         self.model_combo.blockSignals(True)
-        self.model_combo.clear()
-        for m in find_models():
-            self.model_combo.addItem(f"{m.spec}  [{m.kind}]", m.spec)
+        if not self.model_combo.count():  # the name alone fits the chooser; what kind of model it is, on hover
+            for m in find_models():
+                self.model_combo.addItem(short_model_name(m.spec), m.spec)
+                self.model_combo.setItemData(self.model_combo.count() - 1, f"{m.spec} [{m.kind}]",
+                                             Qt.ItemDataRole.ToolTipRole)
+        for spec in self.state.models:
+            self._offer(spec)
+        self.model_combo.setCurrentIndex(self._offer(self.state.model))
+        self.model_combo.blockSignals(False)
+
+    def _offer(self, spec: str) -> int:
+        """The chooser's row of ``spec``, added (under a short name) if it is not there."""
+        i = self.model_combo.findData(spec)
+        if i < 0:
+            self.model_combo.addItem(short_model_name(spec), spec)
+            i = self.model_combo.count() - 1
+            self.model_combo.setItemData(i, spec, Qt.ItemDataRole.ToolTipRole)  # the full path on hover
+        return i
+
+    def add_model(self, spec: str, select: bool = True):
+        """Add a model (folder or id) to those on offer, optionally making it the one in use."""
+        self.state.add_model(str(spec))
+        if select:
+            self.state.use_model(str(spec))
+
+    def _model_chosen(self, *_):
+        self.state.use_model(self.model_combo.currentData() or "default")
+
+    def _show_model(self, spec: str) -> None:
+        """The state's model in the chooser, and what it knows."""
+        self.model_combo.blockSignals(True)
+        self.model_combo.setCurrentIndex(self._offer(spec))
         self.model_combo.blockSignals(False)
         self._model_changed()
 
-    def add_model(self, spec: str, select: bool = True):
-        """Add a model (folder or id) to the chooser, optionally making it the active one."""
-        i = self.model_combo.findData(str(spec))
-        if i < 0:
-            self.model_combo.addItem(short_model_name(str(spec)), str(spec))
-            i = self.model_combo.count() - 1
-            self.model_combo.setItemData(i, str(spec), Qt.ItemDataRole.ToolTipRole)  # the full path on hover
-        if select:
-            self.model_combo.setCurrentIndex(i)
+    def _show_device(self, device: str) -> None:
+        self.device_combo.setCurrentText(device)
+
+    def _show_prompts(self, prompts: list) -> None:
+        if prompts != self.prompts:
+            self.prompt_edit.setPlainText("\n".join(prompts))
 
     def _browse_model(self):
         folder = QFileDialog.getExistingDirectory(self, "Model folder (config.json + safetensors, or ONNX export)")
@@ -293,7 +360,7 @@ class SegmentWidget(QWidget):
     # ---------- state ----------
     @property
     def model_spec(self) -> str:
-        return self.model_combo.currentData() or "default"
+        return self.state.model
 
     @property
     def mode(self) -> str:
@@ -312,9 +379,47 @@ class SegmentWidget(QWidget):
         return self.viewer.layers[name] if name in self.viewer.layers else None
 
     # ---------- running ----------
-    def run(self):
+    def segment_request(self, request: SegmentRequest) -> None:
+        """Segment what the series asks for: its image into its Labels layer. A run still
+        going on (the image left behind) ends first; the result of that one is dropped. Of the
+        requests made meanwhile only the newest runs."""
+        if self.worker is not None:
+            if self._queued is None:
+                self.when_done(self._run_queued)
+            else:
+                self._answer(self._queued, SegmentOutcome(self._queued, False))
+            self._queued = request
+            return
+        if self.run(request) is None:
+            self._answer(request, SegmentOutcome(request, False))
+
+    def _run_queued(self) -> None:
+        request, self._queued = self._queued, None
+        if request is not None:
+            self.segment_request(request)
+
+    @staticmethod
+    def _answer(request: SegmentRequest, outcome: SegmentOutcome) -> None:
+        if request.on_done is not None:
+            request.on_done(outcome)
+
+    def _series_target(self, layer):
+        """The Labels layer the image ``layer`` always segments into (the series'), shown in the choosers."""
+        name = self.state.target_for(layer.name)
+        if name is None or name not in self.viewer.layers:
+            return None
+        self.mode_combo.setCurrentIndex(self.mode_combo.findData("replace"))
+        self._refresh_layers()
+        self.target_combo.setCurrentText(name)
+        return self.viewer.layers[name]
+
+    def run(self, request: SegmentRequest | None = None):
         """Check the inputs, then segment in a background worker."""
+        if request is not None:
+            self.image_combo.setCurrentText(request.image)
         layer = self.image_layer()
+        if layer is not None and self.worker is None:
+            self._series_target(layer)
         if layer is None:
             return self._refuse("No image layer: open an image (File > Open, or a sample) and choose it above.")
         if not self.prompts:
@@ -347,6 +452,7 @@ class SegmentWidget(QWidget):
         worker.errored.connect(self._failed)
         worker.finished.connect(self._done)
         self.worker = worker
+        self._request, self._outcome = request, None
         self._set_running(True)
         self.status.setText(f"Segmenting {len(indices)} plane(s) of '{layer.name}'…")
         worker.start()
@@ -370,6 +476,9 @@ class SegmentWidget(QWidget):
         self.worker = None
         self._set_running(False)
         self._enable_clicks()  # the model that loaded says whether it takes clicks
+        request, self._request = self._request, None
+        if request is not None:
+            self._answer(request, self._outcome or SegmentOutcome(request, False))
         calls, self._when_done = self._when_done, []
         for call in calls:
             call()
@@ -388,6 +497,7 @@ class SegmentWidget(QWidget):
         self.cancel_btn.setEnabled(running)
         if not running:
             self.target_combo.setEnabled(self.mode != "new")
+        self.state.set_segmenting(running)
 
     def _failed(self, exc: Exception):
         if isinstance(exc, (VLSMError, ValueError, OSError)):
@@ -398,7 +508,9 @@ class SegmentWidget(QWidget):
         failed = self.model_spec
         if failed != (self.session.spec or "default") and failed != "default":  # the model did not load
             self.model_combo.removeItem(self.model_combo.findData(failed))
-            self.add_model(self.session.spec or "default")
+            if failed in self.state.models:
+                self.state.models.remove(failed)
+            self.state.use_model(self.session.spec or "default")
             self.status.setText(f"Could not load {failed}; back to {self.model_spec}. Your layers were not changed.")
 
     def _remember(self, text: str):
@@ -431,14 +543,17 @@ class SegmentWidget(QWidget):
         keep, kept = ({}, 0) if target is None else label_writing.pixels_to_keep(target, segmented[2], self.edits, mode)
         if result.threshold != self.threshold_value:  # the slider moved while it ran
             result.choices = {i: label_writing.choose(p, self.threshold_value) for i, p in result.probs.items()}
+        before = None if target is None else {i: plane(target, i).copy() for i in result.choices}
         target, write = label_writing.write_result(self.viewer, image_layer, target, result.choices, result.prompts,
                                                    self.threshold_value, mode, keep)
         result.choices = {}  # written; the probabilities stay for the slider
         self._follow_undo(target)
         for index in result.probs:
             self.edits.forget(target, index)
-        target.metadata.update(vlsm_model=self.session.spec, vlsm_prompts=list(result.prompts),
-                               vlsm_threshold=self.threshold_value, vlsm_image=image_layer.name)
+        target.metadata.update({layer_keys.MODEL: self.session.spec, layer_keys.PROMPTS: list(result.prompts),
+                                layer_keys.THRESHOLD: self.threshold_value, layer_keys.IMAGE: image_layer.name})
+        if self._request is not None:
+            self._outcome = SegmentOutcome(self._request, True, kept)
         self.session.last = result if write is not None else None  # the slider re-thresholds one plane
         self.session.last_write = write
         self._last_target = target
@@ -457,18 +572,25 @@ class SegmentWidget(QWidget):
         backend = self.session.backend
         from napari_vlsm.core.device import describe
 
+        changed = None if before is None else sum(int((plane(target, i) != b).sum()) for i, b in before.items())
         self.status.setText(self._result_message(result, target, f"{backend.name} on "
-                                                 f"{describe(backend.device, backend.dtype)}", kept))
+                                                 f"{describe(backend.device, backend.dtype)}", kept, mode, changed))
 
-    def _result_message(self, result, target, engine: str, kept: int = 0) -> str:
+    def _result_message(self, result, target, engine: str, kept: int = 0, mode: str = "new",
+                        changed: int | None = None) -> str:
         card = card_for(self.session.spec)
         highest = [max(float(p[i].max()) for p in result.probs.values()) for i in range(len(result.prompts))]
-        empty = [p for p, h in zip(result.prompts, highest) if h < self.threshold_value]
+        empty = [p for p, h in zip(result.prompts, highest) if not label_writing.reaches(h, self.threshold_value)]
         if len(empty) == len(result.prompts):
             text = (f"Nothing above threshold {self.threshold_value:.2f} (highest probability {max(highest):.2f}) "
                     f"for {', '.join(repr(p) for p in result.prompts)}. " + nothing_found_hint(card, result.prompts))
+        elif changed == 0:
+            text = (f"Nothing changed in '{target.name}': " + (
+                "every pixel the model found is labelled there already (this mode writes only where the layer is 0)."
+                if mode == "fill" else "it held this result already."))
         else:
-            text = f"Wrote {len(result.probs)} plane(s) to '{target.name}' with {engine}."
+            pixels = "" if changed is None else f" ({changed} pixel(s) changed)"
+            text = f"Wrote {len(result.probs)} plane(s) to '{target.name}' with {engine}{pixels}."
             if empty:
                 text += (f" Nothing above threshold {self.threshold_value:.2f} for "
                          f"{', '.join(repr(p) for p in empty)}.")
@@ -485,7 +607,7 @@ class SegmentWidget(QWidget):
         else:
             self.viewer.add_image(data, name=name, colormap="magma", opacity=0.5, contrast_limits=(0, 1),
                                   scale=image_layer.scale[-2:], translate=image_layer.translate[-2:],
-                                  metadata={PROBABILITY_KEY: True})
+                                  metadata={layer_keys.PROBABILITY: True})
 
     def _rethreshold(self, value: int):
         """Apply a new threshold to the last probabilities, without running the model. The new
@@ -517,7 +639,7 @@ class SegmentWidget(QWidget):
             self.status.setText("The layer was edited since; press Segment to apply the new threshold.")
             return
         self.edits.forget(write.layer, write.index)
-        write.layer.metadata["vlsm_threshold"] = threshold
+        write.layer.metadata[layer_keys.THRESHOLD] = threshold
 
     def _threshold_planned(self, threshold: float):
         self.thresholding = None
@@ -613,25 +735,26 @@ class SegmentWidget(QWidget):
         self._pending_click = None
         self.click_tools.clear()
 
-    def click_state(self):
-        """The clicks and box shown, to keep with an image (the image series)."""
-        return self.click_tools.state()
-
-    def restore_clicks(self, state, image_layer) -> None:
-        """Show an image's clicks and box again, or none; nothing is refined by it."""
-        self._click_serial += 1
-        self._pending_click = None
-        if state or self.click_tools.has_prompts():
-            self.click_tools.restore(state, image_layer)
-        self.click_tools.raise_()
-
-    def use_layers(self, image: str, labels: str) -> None:
-        """Segment ``image`` into the Labels layer ``labels`` (replacing), and refine its
-        objects there by clicks (the image series' two layers)."""
+    def _series_shown(self, name: str) -> None:
+        """The series shows another image in its layers: clicks refine its objects in its
+        Labels layer; the clicks and box of the image left are kept, this one's come back."""
+        if self._clicks_name is not None:
+            kept = self.click_tools.state()
+            if kept is None:
+                self._clicks_of.pop(self._clicks_name, None)
+            else:
+                self._clicks_of[self._clicks_name] = kept
+        self._clicks_name = name
+        image = next((i for i in self.state.targets if i in self.viewer.layers), None)
+        if image is None:
+            return
         self.image_combo.setCurrentText(image)
-        self.mode_combo.setCurrentIndex(self.mode_combo.findData("replace"))
-        self._refresh_layers()
-        self.target_combo.setCurrentText(labels)
+        self._series_target(self.viewer.layers[image])
+        self._click_serial += 1  # nothing is refined by showing them
+        self._pending_click = None
+        if self._clicks_of.get(name) or self.click_tools.has_prompts():
+            self.click_tools.restore(self._clicks_of.get(name), self.viewer.layers[image])
+        self.click_tools.raise_()
 
     def _watch_object(self, layer) -> None:
         """Another label selected is another object: the clicks were for the one before."""
@@ -728,7 +851,7 @@ class SegmentWidget(QWidget):
                 active = self.viewer.layers.selection.active
                 target = label_writing.new_labels_layer(self.viewer, image, f"{image.name} · clicks")
                 label_writing.use_bright_colours(target, list(range(1, 9)))
-                target.metadata["vlsm_image"] = image.name
+                target.metadata[layer_keys.IMAGE] = image.name
                 self.viewer.layers.selection.active = active
             self._last_target = target
             self._refresh_layers()
@@ -737,7 +860,7 @@ class SegmentWidget(QWidget):
         if value == 0:
             return self._refuse(f"Label 0 is the background of '{target.name}'; select the label of the object "
                                 "to refine (the Labels layer's label field).")
-        names = {int(k): v for k, v in target.metadata.get("vlsm_labels", {}).items()}
+        names = {int(k): v for k, v in target.metadata.get(layer_keys.LABELS, {}).items()}
         return dict(serial=self._click_serial, image=image, image_data=image.data, target=target,
                     target_data=target.data, index=index, value=value, prompt=names.get(value, ""), clicks=clicks,
                     box=box, previous=self._previous(target, index, value),

@@ -1,5 +1,6 @@
-"""State behind the segmentation widget, without Qt: the loaded model, the cached image
-features, the last probabilities. Its ``segment`` generator is what a thread_worker runs."""
+"""The loaded model, the cached image features and the last probabilities, without Qt: the
+viewer's ``PluginState`` holds one, so every dock uses the backend loaded once. Its
+``segment`` generator is what a thread_worker runs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from napari_vlsm.core.inference.predictor import Predictor, clean_prompts
-from .label_writing import LabelWrite, choose
+from .label_writing import LabelWrite, choose, reaches
 from .planes import plane, plane_key
 
 
@@ -86,7 +87,7 @@ class SegmentSession:
             self._set_plane(layer, index)
             probs = self.predictor.predict(prompt, threshold, clicks=list(clicks) or None, box=box,
                                            previous=previous).probs[0]
-        return probs, probs >= threshold
+        return probs, reaches(probs, threshold)
 
     def _set_plane(self, layer, index) -> None:
         image = plane(layer, index)

@@ -1,5 +1,6 @@
 """A small live plot of training loss and validation Dice, drawn with QPainter: axes with
-ticks, one point per logged step (lines between them), and a legend above the curves."""
+ticks, one point per logged step (lines between them), and a legend above the curves that
+names only the curves drawn (a run without validation has no val Dice)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ class CurvePlot(QWidget):
             series.append((x, float(value)))
             self.update()
 
+    def legend(self) -> list[str]:
+        """The legend's entries: the curves drawn, each with its last value."""
+        return [f"{name} {series[-1][1]:.3f}" for name, series in self.data.items() if series]
+
     def paintEvent(self, event):
         p = QPainter(self)
         p.setRenderHint(QPainter.RenderHint.Antialiasing)
@@ -49,9 +54,8 @@ class CurvePlot(QWidget):
             x = box.left() + frac * box.width() - (0 if frac == 0 else 60 if frac == 1 else 30)
             p.drawText(QRectF(x, box.bottom() + 2, 60, 14), align.get(frac, Qt.AlignmentFlag.AlignCenter), text)
         legend_x = LEFT
-        for name, color in SERIES.items():
+        for (name, color), label in zip(((n, c) for n, c in SERIES.items() if self.data[n]), self.legend()):
             series = self.data[name]
-            label = f"{name} {series[-1][1]:.3f}" if series else name
             p.setPen(QPen(color, 2))
             p.drawLine(QPointF(legend_x, 9), QPointF(legend_x + 12, 9))
             p.setPen(QPen(QColor("#dddddd")))

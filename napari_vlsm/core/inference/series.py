@@ -7,8 +7,9 @@ value means, so a folder annotated in napari and one labelled on the command lin
 same. ``series.json`` in the output folder lists the images marked done, and for each how
 well the model's proposal agreed with the saved correction (Dice): the last of those estimate
 how good the model is on the images still to do (``estimate``), read on the images that were
-handed out at random (``checks``) where there are any. Reopening the folder resumes
-at the first image not done.
+handed out at random (``checks``) where there are any; and, under ``settings``, what the
+annotating tool needs to take up the session again (its prompts, model, order; an older file
+without them opens as before). Reopening the folder resumes at the first image not done.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class Series:
         self.done: set[str] = set(progress.get("done", []))
         self.agreements: list = [a for a in progress.get("agreements", []) if isinstance(a, list) and len(a) == 2]
         self.checks: set[str] = set(progress.get("checks", []))  # images handed out at random
+        settings = progress.get("settings")
+        self.settings: dict = settings if isinstance(settings, dict) else {}
         self._wrote: dict[int, tuple] = {}  # what this session wrote for each image, as the file's stat
         self._pool = ThreadPoolExecutor(1)
         self._ahead: dict[int, Future] = {}
@@ -114,9 +117,19 @@ class Series:
             if proposal is not None and np.shape(proposal) == np.shape(labels):
                 self.agreements = [a for a in self.agreements if a[0] != name]
                 self.agreements.append([name, dice(np.asarray(proposal) != 0, np.asarray(labels) != 0)])
-            atomic_write_text(self.out_dir / PROGRESS, json.dumps(
-                {"done": sorted(self.done), "agreements": self.agreements, "checks": sorted(self.checks)}, indent=1))
+            self._write_progress()
         return path
+
+    def remember(self, settings: dict) -> None:
+        """Keep ``settings`` (JSON values) in ``series.json``, for the next session."""
+        if settings != self.settings:
+            self.settings = dict(settings)
+            self._write_progress()
+
+    def _write_progress(self) -> None:
+        atomic_write_text(self.out_dir / PROGRESS, json.dumps(
+            {"done": sorted(self.done), "agreements": self.agreements, "checks": sorted(self.checks),
+             "settings": self.settings}, indent=1))
 
     def estimate(self) -> tuple[float | None, int]:
         """``estimate_of`` this series' progress."""
