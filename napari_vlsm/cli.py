@@ -274,18 +274,14 @@ def rank(
     each kind of image first, then the most uncertain), so annotators correct the first and
     `segment` labels the rest; the images an image series marked done go last."""
     _set_threads(threads)
-    from napari_vlsm.core.images.imageio import read_image
-    from napari_vlsm.core.inference.predictor import Predictor
+    from napari_vlsm.core.inference.ranking import RANK_ORDERS, rank_images
     from napari_vlsm.core.inference.series import DEFAULT_OUT, estimate_of, read_progress, series_images
-    import numpy as np
-
-    from napari_vlsm.core.inference.kinds import kinds_first
-    from napari_vlsm.core.inference.uncertainty import SCORES, score_image
+    from napari_vlsm.core.inference.uncertainty import SCORES
 
     if score not in SCORES:
         _fail(f"--score is one of {', '.join(SCORES)}, not {score!r}.")
-    if order not in ("kinds", "uncertain"):
-        _fail(f"--order is kinds or uncertain, not {order!r}.")
+    if order not in RANK_ORDERS:
+        _fail(f"--order is {' or '.join(RANK_ORDERS)}, not {order!r}.")
     if not prompt.strip():
         _fail("Give the prompt to rank by, e.g. -p polyp.")
     threshold = _threshold(threshold, model)
@@ -294,31 +290,21 @@ def rank(
     except OSError as exc:
         _fail(str(exc))
     progress = read_progress(masks or folder / DEFAULT_OUT)
-    done = set(progress.get("done", []))
-    predictor = Predictor(_load(model, device, dtype), flip_average=False)  # the two views are what is compared
-    rows, described, failed = [], [], []
-    with _progress() as bar:
-        task = bar.add_task("Scoring", total=len(images), info="")
-        for path in images:
-            try:
-                image = read_image(path)
-                s = score_image(predictor, image, prompt.strip(), threshold)
-                if order == "kinds":
-                    described.append(predictor.embed([image])[0])
-                rows.append({"image": str(path), "chosen": "", "score": s.value(score), **s.as_dict(),
-                             "done": path.name in done})
-            except (OSError, ValueError, RuntimeError) as exc:
-                failed.append(path)
-                console.print(f"Skipped {escape(str(path))}: {escape(str(exc))}", soft_wrap=True)
-            bar.update(task, advance=1, info=path.name)
-    if not rows:
-        _fail("No image could be scored.")
-    ranked, drawn = kinds_first(np.array(described) if order == "kinds" else None, [r["done"] for r in rows],
-                                [r["score"] for r in rows], batch if order == "kinds" else 0)
-    for k, i in enumerate(ranked):
-        rows[i]["chosen"] = ("done" if rows[i]["done"] else "random" if i in drawn else
-                             "kind" if k < batch and order == "kinds" else "uncertainty")
-    rows = [{"rank": k + 1, **rows[i]} for k, i in enumerate(ranked)]
+    backend = _load(model, device, dtype)
+    rows, failed = [], False
+    try:
+        with _progress() as bar:
+            task = bar.add_task("Scoring", total=len(images), info="")
+            for ev in rank_images(backend, images, prompt, order, batch, score, progress.get("done", []), threshold):
+                if ev.error:
+                    failed = True
+                    console.print(f"Skipped {escape(str(ev.path))}: {escape(ev.error)}", soft_wrap=True)
+                if ev.kind == "done":
+                    rows = ev.rows
+                else:
+                    bar.update(task, completed=ev.seen, info=ev.path.name)
+    except ValueError as exc:
+        _fail(str(exc))
     _write_csv(out, rows)
     todo = [r for r in rows if not r["done"]]
     first = f"the least sure image of each kind of image for the first {min(batch, len(todo))} (one in four " \
