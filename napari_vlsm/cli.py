@@ -13,8 +13,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from napari_vlsm.core.training.settings import (ROUND_AVERAGE, ROUND_PASSES, ROUND_STEPS, SCHEDULES, SMALL_SET,
-                                                TrainSettings)
+from napari_vlsm.core.data.prompts import TEXT_TYPES_NAMED, TRAIN_PROMPT_TYPES
+from napari_vlsm.core.device import DEVICE_HELP
+from napari_vlsm.core.images.threshold import DEFAULT_THRESHOLD
+from napari_vlsm.core.models.train_modes import AUTO_MODE, TRAIN_MODES
+from napari_vlsm.core.training.settings import (ROUND_AVERAGE, ROUND_PASSES, ROUND_SIZE, ROUND_STEPS, SCHEDULES,
+                                                SMALL_SET, TrainSettings)
 
 app = typer.Typer(help="Text-prompted segmentation of 2D medical images with vision-language models.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -28,8 +32,9 @@ VAL_DICE_NOTE = ("val Dice is training's own check: at the model's input size, i
 REPORT_EVERY = 50  # results between report rewrites during a long segment run
 RECIPE = TrainSettings()  # finetune's defaults and the numbers in its help come from the one recipe
 
-THRESHOLD_HELP = ("Probability above which a pixel is the prompt's (default: the model's own, from its folder's "
-                  "vlsm_card.json: 0.35 for a converted CRIS, as its benchmark uses; else 0.5).")
+THRESHOLD_HELP = ("Probability at or above which a pixel is the prompt's (default: the model's own, from its "
+                  "folder's vlsm_card.json: 0.35 for a converted CRIS, as its benchmark uses; else "
+                  f"{DEFAULT_THRESHOLD}).")
 MODEL_HELP = ("Model: 'default' (embedded offline model), a local folder (Hugging Face format, or an ONNX export "
               "from export-onnx), or a Hugging Face id.")
 
@@ -153,7 +158,7 @@ def segment(
                                             "and threshold only."),
     fmt: str = typer.Option("png", "--format", help="Mask format: png or tif."),
     batch_size: int = typer.Option(0, help="Images per model call (0: 8 on GPU, 1 on CPU)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
     threads: int | None = typer.Option(None, min=1, help=THREADS_HELP),
     cluster: str | None = typer.Option(None, help="local:N: segment on a Dask LocalCluster of N worker processes on "
@@ -266,7 +271,7 @@ def rank(
     masks: Path | None = typer.Option(None, help="The image series' mask folder, whose corrections give the "
                                                  "estimate (default: FOLDER/vlsm_masks)."),
     threshold: float | None = typer.Option(None, min=0.0, max=1.0, help=THRESHOLD_HELP),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help="auto, fp32, bf16, fp16."),
     threads: int | None = typer.Option(None, min=1, help=THREADS_HELP),
 ):
@@ -329,13 +334,13 @@ def rank(
 def evaluate(
     data_dir: Path = typer.Argument(..., help="Folder in the benchmark's format (images/, masks/, anns/)."),
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
-    prompt_type: str = typer.Option("p1", help="Benchmark prompt type, p1 to p9."),
+    prompt_type: str = typer.Option("p1", help=f"Benchmark prompt type, {TEXT_TYPES_NAMED}."),
     split: str = typer.Option("val", help="Which anns/<split>.json to score: val, test or train."),
     threshold: float | None = typer.Option(None, min=0.0, max=1.0, help=THRESHOLD_HELP),
     csv_out: Path | None = typer.Option(None, "--csv",
                                            help="Per-image CSV (default: evaluation_<folder>_<split>_<type>.csv)."),
     limit: int | None = typer.Option(None, min=1, help="Only the first N images."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help="auto, fp32, bf16, fp16."),
     threads: int | None = typer.Option(None, min=1, help=THREADS_HELP),
     cluster: str | None = typer.Option(None, help="local:N: score on a Dask LocalCluster of N worker processes on "
@@ -350,8 +355,8 @@ def evaluate(
     from napari_vlsm.core.inference.evaluate import summarize
     from napari_vlsm.core.inference.predictor import Predictor
 
-    if prompt_type not in [f"p{i}" for i in range(1, 10)]:
-        _fail(f"--prompt-type must be one of p1 to p9 (p0 is the empty prompt), not {prompt_type!r}.")
+    if prompt_type not in TRAIN_PROMPT_TYPES:
+        _fail(f"--prompt-type must be one of {TEXT_TYPES_NAMED} (p0 is the empty prompt), not {prompt_type!r}.")
     if not (data_dir / "anns" / f"{split}.json").exists():
         _fail(f"{data_dir} has no anns/{split}.json: expected the benchmark's layout (images/, masks/, anns/).")
     if cluster and scheduler:
@@ -527,10 +532,11 @@ def finetune(
                                                        "(new:biomedclipseg: BiomedCLIP's open_clip folder, see "
                                                        "'models pull', or a BiomedCLIPSeg model folder)."),
     train_mode: str = typer.Option(RECIPE.mode, "--train",
-                                   help="auto (full for the FiLM-UNet, decoder for CLIPSeg), decoder, full or lora."),
+                                   help=f"{AUTO_MODE} (the model's own: full for the FiLM-UNet, decoder for CLIPSeg), "
+                                        f"{', '.join(TRAIN_MODES[:-1])} or {TRAIN_MODES[-1]}."),
     epochs: int | None = typer.Option(RECIPE.epochs, min=1, help="Default: enough epochs for --steps steps."),
     steps: int | None = typer.Option(RECIPE.steps, min=1, help=f"Optimiser steps of the round (default: {ROUND_STEPS} "
-                                     f"up to {ROUND_STEPS * 7 // ROUND_PASSES} examples, then {ROUND_PASSES} draws "
+                                     f"up to {ROUND_SIZE} examples, then {ROUND_PASSES} draws "
                                      "of each)."),
     lr: float | None = typer.Option(RECIPE.lr, help="Learning rate (default: the model's own for the mode)."),
     batch_size: int = typer.Option(RECIPE.batch_size, min=1),
@@ -579,7 +585,7 @@ def finetune(
     seed: int = typer.Option(RECIPE.seed),
     threads: int | None = typer.Option(RECIPE.threads, min=1, help=THREADS_HELP),
     resume: bool = typer.Option(False, help="Continue from OUT/last."),
-    device: str = typer.Option("auto"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ):
     """Finetune a model on image/mask pairs; resumable; runs under torchrun for several GPUs."""
     from napari_vlsm.core.training.adapters import ADAPTER_MODES

@@ -72,6 +72,34 @@ BUGS = [
     Bug("replace mode writes like fill (the annotator's labels stay)", "napari_vlsm/plugin/label_writing.py",
         '    write_mode = "fill" if mode == "fill" else "replace"', '    write_mode = "fill"',
         ("tests/test_widget.py::test_replace_mode_is_undoable",)),
+    Bug("the slider re-thresholds a single prompt with > where the predictor's masks use >=",
+        "napari_vlsm/core/images/postprocess.py",
+        "        binarize(probs[0], value, out=labels)\n",
+        "        np.greater(probs[0], value, out=labels, casting=\"unsafe\")\n",
+        ("tests/test_predictor.py::test_a_probability_exactly_at_the_threshold_is_the_prompts_for_the_predictor_and_"
+         "the_slider",)),
+    Bug("text-embedding cache keyed on the prompt with its inner spaces removed", "napari_vlsm/core/inference/predictor.py",
+        "        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]\n"
+        "        if len(self._text_cache) + len(missing) > TEXT_CACHE_SIZE:\n"
+        "            self._text_cache.clear()\n"
+        "            missing = list(dict.fromkeys(prompts))\n"
+        "        if missing:\n"
+        "            for p, emb in zip(missing, self.backend.encode_text(missing)):\n"
+        "                self._text_cache[p] = emb\n"
+        "        return torch.stack([torch.as_tensor(self._text_cache[p]) for p in prompts])\n",
+        "        missing = [p for p in dict.fromkeys(prompts) if p.replace(' ', '') not in self._text_cache]\n"
+        "        if len(self._text_cache) + len(missing) > TEXT_CACHE_SIZE:\n"
+        "            self._text_cache.clear()\n"
+        "            missing = list(dict.fromkeys(prompts))\n"
+        "        if missing:\n"
+        "            for p, emb in zip(missing, self.backend.encode_text(missing)):\n"
+        "                self._text_cache[p.replace(' ', '')] = emb\n"
+        "        return torch.stack([torch.as_tensor(self._text_cache[p.replace(' ', '')]) for p in prompts])\n",
+        ("tests/test_predictor.py::test_prompts_that_differ_only_in_spaces_get_their_own_embeddings_through_the_cache",)),
+    Bug("a Dask task whose worker dies on every try reported ok", "napari_vlsm/core/inference/cluster.py",
+        'yield FileOutcome(p, "failed", message="the worker segmenting it died on every try',
+        'yield FileOutcome(p, "ok", message="the worker segmenting it died on every try',
+        ("tests/test_cluster.py::test_images_whose_worker_dies_on_every_try_are_reported_failed_not_ok",)),
 ]
 
 

@@ -14,6 +14,7 @@ from napari_vlsm.cli import app
 from .conftest import copy_images
 
 distributed = pytest.importorskip("distributed")
+dask = pytest.importorskip("dask")
 
 runner = CliRunner()
 
@@ -101,6 +102,48 @@ def test_a_worker_killed_mid_run_loses_nothing(images, tiny_unet, single, cluste
     assert all(r["status"] == "ok" for r in rows)
     assert mask_bytes(tmp_path / "masks") == mask_bytes(single)
     assert not list((tmp_path / "masks").glob("*.tmp*")) and not list((tmp_path / "masks").glob(".*.png*"))
+
+
+class KillEveryTime(distributed.WorkerPlugin):
+    """Kills its worker process every time a task naming ``name`` starts there, and counts the kills."""
+
+    def __init__(self, name: str, tally: str):
+        self.name, self.tally = name, tally
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish == "executing" and self.name in str(key):
+            with open(self.tally, "a") as f:
+                f.write("killed\n")
+            os._exit(1)
+
+
+def test_images_whose_worker_dies_on_every_try_are_reported_failed_not_ok(images, tiny_unet, single, cluster,
+                                                                         tmp_path):
+    """The task of images 4-7 kills its worker each time it starts: after Dask's allowed
+    failures it gives up, and those images are failed in the report and the summary, with no
+    mask, while the other images are segmented as the single process does."""
+    names = sorted(p.name for p in images.iterdir())
+    victim = names[4]  # first image of the second task
+    tally = tmp_path / "kills"
+    with distributed.Client(cluster) as client:
+        client.register_plugin(KillEveryTime(victim, str(tally)), name="kill-every-time")
+        try:
+            res = runner.invoke(app, ["segment", str(images), "-p", "polyp", "--model", str(tiny_unet), "-o",
+                                      str(tmp_path / "masks"), "--scheduler", cluster.scheduler_address])
+        finally:
+            client.unregister_worker_plugin("kill-every-time")
+    allowed = dask.config.get("distributed.scheduler.allowed-failures")
+    assert len(tally.read_text().splitlines()) == allowed + 1  # it was tried again and again, then given up
+    assert res.exit_code == 1, res.output
+    rows = {Path(r["image"]).name: r for r in report(tmp_path / "masks")}
+    assert sorted(rows) == names  # each image once
+    for name in names[4:8]:
+        assert rows[name]["status"] == "failed" and "died on every try" in rows[name]["message"], rows[name]
+        assert not (tmp_path / "masks" / f"{Path(name).stem}.png").exists()
+    ok = [f"{Path(n).stem}.png" for n in names if rows[n]["status"] == "ok"]
+    assert ok and all(rows[n]["status"] in ("ok", "failed") for n in names)  # a task sharing the dying worker may fail
+    assert mask_bytes(tmp_path / "masks") == {m: mask_bytes(single)[m] for m in ok}
+    assert f"{len(ok)} segmented, 0 skipped (mask existed), {12 - len(ok)} failed" in " ".join(res.output.split())
 
 
 def test_an_unreadable_image_is_reported_and_the_rest_done(images, tiny_unet, cluster, tmp_path):

@@ -40,9 +40,9 @@ def test_each_score_is_what_it_says(tiny_unet, polyp_image):
     got = score_image(pred, polyp_image, "polyp", threshold)
     probs = _probs(pred, polyp_image, "polyp")
     mirrored = _probs(pred, polyp_image[:, ::-1], "polyp")[:, ::-1]
-    mask = probs > threshold
-    assert got.flip == pytest.approx(1 - dice(mask, mirrored > threshold), abs=1e-6)
-    others = [1 - dice(mask, _probs(pred, polyp_image, t) > threshold) for t in phrasings("polyp")[1:]]
+    mask = probs >= threshold  # at the threshold is in, as the predictor's masks
+    assert got.flip == pytest.approx(1 - dice(mask, mirrored >= threshold), abs=1e-6)
+    others = [1 - dice(mask, _probs(pred, polyp_image, t) >= threshold) for t in phrasings("polyp")[1:]]
     assert got.prompts == pytest.approx(np.mean(others), abs=1e-6)
     candidates = probs > threshold - 0.25
     assert got.margin == pytest.approx(((np.abs(probs - threshold) < 0.25) & candidates).sum() / candidates.sum())

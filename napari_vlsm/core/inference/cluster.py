@@ -34,6 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
+from napari_vlsm.core.images.threshold import DEFAULT_THRESHOLD
 from napari_vlsm.core.inference.folder_labeling import FileOutcome, plan_masks
 
 TASK_SIZE = 4  # images per task: small enough to spread, large enough to hide the scheduling cost
@@ -180,7 +181,7 @@ def segment_task(spec: str, device: str, dtype: str, threads: int | None, items:
     return outcomes
 
 
-def segment_on_cluster(client, spec: str, paths: list[Path], prompts: list[str], out_dir, threshold: float = 0.5,
+def segment_on_cluster(client, spec: str, paths: list[Path], prompts: list[str], out_dir, threshold: float = DEFAULT_THRESHOLD,
                        resume: bool = False, fmt: str = "png", device: str = "auto", dtype: str = "auto",
                        threads: int | None = None, task_size: int = TASK_SIZE) -> Iterator[FileOutcome]:
     """Like ``segment_files``: a FileOutcome per image (as given), as the cluster finishes them."""
@@ -229,7 +230,7 @@ def evaluate_task(spec: str, device: str, dtype: str, threads: int | None, items
 
 
 def evaluate_on_cluster(client, spec: str, data_dir, prompt_type: str = "p1", split: str = "val",
-                        threshold: float = 0.5, seed: int = 0, limit: int | None = None, device: str = "auto",
+                        threshold: float = DEFAULT_THRESHOLD, seed: int = 0, limit: int | None = None, device: str = "auto",
                         dtype: str = "auto", threads: int | None = None, task_size: int = TASK_SIZE
                         ) -> Iterator[dict]:
     """Like ``evaluate``: one row per image, in the folder's order (a row waits for the ones

@@ -15,6 +15,7 @@ import numpy as np
 
 from napari_vlsm.core.atomic import atomic_write_text
 from napari_vlsm.core.images.imageio import read_image, write_mask
+from napari_vlsm.core.images.threshold import DEFAULT_THRESHOLD
 from napari_vlsm.core.inference.predictor import Predictor, clean_prompts
 from napari_vlsm.core.models.loading import model_identity  # noqa: F401  (what labels.json records as the model)
 
@@ -30,9 +31,6 @@ class FileOutcome:
     out: Path | None = None
     message: str = ""
     areas: tuple = ()    # pixels per label value 1..P
-
-
-DEFAULT_THRESHOLD = 0.5  # for a model whose folder names no threshold of its own
 
 
 def model_threshold(spec) -> float | None:
@@ -52,7 +50,7 @@ def model_threshold(spec) -> float | None:
 
 def default_threshold(spec) -> float:
     """The threshold to use with the model ``spec`` when none is given: its folder's own
-    (``model_threshold``), else 0.5. The command line and the segmentation dock both ask this."""
+    (``model_threshold``), else DEFAULT_THRESHOLD. The command line and the segmentation dock both ask this."""
     own = model_threshold(spec)
     return DEFAULT_THRESHOLD if own is None else own
 
@@ -227,7 +225,7 @@ def plan_masks(out_dir, paths, fmt: str, resume: bool) -> tuple[dict, list[FileO
     return targets, skipped, [p for p in paths if p not in taken]
 
 
-def segment_files(predictor: Predictor, paths: list[Path], prompts, out_dir, threshold: float = 0.5,
+def segment_files(predictor: Predictor, paths: list[Path], prompts, out_dir, threshold: float = DEFAULT_THRESHOLD,
                   resume: bool = False, fmt: str = "png", batch_size: int = 1, io_threads: int = 4
                   ) -> Iterator[FileOutcome]:
     """Segment each image with every prompt and write one label mask per image.

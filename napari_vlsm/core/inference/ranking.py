@@ -10,7 +10,7 @@ from typing import Iterator
 
 import numpy as np
 
-from napari_vlsm.core.images.postprocess import DEFAULT_THRESHOLD
+from napari_vlsm.core.images.threshold import DEFAULT_THRESHOLD
 from napari_vlsm.core.inference.ordering import KIND_BATCH, order_images
 from napari_vlsm.core.inference.uncertainty import DEFAULT_SCORE, SCORES
 

@@ -9,8 +9,8 @@ written atomically; stopping, a crash or a NaN loss leaves them as they were.
 One recipe for the command line and the widget, made for rounds of corrections
 (``TrainSettings()`` defaults, docs/corrections.md): the model's own training mode (full for
 the FiLM-UNet, decoder for CLIPSeg) with the first levels of a pretrained image encoder left
-as they are, ``ROUND_STEPS`` optimiser steps for up to about 90 corrections and more for a
-larger set (``TrainSettings.round_steps``), a one-cycle schedule, a moving average of the
+as they are, ``ROUND_STEPS`` optimiser steps for up to ``ROUND_SIZE`` (87) corrections and more
+for a larger set (``TrainSettings.round_steps``), a one-cycle schedule, a moving average of the
 weights kept, every correction used for training while there are fewer than ``SMALL_SET`` of
 them, and the model's replay sample (see ``replay.py``) in each batch so that it keeps what it
 knew. A round that goes on from a model trained on part of the set (the training.json of
@@ -48,6 +48,7 @@ from napari_vlsm.core.errors import TrainingError
 from napari_vlsm.core.file_names import CONFIG
 from napari_vlsm.core.models.model_card import CARD_FILE, card_after_finetune, read_card
 from napari_vlsm.core.models.loading import local_folder
+from napari_vlsm.core.models.train_modes import AUTO_MODE, TRAIN_MODES
 from napari_vlsm.core.inference.predictor import decode_views, encode_views
 from napari_vlsm.core.data.prompts import SYNONYM_TYPE
 from napari_vlsm.core.data.replay import REPLAY_DIR, replay_dir, replay_examples
@@ -106,10 +107,10 @@ def check_mode(backend: TorchBackend, mode: str) -> str:
     when the family has no such mode."""
     from napari_vlsm.core.models.families import family_of_backend
 
-    if mode == "auto":
+    if mode == AUTO_MODE:
         return backend.default_train_mode
     family = family_of_backend(backend)
-    modes = family.train_modes if family else ("decoder", "full", "lora")
+    modes = family.train_modes if family else TRAIN_MODES
     if mode not in modes:
         raise TrainingError(f"{backend.name} cannot be trained in mode {mode!r}; its modes are {', '.join(modes)}.")
     return mode
