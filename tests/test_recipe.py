@@ -66,6 +66,7 @@ def test_pooled_run_records_each_data_set_and_the_cross_prompt_rate(tiny_unet, p
     s = T.TrainSettings(epochs=2, negative_fraction=0.5, synonyms={"busi": ["breast tumor"]}, repeat={"busi": 2})
     events = list(T.finetune(str(tiny_unet), pooled, tmp_path / "run", s, device="cpu"))
     meta = json.loads((tmp_path / "run" / "last" / "training.json").read_text())
+    assert [h["epoch"] for h in meta["history"]] == [1, 2]
     for h in meta["history"]:
         assert set(h["val_dice_by_set"]) == {"kvasir_seg", "colonoscopy_negatives", "busi"}
         assert h["val_dice"] == pytest.approx(np.mean(list(h["val_dice_by_set"].values())))

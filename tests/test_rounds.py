@@ -122,7 +122,7 @@ def test_a_round_says_where_its_time_went(tiny_unet, small_benchmark, tmp_path):
     for phase in ("loading the model", "reading images", "making batches", "optimiser steps", "validation",
                   "checkpoints"):
         assert phase in line
-    assert "(4 steps, 1 epochs)" in res.output or "finished the schedule (4 steps" in res.output
+    assert "finished the schedule (4 steps, " in " ".join(res.output.split())
 
 
 def test_best_is_written_as_a_copy_of_last_that_shares_its_weights(tiny_unet, data_sets, tmp_path):
