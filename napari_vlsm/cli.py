@@ -590,7 +590,7 @@ def finetune(
     """Finetune a model on image/mask pairs; resumable; runs under torchrun for several GPUs."""
     from napari_vlsm.core.training.adapters import ADAPTER_MODES
     from napari_vlsm.core.errors import TrainingError, VLSMError
-    from napari_vlsm.core.training.train import init_distributed
+    from napari_vlsm.core.training.distributed import init_distributed
     from napari_vlsm.core.training.train import finetune as run_finetune
 
     if adapters not in ADAPTER_MODES:

@@ -20,7 +20,8 @@ from napari_vlsm.core.inference.predictor import Predictor
 from napari_vlsm.core.models.loading import load_model
 
 from .conftest import CodeInPickle
-from napari_vlsm.core.training.train import dice_bce_loss, train_mode
+from napari_vlsm.core.training.loss import dice_bce_loss
+from napari_vlsm.core.training.train import train_mode
 
 PROMPTS = ["polyp", "a small pink polyp in the colon, left of the image"]
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from napari_vlsm.core.training import train as T
+from napari_vlsm.core.training.validation import val_prompt
 from napari_vlsm.core.data.prompts import TRAIN_PROMPT_TYPES
 from napari_vlsm.core.data.concepts import NegativePrompts, add_synonyms, concept_of
 from napari_vlsm.core.data.replay import REPLAY_DIR, replay_examples, write_replay_sample
@@ -224,8 +225,8 @@ def test_images_without_the_object_are_asked_for_their_own_class(pooled):
     assert all("tumor" in p.lower() and not p.lower().startswith("no ") for p in replaced)
     # validation asks the same way: the class where the object is absent, the own prompt elsewhere
     concepts = concept_of(examples)
-    assert T._val_prompt(tumour, False, "p1", concepts, rng) == "tumor in the breast ultrasound image."
-    assert T._val_prompt(tumour, True, "p1", concepts, rng) == tumour.prompts["p1"]
+    assert val_prompt(tumour, False, "p1", concepts, rng) == "tumor in the breast ultrasound image."
+    assert val_prompt(tumour, True, "p1", concepts, rng) == tumour.prompts["p1"]
 
 
 def test_a_finetune_asks_images_without_the_object_for_their_own_class(data_sets, tiny_unet, tmp_path, monkeypatch):
@@ -240,13 +241,13 @@ def test_a_finetune_asks_images_without_the_object_for_their_own_class(data_sets
     (folder / "anns").mkdir()
     (folder / "anns" / "train.json").write_text(json.dumps(normal + tumour))
     asked = []  # (the image's own p1, the prompt asked, whether its target has the object)
-    real = T._loss
+    real = T.batch_loss
 
     def spy(backend, pixels, target, prompts, settings, rng, negatives, batch):
         asked.extend((ex.prompts["p1"], p, bool(t.any())) for ex, p, t in zip(batch, prompts, target))
         return real(backend, pixels, target, prompts, settings, rng, negatives, batch)
 
-    monkeypatch.setattr(T, "_loss", spy)
+    monkeypatch.setattr(T, "batch_loss", spy)
     s = T.TrainSettings(epochs=4, batch_size=6, crop=0)  # whole images: only the normal ones are empty
     assert list(T.finetune(str(tiny_unet), [folder], tmp_path / "run", s, device="cpu"))[-1].kind == "done"
     on_normal = [(p, has) for own, p, has in asked if own.startswith("No tumor")]
