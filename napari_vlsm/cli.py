@@ -29,7 +29,6 @@ THREADS_HELP = "CPU threads for torch (default: the cores this process may use).
 VAL_DICE_NOTE = ("val Dice is training's own check: at the model's input size, images without the object asked "
                  "for their set's class (so they count against false masks); 'evaluate' scores full-size masks "
                  "with each image's own prompt, and its number differs.")
-REPORT_EVERY = 50  # results between report rewrites during a long segment run
 RECIPE = TrainSettings()  # finetune's defaults and the numbers in its help come from the one recipe
 
 THRESHOLD_HELP = ("Probability at or above which a pixel is the prompt's (default: the model's own, from its "
@@ -60,9 +59,35 @@ def _progress() -> Progress:
                     TimeRemainingColumn(), TextColumn("{task.fields[info]}", markup=False), console=console)
 
 
+# The core's messages name the library's arguments; shown here, they name the options instead.
+FLAGS = {"resume=True": "--resume", "out_dir": "--out", "TrainSettings.repeat": "--repeat", "text_dir=": "--text-tower",
+         "encoders=": "--encoders", "prompt=": "--prompt", "model=": "--model", "threshold=": "--threshold"}
+
+
+def _as_flags(message: str) -> str:
+    """A core message with the arguments it names written as this command line's options:
+    resume=True as --resume, out_dir as --out, model=M as --model M, prompts=["a", "b"] as
+    -p "a" -p "b", and so on."""
+    import re
+
+    def prompts(m):
+        try:
+            return " ".join(f"-p {json.dumps(p)}" for p in json.loads(m.group(1)))
+        except ValueError:
+            return m.group(0)
+
+    message = re.sub(r"\bprompts=(\[.*?\])(?= with| |$|;|\.)", prompts, message)
+    message = message.replace(" with resume=True", " resume=True")  # options in a row, as they are typed
+    for name, flag in FLAGS.items():
+        if name.endswith("="):  # with a value after it, a space between the option and the value
+            message = re.sub(r"\b" + re.escape(name) + r"(?=[^\s).,;:])", flag + " ", message)
+        message = re.sub(r"\b" + re.escape(name) + (r"" if name.endswith("=") else r"\b"), flag, message)
+    return message
+
+
 def _fail(message: str, code: int = 2):
     """One line (paths are not wrapped), with the message's brackets shown as written."""
-    console.print(f"[red]Error:[/red] {escape(message)}", soft_wrap=True)
+    console.print(f"[red]Error:[/red] {escape(_as_flags(message))}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -97,46 +122,30 @@ def _check_model(spec: str) -> None:
         _fail(f"Cannot load model {spec!r}: {exc}")
 
 
-def _dask_client(cluster: str | None, scheduler: str | None):
-    """A Dask client of a new LocalCluster ('local:N') or of the scheduler at ``scheduler``, with
-    the torch threads each worker should use and a close that stops what was started here."""
-    try:
-        from distributed import Client
-    except ImportError:
-        _fail("--cluster and --scheduler need Dask's distributed package: pip install 'napari-vlsm[distributed]'.")
-    from napari_vlsm.core.inference.cluster import local_cluster, threads_per_worker
+def _dask_session(cluster: str | None, scheduler: str | None, threads: int | None):
+    """A Dask session (``core.inference.cluster.connect``) on a new LocalCluster ('local:N') or
+    on the scheduler at ``scheduler``, the torch threads of its tasks set by --threads when
+    given; a note when a worker was started in an environment that makes it slower."""
+    from napari_vlsm.core.inference.cluster import connect, slow_worker_note
 
+    workers = None
     if cluster:
         kind, _, n = cluster.partition(":")
         if kind != "local" or not n.isdigit() or int(n) < 1:
             _fail(f"--cluster is local:N with N worker processes (e.g. local:2), not {cluster!r}.")
-        local = local_cluster(int(n))
-        client = Client(local)
-        client.vlsm_threads = threads_per_worker(int(n))
-    else:
-        try:
-            client, local = Client(scheduler, timeout=30), None
-        except (OSError, TimeoutError, ValueError) as exc:
-            _fail(f"Cannot reach the Dask scheduler at {scheduler}: {exc}. Start one with 'dask scheduler' and "
-                  "workers with 'dask worker ADDRESS', or use --cluster local:N.")
-        client.vlsm_threads = None
-
-    def close():
-        client.close()
-        if local is not None:
-            local.close()
-
-    client.vlsm_close = close
-    return client
-
-
-def _note_slow_workers(client, threads: int | None) -> None:
-    """Say once if a worker was started in an environment that makes it slower than this process."""
-    from napari_vlsm.core.inference.cluster import slow_worker_note
-
-    note = slow_worker_note(client, threads)
+        workers = int(n)
+    try:
+        session = connect(workers, scheduler)
+    except ImportError:
+        _fail("--cluster and --scheduler need Dask's distributed package: pip install 'napari-vlsm[distributed]'.")
+    except (OSError, TimeoutError, ValueError) as exc:
+        _fail(f"Cannot reach the Dask scheduler at {scheduler}: {exc}. Start one with 'dask scheduler' and "
+              "workers with 'dask worker ADDRESS', or use --cluster local:N.")
+    session.threads = threads or session.threads
+    note = slow_worker_note(session.client, session.threads)
     if note:
-        console.print(f"Note: {escape(note)}", soft_wrap=True)
+        console.print(f"Note: {escape(_as_flags(note))}", soft_wrap=True)
+    return session
 
 
 def _threshold(threshold: float | None, model: str) -> float:
@@ -170,8 +179,8 @@ def segment(
     _set_threads(threads)
     from napari_vlsm.core.training.checkpoint import check_writable
     from napari_vlsm.core.errors import VLSMError
-    from napari_vlsm.core.inference.folder_labeling import (OutputLock, check_resume, describe_held, inputs_in,
-                                                            model_identity, segment_files, write_report, write_sidecar)
+    from napari_vlsm.core.inference.folder_labeling import check_resume, describe_held, inputs_in, model_identity
+    from napari_vlsm.core.inference.segment_job import segment_folder
     from napari_vlsm.core.images.imageio import list_images
     from napari_vlsm.core.models.model_card import card_for, unknown_words_note
     from napari_vlsm.core.inference.predictor import Predictor, clean_prompts
@@ -204,47 +213,33 @@ def segment(
         _fail(str(exc))
     if cluster and scheduler:
         _fail("Give --cluster local:N or --scheduler ADDRESS, not both.")
+    session = predictor = None
     if cluster or scheduler:
         _check_model(model)
-        client, outcomes = _dask_client(cluster, scheduler), None
-        _note_slow_workers(client, threads or client.vlsm_threads)
+        session = _dask_session(cluster, scheduler, threads)
     else:
         backend = _load(model, device, dtype)
-        client = None
-        bs = batch_size or (8 if backend.device.type == "cuda" else 1)
-        outcomes = segment_files(Predictor(backend), files, prompts, out, threshold, resume, fmt, bs)
+        predictor = Predictor(backend)
+        batch_size = batch_size or (8 if backend.device.type == "cuda" else 1)
     unknown = unknown_words_note(card_for(model), prompts)
     if unknown:
         console.print(f"Note: {escape(unknown)}", soft_wrap=True)
     counts = {"ok": 0, "skipped": 0, "failed": 0}
-    report, error = [], None
+    error = None
     try:
-        with OutputLock(out), _progress() as bar:
-            write_sidecar(out, prompts, made_by, threshold, resume)
+        with _progress() as bar:
             task = bar.add_task("Segmenting", total=len(files), info="")
-            if client is not None:
-                from napari_vlsm.core.inference.cluster import segment_on_cluster
-
-                outcomes = segment_on_cluster(client, model, files, prompts, out, threshold, resume, fmt, device,
-                                              dtype, threads or client.vlsm_threads)
-            for res in outcomes:
+            for res in segment_folder(files, prompts, out, model, threshold, resume, fmt, predictor, batch_size,
+                                      session, device, dtype):
                 counts[res.status] += 1
-                report.append(res)
                 if res.status == "failed":
                     console.print(f"Skipped {escape(str(res.path))}: {escape(res.message)}", soft_wrap=True)
-                if len(report) % REPORT_EVERY == 0:  # so a crash leaves a report to resume from
-                    write_report(out, report, prompts)
                 bar.update(task, advance=1, info=res.path.name)
     except (OSError, RuntimeError, ValueError, VLSMError) as exc:
         error = str(exc) if not isinstance(exc, OSError) else f"{exc.strerror or exc} ({exc.filename or out})"
     finally:
-        if client is not None:
-            client.vlsm_close()
-    if report:
-        try:
-            write_report(out, report, prompts)
-        except OSError as exc:
-            error = error or f"the report could not be written: {exc.strerror or exc}"
+        if session is not None:
+            session.close()
     console.print(f"{counts['ok']} segmented, {counts['skipped']} skipped (mask existed), {counts['failed']} failed"
                   f" of {len(files)}. Masks and labels.json in {escape(str(out))}", soft_wrap=True)
     if error:
@@ -362,11 +357,10 @@ def evaluate(
     if cluster and scheduler:
         _fail("Give --cluster local:N or --scheduler ADDRESS, not both.")
     threshold = _threshold(threshold, model)
-    client = None
+    session = None
     if cluster or scheduler:
         _check_model(model)
-        client = _dask_client(cluster, scheduler)
-        _note_slow_workers(client, threads or client.vlsm_threads)
+        session = _dask_session(cluster, scheduler, threads)
     else:
         predictor = Predictor(_load(model, device, dtype))
     rows = []
@@ -381,11 +375,11 @@ def evaluate(
     try:
         with _progress() as bar:
             task = bar.add_task("Evaluating", total=min(n, limit or n), info="")
-            if client is not None:
+            if session is not None:
                 from napari_vlsm.core.inference.cluster import evaluate_on_cluster
 
-                scored = evaluate_on_cluster(client, model, data_dir, prompt_type, split, threshold, limit=limit,
-                                             device=device, dtype=dtype, threads=threads or client.vlsm_threads)
+                scored = evaluate_on_cluster(session.client, model, data_dir, prompt_type, split, threshold,
+                                             limit=limit, device=device, dtype=dtype, threads=session.threads)
             else:
                 scored = run_eval(predictor, data_dir, prompt_type, split, threshold, limit=limit)
             for row in scored:
@@ -394,8 +388,8 @@ def evaluate(
     except (ValueError, OSError, RuntimeError) as exc:
         _fail(str(exc))
     finally:
-        if client is not None:
-            client.vlsm_close()
+        if session is not None:
+            session.close()
     if not rows:
         _fail(f"No images were evaluated in {data_dir} ({split}).")
     summary = summarize(rows)

@@ -500,7 +500,7 @@ def test_new_cris_from_a_checkpoint_or_a_folder(folder, tmp_path):
         backend = cris_family.new_cris("cpu", encoders=encoders)
         assert backend.source == "new:cris" and backend.dtype == torch.float32
         assert backend.default_train_mode == "decoder" and backend.default_lr["decoder"] == 2e-5
-    with pytest.raises(ModelNotFoundError, match="--encoders CKPT"):
+    with pytest.raises(ModelNotFoundError, match="encoders=CKPT"):
         cris_family.new_cris("cpu")
     # CLIP's RN50.pt is a TorchScript archive, which torch.load(weights_only=True) does not run
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "RN50.pt")

@@ -59,7 +59,7 @@ def test_repeat_oversamples_a_data_set_and_names_unknown_ones(pooled):
     more = T.oversample(examples, {"busi": 3})
     assert sum(ex.group == "busi" for ex in more) == 3 * sum(ex.group == "busi" for ex in examples)
     assert sum(ex.group == "kvasir_seg" for ex in more) == sum(ex.group == "kvasir_seg" for ex in examples)
-    with pytest.raises(T.TrainingError, match="--repeat names brain"):
+    with pytest.raises(T.TrainingError, match="TrainSettings.repeat names brain"):
         T.oversample(examples, {"brain": 2})
 
 

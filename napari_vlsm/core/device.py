@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 DEVICES = ("auto", "cpu", "cuda", "mps")  # the choices offered; cuda:N names one of several GPUs
-DEVICE_HELP = "auto (CUDA, then Apple's MPS, then the CPU), cpu, cuda, cuda:N or mps."
+DEVICE_HELP = "auto (CUDA, then Apple's MPS, then the CPU), cpu, cuda, cuda:N (e.g. cuda:1, the second GPU) or mps."
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:

@@ -72,19 +72,20 @@ def check_resume(out_dir: Path, prompts: list[str], model: str | None = None, th
     except (OSError, ValueError, AttributeError):
         return
     if before_labels is not None and before_labels != labels:
-        ordered = sorted(before_labels.items(), key=lambda kv: int(kv[0]))
-        prompt_args = " ".join(f"-p {json.dumps(v)}" for _, v in ordered)
+        ordered = [v for _, v in sorted(before_labels.items(), key=lambda kv: int(kv[0]))]
         raise ValueError(f"{path} says the masks there were made for {before_labels}, not {labels}. To go on with "
-                         f"them, run with {prompt_args} --resume; for the new prompts, write to a new --out.")
+                         f"them, use prompts={json.dumps(ordered)} with resume=True; for the new prompts, write to a "
+                         "new out_dir.")
     made_by = before.get("model")
     if model is not None and isinstance(made_by, str) and made_by != model and model_identity(made_by) != model:
         raise ValueError(f"{path} says the masks there were made by the model {made_by}, not {model}. To go on "
-                         f"with them, run with --model {made_by} --resume; for the new model, write to a new --out.")
+                         f"with them, use model={made_by} with resume=True; for the new model, write to a new "
+                         "out_dir.")
     made_at = before.get("threshold")
     if threshold is not None and isinstance(made_at, (int, float)) and float(made_at) != float(threshold):
         raise ValueError(f"{path} says the masks there were made at threshold {made_at}, not {threshold}. To go on "
-                         f"with them, run with --threshold {made_at} --resume; for the new threshold, write to a "
-                         "new --out.")
+                         f"with them, use threshold={made_at} with resume=True; for the new threshold, write to a "
+                         "new out_dir.")
 
 
 def write_sidecar(out_dir: Path, prompts: list[str], model: str, threshold: float, resume: bool = False) -> Path:
@@ -156,7 +157,7 @@ class OutputLock:
         except OSError:
             os.close(self.fd)
             raise RuntimeError(f"Another napari-vlsm run is writing into {self.path.parent}; wait for it to "
-                               "finish or choose another --out.") from None
+                               "finish or choose another out_dir.") from None
         return self
 
     def __exit__(self, *exc):

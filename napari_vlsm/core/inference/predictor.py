@@ -161,7 +161,7 @@ class Predictor:
     def _one_prompt(self, prompts) -> str:
         if not self.backend.takes_clicks:
             raise VLSMError(f"The model {self.backend.source or self.backend.name} takes text prompts only, not "
-                            "clicks or a box; the embedded default model (--model default) takes both.")
+                            "clicks or a box; the embedded default model ('default') takes both.")
         if isinstance(prompts, (list, tuple)):
             if len(prompts) != 1:
                 raise ValueError(f"Clicks and a box refine one object, but {len(prompts)} prompts were given; "

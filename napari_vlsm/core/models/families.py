@@ -93,6 +93,6 @@ def new_backend(spec: str, device="auto", encoders=None, seed: int = 0):
         raise ModelNotFoundError(f"Unknown {spec!r}; fresh models are: {', '.join(specs)}.")
     family = specs[spec]
     if encoders is not None and not family.new_needs_encoders:
-        raise ModelNotFoundError(f"{spec} starts from scratch and takes no --encoders; "
-                                 f"--encoders goes with {', '.join(s for s, f in specs.items() if f.new_needs_encoders)}.")
+        raise ModelNotFoundError(f"{spec} starts from scratch and takes no encoders=; encoders= goes with "
+                                 f"{', '.join(s for s, f in specs.items() if f.new_needs_encoders)}.")
     return family.new(device, encoders, seed)

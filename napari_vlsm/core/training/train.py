@@ -641,10 +641,10 @@ def oversample(examples: list[Example], repeat: dict) -> list[Example]:
     of a pooled run is drawn as often as the others instead of being learned last."""
     unknown = set(repeat) - {e.group for e in examples} - {e.kind for e in examples}
     if unknown:
-        raise TrainingError(f"--repeat names {', '.join(sorted(unknown))}, which no training folder (or "
+        raise TrainingError(f"TrainSettings.repeat names {', '.join(sorted(unknown))}, which no training folder (or "
                             f"FOLDER:TARGET) is; the folders are: {', '.join(sorted({e.group for e in examples}))}.")
     if any(int(n) < 1 for n in repeat.values()):
-        raise TrainingError("--repeat needs a whole number of times, at least 1 (e.g. --repeat busi=2).")
+        raise TrainingError("TrainSettings.repeat needs a whole number of times, at least 1 (e.g. {'busi': 2}).")
     return [e for e in examples for _ in range(int(repeat.get(e.kind, repeat.get(e.group, 1))))]
 
 
@@ -653,14 +653,14 @@ def check_run_folder(out_dir, resume: bool) -> None:
     folder back in order if a kill interrupted a checkpoint swap."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise TrainingError(f"--out {out} is a file; give a folder for the checkpoints.")
+        raise TrainingError(f"out_dir {out} is a file; give a folder for the checkpoints.")
     recover_checkpoints(out)
     held = [name for name in (BEST, LAST) if (out / name).exists()]
     if held and not resume:
         score = read_metadata(out / BEST).get("best_val_dice") if (out / BEST).exists() else None
         raise TrainingError(f"{out} already holds a training run ({' and '.join(f'{n}/' for n in held)}"
                             + (f", best val Dice {score:.3f}" if isinstance(score, (int, float)) else "")
-                            + "). Add --resume to go on with it, or choose a new --out; nothing was changed.")
+                            + "). Go on with it with resume=True, or choose a new out_dir; nothing was changed.")
     if resume and not (out / LAST / CONFIG).exists():
-        raise TrainingError(f"Nothing to resume in {out}: it has no last/ checkpoint. Run without --resume "
+        raise TrainingError(f"Nothing to resume in {out}: it has no last/ checkpoint. Run without resume=True "
                             "to start there.")

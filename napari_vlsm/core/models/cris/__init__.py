@@ -22,7 +22,7 @@ def new_cris(device="auto", encoders=None, seed: int = 0) -> CrisBackend:
     from napari_vlsm.core.errors import ModelNotFoundError
 
     if encoders is None:
-        raise ModelNotFoundError("new:cris needs --encoders CKPT: a CRIS release checkpoint (CRIS.pytorch's "
+        raise ModelNotFoundError("new:cris needs encoders=CKPT: a CRIS release checkpoint (CRIS.pytorch's "
                                  "best_model.pth for RN50) or a folder made by napari-vlsm models convert-cris.")
     path = Path(encoders).expanduser()
     if path.is_dir():
