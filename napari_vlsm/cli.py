@@ -428,7 +428,7 @@ def models_families():
     for col in ("family", "model_type", "training modes", "correction adapters", "fresh start"):
         table.add_column(col)
     for f in families():
-        fresh = f"{f.new_spec}: {f.new_help}" if f.new_spec else "-"
+        fresh = f"{f.new_spec}: {_as_flags(f.new_help)}" if f.new_spec else "-"
         table.add_row(f.name, f.model_type, ", ".join(f.train_modes), "yes" if f.adapters else "no", fresh)
     Console().print(table)
 
@@ -508,7 +508,7 @@ def models_convert_cris(checkpoint: Path = typer.Argument(..., help="A CRIS rele
     how = padded[CrisConfig.from_pretrained(path).text_padding]
     why = "--padding" if padding else "from its keys"
     console.print(escape(f"Trained by {source.get('trained_by', '?')}: prompts are read {how} ({why}); "
-                         f"threshold {default_threshold(path)} (from {source.get('threshold_from')})."),
+                         f"threshold {default_threshold(path)} (from {_as_flags(str(source.get('threshold_from')))})."),
                   soft_wrap=True)
     console.print(escape(f"CRIS model written to {path}. Segment with it (--model {path}) or finetune it: "
                          f"napari-vlsm finetune DATA --model {path} --out RUN"), soft_wrap=True)

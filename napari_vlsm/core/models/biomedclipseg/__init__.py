@@ -94,5 +94,5 @@ def new_biomedclipseg(device="auto", encoders=None, seed: int = 0) -> BiomedClip
 
 FAMILY = Family(model_type=BiomedClipSegConfig.model_type, name=BiomedClipSegBackend.name, load=load,
                 build_random=build_random, onnx_meta=clipseg_onnx_meta, new=new_biomedclipseg,
-                new_key="biomedclipseg", new_help="a new CLIPSeg decoder on BiomedCLIP's encoders (--encoders)",
+                new_key="biomedclipseg", new_help="a new CLIPSeg decoder on BiomedCLIP's encoders (encoders=)",
                 new_needs_encoders=True)

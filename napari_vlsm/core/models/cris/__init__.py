@@ -39,5 +39,5 @@ def new_cris(device="auto", encoders=None, seed: int = 0) -> CrisBackend:
 
 FAMILY = Family(model_type=CrisConfig.model_type, name=CrisBackend.name, load=load, build_random=build_random_cris,
                 onnx_meta=resize_normalize_meta, new=new_cris, new_key="cris",
-                new_help="CRIS (CLIP RN50) from a release checkpoint (--encoders CKPT)", new_needs_encoders=True,
+                new_help="CRIS (CLIP RN50) from a release checkpoint (encoders=CKPT)", new_needs_encoders=True,
                 train_modes=TRAIN_MODES, adapters=False)
