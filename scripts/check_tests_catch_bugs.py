@@ -44,7 +44,7 @@ BUGS = [
     Bug("best/ also replaced on the final save", "napari_vlsm/core/training/checkpoint_policy.py",
         "if improved or best_is_last else None", "if improved or best_is_last or final else None",
         ("tests/test_train.py::test_best_keeps_the_epoch_with_the_highest_validation_dice",)),
-    Bug("checkpoint swap non-atomic (remove the target, then rename)", "napari_vlsm/core/training/checkpoint.py",
+    Bug("checkpoint swap non-atomic (remove the target, then rename)", "napari_vlsm/core/atomic.py",
         "            os.replace(target, old)\n", "            shutil.rmtree(target)\n",
         ("tests/test_faults.py::test_a_rename_that_fails_during_the_checkpoint_swap_loses_no_checkpoint",)),
     Bug("images without the object no longer asked for their own class", "napari_vlsm/core/training/train.py",
