@@ -142,7 +142,10 @@ def test_images_whose_worker_dies_on_every_try_are_reported_failed_not_ok(images
         assert not (tmp_path / "masks" / f"{Path(name).stem}.png").exists()
     ok = [f"{Path(n).stem}.png" for n in names if rows[n]["status"] == "ok"]
     assert ok and all(rows[n]["status"] in ("ok", "failed") for n in names)  # a task sharing the dying worker may fail
-    assert mask_bytes(tmp_path / "masks") == {m: mask_bytes(single)[m] for m in ok}
+    written, right = mask_bytes(tmp_path / "masks"), mask_bytes(single)
+    # every image reported ok has its mask; a task that shared the dying worker may have written whole,
+    # right masks before the death that failed it (a resume redoes those): nothing written is wrong
+    assert set(ok) <= set(written) and all(written[m] == right[m] for m in written)
     assert f"{len(ok)} segmented, 0 skipped (mask existed), {12 - len(ok)} failed" in " ".join(res.output.split())
 
 
