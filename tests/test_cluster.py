@@ -117,7 +117,20 @@ class KillEveryTime(distributed.WorkerPlugin):
             os._exit(1)
 
 
-def test_images_whose_worker_dies_on_every_try_are_reported_failed_not_ok(images, tiny_unet, single, cluster,
+@pytest.fixture
+def own_cluster():
+    """A cluster of its own, for a test that kills a worker again and again: LocalCluster may
+    replace a worker that keeps dying with one of a new nanny, which reads Dask's config of the
+    moment (the pre-spawn environment) and writes it into this process's environment; so the
+    project's pre-spawn environment stays set for the cluster's whole life, and the module's
+    cluster is left alone."""
+    from napari_vlsm.core.inference.cluster import local_cluster, worker_pre_spawn_environ
+
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_pre_spawn_environ()}), local_cluster(2) as c:
+        yield c
+
+
+def test_images_whose_worker_dies_on_every_try_are_reported_failed_not_ok(images, tiny_unet, single, own_cluster,
                                                                          tmp_path):
     """The task of images 4-7 kills its worker each time it starts: after Dask's allowed
     failures it gives up, and those images are failed in the report and the summary, with no
@@ -125,11 +138,11 @@ def test_images_whose_worker_dies_on_every_try_are_reported_failed_not_ok(images
     names = sorted(p.name for p in images.iterdir())
     victim = names[4]  # first image of the second task
     tally = tmp_path / "kills"
-    with distributed.Client(cluster) as client:
+    with distributed.Client(own_cluster) as client:
         client.register_plugin(KillEveryTime(victim, str(tally)), name="kill-every-time")
         try:
             res = runner.invoke(app, ["segment", str(images), "-p", "polyp", "--model", str(tiny_unet), "-o",
-                                      str(tmp_path / "masks"), "--scheduler", cluster.scheduler_address])
+                                      str(tmp_path / "masks"), "--scheduler", own_cluster.scheduler_address])
         finally:
             client.unregister_worker_plugin("kill-every-time")
     allowed = dask.config.get("distributed.scheduler.allowed-failures")
