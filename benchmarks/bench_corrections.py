@@ -52,7 +52,8 @@ from napari_vlsm.core.images.metrics import dice  # noqa: E402
 from napari_vlsm.core.inference.predictor import Predictor  # noqa: E402
 from napari_vlsm.core.data.replay import REPLAY_DIR, write_replay_sample  # noqa: E402
 from napari_vlsm.core.data.training_sets import benchmark_examples  # noqa: E402
-from napari_vlsm.core.inference.kinds import by_kind, with_random_checks  # noqa: E402
+from napari_vlsm.core.inference.kinds import by_kind  # noqa: E402
+from napari_vlsm.core.inference.ordering import order_images  # noqa: E402
 from napari_vlsm.core.inference.series import estimate_of  # noqa: E402
 from napari_vlsm.core.inference.uncertainty import (  # noqa: E402
     DEFAULT_SCORE, SCORES, most_uncertain_first, score_image)
@@ -137,10 +138,10 @@ def in_turn(folder_order: list, scores: dict, kind: str) -> list:
     return out
 
 
-def typical(model: str, left: list, done: list, n: int, prompt: str, seed: int, within: str) -> list:
-    """The next ``n`` of ``left`` by ``core/inference/kinds.py``: the images grouped with the
-    corrected ones (``done``) under ``model``'s image encoder; from each group the most typical
-    image, or with ``within`` (a score) its least sure one."""
+def described(model: str, left: list, done: list, prompt: str, within: str):
+    """The images grouped by ``core/inference/kinds.py``, the corrected ones (``done``) first and
+    then ``left``, under ``model``: their descriptions by the image encoder, which are done, and
+    with ``within`` (a score) each one's uncertainty (0 for the done ones), else None."""
     pred = Predictor(load_model(model, device="cpu", dtype="fp32"))
     every = done + left
     emb = np.concatenate([pred.embed([ex.load()[0] for ex in every[i:i + 16]]) for i in range(0, len(every), 16)])
@@ -149,32 +150,49 @@ def typical(model: str, left: list, done: list, n: int, prompt: str, seed: int, 
     if within:
         by_image = uncertainty(model, left, prompt)
         values = [0.0] * len(done) + [by_image[ex.image].value(within) for ex in left]
+    return every, emb, flags, values
+
+
+def typical(model: str, left: list, done: list, n: int, prompt: str, seed: int, within: str) -> list:
+    """The next ``n`` of ``left`` by ``core/inference/kinds.py``: the images grouped with the
+    corrected ones (``done``) under ``model``'s image encoder; from each group the most typical
+    image, or with ``within`` (a score) its least sure one."""
+    every, emb, flags, values = described(model, left, done, prompt, within)
     return [every[i] for i in by_kind(emb, flags, n, seed=seed, scores=values)]
 
 
-def choose(order: str, model: str, left: list, n: int, prompt: str, candidates: int, done=(), seed: int = 0) -> list:
-    """The next ``n`` images of ``left`` to correct, in ``order``: by a score, the most uncertain
-    of the next ``candidates`` (a batch an annotator is handed); where the score tells the
-    candidates nothing apart (a model that finds nothing anywhere is sure of every image), the
-    first ones, as random order has them. ``typical`` (``typical+SCORE``) groups the whole pool
-    with the ``done`` images."""
+def choose(order: str, model: str, left: list, n: int, prompt: str, candidates: int, done=(), seed: int = 0,
+           check_seed: int = 0) -> tuple[list, list]:
+    """The next ``n`` images of ``left`` to correct, in ``order``, and those of them drawn at
+    random (the order by kind's checks). ``random``: the pool's own order, a seeded permutation
+    (``split_pool``); ``name``, ``kinds`` and the most uncertain first by a score are
+    ``order_images``'s orders, the series' and ``rank``'s; by a score, the most uncertain of the
+    next ``candidates`` (a batch an annotator is handed), where the score tells the candidates
+    nothing apart (a model that finds nothing anywhere is sure of every image), the first ones,
+    as random order has them. ``typical`` (``typical+SCORE``) groups the whole pool with the
+    ``done`` images; ``kinds`` is ``typical+`` the default score with the series' random checks
+    (drawn with ``check_seed``)."""
     if order == "random":
-        return left[:n]
+        return left[:n], []
     if order == "name":
-        return sorted(left, key=lambda ex: Path(ex.image).name)[:n]
+        ranked = order_images("name", [False] * len(left), names=[Path(ex.image).name for ex in left])
+        return [left[i] for i in ranked.rows[:n]], []
     if order == "kinds":
-        order = "typical+" + DEFAULT_SCORE
+        every, emb, flags, values = described(model, left, list(done), prompt, DEFAULT_SCORE)
+        ranked = order_images("kinds", flags, values, emb, n=n, seed=seed, check_seed=check_seed)
+        return [every[i] for i in ranked.rows[:ranked.chosen]], [every[i] for i in ranked.drawn]
     if order.startswith("typical"):
-        return typical(model, left, list(done), n, prompt, seed, order.partition("+")[2])
+        return typical(model, left, list(done), n, prompt, seed, order.partition("+")[2]), []
     pool = left[:candidates]
     kind, _, turns = order.partition("+")
     scores = uncertainty(model, pool, prompt)
     if turns == "folder":
         keyed = {ex.image: ex for ex in pool}
-        return [keyed[k] for k in in_turn(list(keyed), scores, kind)[:n]]
+        return [keyed[k] for k in in_turn(list(keyed), scores, kind)[:n]], []
     if len({round(scores[ex.image].value(kind), 6) for ex in pool}) == 1:
-        return pool[:n]
-    return sorted(pool, key=lambda ex: -scores[ex.image].value(kind))[:n]
+        return pool[:n], []
+    ranked = order_images("uncertain", [False] * len(pool), [scores[ex.image].value(kind) for ex in pool])
+    return [pool[i] for i in ranked.rows[:n]], []
 
 
 def score_check(args) -> None:
@@ -204,7 +222,7 @@ def batch_check(args) -> None:
     of them within 3 frames), how many different stretches of 50 frames they come from, and the
     base's mean 1 - Dice on them (how much there is to correct)."""
     pool = domain_examples(args, "train")
-    pool = [pool[i] for i in np.random.default_rng(args.seed).permutation(len(pool))]
+    pool = shuffled(pool, args.seed)
     model = args.base_with_replay
     pred = Predictor(load_model(model, device="cpu", dtype="fp32"))
     error = {}
@@ -216,7 +234,7 @@ def batch_check(args) -> None:
           f"({Path(args.domain).name} train, {len(pool)} frames, {model}) |")
     print("|---|---|---|---|")
     for order in args.orders:
-        batch = choose(order, model, pool, args.per_round, args.prompt, len(pool), [], args.seed)
+        batch, _ = choose(order, model, pool, args.per_round, args.prompt, len(pool), [], args.seed)
         frames = np.array([int(Path(ex.image).stem) for ex in batch])
         near = int(sum((np.abs(frames - f) <= 3).sum() > 1 for f in frames))
         print(f"| {order} | {near} | {len(set(frames // 50))} | {np.mean([error[ex.image] for ex in batch]):.3f} |")
@@ -268,6 +286,11 @@ def domain_examples(args, split: str) -> list:
     return rows
 
 
+def shuffled(pool: list, seed: int) -> list:
+    """The pool in ``order_images``' random order: the order the random arm corrects it in."""
+    return [pool[i] for i in order_images("random", [False] * len(pool), seed=seed).rows]
+
+
 def split_pool(args) -> tuple[list, list]:
     """The annotator's pool (the domain's training split less ``--test-from-pool`` images, in
     the order of ``--seed``) and the test set (its val split and those images, the same for
@@ -275,8 +298,7 @@ def split_pool(args) -> tuple[list, list]:
     train = domain_examples(args, "train")
     held = set(np.random.default_rng(12345).permutation(len(train))[:args.test_from_pool].tolist())
     pool = [ex for i, ex in enumerate(train) if i not in held]
-    pool = [pool[i] for i in np.random.default_rng(args.seed).permutation(len(pool))]
-    return pool, domain_examples(args, "val") + [train[i] for i in sorted(held)]
+    return shuffled(pool, args.seed), domain_examples(args, "val") + [train[i] for i in sorted(held)]
 
 
 def run_arm(args, name: str, extra: list[str], order: str = "random") -> list[dict]:
@@ -302,11 +324,9 @@ def run_arm(args, name: str, extra: list[str], order: str = "random") -> list[di
         if r == args.rounds:
             rows.append(row)
             break
-        batch = choose(order, model, pool, args.per_round, args.prompt, args.candidates, corrected, args.seed)
-        if order == "kinds":  # as the series: one in four drawn at random, for the stop estimate
-            picks, drawn = with_random_checks([pool.index(ex) for ex in batch], range(len(pool)),
-                                              seed=args.seed * 100 + r)
-            batch, checks = [pool[i] for i in picks], checks + [pool[i].image for i in drawn]
+        batch, drawn = choose(order, model, pool, args.per_round, args.prompt, args.candidates, corrected,
+                              args.seed, check_seed=args.seed * 100 + r)
+        checks += [ex.image for ex in drawn]  # the order by kind's random checks, for the stop estimate
         pool = [ex for ex in pool if ex not in batch]
         corrected += batch
         effort = scores(pred, batch, [args.prompt])[args.prompt]

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import machine, sync  # noqa: E402
 
-from napari_vlsm.core import train as T  # noqa: E402
+from napari_vlsm.core.training import train as T  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kvasir_seg"
 

@@ -37,11 +37,11 @@ from common import machine, timed  # noqa: E402
 from napari_vlsm.core.models.loading import load_model, resolve_folder  # noqa: E402
 from napari_vlsm.core.images.metrics import dice  # noqa: E402
 from napari_vlsm.core.inference.predictor import Predictor  # noqa: E402
-from napari_vlsm.core.data.prompts import pick_prompt  # noqa: E402
+from napari_vlsm.core.data.prompts import TRAIN_PROMPT_TYPES, pick_prompt  # noqa: E402
 from napari_vlsm.core.data.training_sets import benchmark_examples  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TYPES = [f"p{i}" for i in range(1, 10)]
+TYPES = list(TRAIN_PROMPT_TYPES)
 POSITIVE_SETS = ["kvasir_seg", "clinicdb", "bkai_polyp", "busi"]
 ALL_SETS = POSITIVE_SETS + ["colonoscopy_negatives"]
 # (class, prompt, trained?): the short forms marked False never appeared in training

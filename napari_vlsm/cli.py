@@ -13,8 +13,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from napari_vlsm.core.training.settings import (ROUND_AVERAGE, ROUND_PASSES, ROUND_STEPS, SCHEDULES, SMALL_SET,
-                                                TrainSettings)
+from napari_vlsm.core.data.prompts import TEXT_TYPES_NAMED, TRAIN_PROMPT_TYPES
+from napari_vlsm.core.device import DEVICE_HELP
+from napari_vlsm.core.images.threshold import DEFAULT_THRESHOLD
+from napari_vlsm.core.models.train_modes import AUTO_MODE, TRAIN_MODES
+from napari_vlsm.core.training.settings import (ROUND_AVERAGE, ROUND_PASSES, ROUND_SIZE, ROUND_STEPS, SCHEDULES,
+                                                SMALL_SET, TrainSettings)
 
 app = typer.Typer(help="Text-prompted segmentation of 2D medical images with vision-language models.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -25,11 +29,11 @@ THREADS_HELP = "CPU threads for torch (default: the cores this process may use).
 VAL_DICE_NOTE = ("val Dice is training's own check: at the model's input size, images without the object asked "
                  "for their set's class (so they count against false masks); 'evaluate' scores full-size masks "
                  "with each image's own prompt, and its number differs.")
-REPORT_EVERY = 50  # results between report rewrites during a long segment run
 RECIPE = TrainSettings()  # finetune's defaults and the numbers in its help come from the one recipe
 
-THRESHOLD_HELP = ("Probability above which a pixel is the prompt's (default: the model's own, from its folder's "
-                  "vlsm_card.json: 0.35 for a converted CRIS, as its benchmark uses; else 0.5).")
+THRESHOLD_HELP = ("Probability at or above which a pixel is the prompt's (default: the model's own, from its "
+                  "folder's vlsm_card.json: 0.35 for a converted CRIS, as its benchmark uses; else "
+                  f"{DEFAULT_THRESHOLD}).")
 MODEL_HELP = ("Model: 'default' (embedded offline model), a local folder (Hugging Face format, or an ONNX export "
               "from export-onnx), or a Hugging Face id.")
 
@@ -55,9 +59,35 @@ def _progress() -> Progress:
                     TimeRemainingColumn(), TextColumn("{task.fields[info]}", markup=False), console=console)
 
 
+# The core's messages name the library's arguments; shown here, they name the options instead.
+FLAGS = {"resume=True": "--resume", "out_dir": "--out", "TrainSettings.repeat": "--repeat", "text_dir=": "--text-tower",
+         "encoders=": "--encoders", "prompt=": "--prompt", "model=": "--model", "threshold=": "--threshold"}
+
+
+def _as_flags(message: str) -> str:
+    """A core message with the arguments it names written as this command line's options:
+    resume=True as --resume, out_dir as --out, model=M as --model M, prompts=["a", "b"] as
+    -p "a" -p "b", and so on."""
+    import re
+
+    def prompts(m):
+        try:
+            return " ".join(f"-p {json.dumps(p)}" for p in json.loads(m.group(1)))
+        except ValueError:
+            return m.group(0)
+
+    message = re.sub(r"\bprompts=(\[.*?\])(?= with| |$|;|\.)", prompts, message)
+    message = message.replace(" with resume=True", " resume=True")  # options in a row, as they are typed
+    for name, flag in FLAGS.items():
+        if name.endswith("="):  # with a value after it, a space between the option and the value
+            message = re.sub(r"\b" + re.escape(name) + r"(?=[^\s).,;:])", flag + " ", message)
+        message = re.sub(r"\b" + re.escape(name) + (r"" if name.endswith("=") else r"\b"), flag, message)
+    return message
+
+
 def _fail(message: str, code: int = 2):
     """One line (paths are not wrapped), with the message's brackets shown as written."""
-    console.print(f"[red]Error:[/red] {escape(message)}", soft_wrap=True)
+    console.print(f"[red]Error:[/red] {escape(_as_flags(message))}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -92,46 +122,30 @@ def _check_model(spec: str) -> None:
         _fail(f"Cannot load model {spec!r}: {exc}")
 
 
-def _dask_client(cluster: str | None, scheduler: str | None):
-    """A Dask client of a new LocalCluster ('local:N') or of the scheduler at ``scheduler``, with
-    the torch threads each worker should use and a close that stops what was started here."""
-    try:
-        from distributed import Client
-    except ImportError:
-        _fail("--cluster and --scheduler need Dask's distributed package: pip install 'napari-vlsm[distributed]'.")
-    from napari_vlsm.core.inference.cluster import local_cluster, threads_per_worker
+def _dask_session(cluster: str | None, scheduler: str | None, threads: int | None):
+    """A Dask session (``core.inference.cluster.connect``) on a new LocalCluster ('local:N') or
+    on the scheduler at ``scheduler``, the torch threads of its tasks set by --threads when
+    given; a note when a worker was started in an environment that makes it slower."""
+    from napari_vlsm.core.inference.cluster import connect, slow_worker_note
 
+    workers = None
     if cluster:
         kind, _, n = cluster.partition(":")
         if kind != "local" or not n.isdigit() or int(n) < 1:
             _fail(f"--cluster is local:N with N worker processes (e.g. local:2), not {cluster!r}.")
-        local = local_cluster(int(n))
-        client = Client(local)
-        client.vlsm_threads = threads_per_worker(int(n))
-    else:
-        try:
-            client, local = Client(scheduler, timeout=30), None
-        except (OSError, TimeoutError, ValueError) as exc:
-            _fail(f"Cannot reach the Dask scheduler at {scheduler}: {exc}. Start one with 'dask scheduler' and "
-                  "workers with 'dask worker ADDRESS', or use --cluster local:N.")
-        client.vlsm_threads = None
-
-    def close():
-        client.close()
-        if local is not None:
-            local.close()
-
-    client.vlsm_close = close
-    return client
-
-
-def _note_slow_workers(client, threads: int | None) -> None:
-    """Say once if a worker was started in an environment that makes it slower than this process."""
-    from napari_vlsm.core.inference.cluster import slow_worker_note
-
-    note = slow_worker_note(client, threads)
+        workers = int(n)
+    try:
+        session = connect(workers, scheduler)
+    except ImportError:
+        _fail("--cluster and --scheduler need Dask's distributed package: pip install 'napari-vlsm[distributed]'.")
+    except (OSError, TimeoutError, ValueError) as exc:
+        _fail(f"Cannot reach the Dask scheduler at {scheduler}: {exc}. Start one with 'dask scheduler' and "
+              "workers with 'dask worker ADDRESS', or use --cluster local:N.")
+    session.threads = threads or session.threads
+    note = slow_worker_note(session.client, session.threads)
     if note:
-        console.print(f"Note: {escape(note)}", soft_wrap=True)
+        console.print(f"Note: {escape(_as_flags(note))}", soft_wrap=True)
+    return session
 
 
 def _threshold(threshold: float | None, model: str) -> float:
@@ -153,7 +167,7 @@ def segment(
                                             "and threshold only."),
     fmt: str = typer.Option("png", "--format", help="Mask format: png or tif."),
     batch_size: int = typer.Option(0, help="Images per model call (0: 8 on GPU, 1 on CPU)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
     threads: int | None = typer.Option(None, min=1, help=THREADS_HELP),
     cluster: str | None = typer.Option(None, help="local:N: segment on a Dask LocalCluster of N worker processes on "
@@ -165,8 +179,8 @@ def segment(
     _set_threads(threads)
     from napari_vlsm.core.training.checkpoint import check_writable
     from napari_vlsm.core.errors import VLSMError
-    from napari_vlsm.core.inference.folder_labeling import (OutputLock, check_resume, describe_held, inputs_in,
-                                                            model_identity, segment_files, write_report, write_sidecar)
+    from napari_vlsm.core.inference.folder_labeling import check_resume, describe_held, inputs_in, model_identity
+    from napari_vlsm.core.inference.segment_job import segment_folder
     from napari_vlsm.core.images.imageio import list_images
     from napari_vlsm.core.models.model_card import card_for, unknown_words_note
     from napari_vlsm.core.inference.predictor import Predictor, clean_prompts
@@ -199,47 +213,33 @@ def segment(
         _fail(str(exc))
     if cluster and scheduler:
         _fail("Give --cluster local:N or --scheduler ADDRESS, not both.")
+    session = predictor = None
     if cluster or scheduler:
         _check_model(model)
-        client, outcomes = _dask_client(cluster, scheduler), None
-        _note_slow_workers(client, threads or client.vlsm_threads)
+        session = _dask_session(cluster, scheduler, threads)
     else:
         backend = _load(model, device, dtype)
-        client = None
-        bs = batch_size or (8 if backend.device.type == "cuda" else 1)
-        outcomes = segment_files(Predictor(backend), files, prompts, out, threshold, resume, fmt, bs)
+        predictor = Predictor(backend)
+        batch_size = batch_size or (8 if backend.device.type == "cuda" else 1)
     unknown = unknown_words_note(card_for(model), prompts)
     if unknown:
         console.print(f"Note: {escape(unknown)}", soft_wrap=True)
     counts = {"ok": 0, "skipped": 0, "failed": 0}
-    report, error = [], None
+    error = None
     try:
-        with OutputLock(out), _progress() as bar:
-            write_sidecar(out, prompts, made_by, threshold, resume)
+        with _progress() as bar:
             task = bar.add_task("Segmenting", total=len(files), info="")
-            if client is not None:
-                from napari_vlsm.core.inference.cluster import segment_on_cluster
-
-                outcomes = segment_on_cluster(client, model, files, prompts, out, threshold, resume, fmt, device,
-                                              dtype, threads or client.vlsm_threads)
-            for res in outcomes:
+            for res in segment_folder(files, prompts, out, model, threshold, resume, fmt, predictor, batch_size,
+                                      session, device, dtype):
                 counts[res.status] += 1
-                report.append(res)
                 if res.status == "failed":
                     console.print(f"Skipped {escape(str(res.path))}: {escape(res.message)}", soft_wrap=True)
-                if len(report) % REPORT_EVERY == 0:  # so a crash leaves a report to resume from
-                    write_report(out, report, prompts)
                 bar.update(task, advance=1, info=res.path.name)
     except (OSError, RuntimeError, ValueError, VLSMError) as exc:
         error = str(exc) if not isinstance(exc, OSError) else f"{exc.strerror or exc} ({exc.filename or out})"
     finally:
-        if client is not None:
-            client.vlsm_close()
-    if report:
-        try:
-            write_report(out, report, prompts)
-        except OSError as exc:
-            error = error or f"the report could not be written: {exc.strerror or exc}"
+        if session is not None:
+            session.close()
     console.print(f"{counts['ok']} segmented, {counts['skipped']} skipped (mask existed), {counts['failed']} failed"
                   f" of {len(files)}. Masks and labels.json in {escape(str(out))}", soft_wrap=True)
     if error:
@@ -266,7 +266,7 @@ def rank(
     masks: Path | None = typer.Option(None, help="The image series' mask folder, whose corrections give the "
                                                  "estimate (default: FOLDER/vlsm_masks)."),
     threshold: float | None = typer.Option(None, min=0.0, max=1.0, help=THRESHOLD_HELP),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help="auto, fp32, bf16, fp16."),
     threads: int | None = typer.Option(None, min=1, help=THREADS_HELP),
 ):
@@ -274,18 +274,14 @@ def rank(
     each kind of image first, then the most uncertain), so annotators correct the first and
     `segment` labels the rest; the images an image series marked done go last."""
     _set_threads(threads)
-    from napari_vlsm.core.images.imageio import read_image
-    from napari_vlsm.core.inference.predictor import Predictor
+    from napari_vlsm.core.inference.ranking import RANK_ORDERS, rank_images
     from napari_vlsm.core.inference.series import DEFAULT_OUT, estimate_of, read_progress, series_images
-    import numpy as np
-
-    from napari_vlsm.core.inference.kinds import kinds_first
-    from napari_vlsm.core.inference.uncertainty import SCORES, score_image
+    from napari_vlsm.core.inference.uncertainty import SCORES
 
     if score not in SCORES:
         _fail(f"--score is one of {', '.join(SCORES)}, not {score!r}.")
-    if order not in ("kinds", "uncertain"):
-        _fail(f"--order is kinds or uncertain, not {order!r}.")
+    if order not in RANK_ORDERS:
+        _fail(f"--order is {' or '.join(RANK_ORDERS)}, not {order!r}.")
     if not prompt.strip():
         _fail("Give the prompt to rank by, e.g. -p polyp.")
     threshold = _threshold(threshold, model)
@@ -294,31 +290,21 @@ def rank(
     except OSError as exc:
         _fail(str(exc))
     progress = read_progress(masks or folder / DEFAULT_OUT)
-    done = set(progress.get("done", []))
-    predictor = Predictor(_load(model, device, dtype), flip_average=False)  # the two views are what is compared
-    rows, described, failed = [], [], []
-    with _progress() as bar:
-        task = bar.add_task("Scoring", total=len(images), info="")
-        for path in images:
-            try:
-                image = read_image(path)
-                s = score_image(predictor, image, prompt.strip(), threshold)
-                if order == "kinds":
-                    described.append(predictor.embed([image])[0])
-                rows.append({"image": str(path), "chosen": "", "score": s.value(score), **s.as_dict(),
-                             "done": path.name in done})
-            except (OSError, ValueError, RuntimeError) as exc:
-                failed.append(path)
-                console.print(f"Skipped {escape(str(path))}: {escape(str(exc))}", soft_wrap=True)
-            bar.update(task, advance=1, info=path.name)
-    if not rows:
-        _fail("No image could be scored.")
-    ranked, drawn = kinds_first(np.array(described) if order == "kinds" else None, [r["done"] for r in rows],
-                                [r["score"] for r in rows], batch if order == "kinds" else 0)
-    for k, i in enumerate(ranked):
-        rows[i]["chosen"] = ("done" if rows[i]["done"] else "random" if i in drawn else
-                             "kind" if k < batch and order == "kinds" else "uncertainty")
-    rows = [{"rank": k + 1, **rows[i]} for k, i in enumerate(ranked)]
+    backend = _load(model, device, dtype)
+    rows, failed = [], False
+    try:
+        with _progress() as bar:
+            task = bar.add_task("Scoring", total=len(images), info="")
+            for ev in rank_images(backend, images, prompt, order, batch, score, progress.get("done", []), threshold):
+                if ev.error:
+                    failed = True
+                    console.print(f"Skipped {escape(str(ev.path))}: {escape(ev.error)}", soft_wrap=True)
+                if ev.kind == "done":
+                    rows = ev.rows
+                else:
+                    bar.update(task, completed=ev.seen, info=ev.path.name)
+    except ValueError as exc:
+        _fail(str(exc))
     _write_csv(out, rows)
     todo = [r for r in rows if not r["done"]]
     first = f"the least sure image of each kind of image for the first {min(batch, len(todo))} (one in four " \
@@ -343,13 +329,13 @@ def rank(
 def evaluate(
     data_dir: Path = typer.Argument(..., help="Folder in the benchmark's format (images/, masks/, anns/)."),
     model: str = typer.Option("default", "--model", "-m", help=MODEL_HELP),
-    prompt_type: str = typer.Option("p1", help="Benchmark prompt type, p1 to p9."),
+    prompt_type: str = typer.Option("p1", help=f"Benchmark prompt type, {TEXT_TYPES_NAMED}."),
     split: str = typer.Option("val", help="Which anns/<split>.json to score: val, test or train."),
     threshold: float | None = typer.Option(None, min=0.0, max=1.0, help=THRESHOLD_HELP),
     csv_out: Path | None = typer.Option(None, "--csv",
                                            help="Per-image CSV (default: evaluation_<folder>_<split>_<type>.csv)."),
     limit: int | None = typer.Option(None, min=1, help="Only the first N images."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help="auto, fp32, bf16, fp16."),
     threads: int | None = typer.Option(None, min=1, help=THREADS_HELP),
     cluster: str | None = typer.Option(None, help="local:N: score on a Dask LocalCluster of N worker processes on "
@@ -364,18 +350,17 @@ def evaluate(
     from napari_vlsm.core.inference.evaluate import summarize
     from napari_vlsm.core.inference.predictor import Predictor
 
-    if prompt_type not in [f"p{i}" for i in range(1, 10)]:
-        _fail(f"--prompt-type must be one of p1 to p9 (p0 is the empty prompt), not {prompt_type!r}.")
+    if prompt_type not in TRAIN_PROMPT_TYPES:
+        _fail(f"--prompt-type must be one of {TEXT_TYPES_NAMED} (p0 is the empty prompt), not {prompt_type!r}.")
     if not (data_dir / "anns" / f"{split}.json").exists():
         _fail(f"{data_dir} has no anns/{split}.json: expected the benchmark's layout (images/, masks/, anns/).")
     if cluster and scheduler:
         _fail("Give --cluster local:N or --scheduler ADDRESS, not both.")
     threshold = _threshold(threshold, model)
-    client = None
+    session = None
     if cluster or scheduler:
         _check_model(model)
-        client = _dask_client(cluster, scheduler)
-        _note_slow_workers(client, threads or client.vlsm_threads)
+        session = _dask_session(cluster, scheduler, threads)
     else:
         predictor = Predictor(_load(model, device, dtype))
     rows = []
@@ -390,11 +375,11 @@ def evaluate(
     try:
         with _progress() as bar:
             task = bar.add_task("Evaluating", total=min(n, limit or n), info="")
-            if client is not None:
+            if session is not None:
                 from napari_vlsm.core.inference.cluster import evaluate_on_cluster
 
-                scored = evaluate_on_cluster(client, model, data_dir, prompt_type, split, threshold, limit=limit,
-                                             device=device, dtype=dtype, threads=threads or client.vlsm_threads)
+                scored = evaluate_on_cluster(session.client, model, data_dir, prompt_type, split, threshold,
+                                             limit=limit, device=device, dtype=dtype, threads=session.threads)
             else:
                 scored = run_eval(predictor, data_dir, prompt_type, split, threshold, limit=limit)
             for row in scored:
@@ -403,8 +388,8 @@ def evaluate(
     except (ValueError, OSError, RuntimeError) as exc:
         _fail(str(exc))
     finally:
-        if client is not None:
-            client.vlsm_close()
+        if session is not None:
+            session.close()
     if not rows:
         _fail(f"No images were evaluated in {data_dir} ({split}).")
     summary = summarize(rows)
@@ -443,7 +428,7 @@ def models_families():
     for col in ("family", "model_type", "training modes", "correction adapters", "fresh start"):
         table.add_column(col)
     for f in families():
-        fresh = f"{f.new_spec}: {f.new_help}" if f.new_spec else "-"
+        fresh = f"{f.new_spec}: {_as_flags(f.new_help)}" if f.new_spec else "-"
         table.add_row(f.name, f.model_type, ", ".join(f.train_modes), "yes" if f.adapters else "no", fresh)
     Console().print(table)
 
@@ -523,7 +508,7 @@ def models_convert_cris(checkpoint: Path = typer.Argument(..., help="A CRIS rele
     how = padded[CrisConfig.from_pretrained(path).text_padding]
     why = "--padding" if padding else "from its keys"
     console.print(escape(f"Trained by {source.get('trained_by', '?')}: prompts are read {how} ({why}); "
-                         f"threshold {default_threshold(path)} (from {source.get('threshold_from')})."),
+                         f"threshold {default_threshold(path)} (from {_as_flags(str(source.get('threshold_from')))})."),
                   soft_wrap=True)
     console.print(escape(f"CRIS model written to {path}. Segment with it (--model {path}) or finetune it: "
                          f"napari-vlsm finetune DATA --model {path} --out RUN"), soft_wrap=True)
@@ -541,10 +526,11 @@ def finetune(
                                                        "(new:biomedclipseg: BiomedCLIP's open_clip folder, see "
                                                        "'models pull', or a BiomedCLIPSeg model folder)."),
     train_mode: str = typer.Option(RECIPE.mode, "--train",
-                                   help="auto (full for the FiLM-UNet, decoder for CLIPSeg), decoder, full or lora."),
+                                   help=f"{AUTO_MODE} (the model's own: full for the FiLM-UNet, decoder for CLIPSeg), "
+                                        f"{', '.join(TRAIN_MODES[:-1])} or {TRAIN_MODES[-1]}."),
     epochs: int | None = typer.Option(RECIPE.epochs, min=1, help="Default: enough epochs for --steps steps."),
     steps: int | None = typer.Option(RECIPE.steps, min=1, help=f"Optimiser steps of the round (default: {ROUND_STEPS} "
-                                     f"up to {ROUND_STEPS * 7 // ROUND_PASSES} examples, then {ROUND_PASSES} draws "
+                                     f"up to {ROUND_SIZE} examples, then {ROUND_PASSES} draws "
                                      "of each)."),
     lr: float | None = typer.Option(RECIPE.lr, help="Learning rate (default: the model's own for the mode)."),
     batch_size: int = typer.Option(RECIPE.batch_size, min=1),
@@ -593,12 +579,12 @@ def finetune(
     seed: int = typer.Option(RECIPE.seed),
     threads: int | None = typer.Option(RECIPE.threads, min=1, help=THREADS_HELP),
     resume: bool = typer.Option(False, help="Continue from OUT/last."),
-    device: str = typer.Option("auto"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ):
     """Finetune a model on image/mask pairs; resumable; runs under torchrun for several GPUs."""
     from napari_vlsm.core.training.adapters import ADAPTER_MODES
     from napari_vlsm.core.errors import TrainingError, VLSMError
-    from napari_vlsm.core.training.train import init_distributed
+    from napari_vlsm.core.training.distributed import init_distributed
     from napari_vlsm.core.training.train import finetune as run_finetune
 
     if adapters not in ADAPTER_MODES:

@@ -41,10 +41,10 @@ BUGS = [
     Bug("best/ chosen with val < best (the worst epoch kept)", "napari_vlsm/core/training/train.py",
         "improved = val > self.best if informative else", "improved = val < self.best if informative else",
         ("tests/test_train.py::test_best_keeps_the_epoch_with_the_highest_validation_dice",)),
-    Bug("best/ also replaced on the final save", "napari_vlsm/core/training/train.py",
-        "return self.save_best() if improved else None", "return self.save_best() if improved or final else None",
+    Bug("best/ also replaced on the final save", "napari_vlsm/core/training/checkpoint_policy.py",
+        "if improved or best_is_last else None", "if improved or best_is_last or final else None",
         ("tests/test_train.py::test_best_keeps_the_epoch_with_the_highest_validation_dice",)),
-    Bug("checkpoint swap non-atomic (remove the target, then rename)", "napari_vlsm/core/training/checkpoint.py",
+    Bug("checkpoint swap non-atomic (remove the target, then rename)", "napari_vlsm/core/atomic.py",
         "            os.replace(target, old)\n", "            shutil.rmtree(target)\n",
         ("tests/test_faults.py::test_a_rename_that_fails_during_the_checkpoint_swap_loses_no_checkpoint",)),
     Bug("images without the object no longer asked for their own class", "napari_vlsm/core/training/train.py",
@@ -66,8 +66,8 @@ BUGS = [
         "if k.split()[0] == p.split()[0])) for p in prompts])",
         ("tests/test_predictor.py::test_prompts_that_share_a_first_word_get_their_own_answers",)),
     Bug("a checkpoint written after every step (closing midway keeps half an epoch)", "napari_vlsm/core/training/train.py",
-        '            yield _step_progress(plan, run, epoch,',
-        '            checkpoints.save(True, True, final=True); yield _step_progress(plan, run, epoch,',
+        '            yield step_progress(plan, run, epoch,',
+        '            checkpoints.save(True, True, final=True); yield step_progress(plan, run, epoch,',
         ("tests/test_train.py::test_closing_the_generator_midway_leaves_checkpoints_loadable",)),
     Bug("replace mode writes like fill (the annotator's labels stay)", "napari_vlsm/plugin/label_writing.py",
         '    write_mode = "fill" if mode == "fill" else "replace"', '    write_mode = "fill"',
@@ -82,6 +82,34 @@ BUGS = [
     Bug("Previous goes back by name, not the way the annotator walked", "napari_vlsm/plugin/series_widget.py",
         "        if before in names:\n", "        if False:\n",
         ("tests/test_series_sessions.py::test_previous_goes_back_the_way_the_annotator_walked",)),
+    Bug("the slider re-thresholds a single prompt with > where the predictor's masks use >=",
+        "napari_vlsm/core/images/postprocess.py",
+        "        binarize(probs[0], value, out=labels)\n",
+        "        np.greater(probs[0], value, out=labels, casting=\"unsafe\")\n",
+        ("tests/test_predictor.py::test_a_probability_exactly_at_the_threshold_is_the_prompts_for_the_predictor_and_"
+         "the_slider",)),
+    Bug("text-embedding cache keyed on the prompt with its inner spaces removed", "napari_vlsm/core/inference/predictor.py",
+        "        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]\n"
+        "        if len(self._text_cache) + len(missing) > TEXT_CACHE_SIZE:\n"
+        "            self._text_cache.clear()\n"
+        "            missing = list(dict.fromkeys(prompts))\n"
+        "        if missing:\n"
+        "            for p, emb in zip(missing, self.backend.encode_text(missing)):\n"
+        "                self._text_cache[p] = emb\n"
+        "        return torch.stack([torch.as_tensor(self._text_cache[p]) for p in prompts])\n",
+        "        missing = [p for p in dict.fromkeys(prompts) if p.replace(' ', '') not in self._text_cache]\n"
+        "        if len(self._text_cache) + len(missing) > TEXT_CACHE_SIZE:\n"
+        "            self._text_cache.clear()\n"
+        "            missing = list(dict.fromkeys(prompts))\n"
+        "        if missing:\n"
+        "            for p, emb in zip(missing, self.backend.encode_text(missing)):\n"
+        "                self._text_cache[p.replace(' ', '')] = emb\n"
+        "        return torch.stack([torch.as_tensor(self._text_cache[p.replace(' ', '')]) for p in prompts])\n",
+        ("tests/test_predictor.py::test_prompts_that_differ_only_in_spaces_get_their_own_embeddings_through_the_cache",)),
+    Bug("a Dask task whose worker dies on every try reported ok", "napari_vlsm/core/inference/cluster.py",
+        'yield FileOutcome(p, "failed", message="the worker segmenting it died on every try',
+        'yield FileOutcome(p, "ok", message="the worker segmenting it died on every try',
+        ("tests/test_cluster.py::test_images_whose_worker_dies_on_every_try_are_reported_failed_not_ok",)),
 ]
 
 

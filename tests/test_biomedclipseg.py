@@ -175,7 +175,9 @@ def test_finetune_segment_and_export_with_the_documented_commands(hub, converted
     trained = load_model(str(run / "best"), device="cpu")
     assert trained.name == "BiomedCLIPSeg"
     start = new_biomedclipseg(encoders=converted, device="cpu")  # where new:biomedclipseg starts (seed 0)
-    for (name, p), q in zip(trained.module.named_parameters(), start.module.parameters()):
+    pairs = list(zip(trained.module.named_parameters(), start.module.parameters()))
+    assert len(pairs) == len(list(start.module.parameters())) and any(n.startswith("decoder.") for (n, _), _ in pairs)
+    for (name, p), q in pairs:
         changed = not torch.equal(p, q)
         assert changed == name.startswith("decoder."), name  # encoders frozen, the decoder trained
 

@@ -14,6 +14,7 @@ from napari_vlsm.cli import app
 from .conftest import copy_images
 
 distributed = pytest.importorskip("distributed")
+dask = pytest.importorskip("dask")
 
 runner = CliRunner()
 
@@ -101,6 +102,64 @@ def test_a_worker_killed_mid_run_loses_nothing(images, tiny_unet, single, cluste
     assert all(r["status"] == "ok" for r in rows)
     assert mask_bytes(tmp_path / "masks") == mask_bytes(single)
     assert not list((tmp_path / "masks").glob("*.tmp*")) and not list((tmp_path / "masks").glob(".*.png*"))
+
+
+class KillEveryTime(distributed.WorkerPlugin):
+    """Kills its worker process every time a task naming ``name`` starts there, and counts the kills."""
+
+    def __init__(self, name: str, tally: str):
+        self.name, self.tally = name, tally
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish == "executing" and self.name in str(key):
+            with open(self.tally, "a") as f:
+                f.write("killed\n")
+            os._exit(1)
+
+
+@pytest.fixture
+def own_cluster():
+    """A cluster of its own, for a test that kills a worker again and again: LocalCluster may
+    replace a worker that keeps dying with one of a new nanny, which reads Dask's config of the
+    moment (the pre-spawn environment) and writes it into this process's environment; so the
+    project's pre-spawn environment stays set for the cluster's whole life, and the module's
+    cluster is left alone."""
+    from napari_vlsm.core.inference.cluster import local_cluster, worker_pre_spawn_environ
+
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_pre_spawn_environ()}), local_cluster(2) as c:
+        yield c
+
+
+def test_images_whose_worker_dies_on_every_try_are_reported_failed_not_ok(images, tiny_unet, single, own_cluster,
+                                                                         tmp_path):
+    """The task of images 4-7 kills its worker each time it starts: after Dask's allowed
+    failures it gives up, and those images are failed in the report and the summary, with no
+    mask, while the other images are segmented as the single process does."""
+    names = sorted(p.name for p in images.iterdir())
+    victim = names[4]  # first image of the second task
+    tally = tmp_path / "kills"
+    with distributed.Client(own_cluster) as client:
+        client.register_plugin(KillEveryTime(victim, str(tally)), name="kill-every-time")
+        try:
+            res = runner.invoke(app, ["segment", str(images), "-p", "polyp", "--model", str(tiny_unet), "-o",
+                                      str(tmp_path / "masks"), "--scheduler", own_cluster.scheduler_address])
+        finally:
+            client.unregister_worker_plugin("kill-every-time")
+    allowed = dask.config.get("distributed.scheduler.allowed-failures")
+    assert len(tally.read_text().splitlines()) == allowed + 1  # it was tried again and again, then given up
+    assert res.exit_code == 1, res.output
+    rows = {Path(r["image"]).name: r for r in report(tmp_path / "masks")}
+    assert sorted(rows) == names  # each image once
+    for name in names[4:8]:
+        assert rows[name]["status"] == "failed" and "died on every try" in rows[name]["message"], rows[name]
+        assert not (tmp_path / "masks" / f"{Path(name).stem}.png").exists()
+    ok = [f"{Path(n).stem}.png" for n in names if rows[n]["status"] == "ok"]
+    assert ok and all(rows[n]["status"] in ("ok", "failed") for n in names)  # a task sharing the dying worker may fail
+    written, right = mask_bytes(tmp_path / "masks"), mask_bytes(single)
+    # every image reported ok has its mask; a task that shared the dying worker may have written whole,
+    # right masks before the death that failed it (a resume redoes those): nothing written is wrong
+    assert set(ok) <= set(written) and all(written[m] == right[m] for m in written)
+    assert f"{len(ok)} segmented, 0 skipped (mask existed), {12 - len(ok)} failed" in " ".join(res.output.split())
 
 
 def test_an_unreadable_image_is_reported_and_the_rest_done(images, tiny_unet, cluster, tmp_path):

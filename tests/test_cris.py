@@ -14,12 +14,14 @@ from napari_vlsm.core.models import cris as cris_family
 from napari_vlsm.core.models.cris import model as cris
 from napari_vlsm.core.models.cris.convert import convert_cris_checkpoint, read_release_checkpoint, write_release_checkpoint
 from napari_vlsm.core.errors import ModelNotFoundError, UnsafeWeightsError
+from napari_vlsm.core.images.imageio import read_image
 from napari_vlsm.core.images.postprocess import logits_to_probs
 from napari_vlsm.core.inference.predictor import Predictor
 from napari_vlsm.core.models.loading import load_model
 
 from .conftest import CodeInPickle, open_docks
-from napari_vlsm.core.training.train import dice_bce_loss, train_mode
+from napari_vlsm.core.training.loss import dice_bce_loss
+from napari_vlsm.core.training.train import train_mode
 
 PROMPTS = ["polyp", "a small pink polyp in the colon, left of the image"]
 
@@ -498,7 +500,7 @@ def test_new_cris_from_a_checkpoint_or_a_folder(folder, tmp_path):
         backend = cris_family.new_cris("cpu", encoders=encoders)
         assert backend.source == "new:cris" and backend.dtype == torch.float32
         assert backend.default_train_mode == "decoder" and backend.default_lr["decoder"] == 2e-5
-    with pytest.raises(ModelNotFoundError, match="--encoders CKPT"):
+    with pytest.raises(ModelNotFoundError, match="encoders=CKPT"):
         cris_family.new_cris("cpu")
     # CLIP's RN50.pt is a TorchScript archive, which torch.load(weights_only=True) does not run
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "RN50.pt")
@@ -609,7 +611,7 @@ def test_the_documented_commands_on_a_release_shaped_checkpoint(folder, data_set
     res = runner.invoke(app, ["segment", str(images), "-p", "polyp", "--model", str(tmp_path / "cris"),
                               "--out", str(tmp_path / "masks")])
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "masks" / "frame.png").exists() or any((tmp_path / "masks").glob("frame*"))
+    assert read_image(tmp_path / "masks" / "frame.png").shape == polyp_image.shape[:2]
     data = small_copy(data_sets / "kvasir_seg", tmp_path / "kvasir", 3, 1)
     res = runner.invoke(app, ["finetune", str(data), "--model", "new:cris", "--encoders", str(ckpt), "--epochs", "1",
                               "--batch-size", "2", "--out", str(tmp_path / "run"), "--threads", "1"])

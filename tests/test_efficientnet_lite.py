@@ -24,7 +24,7 @@ def test_weights_in_the_packages_layout_load_and_others_are_refused(tmp_path):
     torch.manual_seed(2)
     encoder = E.EfficientNetLite0Encoder()
     loaded = E.load_imagenet_weights(encoder, tmp_path / "efficientnet-lite0.pth")
-    assert "_fc.weight" not in loaded and len(loaded) == len(source.state_dict())
+    assert "_fc.weight" not in loaded and len(loaded) == len(source.state_dict()) == len(encoder.state_dict())
     for (name, a), b in zip(source.state_dict().items(), encoder.state_dict().values()):
         assert torch.equal(a, b), name
     del state["_blocks.3._depthwise_conv.weight"]

@@ -145,6 +145,7 @@ def test_the_cli_lists_the_registry_and_its_fresh_starts(tiny_set, tmp_path, mon
     monkeypatch.setenv("COLUMNS", "200")
     res = CliRunner().invoke(app, ["models", "families"], terminal_width=200)
     assert res.exit_code == 0
+    assert {"FiLM-UNet", "CLIPSeg", "CRIS"} <= {f.name for f in families()}
     for family in families():
         assert family.name in res.output and (family.new_spec or "-") in res.output
     res = CliRunner().invoke(app, ["finetune", str(tiny_set), "--model", "new:nothing", "--out", str(tmp_path / "r")],

@@ -151,10 +151,14 @@ def test_symlinks_in_out_are_replaced_not_followed(tiny_unet, images, tmp_path):
 def test_files_respect_the_umask(tiny_unet, images, tmp_path):
     old = os.umask(0o022)
     try:
-        cli("segment", images, "-p", "polyp", "-o", tmp_path / "out", "-m", tiny_unet)
+        res = cli("segment", images, "-p", "polyp", "-o", tmp_path / "out", "-m", tiny_unet)
     finally:
         os.umask(old)
-    for p in (tmp_path / "out").iterdir():
+    assert res.exit_code == 0, res.output
+    written = sorted((tmp_path / "out").iterdir())
+    # every file the run writes is there (a mask per image, labels.json, the report), so each mode is checked
+    assert [p.name for p in written] == ["a.png", "b.png", "c.png", "labels.json", "segment_report.csv"]
+    for p in written:
         assert p.stat().st_mode & 0o777 == 0o644, p
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from napari_vlsm.core.images.imageio import read_image
-from napari_vlsm.core.inference.kinds import MIN_GROUP, by_kind, kinds_first, typicality, with_random_checks
+from napari_vlsm.core.inference.kinds import MIN_GROUP, by_kind, typicality, with_random_checks
+from napari_vlsm.core.inference.ordering import order_images
 from napari_vlsm.core.inference.predictor import Predictor, pooled_features
 from napari_vlsm.core.inference.series import PROGRESS, Series, estimate_of
 from napari_vlsm.core.models.loading import load_model
@@ -152,15 +153,20 @@ def test_kinds_first_then_the_least_sure_and_the_done_last():
     scores = np.linspace(0, 1, 20)
     done = np.zeros(20, bool)
     done[[0, 19]] = True
-    order, drawn = kinds_first(points, done, scores, 2)
+    got = order_images("kinds", done, scores, points, n=2)
+    order, drawn = got.rows, got.drawn
+    assert got.chosen == 2
     assert sorted(group[order[:2]]) == [0, 1] and order[:2] == by_kind(points, done, 2, scores=scores)
     assert drawn == []
     rest = order[2:-2]
     assert [scores[i] for i in rest] == sorted((scores[i] for i in rest), reverse=True)
     assert sorted(order[-2:]) == [0, 19] and sorted(order) == list(range(20))
-    assert kinds_first(None, done, scores, 0) == (list(range(18, 0, -1)) + [19, 0], [])  # least sure first, done last
+    least_sure = list(range(18, 0, -1)) + [19, 0]  # least sure first, done last
+    assert order_images("kinds", done, scores, points, n=0).rows == least_sure
+    assert order_images("uncertain", done, scores).rows == least_sure
     # eight by kind: the 4th and the 8th drawn at random among the others not done
-    order, drawn = kinds_first(points, done, scores, 8)
+    got = order_images("kinds", done, scores, points, n=8)
+    order, drawn = got.rows, got.drawn
     kinds = by_kind(points, done, 8, scores=scores)
     assert drawn == [order[3], order[7]] and not set(drawn) & (set(kinds) | {0, 19})
     assert [order[k] for k in (0, 1, 2, 4, 5, 6)] == [kinds[k] for k in (0, 1, 2, 4, 5, 6)]

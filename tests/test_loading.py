@@ -60,6 +60,7 @@ def test_saved_folder_reloads_through_from_pretrained(tiny_unet, tmp_path):
     backend = load_model(tiny_unet)
     backend.save(tmp_path / "copy")
     again = AutoModel.from_pretrained(tmp_path / "copy")
+    assert list(backend.module.state_dict()) == list(again.state_dict())  # the same weights, all of them
     for (k, a), (_, b) in zip(backend.module.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), k
 

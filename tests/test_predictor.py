@@ -154,3 +154,44 @@ def test_flip_average_makes_the_answer_mirror_with_the_image(mirrored_unet, poly
     np.testing.assert_allclose(out["averaged", "image"], expected, atol=2e-3)
     batch = averaged.predict_batch([polyp_image, mirror], ["polyp", "mucosa"])
     np.testing.assert_allclose(batch[0].probs, out["averaged", "image"], atol=1e-5)
+
+
+def test_a_probability_exactly_at_the_threshold_is_the_prompts_for_the_predictor_and_the_slider(
+        clipseg, polyp_image):
+    """The predictor's masks and labels, and the slider's new threshold on the same
+    probabilities (the segmentation dock's re-thresholding of one prompt), agree pixel for
+    pixel when the threshold is exactly one of the probabilities: at the threshold is in."""
+    from napari_vlsm.core.images.threshold import binarize
+    from napari_vlsm.plugin import label_writing
+
+    pred = Predictor(clipseg)
+    pred.set_image(polyp_image)
+    probs = pred.predict("polyp").probs
+    at = float(np.sort(probs, axis=None)[probs.size // 2])  # one of the probabilities (float32 -> float64: exact)
+    on = probs[0] == at
+    assert on.any() and (probs[0] < at).any() and (probs[0] > at).any()
+    result = pred.predict("polyp", threshold=at)
+    assert result.masks[0][on].all() and not result.masks[0][probs[0] < at].any()
+    np.testing.assert_array_equal(result.labels, result.masks[0].astype(np.uint8))
+    np.testing.assert_array_equal(binarize(probs, at), result.masks)
+    write = label_writing.LabelWrite(layer=None, index=(), mode="replace", values=[1], before=np.zeros_like(
+        result.labels), dtype=np.dtype(np.uint8), written=b"")
+    planned, _ = label_writing.plan_threshold(write, probs, at)  # what the slider writes at that threshold
+    np.testing.assert_array_equal(planned, result.labels)
+    # two prompts: a pixel whose most likely prompt is exactly at the threshold takes that prompt
+    two = pred.predict(["polyp", "polyp"], threshold=at)
+    assert (two.labels[on] == 1).all() and (two.labels[probs[0] < at] == 0).all()
+
+
+def test_prompts_that_differ_only_in_spaces_get_their_own_embeddings_through_the_cache(clipseg):
+    """"polyp border" and "polypborder" tokenize differently, so the text cache keeps each
+    prompt's own embedding, asked together or one after the other in either order."""
+    own = {p: clipseg.encode_text([p])[0] for p in ("polyp border", "polypborder")}
+    assert (own["polyp border"] - own["polypborder"]).abs().max() > 1e-4
+    for order in (["polyp border", "polypborder"], ["polypborder", "polyp border"]):
+        pred = Predictor(clipseg)
+        for p in order:  # one after the other: the second is not answered from the first's entry
+            torch.testing.assert_close(pred.text_embeddings([p])[0], own[p], atol=1e-5, rtol=0)
+        together = Predictor(clipseg).text_embeddings(order)
+        for k, p in enumerate(order):
+            torch.testing.assert_close(together[k], own[p], atol=1e-5, rtol=0)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from napari_vlsm.core.training import train as T
+from napari_vlsm.core.training.validation import val_prompt
 from napari_vlsm.core.data.prompts import TRAIN_PROMPT_TYPES
 from napari_vlsm.core.data.concepts import NegativePrompts, add_synonyms, concept_of
 from napari_vlsm.core.data.replay import REPLAY_DIR, replay_examples, write_replay_sample
@@ -58,7 +59,7 @@ def test_repeat_oversamples_a_data_set_and_names_unknown_ones(pooled):
     more = T.oversample(examples, {"busi": 3})
     assert sum(ex.group == "busi" for ex in more) == 3 * sum(ex.group == "busi" for ex in examples)
     assert sum(ex.group == "kvasir_seg" for ex in more) == sum(ex.group == "kvasir_seg" for ex in examples)
-    with pytest.raises(T.TrainingError, match="--repeat names brain"):
+    with pytest.raises(T.TrainingError, match="TrainSettings.repeat names brain"):
         T.oversample(examples, {"brain": 2})
 
 
@@ -66,6 +67,7 @@ def test_pooled_run_records_each_data_set_and_the_cross_prompt_rate(tiny_unet, p
     s = T.TrainSettings(epochs=2, negative_fraction=0.5, synonyms={"busi": ["breast tumor"]}, repeat={"busi": 2})
     events = list(T.finetune(str(tiny_unet), pooled, tmp_path / "run", s, device="cpu"))
     meta = json.loads((tmp_path / "run" / "last" / "training.json").read_text())
+    assert [h["epoch"] for h in meta["history"]] == [1, 2]
     for h in meta["history"]:
         assert set(h["val_dice_by_set"]) == {"kvasir_seg", "colonoscopy_negatives", "busi"}
         assert h["val_dice"] == pytest.approx(np.mean(list(h["val_dice_by_set"].values())))
@@ -223,8 +225,8 @@ def test_images_without_the_object_are_asked_for_their_own_class(pooled):
     assert all("tumor" in p.lower() and not p.lower().startswith("no ") for p in replaced)
     # validation asks the same way: the class where the object is absent, the own prompt elsewhere
     concepts = concept_of(examples)
-    assert T._val_prompt(tumour, False, "p1", concepts, rng) == "tumor in the breast ultrasound image."
-    assert T._val_prompt(tumour, True, "p1", concepts, rng) == tumour.prompts["p1"]
+    assert val_prompt(tumour, False, "p1", concepts, rng) == "tumor in the breast ultrasound image."
+    assert val_prompt(tumour, True, "p1", concepts, rng) == tumour.prompts["p1"]
 
 
 def test_a_finetune_asks_images_without_the_object_for_their_own_class(data_sets, tiny_unet, tmp_path, monkeypatch):
@@ -239,13 +241,13 @@ def test_a_finetune_asks_images_without_the_object_for_their_own_class(data_sets
     (folder / "anns").mkdir()
     (folder / "anns" / "train.json").write_text(json.dumps(normal + tumour))
     asked = []  # (the image's own p1, the prompt asked, whether its target has the object)
-    real = T._loss
+    real = T.batch_loss
 
     def spy(backend, pixels, target, prompts, settings, rng, negatives, batch):
         asked.extend((ex.prompts["p1"], p, bool(t.any())) for ex, p, t in zip(batch, prompts, target))
         return real(backend, pixels, target, prompts, settings, rng, negatives, batch)
 
-    monkeypatch.setattr(T, "_loss", spy)
+    monkeypatch.setattr(T, "batch_loss", spy)
     s = T.TrainSettings(epochs=4, batch_size=6, crop=0)  # whole images: only the normal ones are empty
     assert list(T.finetune(str(tiny_unet), [folder], tmp_path / "run", s, device="cpu"))[-1].kind == "done"
     on_normal = [(p, has) for own, p, has in asked if own.startswith("No tumor")]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from napari_vlsm.core.training import loss as loss_module
 from napari_vlsm.core.training import train as T
 from napari_vlsm.core.errors import TrainingError
 from napari_vlsm.core.models.loading import load_model
@@ -118,7 +119,7 @@ def test_best_keeps_the_epoch_with_the_highest_validation_dice(tiny_unet, small_
 
 
 def test_nan_loss_stops_with_message_and_keeps_checkpoint(tiny_unet, small_benchmark, tmp_path, monkeypatch):
-    real = T.dice_bce_loss
+    real = loss_module.dice_bce_loss
     calls = {"n": 0}
 
     def flaky(logits, target):
@@ -126,7 +127,7 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tiny_unet, small_bench
         loss = real(logits, target)
         return loss * float("nan") if calls["n"] > 4 else loss
 
-    monkeypatch.setattr(T, "dice_bce_loss", flaky)
+    monkeypatch.setattr(loss_module, "dice_bce_loss", flaky)
     gen = T.finetune(str(tiny_unet), [small_benchmark], tmp_path, T.TrainSettings(epochs=5, batch_size=8))
     with pytest.raises(TrainingError, match="nan.*lower learning rate"):
         run(gen)

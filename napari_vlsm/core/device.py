@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import torch
+DEVICES = ("auto", "cpu", "cuda", "mps")  # the choices offered; cuda:N names one of several GPUs
+DEVICE_HELP = "auto (CUDA, then Apple's MPS, then the CPU), cpu, cuda, cuda:N (e.g. cuda:1, the second GPU) or mps."
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     """Return ``device`` if given (other than "auto"), else the best one available."""
+    import torch
+
     if device is not None and str(device) != "auto":
         try:
             dev = torch.device(device)
         except RuntimeError:
-            raise ValueError(f"Unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps.") from None
+            raise ValueError(f"Unknown device {device!r}; use {DEVICE_HELP}") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"Device {device!r} was asked for, but CUDA is not available here (this torch build "
-                             f"is {torch.__version__}); use --device auto or cpu.")
+                             f"is {torch.__version__}); use the device auto or cpu.")
         if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"There is no {device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
         mps = getattr(torch.backends, "mps", None)
@@ -31,6 +34,8 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
 
 def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
     """Inference precision: bf16 (or fp16 where bf16 is unsupported) on GPU, fp32 on CPU."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in (None, "auto"):
@@ -48,6 +53,8 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
 
 def describe(device: torch.device, dtype: torch.dtype) -> str:
     """Short human label such as 'cuda:0 (NVIDIA H200), bfloat16'."""
+    import torch
+
     name = str(device)
     if device.type == "cuda":
         name += f" ({torch.cuda.get_device_name(device)})"

@@ -16,9 +16,9 @@ import json
 import random
 from pathlib import Path
 
-TRAIN_PROMPT_TYPES = tuple(f"p{i}" for i in range(1, 10))  # the benchmark's nine prompt types
-
-PROMPT_TYPES = tuple(f"p{i}" for i in range(10))
+PROMPT_TYPES = tuple(f"p{i}" for i in range(10))  # p0 is the empty prompt
+TRAIN_PROMPT_TYPES = PROMPT_TYPES[1:]  # p1-p9: the benchmark's nine types with text, trained and evaluated
+TEXT_TYPES_NAMED = f"{TRAIN_PROMPT_TYPES[0]} to {TRAIN_PROMPT_TYPES[-1]}"  # for messages and help
 SYNONYM_TYPE = "syn"  # short forms a person would type, added for training (finetune --synonyms)
 ATTRIBUTES = ("number", "size", "colour", "shape", "class", "location", "description")
 # choices offered by the widget's prompt builder; the benchmark's own values among them

@@ -108,7 +108,7 @@ def load_examples(data_dir, split: str = "train", prompt: str | None = None) -> 
     if (data_dir / "anns" / f"{split}.json").exists():
         return benchmark_examples(data_dir, split)
     if prompt is None:
-        raise ValueError(f"{data_dir} has no anns/{split}.json; give the prompt for its masks (--prompt).")
+        raise ValueError(f"{data_dir} has no anns/{split}.json; give the prompt for its masks (prompt=).")
     return folder_examples(data_dir, prompt)
 
 

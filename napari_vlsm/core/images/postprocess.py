@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DEFAULT_THRESHOLD = 0.5  # callers pass the user's threshold; the predictor holds none
+from napari_vlsm.core.images.threshold import DEFAULT_THRESHOLD, binarize
 
 
 def logits_to_probs(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -17,7 +17,7 @@ def logits_to_probs(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return probs.cpu().numpy()
 
 
-def combine_labels(probs: np.ndarray, value: float = 0.5) -> np.ndarray:
+def combine_labels(probs: np.ndarray, value: float = DEFAULT_THRESHOLD) -> np.ndarray:
     """One label image from P probability maps: label i+1 where prompt i is the most likely
     of those at or above the threshold, 0 where none is. Worked in bands of rows, so a very
     large image needs no full-size index array (argmax gives int64)."""
@@ -26,12 +26,12 @@ def combine_labels(probs: np.ndarray, value: float = 0.5) -> np.ndarray:
         probs = probs[None]
     labels = np.zeros(probs.shape[1:], np.uint8 if probs.shape[0] < 255 else np.uint16)
     if probs.shape[0] == 1:
-        np.greater_equal(probs[0], value, out=labels, casting="unsafe")
+        binarize(probs[0], value, out=labels)
         return labels
     band = max(1, 2**22 // max(1, probs.shape[-1]))  # rows per band: about 4M pixels
     for top in range(0, probs.shape[1], band):
         chunk = probs[:, top: top + band]
         best = chunk.argmax(axis=0) + 1
-        best[chunk.max(axis=0) < value] = 0
+        best[~binarize(chunk.max(axis=0), value)] = 0
         labels[top: top + band] = best
     return labels

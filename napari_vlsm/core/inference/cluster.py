@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
+from napari_vlsm.core.images.threshold import DEFAULT_THRESHOLD
 from napari_vlsm.core.inference.folder_labeling import FileOutcome, plan_masks
 
 TASK_SIZE = 4  # images per task: small enough to spread, large enough to hide the scheduling cost
@@ -78,7 +79,7 @@ def local_cluster(n_workers: int):
     from distributed import LocalCluster
 
     if n_workers < 1:
-        raise ValueError("--cluster local:N needs N of 1 or more workers.")
+        raise ValueError(f"A local cluster needs 1 or more workers, not {n_workers}.")
     # Each nanny reads the pre-spawn setting when it is made (inside this constructor) and keeps
     # it for every restart of its worker.
     with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_pre_spawn_environ()}):
@@ -137,11 +138,51 @@ def slow_worker_note(client, threads: int | None = None) -> str:
         return ""
     return ("; ".join(notes) + ". Start the workers as docs/performance.md says (dask worker with "
             "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON='{\"MALLOC_TRIM_THRESHOLD_\": None, \"OMP_NUM_THREADS\": N}'), "
-            "or give --threads.")
+            "or give the tasks a number of torch threads (threads).")
 
 
 def threads_per_worker(n_workers: int) -> int:
     return max(1, cores() // max(1, n_workers))
+
+
+@dataclass
+class DaskSession:
+    """A Dask client and what goes with it: the torch threads each worker is sent with the
+    tasks (None: the workers' own), and the LocalCluster started for it, which ``close``
+    stops with the client."""
+    client: object
+    threads: int | None = None
+    local: object | None = None
+
+    def close(self) -> None:
+        self.client.close()
+        if self.local is not None:
+            self.local.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def connect(workers: int | None = None, scheduler: str | None = None, timeout: float = 30) -> DaskSession:
+    """A session on a new LocalCluster of ``workers`` processes on this machine (each worker's
+    torch given an equal share of the cores), or on the running scheduler at ``scheduler``.
+    Needs Dask's distributed package (ImportError without it); a scheduler that cannot be
+    reached raises OSError, TimeoutError or ValueError."""
+    from distributed import Client
+
+    if workers:
+        local = local_cluster(workers)
+        try:
+            return DaskSession(Client(local), threads_per_worker(workers), local)
+        except BaseException:
+            local.close()
+            raise
+    if not scheduler:
+        raise ValueError("Give the number of local workers or the address of a Dask scheduler.")
+    return DaskSession(Client(scheduler, timeout=timeout))
 
 
 def _predictor(spec: str, device: str, dtype: str, threads: int | None):
@@ -180,7 +221,7 @@ def segment_task(spec: str, device: str, dtype: str, threads: int | None, items:
     return outcomes
 
 
-def segment_on_cluster(client, spec: str, paths: list[Path], prompts: list[str], out_dir, threshold: float = 0.5,
+def segment_on_cluster(client, spec: str, paths: list[Path], prompts: list[str], out_dir, threshold: float = DEFAULT_THRESHOLD,
                        resume: bool = False, fmt: str = "png", device: str = "auto", dtype: str = "auto",
                        threads: int | None = None, task_size: int = TASK_SIZE) -> Iterator[FileOutcome]:
     """Like ``segment_files``: a FileOutcome per image (as given), as the cluster finishes them."""
@@ -229,7 +270,7 @@ def evaluate_task(spec: str, device: str, dtype: str, threads: int | None, items
 
 
 def evaluate_on_cluster(client, spec: str, data_dir, prompt_type: str = "p1", split: str = "val",
-                        threshold: float = 0.5, seed: int = 0, limit: int | None = None, device: str = "auto",
+                        threshold: float = DEFAULT_THRESHOLD, seed: int = 0, limit: int | None = None, device: str = "auto",
                         dtype: str = "auto", threads: int | None = None, task_size: int = TASK_SIZE
                         ) -> Iterator[dict]:
     """Like ``evaluate``: one row per image, in the folder's order (a row waits for the ones

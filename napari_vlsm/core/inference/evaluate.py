@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Iterator
 
 from napari_vlsm.core.images.metrics import dice, iou
+from napari_vlsm.core.images.threshold import DEFAULT_THRESHOLD
 from napari_vlsm.core.inference.predictor import Predictor
-from napari_vlsm.core.data.prompts import pick_prompt
+from napari_vlsm.core.data.prompts import TEXT_TYPES_NAMED, pick_prompt
 from napari_vlsm.core.data.training_sets import Example, benchmark_examples
 
 
@@ -23,7 +24,7 @@ def planned_examples(data_dir, prompt_type: str = "p1", split: str = "val", seed
     for ex in benchmark_examples(Path(data_dir), split)[:limit]:
         if not ex.prompts.get(prompt_type):
             raise ValueError(f"{ex.name} has no prompt of type {prompt_type}; "
-                             "the benchmark's types with text are p1-p9.")
+                             f"the benchmark's types with text are {TEXT_TYPES_NAMED}.")
         yield ex, pick_prompt({"prompts": ex.prompts}, prompt_type, rng)
 
 
@@ -37,7 +38,7 @@ def score_example(predictor: Predictor, ex: Example, prompt: str, threshold: flo
 
 
 def evaluate(predictor: Predictor, data_dir, prompt_type: str = "p1", split: str = "val",
-             threshold: float = 0.5, seed: int = 0, limit: int | None = None) -> Iterator[dict]:
+             threshold: float = DEFAULT_THRESHOLD, seed: int = 0, limit: int | None = None) -> Iterator[dict]:
     """Yield one row per image (``score_example``) for the first ``limit`` images of the
     split (None: all)."""
     for ex, prompt in planned_examples(data_dir, prompt_type, split, seed, limit):

@@ -15,6 +15,7 @@ import numpy as np
 
 from napari_vlsm.core.atomic import atomic_write_text
 from napari_vlsm.core.images.imageio import read_image, write_mask
+from napari_vlsm.core.images.threshold import DEFAULT_THRESHOLD
 from napari_vlsm.core.inference.predictor import Predictor, clean_prompts
 from napari_vlsm.core.models.loading import model_identity  # noqa: F401  (what labels.json records as the model)
 
@@ -30,9 +31,6 @@ class FileOutcome:
     out: Path | None = None
     message: str = ""
     areas: tuple = ()    # pixels per label value 1..P
-
-
-DEFAULT_THRESHOLD = 0.5  # for a model whose folder names no threshold of its own
 
 
 def model_threshold(spec) -> float | None:
@@ -52,7 +50,7 @@ def model_threshold(spec) -> float | None:
 
 def default_threshold(spec) -> float:
     """The threshold to use with the model ``spec`` when none is given: its folder's own
-    (``model_threshold``), else 0.5. The command line and the segmentation dock both ask this."""
+    (``model_threshold``), else DEFAULT_THRESHOLD. The command line and the segmentation dock both ask this."""
     own = model_threshold(spec)
     return DEFAULT_THRESHOLD if own is None else own
 
@@ -74,19 +72,20 @@ def check_resume(out_dir: Path, prompts: list[str], model: str | None = None, th
     except (OSError, ValueError, AttributeError):
         return
     if before_labels is not None and before_labels != labels:
-        ordered = sorted(before_labels.items(), key=lambda kv: int(kv[0]))
-        prompt_args = " ".join(f"-p {json.dumps(v)}" for _, v in ordered)
+        ordered = [v for _, v in sorted(before_labels.items(), key=lambda kv: int(kv[0]))]
         raise ValueError(f"{path} says the masks there were made for {before_labels}, not {labels}. To go on with "
-                         f"them, run with {prompt_args} --resume; for the new prompts, write to a new --out.")
+                         f"them, use prompts={json.dumps(ordered)} with resume=True; for the new prompts, write to a "
+                         "new out_dir.")
     made_by = before.get("model")
     if model is not None and isinstance(made_by, str) and made_by != model and model_identity(made_by) != model:
         raise ValueError(f"{path} says the masks there were made by the model {made_by}, not {model}. To go on "
-                         f"with them, run with --model {made_by} --resume; for the new model, write to a new --out.")
+                         f"with them, use model={made_by} with resume=True; for the new model, write to a new "
+                         "out_dir.")
     made_at = before.get("threshold")
     if threshold is not None and isinstance(made_at, (int, float)) and float(made_at) != float(threshold):
         raise ValueError(f"{path} says the masks there were made at threshold {made_at}, not {threshold}. To go on "
-                         f"with them, run with --threshold {made_at} --resume; for the new threshold, write to a "
-                         "new --out.")
+                         f"with them, use threshold={made_at} with resume=True; for the new threshold, write to a "
+                         "new out_dir.")
 
 
 def write_sidecar(out_dir: Path, prompts: list[str], model: str, threshold: float, resume: bool = False) -> Path:
@@ -158,7 +157,7 @@ class OutputLock:
         except OSError:
             os.close(self.fd)
             raise RuntimeError(f"Another napari-vlsm run is writing into {self.path.parent}; wait for it to "
-                               "finish or choose another --out.") from None
+                               "finish or choose another out_dir.") from None
         return self
 
     def __exit__(self, *exc):
@@ -227,7 +226,7 @@ def plan_masks(out_dir, paths, fmt: str, resume: bool) -> tuple[dict, list[FileO
     return targets, skipped, [p for p in paths if p not in taken]
 
 
-def segment_files(predictor: Predictor, paths: list[Path], prompts, out_dir, threshold: float = 0.5,
+def segment_files(predictor: Predictor, paths: list[Path], prompts, out_dir, threshold: float = DEFAULT_THRESHOLD,
                   resume: bool = False, fmt: str = "png", batch_size: int = 1, io_threads: int = 4
                   ) -> Iterator[FileOutcome]:
     """Segment each image with every prompt and write one label mask per image.

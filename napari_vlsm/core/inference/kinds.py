@@ -100,18 +100,3 @@ def with_random_checks(chosen: list[int], todo, every: int = CHECK_EVERY, seed=N
         drawn.append(out[place])
     return out, drawn
 
-
-def kinds_first(embeddings, done, scores, n: int) -> tuple[list[int], list[int]]:
-    """Every row, in the order to correct them: the first ``n`` of those not done by kind (the
-    least sure of each, ``by_kind`` with ``scores``, one in four drawn at random as the series
-    does; no grouping when ``n`` is 0), the rest least sure first, the done ones last; and the
-    rows drawn at random."""
-    done = np.asarray(done, dtype=bool)
-    chosen, drawn = [], []
-    if n:
-        chosen, drawn = with_random_checks(by_kind(embeddings, done, n, scores=scores),
-                                           np.flatnonzero(~done).tolist(), seed=int(done.sum()))
-    taken = set(chosen)
-    rest = sorted((i for i in range(len(done)) if i not in taken), key=lambda i: (done[i], -scores[i], i))
-    return chosen + rest, drawn
-

@@ -10,7 +10,8 @@ import torch
 from napari_vlsm.core.models.backend import Backend
 from napari_vlsm.core.errors import VLSMError
 from napari_vlsm.core.images.guidance import check_clicks, draw_guidance, previous_at
-from napari_vlsm.core.images.postprocess import DEFAULT_THRESHOLD, combine_labels, logits_to_probs
+from napari_vlsm.core.images.postprocess import combine_labels, logits_to_probs
+from napari_vlsm.core.images.threshold import DEFAULT_THRESHOLD, binarize, check_threshold
 from napari_vlsm.core.images.preprocess import shrink_for_model, to_rgb8, validate_image
 
 TEXT_CACHE_SIZE = 1024
@@ -30,7 +31,7 @@ class Prediction:
 
     @property
     def masks(self) -> np.ndarray:
-        return self.probs >= self.threshold
+        return binarize(self.probs, self.threshold)
 
     @property
     def labels(self) -> np.ndarray:
@@ -53,15 +54,6 @@ def clean_prompts(prompts: str | list[str]) -> list[str]:
     if not cleaned or any(not p for p in cleaned):
         raise ValueError("The prompt is empty; type what to segment, for example 'polyp'.")
     return cleaned
-
-
-def check_threshold(threshold) -> None:
-    try:
-        ok = 0.0 <= float(threshold) <= 1.0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"The threshold is {threshold!r}; it must be a probability between 0 and 1, such as 0.5.")
 
 
 def _is_text(prompt: str) -> bool:
@@ -169,7 +161,7 @@ class Predictor:
     def _one_prompt(self, prompts) -> str:
         if not self.backend.takes_clicks:
             raise VLSMError(f"The model {self.backend.source or self.backend.name} takes text prompts only, not "
-                            "clicks or a box; the embedded default model (--model default) takes both.")
+                            "clicks or a box; the embedded default model ('default') takes both.")
         if isinstance(prompts, (list, tuple)):
             if len(prompts) != 1:
                 raise ValueError(f"Clicks and a box refine one object, but {len(prompts)} prompts were given; "

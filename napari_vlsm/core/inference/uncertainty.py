@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from napari_vlsm.core.images.metrics import dice
+from napari_vlsm.core.images.threshold import DEFAULT_THRESHOLD, binarize
 
 SCORES = ("flip", "prompts", "margin")
 DEFAULT_SCORE = "prompts"  # benchmarks/bench_corrections.py --orders (docs/corrections.md)
@@ -57,16 +58,16 @@ class ImageScore:
         return asdict(self)
 
 
-def score_image(predictor, image, prompt: str, threshold: float = 0.5) -> ImageScore:
+def score_image(predictor, image, prompt: str, threshold: float = DEFAULT_THRESHOLD) -> ImageScore:
     """Every score of one image for ``prompt``. ``predictor`` must not average views itself
     (``Predictor(backend, flip_average=False)``): the two views are what is compared."""
     image = np.asarray(image)
     texts = phrasings(prompt)
     view, mirror = predictor.predict_batch([image, image[:, ::-1]], texts, threshold)
     probs = view.probs
-    mask = probs[0] > threshold
-    mirrored = mirror.probs[0][:, ::-1] > threshold
-    others = [1.0 - dice(mask, probs[k] > threshold) for k in range(1, len(texts))]
+    mask = binarize(probs[0], threshold)
+    mirrored = binarize(mirror.probs[0][:, ::-1], threshold)
+    others = [1.0 - dice(mask, binarize(probs[k], threshold)) for k in range(1, len(texts))]
     candidates = probs[0] > threshold - MARGIN
     soft = np.abs(probs[0] - threshold) < MARGIN
     return ImageScore(flip=1.0 - dice(mask, mirrored), prompts=float(np.mean(others)) if others else 0.0,
@@ -86,7 +87,7 @@ def estimate_dice(agreements: list[float], last: int = ESTIMATE_LAST) -> float |
     return float(np.mean(recent)) if recent else None
 
 
-def score_files(backend, paths, prompt: str, score: list[bool], describe: bool = False, threshold: float = 0.5):
+def score_files(backend, paths, prompt: str, score: list[bool], describe: bool = False, threshold: float = DEFAULT_THRESHOLD):
     """Generator: (index, description or None, ImageScore or None) for each of ``paths``, each
     file read once: its description by the image encoder with ``describe`` (for the order by
     kind, ``core/inference/kinds.py``), its scores where ``score[index]``, with one predictor

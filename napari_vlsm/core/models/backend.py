@@ -13,8 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
-TRAIN_MODES = ("decoder", "full", "lora")
 MAX_TOKENS = 77  # the CLIP text encoders' context
 
 

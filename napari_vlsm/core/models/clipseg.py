@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from transformers import CLIPSegForImageSegmentation
 
-from napari_vlsm.core.models.backend import TRAIN_MODES, TorchBackend
+from napari_vlsm.core.models.backend import TorchBackend
+from napari_vlsm.core.models.train_modes import TRAIN_MODES
 from napari_vlsm.core.models.families import Family
 
 LORA_TARGETS = ["q_proj", "v_proj"]

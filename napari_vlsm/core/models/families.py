@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from napari_vlsm.core.errors import ModelNotFoundError
+from napari_vlsm.core.models.train_modes import TRAIN_MODES
 
 # the one registry line per family: the module (in this package) that defines its FAMILY
 FAMILY_MODULES = ("film_unet", "clipseg", "biomedclipseg", "cris")
@@ -36,7 +37,7 @@ class Family:
     new_key: str | None = None         # the KEY of "new:KEY" (None: no fresh start for this family)
     new_help: str = ""                 # what "new:KEY" starts from, for the CLI's help
     new_needs_encoders: bool = False   # "new:KEY" reads pretrained encoders from --encoders
-    train_modes: tuple = ("decoder", "full", "lora")
+    train_modes: tuple = TRAIN_MODES
     adapters: bool = False             # correction adapters (a path of its own per new class)
     clicks: bool = False               # models of it can take clicks and a box (config "guidance")
     extra: dict = field(default_factory=dict)
@@ -92,6 +93,6 @@ def new_backend(spec: str, device="auto", encoders=None, seed: int = 0):
         raise ModelNotFoundError(f"Unknown {spec!r}; fresh models are: {', '.join(specs)}.")
     family = specs[spec]
     if encoders is not None and not family.new_needs_encoders:
-        raise ModelNotFoundError(f"{spec} starts from scratch and takes no --encoders; "
-                                 f"--encoders goes with {', '.join(s for s, f in specs.items() if f.new_needs_encoders)}.")
+        raise ModelNotFoundError(f"{spec} starts from scratch and takes no encoders=; encoders= goes with "
+                                 f"{', '.join(s for s, f in specs.items() if f.new_needs_encoders)}.")
     return family.new(device, encoders, seed)

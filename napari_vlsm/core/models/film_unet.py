@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from napari_vlsm.core.models.backend import TRAIN_MODES, TorchBackend, resize_normalize_meta
+from napari_vlsm.core.models.backend import TorchBackend, resize_normalize_meta
+from napari_vlsm.core.models.train_modes import TRAIN_MODES
 from napari_vlsm.core.models.efficientnet_lite import CHANNELS as EFFICIENTNET_CHANNELS
 from napari_vlsm.core.models.efficientnet_lite import NAME as EFFICIENTNET_LITE0
 from napari_vlsm.core.models.efficientnet_lite import EfficientNetLite0Encoder

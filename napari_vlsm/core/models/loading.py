@@ -134,8 +134,9 @@ def check_safetensors(folder: Path) -> None:
     if not (folder / CONFIG).exists() and (folder / BEST / CONFIG).exists():
         raise ModelNotFoundError(_run_message(folder))
     if (folder / "open_clip_config.json").exists() and not (folder / CONFIG).exists():
-        raise ModelNotFoundError(f"{folder} holds open_clip files (BiomedCLIP); convert them once into a model folder: "
-                                 f"napari-vlsm models convert {folder} --out FOLDER")
+        raise ModelNotFoundError(f"{folder} holds open_clip files (BiomedCLIP); convert them once into a model folder "
+                                 "(core.models.biomedclipseg.convert.convert, or the command napari-vlsm models "
+                                 "convert).")
     if any(folder.glob("*.safetensors")):
         return
     pickled = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]

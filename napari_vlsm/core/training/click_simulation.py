@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from napari_vlsm.core.images.guidance import GUIDANCE_CHANNELS, Click, draw_guidance
+from napari_vlsm.core.images.threshold import binarize
 
 BOX_SHARE = 0.3        # guided images given a box
 BOX_JITTER = 0.1       # each side of the box moves by up to this share of its size
@@ -108,7 +109,7 @@ def simulate_guidance(backend, pixels: torch.Tensor, target: torch.Tensor, promp
                     logits = F.interpolate(logits[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
                 previous = torch.sigmoid(logits).cpu().numpy()
                 for k, mask in enumerate(masks):
-                    click = next_click(mask, previous[k] >= 0.5)
+                    click = next_click(mask, binarize(previous[k]))
                     if click:
                         clicks[k].append(click)
     guidance[rows] = maps().to(guidance.device, guidance.dtype)

@@ -6,19 +6,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from napari_vlsm.core.data.prompts import TRAIN_PROMPT_TYPES
+from napari_vlsm.core.models.train_modes import AUTO_MODE, TRAIN_MODES_OFFERED  # noqa: F401  (the Finetune dock's)
 
-ROUND_STEPS = 100    # optimiser steps of a round of up to 87 corrections (docs/corrections.md)
+ROUND_STEPS = 100    # optimiser steps of a round of up to ROUND_SIZE corrections (docs/corrections.md)
 ROUND_PASSES = 8     # a larger set: enough steps for each example to be drawn about this many times
 ROUND_AVERAGE = 0.98  # decay of the moving average of the weights that a round keeps
 NEW_SHARE = 0.5      # a round that continues a model: the share of draws from the corrections new to it
-TRAIN_MODES_OFFERED = ("auto", "decoder", "full", "lora")
 SMALL_SET = 100      # below this many examples, all of them train (no validation hold-out)
 SCHEDULES = ("onecycle", "plateau")
 
 
+def round_size(per_batch: int) -> int:
+    """The most examples a round of ROUND_STEPS steps trains on, ``per_batch`` of them a step,
+    before a larger set gets more steps (``TrainSettings.round_steps``)."""
+    return ROUND_STEPS * per_batch // ROUND_PASSES
+
+
 @dataclass
 class TrainSettings:
-    mode: str = "auto"             # auto (the backend's own) | decoder | full | lora
+    mode: str = AUTO_MODE          # auto (the backend's own) | one of TRAIN_MODES
     epochs: int | None = None      # None: enough epochs for about `steps` steps
     steps: int | None = None       # optimiser steps of a round when epochs are not given (None: round_steps)
     lr: float | None = None        # None: the backend's default for the mode (default_lr)
@@ -61,8 +67,9 @@ class TrainSettings:
 
     def round_steps(self, n_examples: int, per_batch: int) -> int:
         """The steps of a round: the given number, else ROUND_STEPS for a set of corrections (a
-        round of up to about 80 of them takes the same short time), and for a larger set enough
-        for each of its ``n_examples`` to be drawn about ROUND_PASSES times, ``per_batch`` a step."""
+        round of up to ``round_size(per_batch)`` of them takes the same short time), and for a
+        larger set enough for each of its ``n_examples`` to be drawn about ROUND_PASSES times,
+        ``per_batch`` a step."""
         if self.steps:
             return self.steps
         return max(ROUND_STEPS, -(-ROUND_PASSES * n_examples // max(per_batch, 1)))
@@ -91,3 +98,9 @@ class TrainSettings:
         if self.val_fraction is not None:
             return self.val_fraction
         return 0.0 if n_examples < SMALL_SET else 0.2
+
+
+_RECIPE = TrainSettings()
+# The round of corrections the command line, the docks and the docs quote (87): a new class's
+# adapter, whose batches of 8 hold one replay pair.
+ROUND_SIZE = round_size(_RECIPE.batch_size - round(_RECIPE.batch_size * _RECIPE.replay_share(adapter=1)))

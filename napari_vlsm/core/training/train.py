@@ -9,14 +9,19 @@ written atomically; stopping, a crash or a NaN loss leaves them as they were.
 One recipe for the command line and the widget, made for rounds of corrections
 (``TrainSettings()`` defaults, docs/corrections.md): the model's own training mode (full for
 the FiLM-UNet, decoder for CLIPSeg) with the first levels of a pretrained image encoder left
-as they are, ``ROUND_STEPS`` optimiser steps for up to about 90 corrections and more for a
-larger set (``TrainSettings.round_steps``), a one-cycle schedule, a moving average of the
+as they are, ``ROUND_STEPS`` optimiser steps for up to ``ROUND_SIZE`` (87) corrections and more
+for a larger set (``TrainSettings.round_steps``), a one-cycle schedule, a moving average of the
 weights kept, every correction used for training while there are fewer than ``SMALL_SET`` of
 them, and the model's replay sample (see ``replay.py``) in each batch so that it keeps what it
 knew. A round that goes on from a model trained on part of the set (the training.json of
 the model it starts from names what that was) draws the corrections new to it half of the
 time. Dice + BCE loss, AdamW (weight decay 1e-3), gradient clipping, bf16/fp16 autocast on
 GPU. Larger runs set epochs, validation share and schedule themselves.
+
+This module plans a run and runs its loop; the loss (``loss.py``), validation
+(``validation.py``), the helpers of a run over several processes (``distributed.py``), when
+checkpoints are written (``checkpoint_policy.py``), the progress events (``progress.py``) and
+the clock of a run's phases (``clock.py``) each have a module of their own.
 """
 
 from __future__ import annotations
@@ -27,78 +32,43 @@ import random
 import threading
 import time
 import warnings
-from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from napari_vlsm.core.training.adapters import AdapterView, adapter_parameters, plan_adapter, prepare_adapter
-from napari_vlsm.core.models.backend import TorchBackend
-from napari_vlsm.core.training.click_simulation import guided_rows, simulate_guidance
-from napari_vlsm.core.training.checkpoint import (BEST, LAST, check_writable, copy_checkpoint, read_metadata,
-                                                  recover_checkpoints, save_checkpoint, unsound)
-from napari_vlsm.core.data.concepts import NegativePrompts, absent_concepts, add_synonyms
-from napari_vlsm.core.device import cpu_threads
-from napari_vlsm.core.errors import TrainingError
-from napari_vlsm.core.file_names import CONFIG
-from napari_vlsm.core.models.model_card import CARD_FILE, card_after_finetune, read_card
-from napari_vlsm.core.models.loading import local_folder
-from napari_vlsm.core.inference.predictor import decode_views, encode_views
+from napari_vlsm.core.data.concepts import NegativePrompts, add_synonyms
 from napari_vlsm.core.data.prompts import SYNONYM_TYPE
 from napari_vlsm.core.data.replay import REPLAY_DIR, replay_dir, replay_examples
 from napari_vlsm.core.data.training_sets import Example, PairCache, augment
-from napari_vlsm.core.training.settings import SMALL_SET, TRAIN_MODES_OFFERED, TrainSettings  # noqa: F401
+from napari_vlsm.core.device import cpu_threads
+from napari_vlsm.core.errors import TrainingError
+from napari_vlsm.core.file_names import CONFIG
+from napari_vlsm.core.models.backend import TorchBackend
+from napari_vlsm.core.models.loading import local_folder
+from napari_vlsm.core.models.model_card import CARD_FILE, card_after_finetune, read_card
+from napari_vlsm.core.models.train_modes import AUTO_MODE, TRAIN_MODES
+from napari_vlsm.core.training.adapters import AdapterView, adapter_parameters, plan_adapter, prepare_adapter
+from napari_vlsm.core.training.checkpoint import BEST, LAST, check_writable, read_metadata, recover_checkpoints
+from napari_vlsm.core.training.checkpoint_policy import Checkpoints, resume_point, stopped_message
+from napari_vlsm.core.training.distributed import (all_reduce_grads, from_rank0, gather_weight_sums,
+                                                   init_distributed, start_from_rank0, world_and_rank)
+from napari_vlsm.core.training.loss import batch_loss, dice_bce_loss
+from napari_vlsm.core.training.clock import Clock
+from napari_vlsm.core.training.progress import (Progress, finish_progress, run_summary, step_progress,
+                                                stopped_early_progress, stopped_progress)
+from napari_vlsm.core.training.settings import SMALL_SET, TRAIN_MODES_OFFERED, TrainSettings
+from napari_vlsm.core.training.validation import Validation, validate
 from napari_vlsm.core.training.weight_average import WeightAverage
 
+# Kept importable from here, where the CLI, the Finetune dock, the scripts and the tests found them.
+__all__ = ["Clock", "Progress", "SMALL_SET", "TRAIN_MODES_OFFERED", "TrainSettings", "Validation", "dice_bce_loss",
+           "finetune", "init_distributed", "train", "training_data", "trained_prompts"]
+
 NO_SYNC = os.environ.get("NAPARI_VLSM_NO_GRAD_SYNC") == "1"  # diagnostic: ranks drift apart (tests show it)
-CHECKPOINT_EVERY_S = 60  # a round of corrections saves at its end; a longer run also every this often
-
-
-@dataclass
-class Progress:
-    kind: str                 # "step" | "epoch" | "done" | "stopped"
-    epoch: int
-    epochs: int
-    step: int
-    steps: int                # total steps of the run
-    loss: float
-    val_dice: float | None = None
-    best_dice: float | None = None
-    elapsed: float = 0.0
-    eta: float | None = None
-    images_per_s: float | None = None
-    checkpoint: str | None = None
-    message: str = ""
-    val_by_set: dict | None = None   # data set -> val Dice, at epoch ends of pooled training
-    timings: dict | None = None      # phase -> seconds, at the end of a run (Clock)
-
-
-class Clock(dict):
-    """Seconds a run spends in each phase (loading, reading images, making batches, the
-    optimiser steps, validation, checkpoints): where the time of a round goes."""
-
-    @contextmanager
-    def __call__(self, phase: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self[phase] = self.get(phase, 0.0) + time.perf_counter() - t0
-
-
-def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean of BCE and soft Dice loss (smooth 1, so an empty target asks for an empty mask)."""
-    logits = logits.float()
-    bce = F.binary_cross_entropy_with_logits(logits, target)
-    p = torch.sigmoid(logits).flatten(1)
-    t = target.flatten(1)
-    dice = 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)
-    return bce + dice.mean()
 
 
 def check_mode(backend: TorchBackend, mode: str) -> str:
@@ -106,10 +76,10 @@ def check_mode(backend: TorchBackend, mode: str) -> str:
     when the family has no such mode."""
     from napari_vlsm.core.models.families import family_of_backend
 
-    if mode == "auto":
+    if mode == AUTO_MODE:
         return backend.default_train_mode
     family = family_of_backend(backend)
-    modes = family.train_modes if family else ("decoder", "full", "lora")
+    modes = family.train_modes if family else TRAIN_MODES
     if mode not in modes:
         raise TrainingError(f"{backend.name} cannot be trained in mode {mode!r}; its modes are {', '.join(modes)}.")
     return mode
@@ -177,130 +147,6 @@ def _ask_own_class_where_absent(target, prompts, batch, negatives, rng, share: f
             prompts[j] = negatives.own(ex, rng) or prompts[j]
 
 
-def _loss(backend: TorchBackend, pixels, target, prompts, settings, rng, negatives=None, batch=()) -> torch.Tensor:
-    """Dice+BCE on the batch, plus the same on its first images decoded again with prompts
-    for absent things (drawn by ``negatives`` for the examples ``batch``) against empty masks."""
-    n_neg = min(int(round(len(prompts) * settings.negative_fraction)), len(batch)) if negatives else 0
-    if settings.guidance_share and backend.takes_clicks:  # clicks and boxes, as an annotator gives them
-        rows = guided_rows(target, n_neg, settings.guidance_share, rng)
-        guidance = simulate_guidance(backend, pixels, target, prompts, rows, rng, settings.click_iterations)
-        feats = backend.encode_image(pixels, guidance)
-    else:
-        feats = backend.encode_image(pixels)
-    text = backend.encode_text(prompts)
-    if n_neg:
-        # Negatives go through the decoder in the same pass as the positives, so batch-norm
-        # statistics see the same mixture in training as the running statistics hold later.
-        neg = backend.encode_text([negatives.draw(ex, rng) for ex in batch[:n_neg]])
-        feats = [torch.cat([f, f[:n_neg]]) for f in feats]
-        text = torch.cat([text, neg])
-        target = torch.cat([target, torch.zeros_like(target[:n_neg])])
-    logits = backend.decode(feats, text)
-    if logits.shape[-2:] != target.shape[-2:]:
-        logits = F.interpolate(logits[:, None], size=target.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    n = len(prompts)
-    loss = dice_bce_loss(logits[:n], target[:n])
-    if n_neg:
-        loss = loss + settings.negative_fraction * dice_bce_loss(logits[n:], target[n:])
-    return loss
-
-
-@dataclass
-class Validation:
-    dice: float                        # mean over the data sets of each set's mean Dice
-    by_set: dict                       # data set (folder name) -> mean Dice
-    cross_prompt_rate: float | None    # share of images where another concept's p1 gives a mask over 1%
-
-
-@torch.no_grad()
-def validate(backend: TorchBackend, cache: PairCache, examples, prompt_type: str, batch_size: int = 8,
-             concepts: dict | None = None) -> Validation:
-    """Dice at the model's input size, threshold 0.5, one fixed prompt per image, per data set,
-    from the image and its mirror when the model is set to answer so (``flip_average``).
-    Images without the object are asked for their set's class (``concepts``: group -> concept,
-    from the training set), and each image is also asked for
-    another concept, which should find nothing there."""
-    from napari_vlsm.core.images.metrics import dice
-
-    backend.module.eval()
-    rng = random.Random(0)
-    scores, crossed = defaultdict(list), []
-    finite = True  # logits that are NaN or infinite give a NaN Dice, not the 0 their empty masks would score
-    for start in range(0, len(cache), batch_size):
-        idx = list(range(start, min(start + batch_size, len(cache))))
-        images = [cache[i][0] for i in idx]
-        prompts = [_val_prompt(examples[i], cache[i][1].any(), prompt_type, concepts, rng) for i in idx]
-        cross = []
-        for j, i in enumerate(idx):
-            others = absent_concepts(concepts, examples[i].kind) if examples[i].kind in (concepts or {}) else []
-            if others:
-                cross.append((j, others[i % len(others)]))
-        views = encode_views(backend, backend.preprocess(images), backend.flip_average)  # as the predictor
-        text = backend.encode_text(prompts + [c for _, c in cross])
-        if cross:
-            views = [[torch.cat([f, f[[j for j, _ in cross]]]) for f in feats] for feats in views]
-        logits = decode_views(backend, views, text).float()
-        finite = finite and bool(torch.isfinite(logits).all())
-        for j, i in enumerate(idx):
-            truth = cache[i][1]
-            pred = _at(logits[j], truth.shape)
-            scores[examples[i].kind].append(dice(pred > 0, truth))
-        for k, (j, _) in enumerate(cross):
-            crossed.append(float((_at(logits[len(idx) + k], cache[idx[j]][1].shape) > 0).mean() > 0.01))
-    by_set = {g: float(np.mean(v)) if finite else float("nan") for g, v in sorted(scores.items())}
-    return Validation(float(np.mean(list(by_set.values()))) if by_set else float("nan"), by_set,
-                      float(np.mean(crossed)) if crossed else None)
-
-
-def _val_prompt(ex: Example, has_object: bool, prompt_type: str, concepts: dict | None, rng) -> str:
-    """An image without the object is asked for its set's class, as a person would ask it
-    ("No tumor in the breast ultrasound image." is its own p1); the others, their own prompt."""
-    concept = (concepts or {}).get(ex.kind)
-    return concept if concept and not has_object else ex.prompt((prompt_type,), rng)
-
-
-def _at(logits: torch.Tensor, shape) -> np.ndarray:
-    if tuple(logits.shape) != tuple(shape):
-        logits = F.interpolate(logits[None, None], size=tuple(shape), mode="bilinear")[0, 0]
-    return logits.cpu().numpy()
-
-
-def _distributed() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-def _from_rank0(*values, device=None):
-    import torch.distributed as dist
-
-    # NCCL moves only CUDA tensors; gloo takes CPU ones
-    t = torch.tensor([float("nan") if v is None else v for v in values], dtype=torch.float64, device=device)
-    dist.broadcast(t, 0)
-    return tuple(None if math.isnan(v) else v for v in t.tolist())
-
-
-def _gather_weight_sums(backend) -> list[float]:
-    import torch.distributed as dist
-
-    mine = torch.tensor([sum(float(p.detach().double().abs().sum()) for p in backend.module.parameters())],
-                        dtype=torch.float64, device=backend.device)
-    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, mine)
-    return [float(t.item()) for t in every]
-
-
-def _all_reduce_grads(params, world: int) -> None:
-    import torch.distributed as dist
-
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world
-
-
 def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example], out_dir,
           settings: TrainSettings | None = None, resume: bool = False, metadata: dict | None = None,
           stop: threading.Event | None = None, replay: Path | None = None,
@@ -317,32 +163,32 @@ def train(backend: TorchBackend, train_set: list[Example], val_set: list[Example
     clock = Clock() if clock is None else clock
     with clock("set-up"):
         plan = plan_run(backend, train_set, val_set, out_dir, settings, resume, replay, card, before)
-        _start_from_rank0(backend, plan.world)
+        start_from_rank0(backend, plan.world)
         optim = make_optimisation(backend, plan)
     with clock("reading images"):
         train_cache, val_cache = PairCache(plan.pool, backend.input_size), PairCache(plan.val_set, backend.input_size)
         train_cache.load_all()
     run = RunState.start(plan, clock)
     checkpoints = _checkpoints(backend, plan, metadata, replay, card, clock)
-    summary = _run_summary(plan, train_cache)
+    summary = run_summary(plan, train_cache)
 
     for epoch in range(plan.start_epoch, plan.epochs):
         train_mode(backend.module, plan.settings.keep_norm_stats)
         losses = []
         for batch in plan.batches(epoch):
             if stop is not None and stop.is_set():
-                yield _stopped(plan, run, epoch)
+                yield stopped_progress(plan, run, epoch)
                 return
             losses.append(_train_step(backend, plan, optim, train_cache, batch, epoch, run.step, clock))
             run.step += 1
             run.seen += len(batch) + plan.n_replay
-            yield _step_progress(plan, run, epoch, losses[-1])
+            yield step_progress(plan, run, epoch, losses[-1])
         progress, stopping = _end_epoch(backend, plan, optim, run, checkpoints, val_cache, epoch, losses)
         yield progress
         if stopping:
-            yield _stopped_early(plan, run, progress, summary)
+            yield stopped_early_progress(plan, run, progress, summary)
             return
-    yield _finish(plan, run, checkpoints, summary)
+    yield finish_progress(plan, run, checkpoints, summary)
 
 
 @dataclass
@@ -401,7 +247,7 @@ def plan_run(backend: TorchBackend, train_set: list[Example], val_set: list[Exam
     negatives = NegativePrompts(train_set + replay_set if s.cross_negatives else [], _prompt_types(s),
                                 s.negative_prompts)
     out = check_writable(out_dir)
-    world, rank = _distributed()
+    world, rank = world_and_rank()
     if backend.device.type == "cpu" or s.threads:
         torch.set_num_threads(s.threads or cpu_threads())
     random.seed(s.seed)
@@ -432,7 +278,7 @@ def plan_run(backend: TorchBackend, train_set: list[Example], val_set: list[Exam
     if not s.epochs:
         s = replace(s, steps=s.round_steps(n_distinct, n_new))
     epochs = s.epochs or max(1, round(s.steps / steps_per_epoch))
-    start_epoch, history, round_no = _resume_point(out, resume, names, epochs)
+    start_epoch, history, round_no = resume_point(out, resume, names, epochs)
     return RunPlan(s, train_set, replay_set, pool, val_set, n_distinct, n_repeated, n_fresh, names, negatives, out,
                    world, rank, rng, np_rng,
                    adapter, new_prompts, params, learner, n_new, n_replay, steps_per_epoch, epochs, start_epoch,
@@ -475,15 +321,6 @@ def _without_frozen_levels(backend: TorchBackend, adapter: int | None, params: l
     return [p for p in params if id(p) not in frozen]
 
 
-def _start_from_rank0(backend: TorchBackend, world: int) -> None:
-    """Every rank of a distributed run starts from rank 0's weights."""
-    if world > 1:
-        import torch.distributed as dist
-
-        for t in backend.module.state_dict().values():
-            dist.broadcast(t, 0)
-
-
 @dataclass
 class Optimisation:
     """What changes the weights: the optimiser and what steps along with it."""
@@ -511,50 +348,6 @@ def make_optimisation(backend: TorchBackend, plan: RunPlan) -> Optimisation:
     return Optimisation(optimiser, schedule, scaler, use_amp, amp_dtype, average, start_weights)
 
 
-@dataclass
-class Checkpoints:
-    """A run's last/ and best/ and what goes into them: ``meta`` (training.json; the loop
-    keeps its history and epoch count up to date) and ``extras`` (the replay sample, the
-    model card). Only rank 0 writes."""
-    backend: TorchBackend
-    out: Path
-    rank: int
-    meta: dict
-    extras: dict
-    clock: Clock
-    saved_at: float = -math.inf
-
-    def save(self, improved: bool, informative: bool, final: bool = False, best_is_last: bool = False,
-             val: float | None = None) -> str | None:
-        """last/ (and best/ when improved) after the first epoch, at the end, when validation
-        improved, and otherwise every CHECKPOINT_EVERY_S: a short round is not slowed down by
-        writing every epoch. ``best_is_last``: the weights are the ones to keep (the schedule's
-        end when validation says nothing). best/ is then a copy of last/ that shares its weight
-        files, written in a fraction of the time. Weights that are not finite, or answer with
-        values that are not (``unsound``; ``val``: the validation Dice), are never saved: the
-        run stops with a TrainingError and the checkpoints stay as they were."""
-        due = final or time.time() - self.saved_at > CHECKPOINT_EVERY_S
-        if self.rank != 0 or not (due or (improved and informative)):
-            return None
-        self._check_sound(val)
-        self.saved_at = time.time()
-        with self.clock("checkpoints"):
-            save_checkpoint(self.backend, self.out / LAST, self.meta, self.extras)
-            return str(copy_checkpoint(self.out / LAST, self.out / BEST)) if improved or best_is_last else None
-
-    def save_best(self) -> str:
-        self._check_sound()
-        with self.clock("checkpoints"):
-            return str(save_checkpoint(self.backend, self.out / BEST, self.meta, self.extras))
-
-    def _check_sound(self, val: float | None = None) -> None:
-        why = unsound(self.backend, val)
-        if why:
-            raise TrainingError(f"After epoch {self.meta.get('epochs_done', '?')} the model {why}; it was not "
-                                f"saved and training stopped. {_stopped_message(self.out)} Try a lower learning "
-                                "rate.")
-
-
 def _checkpoints(backend: TorchBackend, plan: RunPlan, metadata: dict | None, replay: Path | None,
                  card: dict | None, clock: Clock) -> Checkpoints:
     """The run's checkpoints with their metadata (settings, sets, validation names, round,
@@ -572,20 +365,6 @@ def _checkpoints(backend: TorchBackend, plan: RunPlan, metadata: dict | None, re
                                                        if isinstance(ex.prompts.get("p1"), str)],
                                                 trained_prompts(train_set, _prompt_types(s), s.negative_prompts))
     return Checkpoints(backend, plan.out, plan.rank, meta, extras, clock)
-
-
-def _run_summary(plan: RunPlan, train_cache: PairCache) -> str:
-    """What the run trains on, for its last message, with a warning (also raised, pointing at
-    the caller of train()) when every training mask is empty."""
-    summary = _summary(plan.n_distinct, plan.n_repeated, len(plan.replay_set), len(plan.val_set), plan.adapter,
-                       plan.n_fresh, plan.settings.new_share)
-    if plan.rank == 0 and plan.start_epoch < plan.epochs and not any(
-            train_cache[i][1].any() for i in range(len(plan.train_set))):
-        empty = ("every training mask is empty, so the model can only learn to find nothing; "
-                 "check the label value and the masks")
-        warnings.warn(empty[0].upper() + empty[1:] + ".", UserWarning, stacklevel=3)
-        summary += f" (warning: {empty})"
-    return summary
 
 
 @dataclass
@@ -643,13 +422,13 @@ def _train_step(backend: TorchBackend, plan: RunPlan, optim: Optimisation, cache
     else:
         _ask_own_class_where_absent(target, prompts, examples, plan.negatives, rng)
     with clock("optimiser steps"), torch.autocast(backend.device.type, dtype=optim.amp_dtype, enabled=optim.use_amp):
-        loss = _loss(plan.learner, pixels, target, prompts, s, rng, None if plan.adapter else plan.negatives,
+        loss = batch_loss(plan.learner, pixels, target, prompts, s, rng, None if plan.adapter else plan.negatives,
                      examples)
         if optim.start_weights is not None:
             loss = loss + s.anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(plan.params, optim.start_weights))
     if not torch.isfinite(loss):
         raise TrainingError(f"The loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                            f"training stopped. {_stopped_message(plan.out)} Try a lower learning rate.")
+                            f"training stopped. {stopped_message(plan.out)} Try a lower learning rate.")
     with clock("optimiser steps"):
         _optimiser_step(loss, optim.optimiser, optim.scaler, plan.params, s.grad_clip, plan.world)
         if optim.average is not None:
@@ -676,7 +455,7 @@ def _end_epoch(backend: TorchBackend, plan: RunPlan, optim: Optimisation, run: R
     stopping = informative and run.stale >= s.patience
     checkpoints.meta.update(epochs_done=epoch + 1, history=plan.history, best_val_dice=run.best_dice)
     if plan.world > 1:  # every rank's weights, summarised, so a run can show they stayed identical
-        checkpoints.meta["rank_weight_sums"] = _gather_weight_sums(backend)
+        checkpoints.meta["rank_weight_sums"] = gather_weight_sums(backend)
     with _kept_weights(optim.average, backend.module):  # the schedule's end is kept when validation says nothing
         ckpt = checkpoints.save(improved, informative, final=last_epoch or stopping,
                                 best_is_last=last_epoch and not informative, val=val)
@@ -702,56 +481,8 @@ def _validate_epoch(backend: TorchBackend, plan: RunPlan, optim: Optimisation, v
                               plan.negatives.concepts)
     val = report.dice if report else None
     if plan.world > 1:  # decisions (best, schedule, early stop) follow rank 0
-        val, epoch_loss = _from_rank0(val, epoch_loss, device=backend.device)
+        val, epoch_loss = from_rank0(val, epoch_loss, device=backend.device)
     return epoch_loss, val, report
-
-
-def _step_progress(plan: RunPlan, run: RunState, epoch: int, loss: float) -> Progress:
-    elapsed = time.time() - run.t0
-    rate = elapsed / max(run.step - plan.start_epoch * plan.steps_per_epoch, 1)
-    return Progress("step", epoch, plan.epochs, run.step, plan.total, loss, best_dice=run.best, elapsed=elapsed,
-                    eta=rate * (plan.total - run.step), images_per_s=run.seen * plan.world / max(elapsed, 1e-9))
-
-
-def _stopped(plan: RunPlan, run: RunState, epoch: int) -> Progress:
-    return Progress("stopped", epoch, plan.epochs, run.step, plan.total, float("nan"), best_dice=run.best,
-                    elapsed=time.time() - run.t0, message=_stopped_message(plan.out))
-
-
-def _stopped_early(plan: RunPlan, run: RunState, epoch_end: Progress, summary: str) -> Progress:
-    return Progress("done", epoch_end.epoch, plan.epochs, run.step, plan.total, epoch_end.loss, epoch_end.val_dice,
-                    run.best, epoch_end.elapsed, checkpoint=str(plan.out / BEST), timings=dict(run.clock),
-                    message=f"{summary}; stopped early after epoch {epoch_end.epoch}: no validation gain "
-                            f"for {plan.settings.patience} epochs.")
-
-
-def _finish(plan: RunPlan, run: RunState, checkpoints: Checkpoints, summary: str) -> Progress:
-    """The last Progress of a run through its schedule; best/ is written if a resumed run had
-    nothing left to do."""
-    why = "the schedule was already complete" if plan.start_epoch >= plan.epochs else \
-        f"finished the schedule ({run.step} steps, {plan.epochs} epochs)"
-    if not (plan.out / BEST).exists() and plan.rank == 0:  # a resumed run with nothing left to do
-        checkpoints.save_best()
-    history = plan.history
-    return Progress("done", plan.epochs, plan.epochs, run.step, plan.total,
-                    history[-1]["loss"] if history else float("nan"), history[-1]["val_dice"] if history else None,
-                    run.best_dice, time.time() - run.t0, checkpoint=str(plan.out / BEST), message=f"{summary}; {why}.",
-                    timings=dict(run.clock))
-
-
-def _resume_point(out: Path, resume: bool, names: list[str], epochs: int) -> tuple[int, list, int]:
-    """(first epoch, history, round) of a run: 0, [], 1 for a new one; where it stopped when
-    resumed on the same set (the same image names); a new round from epoch 0 when examples were
-    added or replaced."""
-    if not (resume and (out / LAST).exists()):
-        return 0, [], 1
-    done = read_metadata(out / LAST)
-    history, round_no = done.get("history", []), done.get("round", 1)
-    same = (done["trained_names"] == names if "trained_names" in done
-            else done.get("train_examples") == len(names))  # a run from before the names were kept
-    if same:
-        return min(done.get("epochs_done", 0), epochs), history, round_no
-    return 0, history, round_no + 1
 
 
 def _scheduler(opt, schedule: str, total: int, done_steps: int):
@@ -768,25 +499,11 @@ def _scheduler(opt, schedule: str, total: int, done_steps: int):
     return sched
 
 
-def _summary(n_distinct: int, n_train: int, n_replay: int, n_val: int, adapter: int | None = None,
-             fresh: int | None = None, new_share: float | None = None) -> str:
-    replayed = (f" with {n_replay} replay image(s) as negatives" if adapter
-                else f" mixed with {n_replay} replay pair(s)")
-    went_on = ""
-    if fresh is not None:
-        went_on = f", going on from a model trained on {n_distinct - fresh} of them" + (
-            f" (the {fresh} new drawn about {new_share:.0%} of the time)" if new_share and 0 < fresh < n_distinct else "")
-    return (f"Trained on {n_distinct} image(s)" + (f" ({n_train} with repeats)" if n_train != n_distinct else "")
-            + (f" as adapter {adapter} of a new class (the base model is unchanged)" if adapter else "")
-            + (replayed if n_replay else "") + went_on
-            + f", validated on {n_val}" + ("" if n_val else " (every example trains)"))
-
-
 def _optimiser_step(loss, opt, scaler, params, grad_clip: float, world: int) -> None:
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if world > 1 and not NO_SYNC:
-        _all_reduce_grads(params, world)
+        all_reduce_grads(params, world)
     scaler.unscale_(opt)
     torch.nn.utils.clip_grad_norm_(params, grad_clip)
     scaler.step(opt)
@@ -825,25 +542,6 @@ def train_mode(module: torch.nn.Module, keep_norm_stats: bool = False) -> None:
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (
                 keep_norm_stats or not any(p.requires_grad for p in m.parameters())):
             m.eval()
-
-
-def _stopped_message(out: Path) -> str:
-    if (out / BEST).exists():
-        return f"The last good checkpoint is intact at {out / 'best'}."
-    return "No checkpoint had been written yet."
-
-
-def init_distributed() -> bool:
-    """Join a torchrun process group (gloo on CPU, nccl on CUDA) when WORLD_SIZE > 1."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return dist.is_available() and dist.is_initialized()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return True
 
 
 def training_data(data_dirs, val_split: str = "val", val_fraction: float | None = None, prompt: str | None = None,
@@ -943,10 +641,10 @@ def oversample(examples: list[Example], repeat: dict) -> list[Example]:
     of a pooled run is drawn as often as the others instead of being learned last."""
     unknown = set(repeat) - {e.group for e in examples} - {e.kind for e in examples}
     if unknown:
-        raise TrainingError(f"--repeat names {', '.join(sorted(unknown))}, which no training folder (or "
+        raise TrainingError(f"TrainSettings.repeat names {', '.join(sorted(unknown))}, which no training folder (or "
                             f"FOLDER:TARGET) is; the folders are: {', '.join(sorted({e.group for e in examples}))}.")
     if any(int(n) < 1 for n in repeat.values()):
-        raise TrainingError("--repeat needs a whole number of times, at least 1 (e.g. --repeat busi=2).")
+        raise TrainingError("TrainSettings.repeat needs a whole number of times, at least 1 (e.g. {'busi': 2}).")
     return [e for e in examples for _ in range(int(repeat.get(e.kind, repeat.get(e.group, 1))))]
 
 
@@ -955,14 +653,14 @@ def check_run_folder(out_dir, resume: bool) -> None:
     folder back in order if a kill interrupted a checkpoint swap."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise TrainingError(f"--out {out} is a file; give a folder for the checkpoints.")
+        raise TrainingError(f"out_dir {out} is a file; give a folder for the checkpoints.")
     recover_checkpoints(out)
     held = [name for name in (BEST, LAST) if (out / name).exists()]
     if held and not resume:
         score = read_metadata(out / BEST).get("best_val_dice") if (out / BEST).exists() else None
         raise TrainingError(f"{out} already holds a training run ({' and '.join(f'{n}/' for n in held)}"
                             + (f", best val Dice {score:.3f}" if isinstance(score, (int, float)) else "")
-                            + "). Add --resume to go on with it, or choose a new --out; nothing was changed.")
+                            + "). Go on with it with resume=True, or choose a new out_dir; nothing was changed.")
     if resume and not (out / LAST / CONFIG).exists():
-        raise TrainingError(f"Nothing to resume in {out}: it has no last/ checkpoint. Run without --resume "
+        raise TrainingError(f"Nothing to resume in {out}: it has no last/ checkpoint. Run without resume=True "
                             "to start there.")

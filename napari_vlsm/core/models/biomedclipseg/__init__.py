@@ -76,7 +76,7 @@ def new_biomedclipseg(device="auto", encoders=None, seed: int = 0) -> BiomedClip
     from napari_vlsm.core.models.biomedclipseg.convert import build_from_open_clip, is_open_clip_folder
 
     if encoders is None:
-        raise ModelNotFoundError("new:biomedclipseg needs --encoders FOLDER: BiomedCLIP's open_clip files "
+        raise ModelNotFoundError("new:biomedclipseg needs encoders=FOLDER: BiomedCLIP's open_clip files "
                                  "(napari-vlsm models pull microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 "
                                  "on an online machine) or a BiomedCLIPSeg model folder.")
     folder = Path(encoders)
@@ -84,7 +84,7 @@ def new_biomedclipseg(device="auto", encoders=None, seed: int = 0) -> BiomedClip
         return build_from_open_clip(folder, seed=seed, device=device)
     backend = load_model(str(folder), device=device, dtype="fp32")
     if backend.name != BiomedClipSegBackend.name:
-        raise ModelNotFoundError(f"{folder} holds a {backend.name} model; --encoders takes BiomedCLIP's "
+        raise ModelNotFoundError(f"{folder} holds a {backend.name} model; encoders= takes BiomedCLIP's "
                                  "open_clip files or a BiomedCLIPSeg folder.")
     torch.manual_seed(seed)
     backend.module.decoder = new_decoder(backend.module.config.sub_configs_built()[2]).to(backend.device)
@@ -94,5 +94,5 @@ def new_biomedclipseg(device="auto", encoders=None, seed: int = 0) -> BiomedClip
 
 FAMILY = Family(model_type=BiomedClipSegConfig.model_type, name=BiomedClipSegBackend.name, load=load,
                 build_random=build_random, onnx_meta=clipseg_onnx_meta, new=new_biomedclipseg,
-                new_key="biomedclipseg", new_help="a new CLIPSeg decoder on BiomedCLIP's encoders (--encoders)",
+                new_key="biomedclipseg", new_help="a new CLIPSeg decoder on BiomedCLIP's encoders (encoders=)",
                 new_needs_encoders=True)

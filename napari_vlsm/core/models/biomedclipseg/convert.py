@@ -85,7 +85,7 @@ def text_tower_dir(folder: Path, text_cfg: dict, text_dir=None) -> Path:
             return c
     raise ModelNotFoundError(
         f"The text tower of {folder} ({text_cfg.get('hf_model_name', '?')}: its config.json and vocab.txt) is "
-        "not here. Give its folder with --text-tower, or on an online machine run: napari-vlsm models pull "
+        "not here. Give its folder as text_dir=, or on an online machine run: napari-vlsm models pull "
         "<the open_clip model id>, which fetches both.")
 
 
@@ -196,7 +196,7 @@ def _load_strict(part: torch.nn.Module, weights: dict, folder: Path) -> None:
     except RuntimeError as exc:  # shapes differ: e.g. a text tower of another size
         first = str(exc).strip().splitlines()[-1].strip()[:200]
         raise ModelNotFoundError(f"The weights in {folder} do not fit its configuration or text tower ({first}). "
-                                 "Check that --text-tower is the model named in open_clip_config.json.") from None
+                                 "Check that text_dir= is the model named in open_clip_config.json.") from None
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         what = f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}"

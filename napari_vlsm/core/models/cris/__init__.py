@@ -11,6 +11,7 @@ import torch
 from napari_vlsm.core.models.cris.model import CrisBackend, CrisConfig, build_random_cris, load
 from napari_vlsm.core.models.backend import resize_normalize_meta
 from napari_vlsm.core.models.families import Family
+from napari_vlsm.core.models.train_modes import TRAIN_MODES
 
 
 def new_cris(device="auto", encoders=None, seed: int = 0) -> CrisBackend:
@@ -21,7 +22,7 @@ def new_cris(device="auto", encoders=None, seed: int = 0) -> CrisBackend:
     from napari_vlsm.core.errors import ModelNotFoundError
 
     if encoders is None:
-        raise ModelNotFoundError("new:cris needs --encoders CKPT: a CRIS release checkpoint (CRIS.pytorch's "
+        raise ModelNotFoundError("new:cris needs encoders=CKPT: a CRIS release checkpoint (CRIS.pytorch's "
                                  "best_model.pth for RN50) or a folder made by napari-vlsm models convert-cris.")
     path = Path(encoders).expanduser()
     if path.is_dir():
@@ -38,5 +39,5 @@ def new_cris(device="auto", encoders=None, seed: int = 0) -> CrisBackend:
 
 FAMILY = Family(model_type=CrisConfig.model_type, name=CrisBackend.name, load=load, build_random=build_random_cris,
                 onnx_meta=resize_normalize_meta, new=new_cris, new_key="cris",
-                new_help="CRIS (CLIP RN50) from a release checkpoint (--encoders CKPT)", new_needs_encoders=True,
-                train_modes=("decoder", "full", "lora"), adapters=False)
+                new_help="CRIS (CLIP RN50) from a release checkpoint (encoders=CKPT)", new_needs_encoders=True,
+                train_modes=TRAIN_MODES, adapters=False)

@@ -416,8 +416,8 @@ def convert_cris_checkpoint(path, out_folder, text_padding: str | None = None, t
     card = {"title": f"CRIS (CLIP RN50) converted from {Path(path).name}", "threshold": chosen,
             "converted_from": {"file": Path(path).name, "trained_by": TRAINED_BY[ckpt.wrapper],
                                "text_padding": backend.module.config.text_padding,
-                               "text_padding_from": "--padding" if text_padding else "the file's keys",
-                               "threshold_from": "--threshold" if threshold is not None else
+                               "text_padding_from": "text_padding=" if text_padding else "the file's keys",
+                               "threshold_from": "threshold=" if threshold is not None else
                                "the checkpoint's hyper_parameters" if ckpt.threshold is not None else
                                "the benchmark's configs/model/cris.yaml",
                                "not_loaded": ckpt.skipped}}

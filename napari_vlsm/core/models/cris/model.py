@@ -50,7 +50,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from napari_vlsm.core.models.backend import TRAIN_MODES, TorchBackend
+from napari_vlsm.core.models.backend import TorchBackend
+from napari_vlsm.core.models.train_modes import TRAIN_MODES
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the benchmark's img_mean / img_std for CRIS
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
