@@ -16,6 +16,7 @@ from rich.table import Table
 from napari_vlsm.core.data.prompts import TEXT_TYPES_NAMED, TRAIN_PROMPT_TYPES
 from napari_vlsm.core.device import DEVICE_HELP
 from napari_vlsm.core.images.threshold import DEFAULT_THRESHOLD
+from napari_vlsm.core.inference.uncertainty import DEFAULT_SCORE
 from napari_vlsm.core.models.train_modes import AUTO_MODE, TRAIN_MODES
 from napari_vlsm.core.training.settings import (ROUND_AVERAGE, ROUND_PASSES, ROUND_SIZE, ROUND_STEPS, SCHEDULES,
                                                 SMALL_SET, TrainSettings)
@@ -260,9 +261,10 @@ def rank(
                                             "uncertain (the most uncertain first); see docs/corrections.md."),
     batch: int = typer.Option(20, min=1, help="With --order kinds: how many to choose by kind (the corrections you "
                                               "will make before the model is trained again)."),
-    score: str = typer.Option("prompts", help="Uncertainty score: prompts (the default: masks of other phrasings "
-                                              "disagree), flip (the mirror's disagrees) or margin (soft edges); see "
-                                              "docs/corrections.md."),
+    score: str = typer.Option(DEFAULT_SCORE, help="Uncertainty score: expected (the default: the pixels the model "
+                                                  "expects to get wrong, over its mask's size), prompts (masks of "
+                                                  "other phrasings disagree), flip (the mirror's disagrees) or margin "
+                                                  "(soft edges); see docs/corrections.md."),
     masks: Path | None = typer.Option(None, help="The image series' mask folder, whose corrections give the "
                                                  "estimate (default: FOLDER/vlsm_masks)."),
     threshold: float | None = typer.Option(None, min=0.0, max=1.0, help=THRESHOLD_HELP),

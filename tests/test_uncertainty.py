@@ -18,6 +18,7 @@ from napari_vlsm.core.inference.uncertainty import (
     DEFAULT_SCORE,
     ImageScore,
     estimate_dice,
+    expected_error,
     most_uncertain_first,
     phrasings,
     score_image,
@@ -47,6 +48,29 @@ def test_each_score_is_what_it_says(tiny_unet, polyp_image):
     candidates = probs > threshold - 0.25
     assert got.margin == pytest.approx(((np.abs(probs - threshold) < 0.25) & candidates).sum() / candidates.sum())
     assert got.area == pytest.approx(mask.mean()) and 0 < got.flip < 1
+    both = (probs + mirrored) / 2
+    assert got.expected == pytest.approx(np.minimum(both, 1 - both).sum() / max(mask.sum(), 0.01 * mask.size),
+                                         rel=1e-5)
+
+
+def test_expected_error_calls_a_confident_empty_answer_sure_and_a_faint_undrawn_object_unsure():
+    """The case the mask-based scores get backwards (docs/corrections.md: COVID-19 infection,
+    empty on two thirds of the images): both answers below are empty masks."""
+    confident_empty = np.full((100, 100), 0.001, np.float32)
+    faint = confident_empty.copy()
+    faint[20:50, 20:50] = 0.4  # something seen, not drawn
+    sharp = confident_empty.copy()
+    sharp[20:50, 20:50] = 0.99  # drawn and sure
+    soft_edged = sharp.copy()
+    soft_edged[20:50, 20] = soft_edged[20:50, 49] = 0.55
+    empty = np.zeros((100, 100), bool)
+    drawn = sharp >= 0.5
+    scores = {"confident empty": expected_error(confident_empty, empty), "faint": expected_error(faint, empty),
+              "sharp": expected_error(sharp, drawn), "soft edged": expected_error(soft_edged, drawn)}
+    assert scores["confident empty"] == pytest.approx(10000 * 0.001 / 100, rel=1e-3)  # over the 1% floor: 100 px
+    assert scores["faint"] > 30 * scores["confident empty"]  # the mask-based scores rate these two alike
+    assert scores["soft edged"] > 2 * scores["sharp"]
+    assert most_uncertain_first({k: ImageScore(0, 0, 0, 0, v) for k, v in scores.items()})[0] == "faint"
 
 
 def _probs(pred, image, prompt):
@@ -59,7 +83,7 @@ def test_ordering_and_the_estimate():
               "c": ImageScore(0.3, 0.9, 0.0, 0.1)}
     assert most_uncertain_first(scores, "flip") == ["b", "c", "a"]
     assert most_uncertain_first(scores, "prompts") == ["c", "a", "b"]
-    with pytest.raises(ValueError, match="flip, prompts, margin"):
+    with pytest.raises(ValueError, match="expected, flip, prompts, margin"):
         scores["a"].value("entropy")
     assert estimate_dice([]) is None
     assert estimate_dice([0.0] * 5 + [0.8, 0.6], last=2) == pytest.approx(0.7)

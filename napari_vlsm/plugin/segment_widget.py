@@ -28,6 +28,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_vlsm.core.device import DEVICE_HELP, DEVICES
 from napari_vlsm.core.errors import VLSMError
 from napari_vlsm.core.models.model_card import card_for, describe_card, nothing_found_hint, unknown_words_note
 from napari_vlsm.core.data.prompts import CHOICES, build_prompt
@@ -161,7 +162,8 @@ class SegmentWidget(QWidget):
         row.addWidget(self.browse_btn)
         form.addRow("Model", row)
         self.device_combo = QComboBox()
-        self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
+        self.device_combo.addItems(DEVICES)
+        self.device_combo.setToolTip(DEVICE_HELP)
         form.addRow("Device", self.device_combo)
         self.model_info = QLabel("")
         self.model_info.setWordWrap(True)

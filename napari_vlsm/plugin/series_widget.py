@@ -29,7 +29,7 @@ from qtpy.QtWidgets import (
 
 from napari_vlsm.core.data.training_sets import remove_label_examples, write_benchmark_example
 from napari_vlsm.core.images import mask_edits
-from napari_vlsm.core.inference.kinds import by_kind, with_random_checks
+from napari_vlsm.core.inference.ordering import KIND_BATCH, order_images
 from napari_vlsm.core.inference.series import Series
 from napari_vlsm.core.inference.uncertainty import DEFAULT_SCORE, score_files
 
@@ -41,7 +41,6 @@ from .state import FINETUNE, SEGMENT, SERIES, SegmentRequest, state_for
 IMAGE_LAYER, LABELS_LAYER = "series image", "series labels"
 AUTOSAVE_MS = 60_000  # a crash loses at most the current image's last minute
 ORDERS = {"kinds": "Least sure of each kind first", "uncertain": "Most uncertain first", "name": "Name order"}
-KIND_BATCH = 20  # images chosen together by kind when no training interval is set
 MIN_FOR_ESTIMATE = 3  # corrected images before the estimate of the model's Dice is shown
 NO_SEGMENTER = ("Each image is segmented once Text-prompt segmentation is open (Plugins > napari-vlsm > "
                 "Text-prompt segmentation).")
@@ -343,10 +342,9 @@ class SeriesWidget(QWidget):
             self.queue = [i for i in self.queue if i in undone] or self._kind_queue()
             if self.queue:
                 return self.queue[0]
-        if order == "uncertain":
-            scored = [i for i in undone if i in self.scores]
-            if scored:
-                return max(scored, key=lambda i: (self.scores[i], -i))
+        if order == "uncertain" and any(i in self.scores for i in undone):
+            done = [i not in undone for i in range(len(s))]
+            return order_images("uncertain", done, scores=[self.scores.get(i) for i in range(len(s))]).rows[0]
         if order != "name":
             if undone:
                 return next((i for i in undone if i > self.index), undone[0])
@@ -421,12 +419,11 @@ class SeriesWidget(QWidget):
         s = self.series
         rows = sorted(self.described)
         done = [s.images[i].name in s.done or i == self.index for i in rows]
-        scores = [self.scores.get(i, 0.0) for i in rows]
-        n = self.train_every.value() or KIND_BATCH
-        chosen = by_kind(np.stack([self.described[i] for i in rows]), done, n, scores=scores)
-        chosen, drawn = with_random_checks(chosen, [k for k, d in enumerate(done) if not d], seed=s.n_done)
-        self.drawn = {rows[k] for k in drawn}
-        return [rows[k] for k in chosen]
+        ordering = order_images("kinds", done, scores=[self.scores.get(i) for i in rows],
+                                embeddings=np.stack([self.described[i] for i in rows]),
+                                n=self.train_every.value() or KIND_BATCH, check_seed=s.n_done)
+        self.drawn = {rows[k] for k in ordering.drawn}
+        return [rows[k] for k in ordering.rows[:ordering.chosen]]
 
     def _scoring_ended(self, key) -> None:
         if key == self._scored_with:

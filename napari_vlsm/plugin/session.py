@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from napari_vlsm.core.images.threshold import DEFAULT_THRESHOLD
 from napari_vlsm.core.inference.predictor import Predictor, clean_prompts
 from .label_writing import LabelWrite, choose, reaches
 from .planes import plane, plane_key
@@ -22,7 +23,7 @@ class PlaneProbabilities:
     prompts: list[str]
     probs: dict = field(default_factory=dict)  # index -> (P, H, W)
     messages: list[str] = field(default_factory=list)
-    threshold: float = 0.5
+    threshold: float = DEFAULT_THRESHOLD
     choices: dict = field(default_factory=dict)  # index -> (H, W) prompt numbers, 0 for none
 
 
@@ -51,7 +52,7 @@ class SegmentSession:
         return self.predictor.backend
 
     def segment(self, spec: str, device: str, layer, indices: list[tuple], prompts: list[str],
-                threshold: float = 0.5):
+                threshold: float = DEFAULT_THRESHOLD):
         """Generator: yields (done, total) per plane; returns a PlaneProbabilities. Cancelling the worker
         stops it between planes."""
         prompts = clean_prompts(prompts)
@@ -77,7 +78,7 @@ class SegmentSession:
         return result
 
     def refine(self, spec: str, device: str, layer, index: tuple, prompt: str, clicks, box, previous,
-               threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+               threshold: float = DEFAULT_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
         """One object of the plane ``index`` refined by ``clicks`` and ``box`` (the image's
         pixels) from ``previous`` (its probabilities or mask, or None), for the prompt (""
         for the thing clicked): its (H, W) probabilities and mask at ``threshold``. What a
