@@ -32,6 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -52,7 +55,16 @@ def run(outcomes) -> int:
 
 
 def masks(folder: Path) -> dict:
-    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))}
+
+
+def difference(got: dict, reference: dict) -> str:
+    """'yes' where every mask is the same, else how many files and pixels differ."""
+    if got.keys() != reference.keys():
+        return f"NO: {len(got.keys() ^ reference.keys())} files missing on one side"
+    differ = [int((got[k] != reference[k]).sum()) for k in got if not np.array_equal(got[k], reference[k])]
+    total = sum(m.size for m in got.values())
+    return "yes" if not differ else f"NO: {len(differ)} file(s), {sum(differ)} of {total} pixels"
 
 
 def dask_default_cluster():
@@ -108,7 +120,7 @@ def main():
         seconds = time.perf_counter() - t
         got = masks(out)
         reference = reference or got
-        rows.append((name, ok, seconds, got == reference))
+        rows.append((name, ok, seconds, difference(got, reference)))
 
     def cluster_arm(name, cluster, n):
         with Client(cluster) as client:
@@ -148,7 +160,7 @@ def main():
     print("|---|---|---|---|---|---|")
     for name, ok, seconds, same in rows:
         print(f"| {name} | {ok} | {seconds:.1f} | {ok / seconds:.2f} | {base / (seconds / max(ok, 1)):.2f}x | "
-              f"{'yes' if same else 'NO'} |")
+              f"{same} |")
     print("\nWorkers started with:")
     for name, text in workers.items():
         print(f"  {name}: {text}")
