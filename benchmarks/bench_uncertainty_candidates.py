@@ -7,7 +7,8 @@ with PREV_MODEL as the previous round's model. Results: docs/corrections.md, iss
         runs/c41/isic_s0/base ../shared/data/isic "skin melanoma" "" 100 0 120
 
 usage: MODEL PREV_MODEL DOMAIN PROMPT TARGET TEST_FROM_POOL SEED [N]; one torch thread."""
-import sys, json
+import json
+import sys
 from pathlib import Path
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ torch.set_num_threads(1)
 from napari_vlsm.core.models.loading import load_model
 from napari_vlsm.core.inference.predictor import Predictor
 from napari_vlsm.core.images.metrics import dice
-from napari_vlsm.core.inference.uncertainty import score_image, phrasings
+from napari_vlsm.core.inference.uncertainty import expected_error, score_image
 from napari_vlsm.core.data.training_sets import benchmark_examples
 
 model, prev, domain, prompt, target, tfp, seed = sys.argv[1:8]
@@ -34,12 +35,14 @@ old = Predictor(load_model(prev, device="cpu", dtype="fp32"), flip_average=False
 def softdice(a, b):
     return float(2 * (a * b).sum() / (a.sum() + b.sum() + 1e-6))
 
-out = {k: [] for k in ("flip", "prompts", "margin", "peak", "soft", "softflip", "prev", "softprev", "area", "tta", "expected", "expected_flip", "expected_5")}
+out = {k: [] for k in ("flip", "prompts", "margin", "peak", "soft", "softflip", "prev", "softprev", "area", "tta", "expected",
+                             "expected_one_view", "expected_5")}
 err = []
 for ex in pool:
     image, truth = ex.load()
     s = score_image(pred, image, prompt)
-    out["flip"].append(s.flip); out["prompts"].append(s.prompts); out["margin"].append(s.margin)
+    for kind in ("flip", "prompts", "margin", "expected"):  # the shipped scores (expected: both views)
+        out[kind].append(s.value(kind))
     view, mirror = pred.predict_batch([image, image[:, ::-1]], [prompt], 0.5)
     p, pm = view.probs[0], mirror.probs[0][:, ::-1]
     m = p >= 0.5
@@ -51,11 +54,11 @@ for ex in pool:
     out["prev"].append(1 - dice(m, q >= 0.5))
     out["softprev"].append(1 - softdice(p, q))
     out["area"].append(-float(m.mean()))
-    for key, probs, floor in (("expected", p, 0.01), ("expected_flip", (p + pm) / 2, 0.01), ("expected_5", p, 0.05)):
-        out[key].append(float(np.minimum(probs, 1 - probs).sum() / max(float(m.sum()), floor * m.size)))
+    out["expected_one_view"].append(expected_error(p, m))
+    out["expected_5"].append(float(np.minimum(p, 1 - p).sum() / max(float(m.sum()), 0.05 * m.size)))  # a 5% floor
     # test-time transforms: a vertical mirror and a 0.75 zoom, soft disagreement with the view
     up = pred.predict_batch([image[::-1]], [prompt], 0.5)[0].probs[0][::-1]
     out["tta"].append(1 - (softdice(p, pm) + softdice(p, up)) / 2)
 res = {k: float(spearmanr(v, err).statistic) for k, v in out.items()}
-res["mean_error"] = float(np.mean(err)); res["n"] = len(err)
+res.update(mean_error=float(np.mean(err)), n=len(err))
 print(json.dumps({"model": model, "domain": domain, **res}))

@@ -85,16 +85,21 @@ class KillOnce(distributed.WorkerPlugin):
             os._exit(1)
 
 
+def segment_with_worker_plugin(cluster, plugin, images, model, out):
+    """``segment`` on the cluster's scheduler with ``plugin`` on its workers for the run."""
+    with distributed.Client(cluster) as client:
+        client.register_plugin(plugin, name="test-plugin")
+        try:
+            return runner.invoke(app, ["segment", str(images), "-p", "polyp", "--model", str(model), "-o", str(out),
+                                       "--scheduler", cluster.scheduler_address])
+        finally:
+            client.unregister_worker_plugin("test-plugin")
+
+
 def test_a_worker_killed_mid_run_loses_nothing(images, tiny_unet, single, cluster, tmp_path):
     victim = sorted(images.iterdir())[4].name  # first image of the second task
     flag = tmp_path / "killed"
-    with distributed.Client(cluster) as client:
-        client.register_plugin(KillOnce(victim, str(flag)), name="kill-once")
-        try:
-            res = runner.invoke(app, ["segment", str(images), "-p", "polyp", "--model", str(tiny_unet), "-o",
-                                      str(tmp_path / "masks"), "--scheduler", cluster.scheduler_address])
-        finally:
-            client.unregister_worker_plugin("kill-once")
+    res = segment_with_worker_plugin(cluster, KillOnce(victim, str(flag)), images, tiny_unet, tmp_path / "masks")
     assert flag.exists()  # a worker did die on it
     assert res.exit_code == 0, res.output
     rows = report(tmp_path / "masks")
@@ -138,13 +143,8 @@ def test_images_whose_worker_dies_on_every_try_are_reported_failed_not_ok(images
     names = sorted(p.name for p in images.iterdir())
     victim = names[4]  # first image of the second task
     tally = tmp_path / "kills"
-    with distributed.Client(own_cluster) as client:
-        client.register_plugin(KillEveryTime(victim, str(tally)), name="kill-every-time")
-        try:
-            res = runner.invoke(app, ["segment", str(images), "-p", "polyp", "--model", str(tiny_unet), "-o",
-                                      str(tmp_path / "masks"), "--scheduler", own_cluster.scheduler_address])
-        finally:
-            client.unregister_worker_plugin("kill-every-time")
+    res = segment_with_worker_plugin(own_cluster, KillEveryTime(victim, str(tally)), images, tiny_unet,
+                                     tmp_path / "masks")
     allowed = dask.config.get("distributed.scheduler.allowed-failures")
     assert len(tally.read_text().splitlines()) == allowed + 1  # it was tried again and again, then given up
     assert res.exit_code == 1, res.output

@@ -79,8 +79,8 @@ def _probs(pred, image, prompt):
 
 
 def test_ordering_and_the_estimate():
-    scores = {"a": ImageScore(0.1, 0.5, 0.2, 0.1), "b": ImageScore(0.7, 0.1, 0.1, 0.1),
-              "c": ImageScore(0.3, 0.9, 0.0, 0.1)}
+    scores = {"a": ImageScore(0.1, 0.5, 0.2, 0.1, 0.0), "b": ImageScore(0.7, 0.1, 0.1, 0.1, 0.0),
+              "c": ImageScore(0.3, 0.9, 0.0, 0.1, 0.0)}
     assert most_uncertain_first(scores, "flip") == ["b", "c", "a"]
     assert most_uncertain_first(scores, "prompts") == ["c", "a", "b"]
     with pytest.raises(ValueError, match="expected, flip, prompts, margin"):

@@ -39,6 +39,7 @@ from .label_writing import check_target
 from .planes import check_single_scale, current_index, plane
 from .qt_helpers import (
     ask,
+    bind_to_state,
     fill_layer_combo,
     join_plugin_tabs,
     name_combo,
@@ -174,17 +175,7 @@ class FinetuneWidget(QWidget):
         bound = [(self.state.examples_changed, self._examples_changed),
                  (self.state.training_wanted, self.start),
                  (self.state.model_changed, self._show_models), (self.state.pending_changed, self._show_models)]
-        for signal, slot in bound:
-            signal.connect(slot)
-        self.state.dock_opened(FINETUNE)
-        state = self.state
-
-        def unbind(*_):
-            for signal, slot in bound:
-                signal.disconnect(slot)
-            state.dock_closed(FINETUNE)
-
-        self.destroyed.connect(unbind)
+        bind_to_state(self, self.state, FINETUNE, bound)
 
     @property
     def folder(self) -> Path:

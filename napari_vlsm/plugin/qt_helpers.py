@@ -136,3 +136,18 @@ def join_plugin_tabs(widget, title: str) -> None:
         QTimer.singleShot(0, mine.raise_)  # the newest tab in front, once the tabs exist
 
     QTimer.singleShot(0, join)
+
+
+def bind_to_state(widget, state, dock: str, bound) -> None:
+    """Connect each (state signal, widget slot) of ``bound``, tell the state that ``dock`` is
+    open, and undo both when the widget goes (a closed dock must not hear the state)."""
+    for signal, slot in bound:
+        signal.connect(slot)
+    state.dock_opened(dock)
+
+    def unbind(*_):
+        for signal, slot in bound:
+            signal.disconnect(slot)
+        state.dock_closed(dock)
+
+    widget.destroyed.connect(unbind)

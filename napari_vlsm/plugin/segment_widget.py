@@ -35,6 +35,7 @@ from napari_vlsm.core.data.prompts import CHOICES, build_prompt
 from . import click_tools, label_writing, layer_keys
 from .planes import all_indices, check_single_scale, current_index, plane
 from .qt_helpers import (
+    bind_to_state,
     fill_layer_combo,
     is_probability_map,
     join_plugin_tabs,
@@ -249,17 +250,7 @@ class SegmentWidget(QWidget):
                  (self.state.device_changed, self._show_device),
                  (self.state.prompts_changed, self._show_prompts), (self.state.segment_wanted, self.segment_request),
                  (self.state.series_shown, self._series_shown)]
-        for signal, slot in bound:
-            signal.connect(slot)
-        self.state.dock_opened(SEGMENT)
-        state = self.state
-
-        def unbind(*_):
-            for signal, slot in bound:
-                signal.disconnect(slot)
-            state.dock_closed(SEGMENT)
-
-        self.destroyed.connect(unbind)
+        bind_to_state(self, self.state, SEGMENT, bound)
 
     def _refresh_layers(self, *_):
         for layer in self.viewer.layers:

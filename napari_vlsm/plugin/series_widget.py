@@ -35,7 +35,7 @@ from napari_vlsm.core.inference.uncertainty import DEFAULT_SCORE, score_files
 
 from . import layer_keys
 from .label_writing import forget_history, use_bright_colours, write_plane
-from .qt_helpers import ask, join_plugin_tabs, on_window_close, scrolling_layout
+from .qt_helpers import ask, bind_to_state, join_plugin_tabs, on_window_close, scrolling_layout
 from .state import FINETUNE, SEGMENT, SERIES, SegmentRequest, state_for
 
 IMAGE_LAYER, LABELS_LAYER = "series image", "series labels"
@@ -80,17 +80,7 @@ class SeriesWidget(QWidget):
                  (self.state.prompts_changed, self._prompts_changed),
                  (self.state.training_changed, self._show_training), (self.state.pending_changed, self._show_training),
                  (self.state.model_changed, self._model_changed)]
-        for signal, slot in bound:
-            signal.connect(slot)
-        self.state.dock_opened(SERIES)
-        state = self.state
-
-        def unbind(*_):
-            for signal, slot in bound:
-                signal.disconnect(slot)
-            state.dock_closed(SERIES)
-
-        self.destroyed.connect(unbind)
+        bind_to_state(self, self.state, SERIES, bound)
 
     @property
     def series(self) -> Series | None:

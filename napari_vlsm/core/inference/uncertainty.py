@@ -53,7 +53,7 @@ class ImageScore:
     prompts: float
     margin: float
     area: float  # share of the image the prompt's mask covers
-    expected: float = 0.0  # 0.0 in scores saved before it existed
+    expected: float
 
     def value(self, kind: str = DEFAULT_SCORE) -> float:
         if kind not in SCORES:
