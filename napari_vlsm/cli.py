@@ -560,6 +560,9 @@ def finetune(
     negatives_file: Path | None = typer.Option(None, help="File of such prompts, one per line (# comments)."),
     negative_fraction: float = typer.Option(RECIPE.negative_fraction, min=0.0, max=1.0,
                                             help="Share of each batch also decoded with a negative prompt."),
+    empty_tolerance: float = typer.Option(RECIPE.empty_tolerance, min=0.0, max=0.5,
+                                          help="On an empty target, the Dice term forgives this share of the "
+                                               "image (a rare target learns to answer; 0: none)."),
     synonyms: Path | None = typer.Option(None, help="JSON {data folder name: \\[extra prompts]} such as "
                                                        "\"breast tumor\", trained like the folder's own prompts."),
     repeat: list[str] = typer.Option([], help="FOLDER=N: draw that training folder's examples N times an "
@@ -601,6 +604,7 @@ def finetune(
     settings = TrainSettings(mode=train_mode, epochs=epochs, steps=steps, frozen_levels=frozen_levels,
                              new_share=new_share, lr=lr, batch_size=batch_size, val_fraction=val_fraction,
                              negative_prompts=negatives, negative_fraction=negative_fraction,
+                             empty_tolerance=empty_tolerance,
                              synonyms=_read_synonyms(synonyms) if synonyms else {}, repeat=_read_repeats(repeat),
                              crop=crop, schedule=schedule, weight_average=weight_average,
                              replay_fraction=replay_fraction, encoder_lr_scale=encoder_lr_scale, anchor=anchor,

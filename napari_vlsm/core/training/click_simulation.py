@@ -6,7 +6,9 @@ without that click; then up to ``iterations`` rounds in which the model's own pr
 (without gradients) is shown as the previous result and the next click goes to the centre of
 the larger error region (the maximum of its distance transform), positive on a missed part,
 negative on a false one. Part of these images are asked with the empty prompt "" (the
-benchmark's p0: "the thing I click, whatever it is"). The other images get no guidance, so
+benchmark's p0: "the thing I click, whatever it is"). Half of those that keep their prompt get
+no first click or box: their clicks correct the text's own answer, as an annotator refines a
+proposal (one round at least). The other images get no guidance, so
 the text-only skill keeps being trained by the same network.
 """
 
@@ -26,6 +28,7 @@ from napari_vlsm.core.images.threshold import binarize
 BOX_SHARE = 0.3        # guided images given a box
 BOX_JITTER = 0.1       # each side of the box moves by up to this share of its size
 EMPTY_PROMPT_SHARE = 0.5  # guided images asked with "" instead of their prompt
+REFINE_SHARE = 0.5     # of the others: no first click or box; the clicks correct the text's own answer
 
 
 def first_click(mask: np.ndarray, rng: random.Random) -> Click | None:
@@ -85,19 +88,25 @@ def simulate_guidance(backend, pixels: torch.Tensor, target: torch.Tensor, promp
     masks = target[rows].bool().cpu().numpy()
     clicks: list[list[Click]] = []
     boxes = []
+    refine = False
     for j, mask in zip(rows, masks):
+        if rng.random() < EMPTY_PROMPT_SHARE:
+            prompts[j] = ""
+        elif rng.random() < REFINE_SHARE:  # no first click: the text's own answer is corrected
+            clicks.append([])
+            boxes.append(None)
+            refine = True
+            continue
         box = jittered_box(mask, rng) if rng.random() < BOX_SHARE else None
         first = first_click(mask, rng) if box is None or rng.random() < 0.5 else None
         clicks.append([first] if first else [])
         boxes.append(box)
-        if rng.random() < EMPTY_PROMPT_SHARE:
-            prompts[j] = ""
     previous = np.zeros((len(rows), h, w), np.float32)
 
     def maps() -> torch.Tensor:
         return torch.from_numpy(np.stack([draw_guidance((h, w), c, bx, p) for c, bx, p in zip(clicks, boxes, previous)]))
 
-    n_iter = rng.randint(0, iterations)
+    n_iter = rng.randint(1 if refine and iterations else 0, iterations)
     if n_iter:
         module = backend.module
         with torch.no_grad(), _evaluating(module):
@@ -116,9 +125,8 @@ def simulate_guidance(backend, pixels: torch.Tensor, target: torch.Tensor, promp
     return guidance
 
 
-def guided_rows(target: torch.Tensor, first: int, share: float, rng: random.Random) -> list[int]:
-    """The rows from ``first`` on that show their object, each with probability ``share``
-    (rows before ``first`` are decoded again with negative prompts, which clicks would contradict)."""
+def guided_rows(target: torch.Tensor, share: float, rng: random.Random) -> list[int]:
+    """The rows that show their object, each with probability ``share``."""
     shows = target.flatten(1).any(1).tolist()
-    return [j for j in range(first, len(shows)) if shows[j] and rng.random() < share]
+    return [j for j in range(len(shows)) if shows[j] and rng.random() < share]
 

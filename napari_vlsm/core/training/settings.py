@@ -47,6 +47,7 @@ class TrainSettings:
     val_prompt_type: str = "p1"
     negative_prompts: list = field(default_factory=list)  # prompts for absent things -> empty target
     negative_fraction: float = 0.25  # share of each batch decoded again with a negative prompt
+    empty_tolerance: float = 0.0     # Dice smoothing on empty targets as a share of the pixels (0: smooth 1)
     cross_negatives: bool = True     # prompts of one pooled concept are negatives on the others' images
     synonyms: dict = field(default_factory=dict)  # data folder name -> extra prompts ("breast tumor")
     repeat: dict = field(default_factory=dict)    # data folder name -> times its examples appear per epoch
