@@ -307,3 +307,37 @@ def test_the_series_keeps_each_images_clicks_over_next_and_back(qtbot, series_do
     pred = the_predictor(clicky_unet, image)
     mask = pred.predict("polyp", clicks=[(50, 60, False), (150, 150, True)], previous=second == 1).masks[0]
     np.testing.assert_array_equal(labels.data, refined(second, mask))
+
+
+def test_an_images_clicks_are_kept_in_series_json_and_come_back_in_a_new_session(qtbot, series_docks, clicky_unet,
+                                                                                make_napari_viewer):
+    import json
+
+    from napari_vlsm.core.inference.series import PROGRESS
+
+    viewer, seg, series, folder = series_docks
+    series.open(folder)
+    qtbot.waitUntil(lambda: seg.worker is None, timeout=60000)
+    seg.clicks_btn.click()
+    points = viewer.layers["clicks"]
+    click(qtbot, seg, points, (100, 100))
+    seg.set_next_sign(False)
+    click(qtbot, seg, points, (40, 30))
+    first = viewer.layers["series labels"].data.copy()
+    first_name = series.series.images[0].name
+    assert series.next()
+    qtbot.waitUntil(lambda: seg.worker is None, timeout=60000)
+    kept = json.loads((series.series.out_dir / PROGRESS).read_text())["clicks"]
+    assert kept == {first_name: {"points": [[100.0, 100.0], [40.0, 30.0]], "positive": [True, False], "boxes": []}}
+
+    viewer2 = make_napari_viewer()  # the next day: the folder opened again in a new window
+    seg2, series2 = open_docks(viewer2, "segment", "series", model=clicky_unet, prompt="polyp", order="name")
+    series2.open(folder)
+    qtbot.waitUntil(lambda: seg2.worker is None, timeout=60000)
+    assert series2.series.images[series2.index].name != first_name  # it resumes at the first image not done
+    series2.previous()
+    qtbot.waitUntil(lambda: seg2.worker is None, timeout=60000)
+    points2 = viewer2.layers["clicks"]
+    np.testing.assert_array_equal(points2.data, [[100, 100], [40, 30]])
+    assert list(points2.features["positive"]) == [True, False]
+    np.testing.assert_array_equal(viewer2.layers["series labels"].data, first)  # its saved mask, not refined again

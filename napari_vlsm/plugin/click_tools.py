@@ -272,32 +272,43 @@ class ClickTools:
                 self.shapes.data = []
 
     def state(self) -> dict | None:
-        """The clicks (with their signs) and the rectangles, to keep with an image; None when
-        there are none."""
+        """The clicks (with their signs) and the rectangles, as JSON values to keep with an
+        image (in the series' ``series.json``); None when there are none."""
         if not self.has_prompts():
             return None
         points, shapes = self.points, self.shapes
-        return {"points": np.array(points.data, copy=True) if points is not None else None,
-                "positive": np.asarray(points.features["positive"], bool).copy() if points is not None else None,
-                "boxes": [np.array(d, copy=True) for d, kind in zip(shapes.data, shapes.shape_type)
+        return {"points": np.asarray(points.data, float).tolist() if points is not None else [],
+                "positive": np.asarray(points.features["positive"], bool).tolist() if points is not None else [],
+                "boxes": [np.asarray(d, float).tolist() for d, kind in zip(shapes.data, shapes.shape_type)
                           if kind == "rectangle"] if shapes is not None else []}
 
     def restore(self, state: dict | None, image_layer) -> None:
         """Show the clicks and rectangles of ``state`` (none for None), quietly: the labels
-        they produced were kept with the image."""
+        they produced were kept with the image. Entries of another shape (a file edited by
+        hand, an image of other dimensions) are left out."""
         self.clear()
         if not state:
             return
         points, shapes = self.layers(image_layer)
+        coords, signs = _array(state.get("points"), points.ndim), np.asarray(state.get("positive", []), bool)
         with self.quiet():
-            if state.get("points") is not None and len(state["points"]) and state["points"].shape[1] == points.ndim:
+            if len(coords) and len(coords) == len(signs):
                 import pandas as pd
 
                 sign = next_positive(points)
-                points.data = state["points"]
-                points.features = pd.DataFrame({"positive": state["positive"]})
+                points.data = coords
+                points.features = pd.DataFrame({"positive": signs})
                 points.refresh_colors(update_color_mapping=False)
                 points.feature_defaults = {"positive": sign}
-            boxes = [b for b in state.get("boxes", []) if b.shape[1] == shapes.ndim]
+            boxes = [b for b in (_array(b, shapes.ndim) for b in state.get("boxes", [])) if len(b) == 4]
             if boxes:
                 shapes.add_rectangles(boxes)
+
+
+def _array(values, ndim: int) -> np.ndarray:
+    """``values`` as an (N, ndim) float array; empty when they are not that."""
+    try:
+        a = np.asarray(values if values is not None else [], float)
+    except (TypeError, ValueError):
+        return np.empty((0, ndim))
+    return a if a.ndim == 2 and a.shape[1] == ndim else np.empty((0, ndim))

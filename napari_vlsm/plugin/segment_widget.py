@@ -76,8 +76,7 @@ class SegmentWidget(QWidget):
         self._request: SegmentRequest | None = None  # the series' request the running segmentation answers
         self._outcome: SegmentOutcome | None = None
         self._queued: SegmentRequest | None = None  # asked for while a run was going on
-        self._clicks_of: dict[str, dict] = {}  # series image -> its clicks and box, kept over Next and Back
-        self._clicks_name: str | None = None  # the series image the clicks shown belong to
+        self._clicks_shown: tuple | None = None  # (series, image name) the clicks shown belong to
         self._when_done: list = []  # calls waiting for the running segmentation to end
         self.edits = label_writing.EditTracker()  # what the annotator touched since the last result
         self.thresholding = None  # the worker planning a new threshold's plane
@@ -731,13 +730,10 @@ class SegmentWidget(QWidget):
     def _series_shown(self, name: str) -> None:
         """The series shows another image in its layers: clicks refine its objects in its
         Labels layer; the clicks and box of the image left are kept, this one's come back."""
-        if self._clicks_name is not None:
-            kept = self.click_tools.state()
-            if kept is None:
-                self._clicks_of.pop(self._clicks_name, None)
-            else:
-                self._clicks_of[self._clicks_name] = kept
-        self._clicks_name = name
+        series = self.state.series
+        if self._clicks_shown is not None and self._clicks_shown[0] is series:  # not a series opened since
+            series.keep_clicks(self._clicks_shown[1], self.click_tools.state())
+        self._clicks_shown = (series, name)
         image = next((i for i in self.state.targets if i in self.viewer.layers), None)
         if image is None:
             return
@@ -745,8 +741,9 @@ class SegmentWidget(QWidget):
         self._series_target(self.viewer.layers[image])
         self._click_serial += 1  # nothing is refined by showing them
         self._pending_click = None
-        if self._clicks_of.get(name) or self.click_tools.has_prompts():
-            self.click_tools.restore(self._clicks_of.get(name), self.viewer.layers[image])
+        kept = series.clicks.get(name) if series is not None else None
+        if kept or self.click_tools.has_prompts():
+            self.click_tools.restore(kept, self.viewer.layers[image])
         self.click_tools.raise_()
 
     def _watch_object(self, layer) -> None:

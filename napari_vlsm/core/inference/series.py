@@ -9,7 +9,7 @@ well the model's proposal agreed with the saved correction (Dice): the last of t
 how good the model is on the images still to do (``estimate``), read on the images that were
 handed out at random (``checks``) where there are any; and, under ``settings``, what the
 annotating tool needs to take up the session again (its prompts, model, order; an older file
-without them opens as before). Reopening the folder resumes at the first image not done.
+without them opens as before), and under ``clicks`` each image's clicks and box. Reopening the folder resumes at the first image not done.
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ class Series:
         self.checks: set[str] = set(progress.get("checks", []))  # images handed out at random
         settings = progress.get("settings")
         self.settings: dict = settings if isinstance(settings, dict) else {}
+        clicks = progress.get("clicks")
+        self.clicks: dict = clicks if isinstance(clicks, dict) else {}  # image name -> its clicks and box
         self._wrote: dict[int, tuple] = {}  # what this session wrote for each image, as the file's stat
         self._pool = ThreadPoolExecutor(1)
         self._ahead: dict[int, Future] = {}
@@ -126,10 +128,21 @@ class Series:
             self.settings = dict(settings)
             self._write_progress()
 
+    def keep_clicks(self, name: str, clicks: dict | None) -> None:
+        """Keep image ``name``'s clicks and box (JSON values; None: it has none) in
+        ``series.json``, so they come back with the image, in this session or the next."""
+        if clicks is None and name not in self.clicks or self.clicks.get(name) == clicks:
+            return
+        if clicks is None:
+            del self.clicks[name]
+        else:
+            self.clicks[name] = clicks
+        self._write_progress()
+
     def _write_progress(self) -> None:
         atomic_write_text(self.out_dir / PROGRESS, json.dumps(
             {"done": sorted(self.done), "agreements": self.agreements, "checks": sorted(self.checks),
-             "settings": self.settings}, indent=1))
+             "settings": self.settings, "clicks": self.clicks}, indent=1))
 
     def estimate(self) -> tuple[float | None, int]:
         """``estimate_of`` this series' progress."""
