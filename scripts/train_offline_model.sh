@@ -24,6 +24,8 @@
 #   ASSET=folder installs elsewhere (a candidate to compare first). Time: docs/offline_model.md.
 #   LEAVE_OUT=busi trains the same recipe without that set (and its synonyms and repeats): the
 #   leave-one-domain-out base of benchmarks/bench_corrections.py (docs/corrections.md).
+#   LEAVE_OUT="isic chest_xray fetal_head" FROM=<the two-modality default of git history>: a base
+#   that takes clicks and never saw those three, for benchmarks/bench_clicks.py (docs/clicks.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
@@ -37,13 +39,14 @@ EMPTY_TOLERANCE=${EMPTY_TOLERANCE:-0.01}
 FROM=${FROM:-}
 ASSET=${ASSET:-napari_vlsm/assets/default_film_unet}
 LEAVE_OUT=${LEAVE_OUT:-}
+left_out() { [[ " $LEAVE_OUT " == *" $1 "* ]]; }
 SETS1=""  # stage 1: the first default's sets
 for s in kvasir_seg clinicdb bkai_polyp busi colonoscopy_negatives; do
-  [ "$s" = "$LEAVE_OUT" ] || SETS1="$SETS1 $DATA/$s"
+  left_out "$s" || SETS1="$SETS1 $DATA/$s"
 done
 SETS="$SETS1"  # stage 2: every set
 for s in isic chest_xray fetal_head; do
-  [ "$s" = "$LEAVE_OUT" ] || SETS="$SETS $DATA/$s"
+  left_out "$s" || SETS="$SETS $DATA/$s"
 done
 SYNONYMS=scripts/synonyms.json
 REPEAT="--repeat busi=2"
@@ -51,9 +54,9 @@ if [ -n "$LEAVE_OUT" ]; then
   mkdir -p "$(dirname "$OUT")"
   SYNONYMS="$OUT.synonyms.json"
   .venv/bin/python -c "import json, sys; d = json.load(open('scripts/synonyms.json')); \
-d = {k: v for k, v in d.items() if k.split(':')[0] != sys.argv[1]}; \
+d = {k: v for k, v in d.items() if k.split(':')[0] not in sys.argv[1].split()}; \
 json.dump(d, open(sys.argv[2], 'w'), indent=1)" "$LEAVE_OUT" "$SYNONYMS"
-  [ "$LEAVE_OUT" = busi ] && REPEAT=""
+  if left_out busi; then REPEAT=""; fi
 fi
 
 install() {  # install() FOLDER DEST: the model, its card, and (when it has none) a new replay sample
