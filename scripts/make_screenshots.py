@@ -33,6 +33,30 @@ def wait(seg):
         time.sleep(0.02)
 
 
+def click_three_times(viewer, seg, truth) -> str:
+    """Three clicks on the image shown, each placed from ``truth`` as bench_clicks places them."""
+    import random
+
+    import numpy as np
+
+    from napari_vlsm.core.training.click_simulation import first_click, next_click
+
+    seg.clicks_btn.click()
+    points = viewer.layers["clicks"]
+    click = first_click(truth, random.Random(0))
+    for _ in range(3):
+        seg.set_next_sign(click.positive)
+        points.add([[click.row, click.col]])
+        settle(0.5)  # the refinement waits for a pause in the clicks
+        while seg.clicking is not None or seg._pending_click is not None:
+            settle(0.1)
+        labels = next(l for l in viewer.layers if l.name.endswith("· clicks"))
+        click = next_click(truth, np.asarray(labels.data) != 0)
+        if click is None:
+            break
+    return seg.status.text()
+
+
 def shoot(out: Path):
     import napari
 
@@ -85,6 +109,22 @@ def shoot(out: Path):
     settle()
     viewer.screenshot(str(out / "screenshot_series.png"), canvas_only=False, flash=False)
     status = {"segment": seg.status.text(), "series": series.progress.text()}
+
+    # 4. no words, three clicks: a skin lesion outlined from the clicks alone (the empty prompt),
+    #    each click where an annotator puts it (the centre of the larger error, as bench_clicks)
+    viewer.close()
+    viewer = napari.Viewer(title="napari-vlsm", show=True)
+    viewer.window._qt_window.resize(1600, 1000)
+    _, seg = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation")
+    viewer.open_sample("napari-vlsm", "skin_lesion")
+    image = next(l for l in viewer.layers if l.__class__.__name__ == "Image")
+    truth = next(l for l in viewer.layers if l.__class__.__name__ == "Labels").data != 0
+    seg.image_combo.setCurrentText(image.name)
+    seg.prompt_edit.setPlainText("")
+    status["clicks"] = click_three_times(viewer, seg, truth)
+    viewer.reset_view()
+    settle()
+    viewer.screenshot(str(out / "screenshot_clicks.png"), canvas_only=False, flash=False)
     viewer.close()
     return status
 
