@@ -260,3 +260,20 @@ def test_empty_tolerance_forgives_a_faint_answer_on_an_empty_target_but_not_a_fa
     shown = torch.zeros((1, 100, 100))
     shown[0, 40:60, 40:60] = 1  # a row with its object: the same loss as before
     assert torch.equal(dice_bce_loss(false, shown, 0.01), dice_bce_loss(false, shown))
+
+
+def test_each_row_gets_its_own_number_of_corrective_rounds_so_a_first_click_or_box_alone_stays_in_training(
+        clicking_unet):
+    """The bug this replaces: one row refining its text answer forced a corrective round on
+    every row of the batch, so a box or a first click alone (what an annotator starts with)
+    was no longer trained, and the box alone fell from 0.86-0.93 to 0.42-0.95 Dice."""
+    target = torch.zeros((12, 64, 64))
+    target[:, 16:48, 16:48] = 1
+    pixels = torch.rand((12, 3, 64, 64), generator=torch.Generator().manual_seed(0))
+    prompts = ["polyp"] * 12
+    g = simulate_guidance(clicking_unet, pixels, target, prompts, list(range(12)), random.Random(5), iterations=3)
+    refined = g[:, PREVIOUS].flatten(1).any(1)
+    assert refined.any() and not refined.all()  # rounds drawn per row: some none, some several
+    for k in torch.nonzero(~refined).flatten().tolist():  # no round: a first click or a box, nothing else
+        assert g[k, POSITIVE].any() or g[k, BOX].any()
+        assert not g[k, NEGATIVE].any()

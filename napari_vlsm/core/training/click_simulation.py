@@ -88,39 +88,42 @@ def simulate_guidance(backend, pixels: torch.Tensor, target: torch.Tensor, promp
     masks = target[rows].bool().cpu().numpy()
     clicks: list[list[Click]] = []
     boxes = []
-    refine = False
+    rounds = []  # corrective clicks per row: 0 to ``iterations``, at least one where the text is refined
     for j, mask in zip(rows, masks):
         if rng.random() < EMPTY_PROMPT_SHARE:
             prompts[j] = ""
-        elif rng.random() < REFINE_SHARE:  # no first click: the text's own answer is corrected
+        elif iterations and rng.random() < REFINE_SHARE:  # no first click: the text's own answer is corrected
             clicks.append([])
             boxes.append(None)
-            refine = True
+            rounds.append(rng.randint(1, iterations))
             continue
         box = jittered_box(mask, rng) if rng.random() < BOX_SHARE else None
         first = first_click(mask, rng) if box is None or rng.random() < 0.5 else None
         clicks.append([first] if first else [])
         boxes.append(box)
+        rounds.append(rng.randint(0, iterations))
     previous = np.zeros((len(rows), h, w), np.float32)
 
     def maps() -> torch.Tensor:
         return torch.from_numpy(np.stack([draw_guidance((h, w), c, bx, p) for c, bx, p in zip(clicks, boxes, previous)]))
 
-    n_iter = rng.randint(1 if refine and iterations else 0, iterations)
-    if n_iter:
-        module = backend.module
+    module = backend.module
+    for it in range(max(rounds)):
+        # each row's state after its own number of rounds: rows whose rounds are done stay as they are
+        live = [k for k, n in enumerate(rounds) if n > it]
         with torch.no_grad(), _evaluating(module):
-            sub = pixels[rows]
-            text = backend.encode_text([prompts[j] for j in rows])
-            for _ in range(n_iter):
-                logits = backend.decode(backend.encode_image(sub, maps().to(sub.device, sub.dtype)), text).float()
-                if logits.shape[-2:] != (h, w):
-                    logits = F.interpolate(logits[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-                previous = torch.sigmoid(logits).cpu().numpy()
-                for k, mask in enumerate(masks):
-                    click = next_click(mask, binarize(previous[k]))
-                    if click:
-                        clicks[k].append(click)
+            sub = pixels[[rows[k] for k in live]]
+            text = backend.encode_text([prompts[rows[k]] for k in live])
+            guide = maps()[live].to(sub.device, sub.dtype)
+            logits = backend.decode(backend.encode_image(sub, guide), text).float()
+            if logits.shape[-2:] != (h, w):
+                logits = F.interpolate(logits[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+        probs = torch.sigmoid(logits).cpu().numpy()
+        for k, p in zip(live, probs):
+            previous[k] = p
+            click = next_click(masks[k], binarize(p))
+            if click:
+                clicks[k].append(click)
     guidance[rows] = maps().to(guidance.device, guidance.dtype)
     return guidance
 
