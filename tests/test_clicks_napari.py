@@ -341,3 +341,26 @@ def test_an_images_clicks_are_kept_in_series_json_and_come_back_in_a_new_session
     np.testing.assert_array_equal(points2.data, [[100, 100], [40, 30]])
     assert list(points2.features["positive"]) == [True, False]
     np.testing.assert_array_equal(viewer2.layers["series labels"].data, first)  # its saved mask, not refined again
+
+
+def test_clicks_on_a_label_whose_words_found_nothing_refine_with_the_empty_prompt(qtbot, dock, polyp_image,
+                                                                                  clicky_unet, monkeypatch):
+    """On a kind of image the model does not know, its prompt finds nothing, and a model that
+    reads an unknown class as absent answers clicks asked with those words with nothing too
+    (the leave-out base: Dice 0.000 for text + clicks on all three unseen sets)."""
+    labels, before = frame_with_labels(dock, polyp_image)
+    asked = []
+    real = dock.session.refine
+    monkeypatch.setattr(dock.session, "refine", lambda *a: asked.append(a[4]) or real(*a))
+    dock.clicks_btn.click()
+    points = dock.viewer.layers["clicks"]
+    click(qtbot, dock, points, (130, 130))
+    assert asked == ["polyp"]  # the label shows its object: its words go with the clicks
+
+    nothing = np.where(before == OBJECT, 0, before)
+    labels.data = nothing  # the text found nothing for label 1
+    click(qtbot, dock, points, (140, 140))
+    assert asked[-1] == ""
+    mask = the_predictor(clicky_unet, polyp_image).predict("", clicks=[(130, 130, True), (140, 140, True)]).masks[0]
+    np.testing.assert_array_equal(labels.data, refined(nothing, mask))
+    assert "no words" in dock.status.text()

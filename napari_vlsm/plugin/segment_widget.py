@@ -851,8 +851,14 @@ class SegmentWidget(QWidget):
             return self._refuse(f"Label 0 is the background of '{target.name}'; select the label of the object "
                                 "to refine (the Labels layer's label field).")
         names = {int(k): v for k, v in target.metadata.get(layer_keys.LABELS, {}).items()}
+        prompt = names.get(value, "")
+        if prompt and not (plane(target, index) == value).any():
+            # The words found nothing here (a kind of image the model does not know): asked with
+            # them, the clicks would be read as "that, which is absent". The clicks alone say what
+            # the object is: the empty prompt, "the thing I click".
+            prompt = ""
         return dict(serial=self._click_serial, image=image, image_data=image.data, target=target,
-                    target_data=target.data, index=index, value=value, prompt=names.get(value, ""), clicks=clicks,
+                    target_data=target.data, index=index, value=value, prompt=prompt, clicks=clicks,
                     box=box, previous=self._previous(target, index, value),
                     before=plane(target, index).copy(), threshold=self.threshold_value)
 
@@ -914,7 +920,7 @@ class SegmentWidget(QWidget):
         what = f"{n} click{'s' * (n != 1)}" + (" and a box" if request["box"] is not None else "")
         if not n:
             what = "a box"
-        name = f" ('{request['prompt']}')" if request["prompt"] else ""
+        name = f" ('{request['prompt']}')" if request["prompt"] else " (no words: the thing clicked)"
         text = f"Refined label {value}{name} of '{target.name}' with {what}: {added} pixel(s) added, {removed} removed."
         if kept:
             text += f" Kept {kept} pixel(s) you painted since the last result."
