@@ -57,12 +57,16 @@ def click_three_times(viewer, seg, truth) -> str:
     return seg.status.text()
 
 
-def shoot(out: Path):
+def new_viewer():
     import napari
 
     viewer = napari.Viewer(title="napari-vlsm", show=True)
-    window = viewer.window._qt_window
-    window.resize(1600, 1000)
+    viewer.window._qt_window.resize(1600, 1000)
+    return viewer
+
+
+def shoot(out: Path):
+    viewer = new_viewer()
     seg_dock, seg = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation")
     fine_dock, fine = viewer.window.add_plugin_dock_widget("napari-vlsm", "Finetune")
     fine.folder_edit.setText(tempfile.mkdtemp(prefix="vlsm-training-set-"))
@@ -113,8 +117,7 @@ def shoot(out: Path):
     # 4. no words, three clicks: a skin lesion outlined from the clicks alone (the empty prompt),
     #    each click where an annotator puts it (the centre of the larger error, as bench_clicks)
     viewer.close()
-    viewer = napari.Viewer(title="napari-vlsm", show=True)
-    viewer.window._qt_window.resize(1600, 1000)
+    viewer = new_viewer()
     _, seg = viewer.window.add_plugin_dock_widget("napari-vlsm", "Text-prompt segmentation")
     viewer.open_sample("napari-vlsm", "skin_lesion")
     image = next(l for l in viewer.layers if l.__class__.__name__ == "Image")

@@ -731,7 +731,8 @@ class SegmentWidget(QWidget):
         """The series shows another image in its layers: clicks refine its objects in its
         Labels layer; the clicks and box of the image left are kept, this one's come back."""
         series = self.state.series
-        if self._clicks_shown is not None and self._clicks_shown[0] is series:  # not a series opened since
+        if series is not None and self._clicks_shown is not None and self._clicks_shown[0] is series:
+            # the image left, of this series (not of one opened since)
             series.keep_clicks(self._clicks_shown[1], self.click_tools.state())
         self._clicks_shown = (series, name)
         image = next((i for i in self.state.targets if i in self.viewer.layers), None)
@@ -772,10 +773,9 @@ class SegmentWidget(QWidget):
         mask = plane(target, index) == value
         self._object_probs[(label_writing.layer_key(target), index, value)] = (probs, label_writing.digest(mask))
 
-    def _previous(self, target, index: tuple, value: int):
+    def _previous(self, target, index: tuple, value: int, mask):
         """What a click refines: the object's probabilities when the layer shows them as they
-        were written, else its mask there (edited since), or None when it has no pixel."""
-        mask = plane(target, index) == value
+        were written, else its ``mask`` there (edited since), or None when it has no pixel."""
         stored = self._object_probs.get((label_writing.layer_key(target), index, value))
         if stored is not None and stored[1] == label_writing.digest(mask):
             return stored[0]
@@ -852,14 +852,15 @@ class SegmentWidget(QWidget):
                                 "to refine (the Labels layer's label field).")
         names = {int(k): v for k, v in target.metadata.get(layer_keys.LABELS, {}).items()}
         prompt = names.get(value, "")
-        if prompt and not (plane(target, index) == value).any():
+        mask = plane(target, index) == value
+        if prompt and not mask.any():
             # The words found nothing here (a kind of image the model does not know): asked with
             # them, the clicks would be read as "that, which is absent". The clicks alone say what
             # the object is: the empty prompt, "the thing I click".
             prompt = ""
         return dict(serial=self._click_serial, image=image, image_data=image.data, target=target,
                     target_data=target.data, index=index, value=value, prompt=prompt, clicks=clicks,
-                    box=box, previous=self._previous(target, index, value),
+                    box=box, previous=self._previous(target, index, value, mask),
                     before=plane(target, index).copy(), threshold=self.threshold_value)
 
     def _start_click(self) -> None:

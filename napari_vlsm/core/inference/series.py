@@ -9,7 +9,8 @@ well the model's proposal agreed with the saved correction (Dice): the last of t
 how good the model is on the images still to do (``estimate``), read on the images that were
 handed out at random (``checks``) where there are any; and, under ``settings``, what the
 annotating tool needs to take up the session again (its prompts, model, order; an older file
-without them opens as before), and under ``clicks`` each image's clicks and box. Reopening the folder resumes at the first image not done.
+without them opens as before), and under ``clicks`` each image's clicks and box. Reopening
+the folder resumes at the first image not done.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ class Series:
     def keep_clicks(self, name: str, clicks: dict | None) -> None:
         """Keep image ``name``'s clicks and box (JSON values; None: it has none) in
         ``series.json``, so they come back with the image, in this session or the next."""
-        if clicks is None and name not in self.clicks or self.clicks.get(name) == clicks:
+        if self.clicks.get(name) == clicks:  # None for an image without clicks, as kept
             return
         if clicks is None:
             del self.clicks[name]

@@ -104,8 +104,8 @@ def simulate_guidance(backend, pixels: torch.Tensor, target: torch.Tensor, promp
         rounds.append(rng.randint(0, iterations))
     previous = np.zeros((len(rows), h, w), np.float32)
 
-    def maps() -> torch.Tensor:
-        return torch.from_numpy(np.stack([draw_guidance((h, w), c, bx, p) for c, bx, p in zip(clicks, boxes, previous)]))
+    def maps(ks) -> torch.Tensor:
+        return torch.from_numpy(np.stack([draw_guidance((h, w), clicks[k], boxes[k], previous[k]) for k in ks]))
 
     module = backend.module
     for it in range(max(rounds)):
@@ -114,7 +114,7 @@ def simulate_guidance(backend, pixels: torch.Tensor, target: torch.Tensor, promp
         with torch.no_grad(), _evaluating(module):
             sub = pixels[[rows[k] for k in live]]
             text = backend.encode_text([prompts[rows[k]] for k in live])
-            guide = maps()[live].to(sub.device, sub.dtype)
+            guide = maps(live).to(sub.device, sub.dtype)
             logits = backend.decode(backend.encode_image(sub, guide), text).float()
             if logits.shape[-2:] != (h, w):
                 logits = F.interpolate(logits[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
@@ -124,7 +124,7 @@ def simulate_guidance(backend, pixels: torch.Tensor, target: torch.Tensor, promp
             click = next_click(masks[k], binarize(p))
             if click:
                 clicks[k].append(click)
-    guidance[rows] = maps().to(guidance.device, guidance.dtype)
+    guidance[rows] = maps(range(len(rows))).to(guidance.device, guidance.dtype)
     return guidance
 
 

@@ -44,7 +44,8 @@ def batch_loss(backend: TorchBackend, pixels, target, prompts, settings, rng, ne
     else:
         feats = backend.encode_image(pixels)
     n_neg = min(int(round(len(prompts) * settings.negative_fraction)), len(batch)) if negatives else 0
-    neg_rows = [j for j in range(min(len(prompts), len(batch))) if j not in set(rows)][:n_neg]
+    guided = set(rows)
+    neg_rows = [j for j in range(min(len(prompts), len(batch))) if j not in guided][:n_neg]
     text = backend.encode_text(prompts)
     if neg_rows:
         # Negatives go through the decoder in the same pass as the positives, so batch-norm
