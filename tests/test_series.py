@@ -86,6 +86,13 @@ def test_same_names_and_formats_as_the_command_line(folder):
     assert s.out_dir == folder / "vlsm_masks"
 
 
+def test_a_masks_folder_that_holds_the_images_is_refused(folder):
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(ValueError, match="would replace the images"):
+        Series(folder, out_dir=folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
 def test_quick_mask_edits():
     labels = np.zeros((40, 40), np.uint8)
     labels[2:10, 2:10] = 1

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_vlsm.core.atomic import atomic_write_text
-from napari_vlsm.core.inference.folder_labeling import SIDECAR, mask_paths
+from napari_vlsm.core.inference.folder_labeling import SIDECAR, describe_held, inputs_in, mask_paths
 from napari_vlsm.core.images.imageio import list_images, read_image, write_mask
 from napari_vlsm.core.images.metrics import dice
 from napari_vlsm.core.inference.uncertainty import ESTIMATE_LAST, estimate_dice
@@ -52,6 +52,10 @@ class Series:
         self.folder = Path(folder)
         self.images = series_images(self.folder)
         self.out_dir = Path(out_dir) if out_dir else self.folder / DEFAULT_OUT
+        held = inputs_in(self.out_dir, self.images)
+        if held:  # a.png's mask is a.png: saving it would replace the image
+            raise ValueError(f"The masks folder {self.out_dir} holds the image {describe_held(held)} of the series: "
+                             f"its masks would replace the images. Choose another folder for the masks.")
         self.masks = mask_paths(self.out_dir, self.images, "png")
         progress = read_progress(self.out_dir)
         self.done: set[str] = set(progress.get("done", []))
