@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -313,7 +314,8 @@ def run_arm(args, name: str, extra: list[str], order: str = "random") -> list[di
     model, rows = args.base_with_replay, []
     kept = base_probabilities(model, base_set[:args.bit_check], "polyp")
     for r in range(args.rounds + 1):
-        row = {"arm": name, "corrections": r * args.per_round}
+        row = {"arm": name, "corrections": r * args.per_round, "domain": Path(args.domain).name,
+               "pool_order": args.seed}
         pred = Predictor(load_model(model, device="cpu", dtype="fp32"))
         on_test = scores(pred, test, [args.prompt, "polyp"])
         on_base = scores(pred, base_set, ["polyp", args.prompt])
@@ -405,7 +407,7 @@ def main():
     ap.add_argument("--plot", default="")
     args = ap.parse_args()
     if args.report_from:
-        rows = [r for w in args.report_from for r in json.loads((Path(w) / "results.json").read_text())]
+        rows = [r for w in args.report_from for r in _tagged(w)]
         return report(rows, args.plot)
     if args.rescore:
         return rescore(args)
@@ -476,6 +478,7 @@ def report(rows, plot_path=""):
               f"{f('new_on_base')} | "
               f"{f('train_s', '{:.0f}')} | {f('estimated_dice')} | {f('true_dice_left')} |")
     means(rows)
+    by_domain(rows)
     timed = [r for r in rows if r.get("timings")]
     if timed:
         print("\n| arm | corrections trained on | finetune s (wall) | where the time went (inside the command) |")
@@ -521,6 +524,59 @@ def means(rows) -> None:
             need_object = " / ".join(_reaches(rounds, o.mean(0), target) for target in name_object[1:])
         print(f"| {order} | {len(d)} | {cells} | {' / '.join(f'{m:.3f}' for m in o.mean(0)[1:])} | {need} "
               f"| {ahead} | {need_object} |")
+
+
+def _tagged(work) -> list[dict]:
+    """A run's rows, each with its domain and pool order: runs from before the rows held them
+    are named DOMAIN_sSEED or DOMAIN_sSEED_ANYTHING (runs/c41/isic_s0, runs/r41/isic_s1_mine)."""
+    rows = json.loads((Path(work) / "results.json").read_text())
+    named = re.fullmatch(r"(.+?)_s(\d+)(_.*)?", Path(work).name)
+    for r in rows:
+        r.setdefault("domain", named.group(1) if named else Path(work).name)
+        r.setdefault("pool_order", int(named.group(2)) if named else 0)
+    return rows
+
+
+def by_domain(rows) -> None:
+    """Where arms ran on several domains: each arm's test Dice after each round per domain (the
+    mean over its pool orders), whether every run rose every round, its mean over the domains,
+    and its longest round; then, for each arm, issue 41's bar against the others: ahead of all
+    of them on the domains' mean after the first and the last round, and on each domain after
+    the first round within 0.02 of the best of them."""
+    rows = [r for r in rows if "domain" in r and not r["arm"].endswith(": ceiling")]
+    domains = sorted({r["domain"] for r in rows})
+    if len(domains) < 2:
+        return
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    curves: dict = {}  # (arm, domain) -> {pool order: [Dice per round]}
+    for r in sorted(rows, key=lambda r: r["corrections"]):
+        curves.setdefault((r["arm"], r["domain"]), {}).setdefault(r["pool_order"], []).append(r["test_dice"])
+    rounds = sorted({r["corrections"] for r in rows})
+    full = [a for a in arms if all(len(c) == len(rounds) for d in domains
+                                   for c in curves.get((a, d), {None: []}).values())]
+    mean = {(a, d): np.mean(list(curves[a, d].values()), axis=0) for a in full for d in domains}
+    print(f"\n| domain | arm | pool orders | mean test Dice after {' / '.join(map(str, rounds[1:]))} "
+          "| every round rising (runs) | longest round s |")
+    print("|---|---|---|---|---|---|")
+    for d in domains:
+        for a in full:
+            runs = curves[a, d].values()
+            rising = sum(all(np.diff(c[1:]) > 0) for c in runs)
+            longest = max((r["train_s"] for r in rows if (r["arm"], r["domain"]) == (a, d) and "train_s" in r),
+                          default=float("nan"))
+            print(f"| {d} | {a} | {len(runs)} | {' / '.join(f'{v:.3f}' for v in mean[a, d][1:])} "
+                  f"| {rising} of {len(runs)} | {longest:.0f} |")
+    print(f"\n| arm | mean over the {len(domains)} domains after {' / '.join(map(str, rounds[1:]))} "
+          "| ahead of every other arm after the first and the last round "
+          "| each domain after the first round within 0.02 of the others' best |")
+    print("|---|---|---|---|")
+    overall = {a: np.mean([mean[a, d] for d in domains], axis=0) for a in full}
+    for a in full:
+        others = [o for o in full if o != a]
+        ahead = all(overall[a][k] > overall[o][k] for o in others for k in (1, -1)) if others else False
+        close = all(mean[a, d][1] >= max(mean[o, d][1] for o in others) - 0.02 for d in domains) if others else False
+        print(f"| {a} | {' / '.join(f'{v:.3f}' for v in overall[a][1:])} | {'yes' if ahead else 'no'} "
+              f"| {'yes' if close else 'no'} |")
 
 
 def _ahead(rounds, curve, target, k) -> bool:

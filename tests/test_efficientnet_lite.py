@@ -93,6 +93,8 @@ def test_a_round_of_the_shared_network_on_the_pretrained_encoder_uses_a_gentler_
         list(finetune(str(model), [small_benchmark], tmp_path / name, settings, device="cpu"))
         runs[name] = read_metadata(tmp_path / name / "best")["settings"]["lr"]
     assert runs == {"pretrained": 3e-4, "unet": 1e-3}
-    # an adapter (a class new to the model) cannot make the base forget: it keeps the faster rate
+    # an adapter (a class new to the model) cannot make the base forget: it keeps the faster rate,
+    # and its first round a faster one still
     backend = load_model(tiny_efficientnet_unet, "cpu", "fp32")
     assert TrainSettings().learning_rate(backend, adapter=True) == 1e-3
+    assert TrainSettings().learning_rate(backend, adapter=True, new_adapter=True) == 2e-3

@@ -166,3 +166,20 @@ def test_the_pretrained_encoder_keeps_its_first_three_levels_by_default(tiny_eff
     level4 = [k for k in start if k.startswith("encoder._blocks.5.") and k.endswith("weight")]
     assert all(torch.equal(after["adapters.0." + k], start[k]) for k in level3)
     assert all(not torch.equal(after["adapters.0." + k], start[k]) for k in level4)
+
+
+def test_a_new_adapters_first_round_learns_faster_than_the_rounds_that_continue_it(tiny_efficientnet_unet,
+                                                                                    data_sets, tmp_path):
+    base = as_base(tiny_efficientnet_unet, data_sets, tmp_path)
+    data = corrections(data_sets, tmp_path / "corr", 0, 4)
+    rates = []
+    for k, start in enumerate((base, tmp_path / "r1" / "best")):
+        events = list(T.finetune(str(start), [data], tmp_path / f"r{k + 1}", T.TrainSettings(epochs=1), device="cpu"))
+        meta = json.loads((tmp_path / f"r{k + 1}" / "best" / "training.json").read_text())
+        assert meta["adapter"] == 1, events[-1].message
+        rates.append(meta["settings"]["lr"])
+        corrections(data_sets, data, 4, 6)  # two more for the next round
+    assert rates == [2e-3, 1e-3]
+    # a rate given is the rate used, in either round
+    list(T.finetune(str(base), [data], tmp_path / "given", T.TrainSettings(epochs=1, lr=5e-4), device="cpu"))
+    assert json.loads((tmp_path / "given" / "best" / "training.json").read_text())["settings"]["lr"] == 5e-4

@@ -345,9 +345,12 @@ class FilmUNetBackend(TorchBackend):
     def default_lr(self) -> dict[str, float]:
         # On the pretrained encoder a round of the shared network forgets less at 3e-4: 20
         # corrections of polyps at 1e-3 cost the other sets 0.05-0.09 Dice, at 3e-4 0.01-0.06
-        # (docs/finetune.md). An adapter cannot make the base forget and keeps 1e-3.
+        # (docs/finetune.md). An adapter cannot make the base forget: its first round moves it
+        # away from the base's weights at 2e-3; the rounds that continue it keep 1e-3, as 2e-3
+        # there undid what the earlier rounds learned (docs/corrections.md).
         pretrained = self.module.config.encoder == EFFICIENTNET_LITE0
-        return {"decoder": 1e-3, "full": 3e-4 if pretrained else 1e-3, "adapter": 1e-3}
+        return {"decoder": 1e-3, "full": 3e-4 if pretrained else 1e-3, "adapter": 1e-3,
+                **({"new adapter": 2e-3} if pretrained else {})}
     default_crop = 160  # fully convolutional: crops are cheaper steps and an augmentation
 
     @property

@@ -78,14 +78,18 @@ class TrainSettings:
     def average_decay(self) -> float:
         return ROUND_AVERAGE if self.weight_average is None else self.weight_average
 
-    def learning_rate(self, backend=None, adapter: bool = False) -> float:
-        """The given rate, or the backend's default for the mode (for an adapter's round, its own)."""
+    def learning_rate(self, backend=None, adapter: bool = False, new_adapter: bool = False) -> float:
+        """The given rate, or the backend's default for the mode; for an adapter's round its own,
+        and for the first round of a new adapter that one where the backend has it."""
         if self.lr is not None:
             return self.lr
         from napari_vlsm.core.models.backend import TorchBackend
 
         table = backend.default_lr if backend is not None else TorchBackend.default_lr
-        return table.get("adapter" if adapter and "adapter" in table else self.mode, 1e-4)
+        for key in ("new adapter" if new_adapter else None, "adapter" if adapter else None, self.mode):
+            if key in table:
+                return table[key]
+        return 1e-4
 
     def replay_share(self, adapter: int | None) -> float:
         """Half of each batch for the shared network (old classes keep being answered); an

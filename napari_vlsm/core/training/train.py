@@ -271,7 +271,7 @@ def plan_run(backend: TorchBackend, train_set: list[Example], val_set: list[Exam
     train_set = _weigh_new(train_set, known, s.new_share)
     pool = train_set + replay_set
     s = replace(s, replay_fraction=s.replay_share(adapter))
-    s = replace(s, lr=s.learning_rate(backend, adapter=bool(adapter)))
+    s = replace(s, lr=s.learning_rate(backend, adapter=bool(adapter), new_adapter=bool(adapter) and not known))
     n_replay = min(int(round(s.batch_size * s.replay_fraction)), s.batch_size - 1) if replay_set else 0
     n_new = s.batch_size - n_replay
     steps_per_epoch = len(_batches(len(train_set), n_new, s.seed, world, rank))
