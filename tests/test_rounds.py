@@ -79,8 +79,8 @@ def test_frozen_levels_are_refused_for_a_family_without_them(tiny_clipseg, small
                         device="cpu"))
 
 
-def test_a_continued_round_draws_the_new_corrections_as_often_as_the_rest(tiny_unet, data_sets, tmp_path,
-                                                                        monkeypatch):
+def test_a_continued_round_draws_every_correction_alike_or_the_new_ones_at_the_share_asked(
+        tiny_unet, data_sets, tmp_path, monkeypatch):
     base = as_base(tiny_unet, data_sets, tmp_path)
     data = corrections(data_sets, tmp_path / "corr", 0, 6)
     list(T.finetune(str(base), [data], tmp_path / "r1", T.TrainSettings(epochs=1), device="cpu"))
@@ -105,9 +105,9 @@ def test_a_continued_round_draws_the_new_corrections_as_often_as_the_rest(tiny_u
     assert sum(name in new for name in drawn) == len(drawn) // 2  # 2 new x 3 against 6 old, every epoch
     second = json.loads((tmp_path / "r2" / "best" / "training.json").read_text())
     assert len(second["trained_names"]) == 8
-    # without the share, or from a model that did not train this path, every correction counts once
-    for k, (start, settings) in enumerate(((tmp_path / "r1" / "best", T.TrainSettings(epochs=4, new_share=0)),
-                                           (base, T.TrainSettings(epochs=4)))):
+    # by default (no share), or from a model that did not train this path, every correction counts once
+    for k, (start, settings) in enumerate(((tmp_path / "r1" / "best", T.TrainSettings(epochs=4)),
+                                           (base, T.TrainSettings(epochs=4, new_share=0.5)))):
         drawn.clear()
         events = list(T.finetune(str(start), [data], tmp_path / f"again{k}", settings, device="cpu"))
         assert sum(name in new for name in drawn) == len(drawn) // 4

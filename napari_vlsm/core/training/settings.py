@@ -11,7 +11,9 @@ from napari_vlsm.core.models.train_modes import AUTO_MODE, TRAIN_MODES_OFFERED  
 ROUND_STEPS = 100    # optimiser steps of a round of up to ROUND_SIZE corrections (docs/corrections.md)
 ROUND_PASSES = 8     # a larger set: enough steps for each example to be drawn about this many times
 ROUND_AVERAGE = 0.98  # decay of the moving average of the weights that a round keeps
-NEW_SHARE = 0.5      # a round that continues a model: the share of draws from the corrections new to it
+NEW_SHARE = 0.0      # a round that continues a model: the share of draws from the corrections new to it
+                     # (0: every correction drawn alike; half for the new ones made later rounds learn less
+                     # on four never-seen domains, docs/corrections.md)
 SMALL_SET = 100      # below this many examples, all of them train (no validation hold-out)
 SCHEDULES = ("onecycle", "plateau")
 
