@@ -22,8 +22,9 @@
 #   (scripts/negative_prompts_five_modalities.txt). FROM=folder skips stage 1 and starts stage 2 from that text-only model (the embedded
 #   default of git history was stage 1: docs/offline_model.md).
 #   ASSET=folder installs elsewhere (a candidate to compare first). Time: docs/offline_model.md.
-#   LEAVE_OUT=busi trains the same recipe without that set (and its synonyms and repeats): the
-#   leave-one-domain-out base of benchmarks/bench_corrections.py (docs/corrections.md).
+#   LEAVE_OUT=busi trains the same recipe without that set (and its synonyms and repeats); with
+#   STAGE2_EPOCHS=0 it stops after stage 1: the leave-one-domain-out base of
+#   benchmarks/bench_corrections.py (docs/corrections.md). STAGE2_EPOCHS=0 installs stage 1 alone.
 #   LEAVE_OUT="isic chest_xray fetal_head" FROM=<the two-modality default of git history>: a base
 #   that takes clicks and never saw those three, for benchmarks/bench_clicks.py (docs/clicks.md).
 set -euo pipefail
@@ -86,6 +87,11 @@ json.dump({k: v for k, v in d.items() if k in sys.argv[3:]}, open(sys.argv[2], '
     --encoder-lr-scale 0.5 $REPEAT --crop 192 --synonyms "$STAGE1_SYNONYMS" --guidance-share 0 \
     --negatives-file scripts/negative_prompts.txt --negative-fraction 0.5 $COMMON
   FROM="$OUT.stage1/best"
+fi
+if [ "$STAGE2_EPOCHS" = 0 ]; then  # the text-only model of stage 1 (the defaults of git history before clicks)
+  SETS="$SETS1"; install "$FROM" "$ASSET"
+  echo "Installed $FROM (stage 1 only) with its card and replay sample."
+  exit 0
 fi
 if .venv/bin/python -c "import json, sys; sys.exit(json.load(open(sys.argv[1] + '/config.json')).get('guidance', 0) == 0)" "$FROM"; then
   STAGE2_START="$FROM"  # it takes clicks already: stage 2 continues it
