@@ -537,6 +537,9 @@ def _tagged(work) -> list[dict]:
     return rows
 
 
+BASELINES = ("current recipe", "earlier recipe")  # issue 41's two recipes, which a new one must beat
+
+
 def by_domain(rows) -> None:
     """Where arms ran on several domains: each arm's test Dice after each round per domain (the
     mean over its pool orders), whether every run rose every round, its mean over the domains,
@@ -552,8 +555,8 @@ def by_domain(rows) -> None:
     for r in sorted(rows, key=lambda r: r["corrections"]):
         curves.setdefault((r["arm"], r["domain"]), {}).setdefault(r["pool_order"], []).append(r["test_dice"])
     rounds = sorted({r["corrections"] for r in rows})
-    full = [a for a in arms if all(len(c) == len(rounds) for d in domains
-                                   for c in curves.get((a, d), {None: []}).values())]
+    full = [a for a in arms if all((a, d) in curves and all(len(c) == len(rounds) for c in curves[a, d].values())
+                                   for d in domains)]  # every round on every domain
     mean = {(a, d): np.mean(list(curves[a, d].values()), axis=0) for a in full for d in domains}
     print(f"\n| domain | arm | pool orders | mean test Dice after {' / '.join(map(str, rounds[1:]))} "
           "| every round rising (runs) | longest round s |")
@@ -579,9 +582,6 @@ def by_domain(rows) -> None:
             close = all(mean[a, d][1] >= max(mean[b, d][1] for b in baselines) - 0.02 for d in domains)
             ahead, close = ("yes" if ahead else "no"), ("yes" if close else "no")
         print(f"| {a} | {' / '.join(f'{v:.3f}' for v in overall[a][1:])} | {ahead} | {close} |")
-
-
-BASELINES = ("current recipe", "earlier recipe")  # issue 41's two recipes, which a new one must beat
 
 
 def _ahead(rounds, curve, target, k) -> bool:

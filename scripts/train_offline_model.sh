@@ -22,9 +22,9 @@
 #   (scripts/negative_prompts_five_modalities.txt). FROM=folder skips stage 1 and starts stage 2 from that text-only model (the embedded
 #   default of git history was stage 1: docs/offline_model.md).
 #   ASSET=folder installs elsewhere (a candidate to compare first). Time: docs/offline_model.md.
+#   STAGE2_EPOCHS=0 installs the stage-1 text-only model alone.
 #   LEAVE_OUT=busi trains the same recipe without that set (and its synonyms and repeats); with
-#   STAGE2_EPOCHS=0 it stops after stage 1: the leave-one-domain-out base of
-#   benchmarks/bench_corrections.py (docs/corrections.md). STAGE2_EPOCHS=0 installs stage 1 alone.
+#   STAGE2_EPOCHS=0, the leave-one-domain-out base of benchmarks/bench_corrections.py (docs/corrections.md).
 #   LEAVE_OUT="isic chest_xray fetal_head" FROM=<the two-modality default of git history>: a base
 #   that takes clicks and never saw those three, for benchmarks/bench_clicks.py (docs/clicks.md).
 set -euo pipefail

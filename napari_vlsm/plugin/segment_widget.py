@@ -852,7 +852,8 @@ class SegmentWidget(QWidget):
                                 "to refine (the Labels layer's label field).")
         names = {int(k): v for k, v in target.metadata.get(layer_keys.LABELS, {}).items()}
         prompt = names.get(value, "")
-        mask = plane(target, index) == value
+        shown = plane(target, index)
+        mask = shown == value
         if prompt and not mask.any():
             # The words found nothing here (a kind of image the model does not know): asked with
             # them, the clicks would be read as "that, which is absent". The clicks alone say what
@@ -861,7 +862,7 @@ class SegmentWidget(QWidget):
         return dict(serial=self._click_serial, image=image, image_data=image.data, target=target,
                     target_data=target.data, index=index, value=value, prompt=prompt, clicks=clicks,
                     box=box, previous=self._previous(target, index, value, mask),
-                    before=plane(target, index).copy(), threshold=self.threshold_value)
+                    before=shown.copy(), threshold=self.threshold_value)
 
     def _start_click(self) -> None:
         request, self._pending_click = self._pending_click, None
